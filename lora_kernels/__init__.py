@@ -1,0 +1,1 @@
+"""Triton kernels for batched multi-LoRA and merged-delta application (no vLLM imports)."""

@@ -1,0 +1,57 @@
+"""The PEFT LoRA on-disk format: file names, tensor keys and ``adapter_config.json``."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Files that may travel with an adapter; anything else is refused rather than silently dropped.
+OPTIONAL_FILES = frozenset({"README.md", "card.json"})
+ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | OPTIONAL_FILES
+# Pickle-based checkpoints execute code on load: never accepted.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+_KEY = re.compile(
+    r"^base_model\.model\.(?:model\.)?(?:language_model\.)?layers\.(?P<layer>\d+)\."
+    r"(?:self_attn|mlp)\.(?P<module>[a-z_]+)\.lora_(?P<factor>[AB])\.weight$"
+)
+
+
+def parse_key(key: str) -> tuple[int, str, str] | None:
+    """``(layer, module, "A"|"B")`` for a LoRA factor key of a decoder linear, else None."""
+    m = _KEY.match(key)
+    if m is None:
+        return None
+    return int(m["layer"]), m["module"], m["factor"]
+
+
+def tensor_key(layer: int, module: str, factor: str) -> str:
+    """Inverse of :func:`parse_key` for the Llama layout (what PEFT writes for these models)."""
+    block = "self_attn" if module in {"q_proj", "k_proj", "v_proj", "o_proj"} else "mlp"
+    return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{factor}.weight"
+
+
+class PeftLoraConfig(BaseModel):
+    """The fields of ``adapter_config.json`` we rely on; the rest is kept as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    peft_type: str
+    r: int = Field(gt=0)
+    lora_alpha: float = Field(gt=0)
+    target_modules: list[str] | str
+    base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("peft_type")
+    @classmethod
+    def _must_be_lora(cls, value: str) -> str:
+        if value.upper() != "LORA":
+            raise ValueError(f"peft_type must be 'LORA', got {value!r}")
+        return value

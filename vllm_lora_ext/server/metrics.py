@@ -1,0 +1,19 @@
+"""Prometheus metrics, registered in the default registry that vLLM serves on ``/metrics``."""
+
+from prometheus_client import Counter, Gauge
+
+ADAPTERS_REGISTERED = Gauge(
+    "vllm_lora_ext_adapters_registered", "Adapters in the store for the served base"
+)
+ADAPTER_LOADS = Counter("vllm_lora_ext_adapter_loads", "Adapters loaded into the vLLM engine")
+ADAPTER_UNLOADS = Counter("vllm_lora_ext_adapter_unloads", "Adapters unloaded from the vLLM engine")
+REQUESTS = Counter(
+    "vllm_lora_ext_requests",
+    "Generation requests by the model they name (an adapter name, or 'base')",
+    ["adapter"],
+)
+VALIDATION_FAILURES = Counter(
+    "vllm_lora_ext_validation_failures",
+    "Adapter registrations refused, by reason",
+    ["reason"],
+)

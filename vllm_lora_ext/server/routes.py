@@ -1,0 +1,166 @@
+"""``/v1/adapters``: list, register (from a server path or an upload) and delete adapters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from vllm_lora_ext.adapters.store import StoredAdapter
+from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.server import metrics
+from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.schemas import (
+    AdapterInfo,
+    AdapterList,
+    ErrorDetail,
+    ErrorResponse,
+    RegisterFromPath,
+)
+
+router = APIRouter(tags=["adapters"])
+_ERRORS: dict[int | str, dict] = {s: {"model": ErrorResponse} for s in (400, 404, 409, 413)}
+_MAX_FILES = 8
+
+
+def error(status: int, message: str, reason: str | None = None) -> JSONResponse:
+    kind = {404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLarge"}
+    body = ErrorResponse(
+        error=ErrorDetail(
+            message=message, type=kind.get(status, "BadRequestError"), reason=reason, code=status
+        )
+    )
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _service(request: Request) -> AdapterService | JSONResponse:
+    service = getattr(request.app.state, "lora_ext", None)
+    if service is None:
+        return error(409, "LoRA is not enabled on this server (start it with --enable-lora)")
+    return service
+
+
+def _info(record: StoredAdapter, loaded: bool) -> AdapterInfo:
+    return AdapterInfo(loaded=loaded, **record.model_dump(include=set(AdapterInfo.model_fields)))
+
+
+@router.get("/v1/adapters", response_model=AdapterList, responses=_ERRORS)
+async def list_adapters(request: Request):
+    service = _service(request)
+    if isinstance(service, JSONResponse):
+        return service
+    return AdapterList(
+        base=service.base.name,
+        max_lora_rank=service.max_rank,
+        adapters=[_info(a, loaded) for a, loaded in service.list()],
+    )
+
+
+@router.get("/v1/adapters/{name}", response_model=AdapterInfo, responses=_ERRORS)
+async def get_adapter(name: str, request: Request):
+    service = _service(request)
+    if isinstance(service, JSONResponse):
+        return service
+    try:
+        record = service.get(name)
+    except AdapterRejected as e:
+        return error(e.status, e.message, e.reason)
+    if record is None:
+        return error(404, f"adapter {name!r} not found")
+    return _info(record, name in service.engine.loaded_names())
+
+
+@router.post("/v1/adapters", status_code=201, response_model=AdapterInfo, responses=_ERRORS)
+async def register_adapter(request: Request):
+    """Register an adapter from a JSON body ``{"name", "path"}`` (a directory on the server) or
+    a multipart upload: field ``name`` plus files ``adapter_config.json`` and
+    ``adapter_model.safetensors``. It is validated, stored and loaded into vLLM."""
+    service = _service(request)
+    if isinstance(service, JSONResponse):
+        return service
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            record = await _register_upload(service, request)
+        elif content_type.startswith("application/json"):
+            try:
+                body = RegisterFromPath.model_validate_json(await request.body())
+            except ValidationError as e:
+                return error(400, f"invalid request body: {_pydantic_message(e)}")
+            record = await service.register_from_path(body.name, Path(body.path))
+        else:
+            return error(
+                415 if content_type else 400,
+                "send application/json {name, path} or multipart/form-data (name + files)",
+            )
+    except AdapterRejected as e:
+        return error(e.status, e.message, e.reason)
+    return JSONResponse(_info(record, True).model_dump(), status_code=201)
+
+
+@router.delete("/v1/adapters/{name}", responses=_ERRORS)
+async def delete_adapter(name: str, request: Request):
+    service = _service(request)
+    if isinstance(service, JSONResponse):
+        return service
+    try:
+        removed = await service.remove(name)
+    except AdapterRejected as e:
+        return error(e.status, e.message, e.reason)
+    if not removed:
+        return error(404, f"adapter {name!r} not found")
+    return {"deleted": name}
+
+
+async def _register_upload(service: AdapterService, request: Request) -> StoredAdapter:
+    form = await request.form(max_files=_MAX_FILES, max_fields=4)
+    try:
+        name = form.get("name")
+        if not isinstance(name, str):
+            raise AdapterRejected("invalid_name", "the form needs a text field 'name'")
+        uploads = [v for k, v in form.multi_items() if k != "name"]
+        if not all(isinstance(u, UploadFile) for u in uploads):
+            raise AdapterRejected("unexpected_file", "every field but 'name' must be a file")
+
+        async def files() -> AsyncIterator[tuple[str, Iterable[bytes]]]:
+            for upload in uploads:
+                assert isinstance(upload, UploadFile)
+                yield upload.filename or "", _read_all(upload)
+
+        return await service.register(name, files(), source="upload")
+    finally:
+        await form.close()
+
+
+def _read_all(upload: UploadFile, size: int = 1 << 20) -> Iterable[bytes]:
+    # UploadFile spools to a real file; read it synchronously in chunks.
+    upload.file.seek(0)
+    yield from iter(lambda: upload.file.read(size), b"")
+
+
+def _pydantic_message(e: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+    )
+
+
+def count_request(model: object, service: AdapterService | None) -> None:
+    """Count a generation request by the model it names (bounded labels: known names only)."""
+    if service is None or not isinstance(model, str):
+        return
+    if model in service.names:
+        metrics.REQUESTS.labels(adapter=model).inc()
+    elif model in service.base.aliases:
+        metrics.REQUESTS.labels(adapter="base").inc()
+
+
+def model_of_body(body: bytes) -> object:
+    try:
+        return json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None

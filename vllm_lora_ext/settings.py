@@ -1,0 +1,43 @@
+"""Settings shared by the CLI and every vLLM process, read from ``VLLM_LORA_EXT_*``.
+
+The CLI writes them into the environment before it starts vLLM, so the API server process
+(where the endpoint plugin runs) sees the same values the operator passed on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "vllm-lora-ext"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VLLM_LORA_EXT_", extra="ignore")
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Where converted base models live (never committed; SmolLM2 in fp32 is ~517 MB)."""
+
+    store_dir: Path | None = None
+    """Adapter store; defaults to ``<cache_dir>/adapters``."""
+
+    base_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Extra names under which adapters may declare the served base (comma-separated)."""
+
+    max_upload_bytes: int = 1 << 30
+    """Largest adapter accepted by ``POST /v1/adapters``."""
+
+    @field_validator("base_aliases", mode="before")
+    @classmethod
+    def _split_aliases(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def resolved_store_dir(self) -> Path:
+        return self.store_dir if self.store_dir is not None else self.cache_dir / "adapters"
