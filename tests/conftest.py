@@ -9,9 +9,37 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny_llama  # noqa: E402
+from tiny_model import build_tiny_llama
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real vLLM server with the plugin for the whole run, serving the tiny model."""
+    from server_process import start_server
+
+    work = tmp_path_factory.mktemp("server")
+    srv = start_server(
+        work,
+        base="tiny-llama",
+        serve_args=[
+            "--model",
+            str(tiny_model_dir),
+            "--max-loras",
+            "2",
+            "--max-cpu-loras",
+            "8",
+            "--max-lora-rank",
+            "16",
+            "--max-model-len",
+            "512",
+            "--kv-cache-gib",
+            "1",
+        ],
+    )
+    yield srv
+    srv.stop()

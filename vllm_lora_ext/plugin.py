@@ -35,6 +35,37 @@ def register() -> None:
             SUPPORTED_VLLM_VERSION,
             vllm.__version__,
         )
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        patch_cpu_lora_shrink()
+
+
+def patch_cpu_lora_shrink() -> None:
+    """Make vLLM's CPU LoRA ops leave base-model tokens (adapter index -1) untouched.
+
+    vLLM 0.32's torch ops gather ``lora_a[indices]``; index -1 wraps to the *last* slot, so
+    when every ``max_loras`` slot is occupied, base-model requests batched with adapter
+    requests are served with the last slot's adapter. Zeroing the shrink output of those rows
+    makes the following expand add ``B @ 0 = 0``. Idempotent; guarded by a test that tells
+    us when vLLM's own op stops needing it.
+    """
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    original = lora_ops.bgmv_shrink
+    if getattr(original, "_vllm_lora_ext_masked", False):
+        return
+
+    def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+        original(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+        output_tensor[lora_indices_tensor < 0] = 0
+
+    bgmv_shrink._vllm_lora_ext_masked = True  # type: ignore[attr-defined]
+    bgmv_shrink.__wrapped__ = original  # type: ignore[attr-defined]
+    # sgmv_shrink (prefill) calls lora_ops.bgmv_shrink; the CPU wrapper calls its own import.
+    lora_ops.bgmv_shrink = bgmv_shrink
+    punica_cpu.bgmv_shrink = bgmv_shrink
 
 
 class VllmEngineAdapters:

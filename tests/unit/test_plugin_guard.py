@@ -1,0 +1,100 @@
+"""Fails loudly when vLLM moves what plugin.py relies on (pinned to one vLLM release)."""
+
+from __future__ import annotations
+
+import inspect
+from importlib import metadata
+
+import torch
+
+from vllm_lora_ext import plugin
+
+
+def test_vllm_is_the_pinned_release() -> None:
+    import vllm
+
+    assert vllm.__version__ == plugin.SUPPORTED_VLLM_VERSION
+
+
+def test_entry_points_are_installed() -> None:
+    groups = {
+        g: {ep.name: ep.value for ep in metadata.entry_points(group=g)}
+        for g in ("vllm.general_plugins", "vllm.endpoint_plugins")
+    }
+    assert groups["vllm.general_plugins"]["lora_ext"] == "vllm_lora_ext.plugin:register"
+    assert groups["vllm.endpoint_plugins"]["lora_ext"] == (
+        "vllm_lora_ext.plugin:LoraExtEndpointPlugin"
+    )
+
+
+def test_endpoint_plugin_matches_vllm_protocol() -> None:
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
+
+    assert isinstance(plugin.LoraExtEndpointPlugin(), EndpointPlugin)
+
+
+def test_serving_models_interface_we_use() -> None:
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.lora.protocol import (
+        LoadLoRAAdapterRequest,
+        UnloadLoRAAdapterRequest,
+    )
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver
+
+    for method in ("load_lora_adapter", "unload_lora_adapter", "resolve_lora"):
+        assert inspect.iscoroutinefunction(getattr(OpenAIServingModels, method))
+    init_src = inspect.getsource(OpenAIServingModels.__init__)
+    assert "self.lora_requests" in init_src and "self.lora_resolvers" in init_src
+    assert {"lora_name", "lora_path"} <= set(LoadLoRAAdapterRequest.model_fields)
+    assert "lora_name" in UnloadLoRAAdapterRequest.model_fields
+    request = LoRARequest("x", 1, "/adapters/x")  # positional, as plugin.py builds it
+    assert (request.lora_name, request.lora_int_id, request.lora_path) == ("x", 1, "/adapters/x")
+    assert "resolve_lora" in LoRAResolver.__abstractmethods__
+
+
+def test_server_entry_module_exists() -> None:
+    from vllm.entrypoints.launchers.api_server import entry
+
+    assert callable(entry.main)
+
+
+def _shrink_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=g)
+    lora_a = torch.randn(2, 1, 4, 8, generator=g)  # [max_loras, 1, rank, hidden]: slots full
+    indices = torch.tensor([0, -1, 1])
+    return x, lora_a, indices
+
+
+def test_vllm_cpu_shrink_still_misroutes_base_tokens() -> None:
+    """vLLM's op applies the last slot to index -1; when this fails, drop our patch."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    original = getattr(lora_ops.bgmv_shrink, "__wrapped__", lora_ops.bgmv_shrink)
+    x, lora_a, indices = _shrink_case()
+    out = torch.zeros(3, 4)
+    original(x, lora_a, out, indices, 1.0)
+    torch.testing.assert_close(out[1], x[1] @ lora_a[1, 0].T)  # the bug: base token got slot 1
+
+
+def test_patched_shrink_leaves_base_tokens_untouched() -> None:
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    plugin.patch_cpu_lora_shrink()
+    plugin.patch_cpu_lora_shrink()  # idempotent
+    assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink
+    x, lora_a, indices = _shrink_case()
+    out = torch.full((3, 4), float("nan"))
+    lora_ops.bgmv_shrink(x, lora_a, out, indices, 0.5)
+    ref = torch.stack([x[0] @ lora_a[0, 0].T, torch.zeros(4), x[2] @ lora_a[1, 0].T]) * 0.5
+    ref[1] = 0
+    torch.testing.assert_close(out, ref)
+    # prefill path: sgmv_shrink explodes per-sequence indices and calls the patched op
+    out = torch.full((3, 4), float("nan"))
+    lora_ops.sgmv_shrink(
+        x, lora_a, out, None, torch.tensor([2, 1]), torch.tensor([-1, 1]), 2, 2, 3, 1.0
+    )
+    torch.testing.assert_close(out[:2], torch.zeros(2, 4))
+    torch.testing.assert_close(out[2], x[2] @ lora_a[1, 0].T)
