@@ -41,5 +41,6 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             "1",
         ],
     )
+    srv.model_dir = tiny_model_dir
     yield srv
     srv.stop()

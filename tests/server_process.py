@@ -27,6 +27,7 @@ class Server:
     log: Path
     proc: subprocess.Popen
     base: str
+    model_dir: Path | None = None
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)

@@ -122,6 +122,7 @@ def _store_resolver(service: Any) -> Any:
             from vllm_lora_ext.server import metrics
 
             metrics.ADAPTER_LOADS.inc()
+            service.names.add(lora_name)
             # vLLM assigns the real int id after resolution.
             return LoRARequest(lora_name, 1, str(service.store.path(lora_name)))
 

@@ -62,6 +62,7 @@ class AdapterService:
 
     async def register_from_path(self, name: str, source: Path) -> StoredAdapter:
         """Copy a PEFT directory from the server's disk into the store, then load it."""
+        validate_name(name, reserved=self.base.aliases)
         if not source.is_dir():
             raise AdapterRejected("missing_file", f"{str(source)!r} is not a directory")
         check_file_names(p.name for p in source.iterdir())
@@ -76,26 +77,22 @@ class AdapterService:
         self, name: str, files: AsyncIterator[tuple[str, Iterable[bytes]]], source: str
     ) -> StoredAdapter:
         """Stage ``files``, validate, move into the store, load into vLLM; all or nothing."""
-        try:
-            validate_name(name, reserved=self.base.aliases)
-            async with self._lock:
-                if self.store.get(name) is not None:
-                    raise AdapterRejected("duplicate_name", f"adapter {name!r} already exists", 409)
-                with self.store.staging() as staged:
-                    await self._write_files(staged, files)
-                    record = await asyncio.to_thread(
-                        self.store.commit, staged, name, self.base, self.max_rank, source
-                    )
-                try:
-                    await self.engine.load(name, self.store.path(name))
-                except Exception as e:
-                    self.store.remove(name)
-                    raise AdapterRejected(
-                        "engine_rejected", f"vLLM could not load the adapter: {e}", 422
-                    ) from e
-        except AdapterRejected as e:
-            metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
-            raise
+        validate_name(name, reserved=self.base.aliases)
+        async with self._lock:
+            if self.store.get(name) is not None:
+                raise AdapterRejected("duplicate_name", f"adapter {name!r} already exists", 409)
+            with self.store.staging() as staged:
+                await self._write_files(staged, files)
+                record = await asyncio.to_thread(
+                    self.store.commit, staged, name, self.base, self.max_rank, source
+                )
+            try:
+                await self.engine.load(name, self.store.path(name))
+            except Exception as e:
+                self.store.remove(name)
+                raise AdapterRejected(
+                    "engine_rejected", f"vLLM could not load the adapter: {e}", 422
+                ) from e
         metrics.ADAPTER_LOADS.inc()
         self.names.add(name)
         metrics.ADAPTERS_REGISTERED.set(len(self.names))

@@ -99,6 +99,7 @@ async def register_adapter(request: Request):
                 "send application/json {name, path} or multipart/form-data (name + files)",
             )
     except AdapterRejected as e:
+        metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
         return error(e.status, e.message, e.reason)
     return JSONResponse(_info(record, True).model_dump(), status_code=201)
 
