@@ -28,7 +28,9 @@ def smollm2_adapter(seed: int) -> dict:
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     # No --model: the CLI converts (once, into the cache) and serves the embedded default.
-    srv = start_server(tmp_path_factory.mktemp("smollm2"), base="SmolLM2-135M-Instruct", serve_args=[])
+    srv = start_server(
+        tmp_path_factory.mktemp("smollm2"), base="SmolLM2-135M-Instruct", serve_args=[]
+    )
     yield srv
     srv.stop()
 
@@ -62,6 +64,10 @@ def test_default_model_answers_chat(smollm2, tmp_path):
         assert all(a["loaded"] and a["rank"] == 8 for a in listing["adapters"])
         r = c.post(
             "/v1/chat/completions",
-            json={"model": "smol-a", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+            json={
+                "model": "smol-a",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 8,
+            },
         )
         assert r.status_code == 200, r.text
