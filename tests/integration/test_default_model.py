@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from server_process import start_server
-from test_generation import upload
+from test_generation import chat, upload
 from tiny_model import write_adapter
 
 from vllm_lora_ext.adapters.peft_format import tensor_key
@@ -37,15 +37,7 @@ def smollm2(tmp_path_factory):
 
 def test_default_model_answers_chat(smollm2, tmp_path):
     with smollm2.client() as c:
-        r = c.post(
-            "/v1/chat/completions",
-            json={
-                "model": "SmolLM2-135M-Instruct",
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                "max_tokens": 24,
-                "temperature": 0.0,
-            },
-        )
+        r = chat(c, "SmolLM2-135M-Instruct", "What is the capital of France?", max_tokens=24)
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
 
@@ -62,12 +54,5 @@ def test_default_model_answers_chat(smollm2, tmp_path):
         print("GET /v1/adapters:", listing)
         assert [a["name"] for a in listing["adapters"]] == ["smol-a", "smol-b"]
         assert all(a["loaded"] and a["rank"] == 8 for a in listing["adapters"])
-        r = c.post(
-            "/v1/chat/completions",
-            json={
-                "model": "smol-a",
-                "messages": [{"role": "user", "content": "Hi"}],
-                "max_tokens": 8,
-            },
-        )
+        r = chat(c, "smol-a", "Hi", max_tokens=8)
         assert r.status_code == 200, r.text

@@ -19,6 +19,19 @@ def upload(client: httpx.Client, name: str, directory: Path) -> httpx.Response:
     return client.post("/v1/adapters", data={"name": name}, files=files)
 
 
+def chat(client: httpx.Client, model: str, content: str, max_tokens: int) -> httpx.Response:
+    """A greedy chat completion with one user message."""
+    return client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+        },
+    )
+
+
 def vllm_greedy(client: httpx.Client, model: str, prompt: tuple[int, ...]) -> list[int]:
     r = client.post(
         "/v1/completions",
@@ -86,15 +99,7 @@ def test_base_and_two_adapters_in_one_batch_match_peft(server, tiny_model_dir, t
 
 def test_chat_completion_with_adapter(server, two_adapters):
     with server.client() as c:
-        r = c.post(
-            "/v1/chat/completions",
-            json={
-                "model": "gen-a",
-                "messages": [{"role": "user", "content": "one two three"}],
-                "max_tokens": 8,
-                "temperature": 0.0,
-            },
-        )
+        r = chat(c, "gen-a", "one two three", max_tokens=8)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "gen-a"
