@@ -17,30 +17,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+def tiny_serve_args(model_dir: Path) -> list[str]:
+    """4 adapter slots, 8 kept in memory: small enough that tests overflow both."""
+    return [
+        "--model",
+        str(model_dir),
+        "--max-loras",
+        "4",
+        "--max-cpu-loras",
+        "8",
+        "--max-lora-rank",
+        "16",
+        "--max-model-len",
+        "512",
+        "--kv-cache-gib",
+        "1",
+    ]
+
+
 @pytest.fixture(scope="session")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One real vLLM server with the plugin for the whole run, serving the tiny model."""
+    """One real vLLM server with the plugin (our CPU LoRA path) for the whole run."""
     from server_process import start_server
 
     work = tmp_path_factory.mktemp("server")
-    srv = start_server(
-        work,
-        base="tiny-llama",
-        serve_args=[
-            "--model",
-            str(tiny_model_dir),
-            "--max-loras",
-            "2",
-            "--max-cpu-loras",
-            "8",
-            "--max-lora-rank",
-            "16",
-            "--max-model-len",
-            "512",
-            "--kv-cache-gib",
-            "1",
-        ],
-    )
+    srv = start_server(work, base="tiny-llama", serve_args=tiny_serve_args(tiny_model_dir))
     srv.model_dir = tiny_model_dir
     yield srv
     srv.stop()

@@ -46,7 +46,11 @@ class Server:
 
 
 def start_server(
-    workdir: Path, base: str, serve_args: list[str], startup_timeout: float = 600.0
+    workdir: Path,
+    base: str,
+    serve_args: list[str],
+    startup_timeout: float = 600.0,
+    env: dict[str, str] | None = None,
 ) -> Server:
     """Run the CLI's serve command and wait until /health answers; raise with the log if not."""
     store = workdir / "store"
@@ -63,7 +67,7 @@ def start_server(
         str(store),
         *serve_args,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

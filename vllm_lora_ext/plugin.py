@@ -39,6 +39,29 @@ def register() -> None:
 
     if current_platform.is_cpu():
         patch_cpu_lora_shrink()
+        select_cpu_punica_wrapper(type(current_platform))
+
+
+OUR_CPU_PUNICA = "vllm_lora_ext.cpu_lora.punica_wrapper.GroupedPunicaWrapperCPU"
+
+
+def select_cpu_punica_wrapper(platform_cls: type) -> None:
+    """Serve LoRA on CPU with our grouped wrapper unless ``VLLM_LORA_EXT_CPU_PUNICA=vllm``.
+
+    vLLM picks the wrapper by ``current_platform.get_punica_wrapper()`` (a qualname); the
+    setting is read when the worker builds its LoRA manager, so one env var flips it.
+    """
+    original = platform_cls.get_punica_wrapper
+    if getattr(original, "_vllm_lora_ext", False):
+        return
+
+    def get_punica_wrapper(cls) -> str:
+        from vllm_lora_ext.settings import Settings
+
+        return OUR_CPU_PUNICA if Settings().cpu_punica == "ours" else original()
+
+    get_punica_wrapper._vllm_lora_ext = True  # type: ignore[attr-defined]
+    platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
 
 
 def patch_cpu_lora_shrink() -> None:

@@ -7,7 +7,7 @@ The CLI writes them into the environment before it starts vLLM, so the API serve
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -31,6 +31,9 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = 1 << 30
     """Largest adapter accepted by ``POST /v1/adapters``."""
+
+    cpu_punica: Literal["ours", "vllm"] = "ours"
+    """LoRA ops on CPU: our grouped matmuls, or vLLM's per-token gather (the fallback)."""
 
     @field_validator("base_aliases", mode="before")
     @classmethod

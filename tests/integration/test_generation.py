@@ -59,11 +59,12 @@ def peft_greedy(model: torch.nn.Module, prompt: tuple[int, ...]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def two_adapters(server, tmp_path_factory) -> dict[str, Path]:
+def adapters(server, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gen-adapters")
     adapters = {}
     with server.client() as c:
-        for name, seed in (("gen-a", 11), ("gen-b", 22)):
+        # Four adapters fill all four slots: base tokens must still get no adapter.
+        for name, seed in (("gen-a", 11), ("gen-b", 22), ("gen-c", 33), ("gen-d", 44)):
             d = write_adapter(root / name, random_lora_tensors(seed), base=server.base)
             r = upload(c, name, d)
             assert r.status_code == 201, r.text
@@ -74,11 +75,11 @@ def two_adapters(server, tmp_path_factory) -> dict[str, Path]:
             c.delete(f"/v1/adapters/{name}")
 
 
-def test_base_and_two_adapters_in_one_batch_match_peft(server, tiny_model_dir, two_adapters):
+def test_base_and_adapters_in_one_batch_match_peft(server, tiny_model_dir, adapters):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    models = [server.base, *two_adapters]
+    models = [server.base, *adapters]
     jobs = [(m, p) for p in PROMPTS for m in models]
     # Concurrent requests, so the engine schedules base and both adapters in the same batches.
     with server.client() as c, ThreadPoolExecutor(len(jobs)) as pool:
@@ -87,7 +88,7 @@ def test_base_and_two_adapters_in_one_batch_match_peft(server, tiny_model_dir, t
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     for prompt in PROMPTS:
         assert served[(server.base, prompt)] == peft_greedy(base, prompt)
-        for name, directory in two_adapters.items():
+        for name, directory in adapters.items():
             peft_model = PeftModel.from_pretrained(base, directory).eval()
             assert served[(name, prompt)] == peft_greedy(peft_model, prompt), (name, prompt)
             base = peft_model.unload()  # strip the LoRA layers again for the next adapter
@@ -97,7 +98,7 @@ def test_base_and_two_adapters_in_one_batch_match_peft(server, tiny_model_dir, t
         )
 
 
-def test_chat_completion_with_adapter(server, two_adapters):
+def test_chat_completion_with_adapter(server, adapters):
     with server.client() as c:
         r = chat(c, "gen-a", "one two three", max_tokens=8)
     assert r.status_code == 200, r.text
