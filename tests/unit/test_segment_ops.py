@@ -40,13 +40,17 @@ def reference(y, x, lora_a, lora_b, scale, idx):
     return out
 
 
-def test_group_tokens_finds_runs_and_skips_none():
+def test_group_tokens_contiguous_needs_no_permutation():
+    g = group_tokens(torch.tensor([-1, 2, 2, 0, 0, 0, -1]))
+    assert g.perm is None and g.num_tokens == 7
+    assert dict(g.segments) == {2: slice(1, 3), 0: slice(3, 6)}
+
+
+def test_group_tokens_interleaved_sorts_by_slot_and_skips_none():
     g = group_tokens(torch.tensor([3, 3, -1, 0, 0, 0, 3, -1]))
     assert g.num_tokens == 8
-    groups = dict(g.groups)
-    assert groups[0] == slice(3, 6)
-    assert groups[3].tolist() == [0, 1, 6]
-    assert set(groups) == {0, 3}
+    assert g.perm.tolist() == [0, 1, 6, 3, 4, 5]
+    assert dict(g.segments) == {3: slice(0, 3), 0: slice(3, 6)}
     assert group_tokens(torch.tensor([-1, -1])).empty
     assert group_tokens(torch.tensor([], dtype=torch.long)).empty
 

@@ -21,8 +21,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._token_groups = TokenGroups((), 0)
-        self._sampler_groups = TokenGroups((), 0)
+        self._token_groups = TokenGroups((), None, 0)
+        self._sampler_groups = TokenGroups((), None, 0)
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)

@@ -16,23 +16,27 @@ from dataclasses import dataclass
 
 import torch
 
-Rows = slice | torch.Tensor
-
 
 @dataclass(frozen=True)
 class TokenGroups:
-    """``(slot, rows)`` per adapter present in the batch; rows a slice when contiguous."""
+    """The batch's tokens grouped by adapter slot, found once per batch.
 
-    groups: tuple[tuple[int, Rows], ...]
+    ``segments`` are ``(slot, rows)`` with ``rows`` a slice. Without ``perm`` the slices index
+    the batch directly (each adapter's tokens are contiguous, as in prefill). With ``perm`` they
+    index ``perm``: the positions of all adapter tokens, sorted by slot (interleaved decode).
+    """
+
+    segments: tuple[tuple[int, slice], ...]
+    perm: torch.Tensor | None
     num_tokens: int
 
     @property
     def empty(self) -> bool:
-        return not self.groups
+        return not self.segments
 
 
 def group_tokens(indices: torch.Tensor) -> TokenGroups:
-    """Group token positions by adapter slot, skipping -1. Runs once per batch, not per layer."""
+    """Group token positions by adapter slot, skipping -1 (no adapter)."""
     idx = indices.tolist()
     runs: dict[int, list[tuple[int, int]]] = {}
     start = 0
@@ -41,14 +45,43 @@ def group_tokens(indices: torch.Tensor) -> TokenGroups:
             if idx[start] >= 0:
                 runs.setdefault(idx[start], []).append((start, pos))
             start = pos
-    groups: list[tuple[int, Rows]] = []
+    if all(len(spans) == 1 for spans in runs.values()):
+        segments = tuple((slot, slice(*spans[0])) for slot, spans in runs.items())
+        return TokenGroups(segments, None, len(idx))
+    order: list[int] = []
+    segments_list = []
     for slot, spans in runs.items():
-        if len(spans) == 1:
-            groups.append((slot, slice(*spans[0])))
-        else:
-            rows = torch.cat([torch.arange(a, b) for a, b in spans])
-            groups.append((slot, rows))
-    return TokenGroups(tuple(groups), len(idx))
+        first = len(order)
+        for a, b in spans:
+            order.extend(range(a, b))
+        segments_list.append((slot, slice(first, len(order))))
+    return TokenGroups(tuple(segments_list), torch.tensor(order), len(idx))
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # .to() is a no-op for a matching dtype but still costs a dispatch; this is the hot loop.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _weight(stacked: torch.Tensor, slot: int, rows_out: int, dtype: torch.dtype) -> torch.Tensor:
+    w = stacked[slot, 0]
+    if w.shape[0] != rows_out:
+        w = w[:rows_out]
+    return _as(w, dtype)
+
+
+def _gather(t: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
+    return t if groups.perm is None else t.index_select(0, groups.perm)
+
+
+def _scatter(y: torch.Tensor, out: torch.Tensor, groups: TokenGroups, add: bool) -> None:
+    """Write rows computed in grouped order back to their batch positions."""
+    if groups.perm is None:
+        return
+    if add:
+        y.index_add_(0, groups.perm, out)
+    else:
+        y.index_copy_(0, groups.perm, out)
 
 
 def shrink(
@@ -62,15 +95,21 @@ def shrink(
 
     Computed in the buffer's dtype (float32 in vLLM), as vLLM's ops do.
     """
+    if groups.empty:
+        return
     for s, a in enumerate(lora_a):
         buf = buffers[s]
-        for slot, rows in groups.groups:
-            xa = torch.mm(x[rows].to(buf.dtype), a[slot, 0].to(buf.dtype).t())
-            buf[rows] = xa * scale if scale != 1.0 else xa
+        xs = _as(_gather(x, groups), buf.dtype)
+        out = buf if groups.perm is None else buf.new_empty(len(groups.perm), buf.shape[-1])
+        for slot, rows in groups.segments:
+            torch.mm(xs[rows], _as(a[slot, 0], buf.dtype).t(), out=out[rows])
+            if scale != 1.0:
+                out[rows] *= scale
+        _scatter(buf, out, groups, add=False)
 
 
 def expand(
-    y: torch.Tensor,  # [num_tokens, sum(output_slices)]
+    y: torch.Tensor,  # [num_tokens, >= offset_start + sum(output_slices)]
     buffers: torch.Tensor | Sequence[torch.Tensor],  # n_slices x [num_tokens, rank]
     lora_b: Sequence[torch.Tensor],  # n_slices x [max_loras, 1, out_s, rank]
     output_slices: Sequence[int],
@@ -79,16 +118,25 @@ def expand(
     add_inputs: bool = True,
 ) -> None:
     """``y[t, off_s:off_s+out_s] (+)= buf[s][t] @ B_s[i].T`` for ``i = idx[t] >= 0``."""
-    offset = offset_start
+    if groups.empty:
+        return
+    cols = slice(offset_start, offset_start + sum(output_slices))
+    target = (
+        y[:, cols] if groups.perm is None else y.new_zeros(len(groups.perm), cols.stop - cols.start)
+    )
+    offset = 0
     for s, (b, size) in enumerate(zip(lora_b, output_slices, strict=True)):
-        buf = buffers[s]
-        for slot, rows in groups.groups:
-            out = torch.mm(buf[rows].to(y.dtype), b[slot, 0, :size].to(y.dtype).t())
-            if add_inputs:
-                y[rows, offset : offset + size] += out
+        bs = _as(_gather(buffers[s], groups), y.dtype)
+        for slot, rows in groups.segments:
+            region = target[rows, offset : offset + size]
+            b_t = _weight(b, slot, size, y.dtype).t()
+            if add_inputs or groups.perm is not None:
+                region.addmm_(bs[rows], b_t)
             else:
-                y[rows, offset : offset + size] = out
+                torch.mm(bs[rows], b_t, out=region)
         offset += size
+    if groups.perm is not None:
+        _scatter(y[:, cols], target, groups, add=add_inputs)
 
 
 def lora_linear(
@@ -102,14 +150,21 @@ def lora_linear(
 ) -> None:
     """``y[t, slice s] += scale * (x[t] @ A_s[i].T) @ B_s[i].T`` for ``i = idx[t] >= 0``.
 
-    Fuses shrink and expand per group so the rank-sized intermediate never leaves the cache.
+    Shrink in float32 (as vLLM's buffer), expand in ``y``'s dtype; the rank-sized intermediate
+    stays per group, and interleaved tokens are gathered once and scattered once per call.
     """
+    if groups.empty:
+        return
+    f32 = torch.float32
+    xs = _as(_gather(x, groups), f32)
+    target = y if groups.perm is None else y.new_zeros(len(groups.perm), y.shape[1])
     offset = 0
     for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
-        for slot, rows in groups.groups:
-            xa = torch.mm(x[rows].to(torch.float32), a[slot, 0].to(torch.float32).t())
+        for slot, rows in groups.segments:
+            xa = torch.mm(xs[rows], _as(a[slot, 0], f32).t())
             if scale != 1.0:
-                xa = xa * scale
-            out = torch.mm(xa.to(y.dtype), b[slot, 0, :size].to(y.dtype).t())
-            y[rows, offset : offset + size] += out
+                xa *= scale
+            b_t = _weight(b, slot, size, y.dtype).t()
+            target[rows, offset : offset + size].addmm_(_as(xa, y.dtype), b_t)
         offset += size
+    _scatter(y, target, groups, add=True)
