@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_adapters(model: Path, out: Path, n: int, rank: int) -> list[Path]:
-    """Random rank-r adapters on q/k/v/o with the model's shapes (speed does not depend on values)."""
+    """Random rank-r adapters on q/k/v/o with the model's shapes (speed ignores the values)."""
     import torch
     from safetensors.torch import save_file
 
