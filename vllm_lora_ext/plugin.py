@@ -7,6 +7,7 @@ fails loudly if a vLLM upgrade moves any of it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from argparse import Namespace
 from pathlib import Path
@@ -135,19 +136,24 @@ def _store_resolver(service: Any) -> Any:
     class StoreResolver(LoRAResolver):
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             from vllm_lora_ext.adapters.validation import AdapterRejected
-
-            try:
-                record = service.get(lora_name)
-            except AdapterRejected:
-                return None
-            if record is None:
-                return None
+            from vllm_lora_ext.merge.spec import PREFIX
             from vllm_lora_ext.server import metrics
 
+            try:
+                if lora_name.startswith(PREFIX):
+                    path = await asyncio.to_thread(service.materialise_merge, lora_name)
+                else:
+                    if service.get(lora_name) is None:
+                        return None
+                    path = service.store.path(lora_name)
+                    service.names.add(lora_name)
+            except AdapterRejected as e:
+                metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
+                logger.warning("vllm-lora-ext: cannot serve %r: %s", lora_name, e.message)
+                return None
             metrics.ADAPTER_LOADS.inc()
-            service.names.add(lora_name)
             # vLLM assigns the real int id after resolution.
-            return LoRARequest(lora_name, 1, str(service.store.path(lora_name)))
+            return LoRARequest(lora_name, 1, str(path))
 
     return StoreResolver()
 

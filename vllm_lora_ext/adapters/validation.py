@@ -41,6 +41,8 @@ REASONS = (
     "wrong_base",
     "too_large",
     "engine_rejected",
+    "invalid_merge",
+    "unknown_adapter",
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -7,19 +7,29 @@ one module that touches vLLM), so this module is testable without a server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Protocol
 
 from vllm_lora_ext.adapters.base_model import BaseModelInfo
+from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
 from vllm_lora_ext.adapters.store import AdapterStore, StoredAdapter
 from vllm_lora_ext.adapters.validation import (
     AdapterRejected,
     check_file_name,
     check_file_names,
+    inspect_adapter_dir,
     validate_name,
 )
+from vllm_lora_ext.merge.cat import cat_merge
+from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
+from vllm_lora_ext.merge.spec import MergeSpec
 from vllm_lora_ext.server import metrics
+
+MERGED_DIR = ".merged"
 
 
 class EngineAdapters(Protocol):
@@ -103,12 +113,54 @@ class AdapterService:
         async with self._lock:
             if self.get(name) is None:
                 return False
-            if await self.engine.unload(name):
-                metrics.ADAPTER_UNLOADS.inc()
+            # Inline merges that include this adapter must not outlive it.
+            for loaded in self.engine.loaded_names():
+                if _served_from(loaded, name) and await self.engine.unload(loaded):
+                    metrics.ADAPTER_UNLOADS.inc()
             self.store.remove(name)
             self.names.discard(name)
             metrics.ADAPTERS_REGISTERED.set(len(self.names))
             return True
+
+    def materialise_merge(self, merge_name: str) -> Path:
+        """The cat-merged adapter for ``merge:a=w,...`` as a PEFT dir, built once and cached.
+
+        The cache key covers each adapter's weight hash, so re-registering a name under new
+        weights never serves a stale merge.
+        """
+        try:
+            spec = MergeSpec.parse(merge_name)
+        except ValueError as e:
+            raise AdapterRejected("invalid_merge", f"{merge_name!r}: {e}") from e
+        records = []
+        for name, _ in spec.terms:
+            record = self.get(name)
+            if record is None:
+                raise AdapterRejected("unknown_adapter", f"merge names unknown adapter {name!r}")
+            records.append(record)
+        total_rank = sum(r.rank for r in records)
+        if total_rank > self.max_rank:
+            raise AdapterRejected(
+                "rank_too_high",
+                f"the merge has rank {total_rank} (sum of ranks); the server's max is "
+                f"{self.max_rank}",
+            )
+        key = hashlib.sha256(
+            (spec.canonical + "".join(r.weights_sha256 for r in records)).encode()
+        ).hexdigest()[:32]
+        target = self.store.root / MERGED_DIR / key
+        if target.is_dir():
+            return target
+        merged = cat_merge(
+            [load_lora(self.store.path(n)) for n, _ in spec.terms], [w for _, w in spec.terms]
+        )
+        target.parent.mkdir(exist_ok=True)
+        with self.store.staging() as staged:
+            save_lora(merged, staged, base=self.base.name)
+            inspect_adapter_dir(staged, self.base, self.max_rank)
+            with contextlib.suppress(OSError):  # a concurrent request built it first
+                os.rename(staged, target)
+        return target
 
     async def _write_files(
         self, staged: Path, files: AsyncIterator[tuple[str, Iterable[bytes]]]
@@ -131,6 +183,13 @@ class AdapterService:
                         )
                     out.write(chunk)
         check_file_names(names)
+
+
+def _served_from(loaded: str, name: str) -> bool:
+    """Whether the loaded model ``loaded`` (an adapter or an inline merge) uses ``name``."""
+    if loaded.startswith(MERGE_PREFIX):
+        return name in dict(MergeSpec.parse(loaded).terms)
+    return loaded == name
 
 
 def _chunks(path: Path, size: int = 1 << 20) -> Iterable[bytes]:

@@ -158,6 +158,8 @@ def count_request(model: object, service: AdapterService | None) -> None:
         metrics.REQUESTS.labels(adapter=model).inc()
     elif model in service.base.aliases:
         metrics.REQUESTS.labels(adapter="base").inc()
+    elif model.startswith("merge:"):
+        metrics.REQUESTS.labels(adapter="merge").inc()
 
 
 def model_of_body(body: bytes) -> object:

@@ -1,0 +1,1 @@
+"""Merging adapters: pure functions on tensors (no vLLM, no HTTP)."""
