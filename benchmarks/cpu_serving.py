@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--providers", default="base,ours,vllm")
     p.add_argument("--quick", action="store_true", help="8 requests x 16 tokens, 1 repeat")
     p.add_argument("--out", type=Path, default=RESULTS / "cpu_serving.json")
+    p.add_argument("--replot", action="store_true", help="redraw the PNG from --out, no run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--adapters-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -180,7 +182,8 @@ def plot(report: dict, path: Path) -> None:
         ax.axhline(rows[0]["base_tok_s"], color="k", ls="--", lw=1, label="base, LoRA disabled")
     ax.set_xticks(list(xs), [r["mode"] for r in rows])
     ax.set_ylabel("output tokens/s (median)")
-    ax.set_title(f"{report['model']}: {report['workload']}", fontsize=9)
+    title = textwrap.fill(f"{report['model']}: {report['workload']} ({report['machine']})", 90)
+    ax.set_title(title, fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -190,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         args.out.write_text(json.dumps(run_worker(args)))
+        return 0
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return 0
     if args.model is None:
         from vllm_lora_ext.base_models import ensure_default_model

@@ -98,3 +98,43 @@ def test_patched_shrink_leaves_base_tokens_untouched() -> None:
     )
     torch.testing.assert_close(out[:2], torch.zeros(2, 4))
     torch.testing.assert_close(out[2], x[2] @ lora_a[1, 0].T)
+
+
+def test_cpu_punica_wrapper_selection(monkeypatch) -> None:
+    from vllm.platforms import current_platform
+
+    plugin.register()
+    monkeypatch.delenv("VLLM_LORA_EXT_CPU_PUNICA", raising=False)
+    assert current_platform.get_punica_wrapper() == plugin.OUR_CPU_PUNICA
+    monkeypatch.setenv("VLLM_LORA_EXT_CPU_PUNICA", "vllm")
+    assert current_platform.get_punica_wrapper() == (
+        "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+    )
+
+
+def test_our_wrapper_overrides_match_vllm_signatures() -> None:
+    """If vLLM changes what its LoRA layers call, our overrides must change with it."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from vllm_lora_ext.cpu_lora.punica_wrapper import GroupedPunicaWrapperCPU
+
+    for method in (
+        "update_metadata",
+        "add_shrink",
+        "add_expand",
+        "add_lora_linear",
+        "add_lora_logits",
+        "add_lora_embedding",
+    ):
+        ours = inspect.signature(getattr(GroupedPunicaWrapperCPU, method))
+        theirs = inspect.signature(getattr(PunicaWrapperCPU, method))
+        positional = [
+            p.name
+            for p in theirs.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        assert [
+            p.name
+            for p in ours.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ] == positional, method

@@ -1,0 +1,218 @@
+"""Two ways to ask a model for option log-likelihoods and greedy generations, one interface.
+
+``HttpBackend`` asks a running vLLM OpenAI-compatible server (``/v1/completions`` with token-id
+prompts and ``prompt_logprobs``), so base, adapters and ``merge:`` specs are scored exactly as
+users get them. ``TransformersBackend`` runs transformers (+ an optional PEFT adapter) in
+process in float32, as a reference. Both take token ids and return the same structures, so their
+outputs can be compared element by element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import httpx
+
+# (prompt ids, continuation ids): the continuation is scored given the prompt.
+ScoreRequest = tuple[Sequence[int], Sequence[int]]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: tuple[int, ...]
+    """Generated ids, without the stop token that ended the generation (if one did)."""
+    text: str
+
+
+class Backend(Protocol):
+    tokenizer: Any
+
+    def continuation_logprobs(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, ...]]:
+        """Per request, the log-probability of each continuation token given what precedes it."""
+        ...
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int]
+    ) -> list[Generation]:
+        """Greedy decoding of each prompt, up to ``max_tokens`` or a stop/EOS token."""
+        ...
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def _batches(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _check_requests(requests: Sequence[ScoreRequest]) -> None:
+    if any(len(ctx) == 0 or len(cont) == 0 for ctx, cont in requests):
+        raise ValueError("both the prompt and the continuation need at least one token")
+
+
+class HttpBackend:
+    """A vLLM server's ``/v1/completions``; ``model`` is the base name, an adapter or a merge."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        tokenizer: Any,
+        batch_size: int = 32,
+        timeout: float = 600.0,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.client = client or httpx.Client(base_url=url, timeout=timeout)
+
+    def _complete(self, prompts: list[list[int]], **params: Any) -> list[dict]:
+        body = {"model": self.model, "prompt": prompts, "temperature": 0.0, **params}
+        response = self.client.post("/v1/completions", json=body)
+        if response.status_code != 200:
+            raise BackendError(f"/v1/completions answered {response.status_code}: {response.text}")
+        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        if len(choices) != len(prompts):
+            raise BackendError(f"sent {len(prompts)} prompts, got {len(choices)} choices")
+        for prompt, choice in zip(prompts, choices, strict=True):
+            if choice.get("prompt_token_ids") not in (None, prompt):
+                raise BackendError("the server changed the prompt's token ids")
+        return choices
+
+    def continuation_logprobs(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, ...]]:
+        _check_requests(requests)
+        out: list[tuple[float, ...]] = []
+        for batch in _batches(requests, self.batch_size):
+            seqs = [[*ctx, *cont] for ctx, cont in batch]
+            # prompt_logprobs=0: the log-prob of each prompt token itself, nothing else. One
+            # token is generated (vLLM needs at least one) and ignored.
+            choices = self._complete(seqs, max_tokens=1, prompt_logprobs=0, return_token_ids=True)
+            for (ctx, _), seq, choice in zip(batch, seqs, choices, strict=True):
+                per_token = choice["prompt_logprobs"]
+                out.append(
+                    tuple(_logprob_of(per_token[i], seq[i]) for i in range(len(ctx), len(seq)))
+                )
+        return out
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int]
+    ) -> list[Generation]:
+        out: list[Generation] = []
+        for batch in _batches(prompts, self.batch_size):
+            choices = self._complete(
+                [list(p) for p in batch],
+                max_tokens=max_tokens,
+                stop_token_ids=list(stop_token_ids),
+                return_token_ids=True,
+                skip_special_tokens=True,
+                # Explicit, so a generation_config.json cannot add penalties on the server only.
+                repetition_penalty=1.0,
+                presence_penalty=0.0,
+                frequency_penalty=0.0,
+            )
+            for choice in choices:
+                ids = list(choice["token_ids"])
+                # vLLM keeps the EOS / stop token that ended the sequence in token_ids.
+                if choice["finish_reason"] == "stop" and ids:
+                    ids.pop()
+                out.append(Generation(tuple(ids), choice["text"]))
+        return out
+
+
+def _logprob_of(position: dict | None, token_id: int) -> float:
+    """vLLM's per-position ``{token_id: {"logprob", "rank", "decoded_token"}}`` (JSON keys)."""
+    if position is None:
+        raise BackendError("the server returned no log-prob for a scored token")
+    entry = position.get(str(token_id), position.get(token_id))
+    if entry is None:
+        raise BackendError(f"token {token_id} missing from the server's prompt log-probs")
+    return float(entry["logprob"])
+
+
+class TransformersBackend:
+    """transformers in process, float32, with an optional PEFT adapter: the reference path."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: Path | str, adapter_dir: Path | str | None = None, batch_size: int = 8
+    ) -> TransformersBackend:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        return cls(model, AutoTokenizer.from_pretrained(model_dir), batch_size)
+
+    def continuation_logprobs(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, ...]]:
+        import torch
+
+        _check_requests(requests)
+        out: list[tuple[float, ...]] = []
+        for batch in _batches(requests, self.batch_size):
+            seqs = [[*ctx, *cont] for ctx, cont in batch]
+            width = max(map(len, seqs))
+            # Right padding: causal attention keeps every real position unaffected by it.
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+            picked = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            for row, ((ctx, _), seq) in enumerate(zip(batch, seqs, strict=True)):
+                out.append(tuple(picked[row, len(ctx) - 1 : len(seq) - 1].tolist()))
+        return out
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int]
+    ) -> list[Generation]:
+        """Plain argmax with a KV cache, one prompt at a time: no padding, no logits processors
+        from ``generation_config`` (vLLM gets explicit neutral penalties to match)."""
+        import torch
+
+        stops = set(stop_token_ids) | self._eos_ids()
+        out: list[Generation] = []
+        for prompt in prompts:
+            generated: list[int] = []
+            with torch.inference_mode():
+                step = self.model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+                while max_tokens > 0:
+                    token = int(step.logits[0, -1].argmax())
+                    if token in stops:
+                        break
+                    generated.append(token)
+                    if len(generated) >= max_tokens:
+                        break
+                    step = self.model(
+                        input_ids=torch.tensor([[token]]),
+                        past_key_values=step.past_key_values,
+                        use_cache=True,
+                    )
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            out.append(Generation(tuple(generated), text))
+        return out
+
+    def _eos_ids(self) -> set[int]:
+        """EOS ids vLLM also stops on: the tokenizer's and the generation config's."""
+        ids = {self.tokenizer.eos_token_id} - {None}
+        config = getattr(self.model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, list) else {eos} - {None}
+        return ids

@@ -1,0 +1,61 @@
+"""Scoring as pure functions on numbers and strings (no model, no tokenizer).
+
+Multiple choice is BIG-bench's ``multiple_choice_grade``: the option whose continuation has the
+highest summed log-likelihood is the model's choice. Generation is exact match after a light
+normalisation, so "Plausible." and " plausible" count the same but "3 apples" is not "3".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Sequence
+
+_SPACES = re.compile(r"\s+")
+
+
+def option_loglikelihood(token_logprobs: Sequence[float]) -> float:
+    """Summed log-probability of one option's tokens given the prompt."""
+    return math.fsum(token_logprobs)
+
+
+def choose_option(option_logprobs: Sequence[Sequence[float]]) -> int:
+    """Index of the option with the highest summed log-likelihood (the first on a tie)."""
+    if not option_logprobs:
+        raise ValueError("no options to choose from")
+    sums = [option_loglikelihood(lp) for lp in option_logprobs]
+    return max(range(len(sums)), key=lambda i: (sums[i], -i))
+
+
+def multiple_choice_correct(
+    option_logprobs: Sequence[Sequence[float]], correct: Sequence[int]
+) -> bool:
+    """Whether the chosen option is one of the ``correct`` indices."""
+    return choose_option(option_logprobs) in set(correct)
+
+
+def normalize(text: str) -> str:
+    """Strip, lowercase, collapse whitespace, drop trailing punctuation (applied to both sides)."""
+    return _SPACES.sub(" ", text.strip().lower()).rstrip(string.punctuation + " ")
+
+
+def exact_match(prediction: str, targets: Sequence[str]) -> bool:
+    """Whether ``prediction`` equals any target after :func:`normalize`."""
+    pred = normalize(prediction)
+    return any(pred == normalize(t) for t in targets)
+
+
+def accuracy(correct: Sequence[bool]) -> float:
+    return sum(correct) / len(correct) if correct else float("nan")
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sane at 0, 1 and small n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -1,0 +1,173 @@
+"""BIG-bench task files from the PyPI sdist ``bigbench==1.0.0``, cached with sha256 checksums.
+
+The sdist (358 MB) holds every ``bigbench/benchmark_tasks/<task>/task.json``. We stream it once,
+write only the development tasks' files into the cache (each through a temporary file and a
+rename, the manifest last), and check every file against the manifest when it is read, so a
+truncated or edited file never reaches an evaluation silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+SDIST_REQUIREMENT = "bigbench==1.0.0"
+# sha256 of bigbench-1.0.0.tar.gz as served by PyPI (checked when the sdist is read).
+SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+_MEMBER_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+MANIFEST = "manifest.json"
+
+# Task name -> its task.json files, relative to ``benchmark_tasks/``. Only the development tasks of
+# issue 3; do not tune on anything else.
+TASK_SOURCES: dict[str, tuple[str, ...]] = {
+    "arithmetic": tuple(
+        f"arithmetic/{sub}/task.json"
+        for sub in (
+            "1_digit_addition",
+            "1_digit_subtraction",
+            "2_digit_addition",
+            "2_digit_subtraction",
+        )
+    ),
+    "causal_judgment": ("causal_judgment/task.json",),
+    "date_understanding": ("date_understanding/task.json",),
+    "disambiguation_qa": ("disambiguation_qa/task.json",),
+    "object_counting": ("object_counting/task.json",),
+    "snarks": ("snarks/task.json",),
+    "sports_understanding": ("sports_understanding/task.json",),
+    "word_sorting": ("word_sorting/task.json",),
+}
+
+
+class ChecksumError(ValueError):
+    """A cached file (or the sdist) does not match its recorded sha256."""
+
+
+def default_task_dir() -> Path:
+    """``<VLLM_LORA_EXT_CACHE_DIR or ~/.cache/vllm-lora-ext>/tasks``."""
+    from vllm_lora_ext.settings import Settings
+
+    return Settings().cache_dir / "tasks"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download_sdist(dest: Path) -> Path:
+    """``pip download`` the sdist into ``dest`` (pip checks PyPI's hash on the way)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    subprocess.run([*cmd, SDIST_REQUIREMENT, "-d", str(dest)], check=True)
+    found = sorted(dest.glob("bigbench-*.tar.gz"))
+    if not found:
+        raise FileNotFoundError(f"pip download left no bigbench sdist in {dest}")
+    return found[0]
+
+
+def fetch_tasks(
+    cache_dir: Path | None = None,
+    sdist: Path | None = None,
+    expected_sha256: str | None = SDIST_SHA256,
+) -> Path:
+    """Extract the development tasks into ``cache_dir`` and write its manifest; return the dir.
+
+    ``sdist``: an already downloaded ``bigbench-1.0.0.tar.gz``; without it the sdist is
+    downloaded into a temporary directory and removed afterwards. ``expected_sha256=None``
+    skips the sdist check (tests build small fake sdists).
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_task_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if sdist is None:
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
+            return _extract(download_sdist(Path(tmp)), cache_dir, expected_sha256)
+    return _extract(Path(sdist), cache_dir, expected_sha256)
+
+
+def _extract(sdist: Path, cache_dir: Path, expected_sha256: str | None) -> Path:
+    sdist_sha = sha256_file(sdist)
+    if expected_sha256 is not None and sdist_sha != expected_sha256:
+        raise ChecksumError(f"{sdist} has sha256 {sdist_sha}, expected {expected_sha256}")
+    wanted = {rel for files in TASK_SOURCES.values() for rel in files}
+    checksums: dict[str, str] = {}
+    # Stream mode: one pass over the gzip; only names from TASK_SOURCES are ever written, so a
+    # hostile member name cannot escape the cache directory.
+    with tarfile.open(sdist, mode="r|gz") as tar:
+        for member in tar:
+            rel = member.name.removeprefix(_MEMBER_PREFIX)
+            if rel not in wanted or not member.isfile():
+                continue
+            handle = tar.extractfile(member)
+            assert handle is not None
+            data = handle.read()
+            _write_atomic(cache_dir / rel, data)
+            checksums[rel] = hashlib.sha256(data).hexdigest()
+    missing = sorted(wanted - checksums.keys())
+    if missing:
+        raise FileNotFoundError(f"{sdist} lacks {missing}")
+    manifest = {"source": SDIST_REQUIREMENT, "sdist_sha256": sdist_sha, "files": checksums}
+    _write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return cache_dir
+
+
+def read_task_file(rel: str, cache_dir: Path | None = None) -> tuple[dict, str]:
+    """Parse one cached ``task.json`` after checking it against the manifest: (data, sha256)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_task_dir()
+    manifest_path = cache_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"no BIG-bench task cache in {cache_dir}; fetch it once with "
+            "`python -m vllm_lora_ext.evaluation.task_cache` (downloads the 358 MB sdist)"
+        )
+    expected = json.loads(manifest_path.read_text())["files"].get(rel)
+    if expected is None:
+        raise FileNotFoundError(f"{rel} is not in {manifest_path}; fetch the tasks again")
+    data = (cache_dir / rel).read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ChecksumError(
+            f"{cache_dir / rel} has sha256 {actual}, but the manifest records {expected}: "
+            "the file changed since it was fetched; fetch the tasks again"
+        )
+    return json.loads(data), actual
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vllm_lora_ext.evaluation.task_cache [--cache-dir DIR] [--sdist FILE]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="fetch the BIG-bench development tasks")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--sdist", type=Path, default=None, help="an already downloaded sdist")
+    args = parser.parse_args(argv)
+    out = fetch_tasks(args.cache_dir, args.sdist)
+    print(f"BIG-bench tasks cached in {out}")
+
+
+if __name__ == "__main__":
+    main()
