@@ -104,6 +104,7 @@ class HttpBackend:
     def generate(
         self, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int]
     ) -> list[Generation]:
+        stops = {*stop_token_ids, self.tokenizer.eos_token_id}
         out: list[Generation] = []
         for batch in _batches(prompts, self.batch_size):
             choices = self._complete(
@@ -120,7 +121,7 @@ class HttpBackend:
             for choice in choices:
                 ids = list(choice["token_ids"])
                 # vLLM keeps the EOS / stop token that ended the sequence in token_ids.
-                if choice["finish_reason"] == "stop" and ids:
+                if choice["finish_reason"] == "stop" and ids and ids[-1] in stops:
                     ids.pop()
                 out.append(Generation(tuple(ids), choice["text"]))
         return out

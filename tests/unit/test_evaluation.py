@@ -1,0 +1,342 @@
+"""Evaluation harness: task cache and splits, scoring, prompts, and both backends on a tiny model.
+
+No download and no server: a small fake sdist stands in for ``bigbench==1.0.0``, and a mock
+transport answering in vLLM's ``/v1/completions`` shape stands in for the server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from vllm_lora_ext.evaluation.backends import BackendError, HttpBackend, TransformersBackend
+from vllm_lora_ext.evaluation.evaluate import (
+    collect_outputs,
+    compare_outputs,
+    evaluate,
+    score_outputs,
+)
+from vllm_lora_ext.evaluation.prompts import answer_ids, build_prompt, stop_token_ids
+from vllm_lora_ext.evaluation.scoring import (
+    choose_option,
+    exact_match,
+    multiple_choice_correct,
+    normalize,
+    wilson_interval,
+)
+from vllm_lora_ext.evaluation.task_cache import (
+    MANIFEST,
+    TASK_SOURCES,
+    ChecksumError,
+    fetch_tasks,
+)
+from vllm_lora_ext.evaluation.tasks import Example, Task, TaskFormat, load_task
+
+PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
+def _task_json(rel: str) -> dict:
+    if rel.startswith("arithmetic/"):
+        sub = rel.split("/")[1]
+        examples = [
+            {
+                "input": f"{sub}: what is {i} plus 1?",
+                "target": str(i + 1),
+                "target_scores": {str(i + 1): 1.0, "banana": 0.0},
+            }
+            for i in range(25)
+        ]
+        return {"name": sub, "preferred_score": "exact_str_match", "examples": examples}
+    examples = [
+        {"input": f"Statement {i}", "target_scores": {"plausible": i % 2, "implausible": 1 - i % 2}}
+        for i in range(50)
+    ]
+    if rel.startswith("sports_understanding/"):
+        examples += [
+            {"input": "Statement 3", "target_scores": {"plausible": 1, "implausible": 0}},
+            {"input": "Statement 4", "target_scores": {"plausible": 1, "implausible": 0}},
+        ]  # a harmless repeat of 3, a contradiction of 4
+    return {
+        "name": rel.split("/")[0],
+        "preferred_score": "multiple_choice_grade",
+        "task_prefix": "Decide.",
+        "example_output_prefix": "\nPlausible/implausible? ",
+        "examples": examples,
+    }
+
+
+def make_sdist(path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        rels = [r for files in TASK_SOURCES.values() for r in files] + ["other_task/task.json"]
+        for rel in rels:
+            data = json.dumps(_task_json(rel)).encode()
+            info = tarfile.TarInfo(PREFIX + rel)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    sdist = make_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    return fetch_tasks(tmp_path / "tasks", sdist=sdist, expected_sha256=None)
+
+
+def test_fetch_writes_only_the_development_tasks(cache: Path) -> None:
+    written = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+    expected = sorted(r for files in TASK_SOURCES.values() for r in files)
+    assert written == sorted([*expected, MANIFEST])
+    manifest = json.loads((cache / MANIFEST).read_text())
+    assert sorted(manifest["files"]) == expected and manifest["source"] == "bigbench==1.0.0"
+
+
+def test_fetch_refuses_an_sdist_with_the_wrong_checksum(tmp_path: Path) -> None:
+    sdist = make_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    with pytest.raises(ChecksumError, match="expected"):
+        fetch_tasks(tmp_path / "tasks", sdist=sdist)
+    assert not (tmp_path / "tasks" / MANIFEST).exists()
+
+
+def test_tampered_task_file_fails_its_checksum(cache: Path) -> None:
+    load_task("snarks", cache)
+    path = cache / "snarks" / "task.json"
+    path.write_text(path.read_text().replace("Statement 7", "Statement 8"))
+    with pytest.raises(ChecksumError, match="manifest"):
+        load_task("snarks", cache)
+
+
+def test_missing_cache_says_how_to_fetch(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="task_cache"):
+        load_task("snarks", tmp_path)
+
+
+def test_bad_task_name_lists_the_valid_ones(cache: Path) -> None:
+    with pytest.raises(ValueError) as err:
+        load_task("sports_understandin", cache)
+    for name in TASK_SOURCES:
+        assert name in str(err.value)
+
+
+def test_splits_are_seeded_disjoint_and_recorded(cache: Path) -> None:
+    a, b = load_task("snarks", cache, seed=3), load_task("snarks", cache, seed=3)
+    assert (a.train, a.validation, a.heldout) == (b.train, b.validation, b.heldout)
+    c = load_task("snarks", cache, seed=4)
+    assert a.heldout != c.heldout
+    assert a.seed == 3 and a.sizes == {"train": 30, "validation": 5, "heldout": 15}
+    inputs = [e.input for e in a.examples]
+    assert len(set(inputs)) == len(inputs) == 50
+    d = load_task("snarks", cache, validation=0, heldout=10)
+    assert d.sizes == {"train": 40, "validation": 0, "heldout": 10}
+    with pytest.raises(ValueError, match="exceed"):
+        load_task("snarks", cache, validation=30, heldout=30)
+
+
+def test_repeats_and_contradictions_are_dropped(cache: Path) -> None:
+    task = load_task("sports_understanding", cache)
+    inputs = [e.input for e in task.examples]
+    assert task.dropped == 3 and len(inputs) == 49 and "Statement 4" not in inputs
+    assert len(set(inputs)) == len(inputs)
+
+
+def test_modes_options_and_answers(cache: Path) -> None:
+    arith = load_task("arithmetic", cache)
+    assert arith.mode == "generate" and len(arith.examples) == 100
+    assert {e.subtask for e in arith.examples} == {
+        "1_digit_addition",
+        "1_digit_subtraction",
+        "2_digit_addition",
+        "2_digit_subtraction",
+    }
+    ex = next(e for e in arith.examples if e.input == "2_digit_addition: what is 4 plus 1?")
+    assert ex.targets == ("5",) and ex.options[ex.correct[0]] == "5"
+    sports = load_task("sports_understanding", cache)
+    assert sports.mode == "multiple_choice"
+    for e in sports.examples:
+        number = int(e.input.split()[-1])
+        assert e.targets == ("plausible" if number % 2 else "implausible",)
+        assert [e.options[i] for i in e.correct] == list(e.targets)
+    assert load_task("arithmetic", cache, mode="multiple_choice").mode == "multiple_choice"
+
+
+def test_choose_option_by_summed_loglikelihood() -> None:
+    # The one-token option has the best first token but the lower total: the sum decides.
+    options = [[-0.5, -0.5, -0.5], [-0.1, -2.0], [-1.2]]
+    assert choose_option(options) == 2
+    assert multiple_choice_correct(options, correct=[2])
+    assert not multiple_choice_correct(options, correct=[0, 1])
+    assert choose_option([[-1.0], [-1.0]]) == 0
+    with pytest.raises(ValueError):
+        choose_option([])
+
+
+def test_exact_match_normalisation() -> None:
+    assert normalize("  Gelatine   Stick.\n") == "gelatine stick"
+    assert exact_match("Plausible!", ["plausible"])
+    assert exact_match(" 3 ", ["three", "3"])
+    assert exact_match("-12", ["-12"]) and not exact_match("12", ["-12"])
+    assert not exact_match("3 apples", ["3"])
+    assert not exact_match("", ["3"])
+    lo, hi = wilson_interval(50, 100)
+    assert lo < 0.5 < hi and wilson_interval(0, 10)[0] == 0.0
+
+
+def _task(mode: str, examples: list[Example], **fmt: object) -> Task:
+    return Task("t", mode, TaskFormat(**fmt), (), (), tuple(examples), seed=0, dropped=0)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> TransformersBackend:
+    return TransformersBackend.from_pretrained(tiny_model_dir, batch_size=3)
+
+
+def test_prompt_uses_the_chat_template(tiny: TransformersBackend) -> None:
+    tok = tiny.tokenizer
+    example = Example("Is two plus two four?", ("yes",), ("yes", "no"), (1.0, 0.0))
+    task = _task("multiple_choice", [example], task_prefix="Answer.", output_prefix="\nYes/no? ")
+    text = tok.decode(build_prompt(tok, task, example).ids)
+    assert text.startswith("<|im_start|>user\nAnswer.Is two plus two four?\n  choice: yes")
+    assert text.endswith("Yes/no?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
+
+
+def test_prompt_without_chat_template_falls_back_to_q_a(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    example = Example("What is 1 plus 1?", ("2",))
+    prompt = build_prompt(tok, _task("generate", [example]), example)
+    assert tok.decode(prompt.ids).endswith("Q: What is 1 plus 1?\nA:")
+    assert tok.decode(answer_ids(tok, prompt, "2")) == " 2"
+
+
+def test_transformers_logprobs_match_one_sequence_at_a_time(tiny: TransformersBackend) -> None:
+    import torch
+
+    tok = tiny.tokenizer
+    seqs = [tok("one two three")["input_ids"], tok("Paris is the capital of France")["input_ids"]]
+    requests = [(s[:2], s[2:]) for s in seqs] + [(seqs[1][:1], seqs[1][1:3])]
+    got = tiny.continuation_logprobs(requests)
+    for (ctx, cont), lps in zip(requests, got, strict=True):
+        ids = torch.tensor([[*ctx, *cont]])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny.model(input_ids=ids).logits[0], -1)
+        want = [logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)]
+        assert lps == pytest.approx(want, abs=1e-5)
+        assert all(x <= 0 for x in lps)
+
+
+def test_known_multiple_choice_item_through_evaluate(tiny: TransformersBackend) -> None:
+    # An option that extends another by more tokens has a lower summed log-likelihood (every
+    # token adds a log-prob < 0), so the short option is the known right choice.
+    tok = tiny.tokenizer
+    short, long = "one two", "one two three four five six"
+    example = Example("Count.", (short,), (long, short), (0.0, 1.0))
+    task = _task("multiple_choice", [example], append_choices=False)
+    prompt = build_prompt(tok, task, example)
+    assert answer_ids(tok, prompt, long)[: len(answer_ids(tok, prompt, short))] == answer_ids(
+        tok, prompt, short
+    )
+    result = evaluate(task, tiny)
+    assert (result.n, result.correct, result.accuracy, result.predictions) == (1, 1, 1.0, (short,))
+
+
+def test_greedy_generation_matches_transformers_generate(tiny: TransformersBackend) -> None:
+    import torch
+
+    prompt = tiny.tokenizer("Question: what is two plus two?")["input_ids"]
+    stops = list(stop_token_ids(tiny.tokenizer))
+    ours = tiny.generate([prompt], max_tokens=12, stop_token_ids=stops)[0]
+    with torch.no_grad():
+        ref = tiny.model.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=stops,
+            pad_token_id=tiny.tokenizer.pad_token_id,
+        )[0, len(prompt) :].tolist()
+    if ref and ref[-1] in stops:
+        ref = ref[:-1]
+    assert list(ours.token_ids) == ref and 0 < len(ours.token_ids) <= 12
+
+
+def fake_vllm(ref: TransformersBackend, seen: list[dict]) -> httpx.Client:
+    """A mock ``/v1/completions`` answering in vLLM 0.32's JSON shape, computed by ``ref``."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        choices = []
+        for i, prompt in enumerate(body["prompt"]):
+            choice = {"index": i, "prompt_token_ids": prompt}
+            if body.get("prompt_logprobs") is not None:
+                lps = ref.continuation_logprobs([(prompt[:1], prompt[1:])])[0]
+                pairs = zip(prompt[1:], lps, strict=True)
+                entries = [{str(t): {"logprob": lp, "rank": 1}} for t, lp in pairs]
+                choice |= {
+                    "text": "x",
+                    "token_ids": [5],
+                    "finish_reason": "length",
+                    "prompt_logprobs": [None, *entries],
+                }
+            else:
+                g = ref.generate([prompt], body["max_tokens"], body["stop_token_ids"])[0]
+                stopped = len(g.token_ids) < body["max_tokens"]
+                ids = [*g.token_ids, *body["stop_token_ids"][:1]] if stopped else list(g.token_ids)
+                choice |= {
+                    "text": g.text,
+                    "token_ids": ids,
+                    "finish_reason": "stop" if stopped else "length",
+                }
+            choices.append(choice)
+        return httpx.Response(200, json={"choices": choices[::-1]})
+
+    return httpx.Client(base_url="http://vllm", transport=httpx.MockTransport(handler))
+
+
+def test_http_backend_speaks_vllm_and_agrees(tiny: TransformersBackend) -> None:
+    seen: list[dict] = []
+    http = HttpBackend(
+        "http://vllm", "math", tiny.tokenizer, batch_size=2, client=fake_vllm(tiny, seen)
+    )
+    mc = _task(
+        "multiple_choice",
+        [
+            Example(f"Statement {i}", ("plausible",), ("plausible", "implausible"), (1.0, 0.0))
+            for i in range(3)
+        ],
+    )
+    a, b = collect_outputs(mc, http), collect_outputs(mc, tiny)
+    agreement = compare_outputs(a, b)
+    # Batched (padded) vs one at a time: float32 rounding only.
+    assert agreement.max_logprob_diff < 1e-5 and agreement.same_prediction == 1.0
+    assert evaluate(mc, http).predictions == evaluate(mc, tiny).predictions
+    first = seen[0]
+    assert first["model"] == "math" and first["prompt_logprobs"] == 0
+    assert all(isinstance(t, int) for t in first["prompt"][0]) and len(first["prompt"]) == 2
+
+    gen = _task("generate", [Example("What is 1 plus 1?", ("2",)), Example("Count.", ("3",))])
+    a, b = collect_outputs(gen, http), collect_outputs(gen, tiny)
+    assert a.generations == b.generations and compare_outputs(a, b).same_prediction == 1.0
+    assert seen[-1]["temperature"] == 0.0 and seen[-1]["repetition_penalty"] == 1.0
+    assert seen[-1]["stop_token_ids"] == list(stop_token_ids(tiny.tokenizer))
+    # Rescore the same outputs against a target equal to the first generation, shouted.
+    target = a.generations[0].text.upper() + " ."
+    rescored = _task("generate", [Example(gen.heldout[0].input, (target,)), gen.heldout[1]])
+    result = score_outputs(rescored, a)
+    assert (result.n, result.correct, result.accuracy) == (2, 1, 0.5)
+
+
+def test_http_backend_reports_server_errors(tiny: TransformersBackend) -> None:
+    client = httpx.Client(
+        base_url="http://vllm",
+        transport=httpx.MockTransport(lambda r: httpx.Response(404, json={"error": "no"})),
+    )
+    http = HttpBackend("http://vllm", "missing", tiny.tokenizer, client=client)
+    with pytest.raises(BackendError, match="404"):
+        http.continuation_logprobs([([1, 2], [3])])
