@@ -38,7 +38,7 @@ def tiny_serve_args(model_dir: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real vLLM server with the plugin (our CPU LoRA path) for the whole run."""
-    from server_process import start_server
+    from vllm_lora_ext.server_process import start_server
 
     work = tmp_path_factory.mktemp("server")
     srv = start_server(work, base="tiny-llama", serve_args=tiny_serve_args(tiny_model_dir))

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_serve_args
-from server_process import Server, start_server
 from test_generation import peft_greedy, vllm_greedy
 from tiny_model import random_lora_tensors, write_adapter
+
+from vllm_lora_ext.server_process import Server, start_server
 
 N_ADAPTERS = 32  # with --max-loras 4 and --max-cpu-loras 8: slots and CPU cache both overflow
 PROMPT = (9, 30, 2, 77, 150, 4, 61)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from server_process import start_server
 from test_generation import chat, upload
 from tiny_model import write_adapter
 
 from vllm_lora_ext.adapters.peft_format import tensor_key
+from vllm_lora_ext.server_process import start_server
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Start ``vllm-lora-ext serve`` as a real child process on loopback, as a user would."""
+"""Start `vllm-lora-ext serve` as a child process on loopback and wait until it is healthy."""
 
 from __future__ import annotations
 

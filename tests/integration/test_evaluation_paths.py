@@ -1,0 +1,51 @@
+"""The evaluation harness scores the same through a real vLLM server as through PEFT in-process."""
+
+from __future__ import annotations
+
+import pytest
+from test_generation import upload
+from tiny_model import random_lora_tensors, write_adapter
+
+from vllm_lora_ext.evaluation.backends import HttpBackend, TransformersBackend
+from vllm_lora_ext.evaluation.evaluate import collect_outputs, compare_outputs, score_outputs
+from vllm_lora_ext.evaluation.tasks import Example, Task, TaskFormat
+
+WORDS = ["one two", "three four five", "Paris is", "The quick brown", "eleven twelve", "Rome"]
+
+
+def hand_task(mode: str) -> Task:
+    if mode == "multiple_choice":
+        examples = [
+            Example(w, ("capital",), ("capital", "fox", "number seven"), (1.0, 0.0, 0.0))
+            for w in WORDS
+        ]
+    else:
+        examples = [Example(w, ("four five six",)) for w in WORDS]
+    return Task("hand", mode, TaskFormat(), (), (), tuple(examples), seed=0, dropped=0)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def eval_adapter(server, tmp_path_factory):
+    d = write_adapter(tmp_path_factory.mktemp("eval") / "ev", random_lora_tensors(77), server.base)
+    with server.client() as c:
+        assert upload(c, "eval-a", d).status_code == 201
+    yield d
+    with server.client() as c:
+        c.delete("/v1/adapters/eval-a")
+
+
+@pytest.mark.parametrize("mode", ["multiple_choice", "generate"])
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_http_and_transformers_paths_agree(
+    server, tiny_model_dir, eval_adapter, mode, with_adapter
+):
+    task = hand_task(mode)
+    local = TransformersBackend.from_pretrained(
+        tiny_model_dir, eval_adapter if with_adapter else None
+    )
+    remote = HttpBackend(server.url, "eval-a" if with_adapter else server.base, local.tokenizer)
+    ours, theirs = collect_outputs(task, remote), collect_outputs(task, local)
+    agreement = compare_outputs(ours, theirs)
+    assert agreement.same_prediction == 1.0
+    assert agreement.max_logprob_diff < 1e-3
+    assert score_outputs(task, ours) == score_outputs(task, theirs)
