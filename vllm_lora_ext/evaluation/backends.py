@@ -123,7 +123,10 @@ class HttpBackend:
                 # vLLM keeps the EOS / stop token that ended the sequence in token_ids.
                 if choice["finish_reason"] == "stop" and ids and ids[-1] in stops:
                     ids.pop()
-                out.append(Generation(tuple(ids), choice["text"]))
+                # Decode here, as the in-process path does: vLLM's incremental detokenizer
+                # holds back a trailing incomplete UTF-8 sequence, tokenizer.decode does not.
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                out.append(Generation(tuple(ids), text))
         return out
 
 
