@@ -97,9 +97,10 @@ def shrink(
     """
     if groups.empty:
         return
+    gathered = _gather(x, groups)  # once for all slices: they share the input
     for s, a in enumerate(lora_a):
         buf = buffers[s]
-        xs = _as(_gather(x, groups), buf.dtype)
+        xs = _as(gathered, buf.dtype)
         out = buf if groups.perm is None else buf.new_empty(len(groups.perm), buf.shape[-1])
         for slot, rows in groups.segments:
             torch.mm(xs[rows], _as(a[slot, 0], buf.dtype).t(), out=out[rows])
