@@ -1,0 +1,329 @@
+"""Batched multi-LoRA: every token carries its own adapter slot (-1 = base model only).
+
+Kernels work on *groups* of tokens. For plain multi-LoRA a group is an adapter slot; for a
+merged delta (:mod:`lora_kernels.merged_delta`) a group is a recipe of ``K`` adapters with
+weights, applied as the "cat" merge: the group's A factors are stacked along the rank axis
+(``K * R_BLOCK`` columns), so one dot computes all ``x A_kᵀ`` and one dot expands them all.
+Columns beyond an adapter's own rank are masked, so a rank-8 adapter in a rank-64 stack
+reads 8 rows of A and B, not 64.
+
+Two paths, chosen per shape by :mod:`lora_kernels.configs`:
+
+* fused: one program shrinks its token block over the whole hidden size, keeps
+  ``t = x Aᵀ`` in registers and expands it into ``n_per_prog`` output columns
+  (shrink is recomputed per column chunk; A comes from L2 after the first chunk);
+* two-pass: shrink (optionally split over hidden with fp32 atomics) into an fp32 buffer
+  ordered like the work list, then expand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_kernels.configs import KernelConfig, select_config
+from lora_kernels.metadata import (
+    SliceTable,
+    WorkList,
+    build_slice_table,
+    build_work_list,
+    cdiv,
+)
+
+
+@triton.jit
+def _block_rows(work_ptr, sorted_ptr, w, BLOCK_M: tl.constexpr):
+    """Group, first sorted position and token ids of work item ``w`` (group -1: nothing)."""
+    group = tl.load(work_ptr + 3 * w)
+    start = tl.load(work_ptr + 3 * w + 1)
+    length = tl.load(work_ptr + 3 * w + 2)
+    offs = tl.arange(0, BLOCK_M)
+    m_mask = offs < length
+    rows = tl.load(sorted_ptr + start + offs, mask=m_mask, other=0)
+    return group, start, rows, m_mask
+
+
+@triton.jit
+def _cat_columns(
+    group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr
+):
+    """For each of the ``K * R_BLOCK`` stacked rank columns: adapter, rank row, mask, coef."""
+    j = tl.arange(0, MAX_K * R_BLOCK)
+    r = j % R_BLOCK
+    if MAX_K == 1:
+        adapter = tl.zeros_like(j) + group
+        weight = tl.full([MAX_K * R_BLOCK], 1.0, tl.float32)
+    else:
+        adapter = tl.load(grp_ids_ptr + group * MAX_K + j // R_BLOCK)
+        weight = tl.load(grp_w_ptr + group * MAX_K + j // R_BLOCK)
+    valid = adapter >= 0
+    adapter = tl.where(valid, adapter, 0)
+    mask = valid & (r < tl.load(ranks_ptr + adapter))
+    coef = tl.where(mask, weight * tl.load(scales_ptr + adapter), 0.0)
+    return adapter, r, mask, coef
+
+
+@triton.jit
+def _shrink_tile(
+    x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, col_adapter, col_r, col_mask, k_lo, k_hi,
+    BLOCK_M: tl.constexpr, KR: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """fp32 ``x[rows, k_lo:k_hi] @ A_cat[:, k_lo:k_hi]ᵀ`` -> [BLOCK_M, KR]."""
+    acc = tl.zeros((BLOCK_M, KR), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * x_s0
+    a_cols = a_ptr + col_adapter[None, :].to(tl.int64) * a_s0 + col_r[None, :] * a_s1
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < k_hi
+        xt = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_cols + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.dot(xt, at)
+    return acc
+
+
+@triton.jit
+def _expand_chunk(
+    t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, col_adapter, col_r, col_mask, y_off,
+    n_lo, n_hi, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``y[rows, y_off + n] += t @ B_cat[n, :]ᵀ`` for n in [n_lo, n_hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    b_rows = b_ptr + col_adapter[:, None].to(tl.int64) * b_s0 + col_r[:, None]
+    y_rows = y_ptr + rows[:, None].to(tl.int64) * y_s0 + y_off
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        nn = n0 + offs_n
+        n_mask = nn < n_hi
+        b_mask = col_mask[:, None] & n_mask[None, :]
+        bt = tl.load(b_rows + nn[None, :] * b_s1, mask=b_mask, other=0.0)
+        delta = tl.dot(t, bt)
+        ym = m_mask[:, None] & n_mask[None, :]
+        yv = tl.load(y_rows + nn[None, :], mask=ym, other=0.0)
+        tl.store(y_rows + nn[None, :], (yv.to(tl.float32) + delta).to(yv.dtype), mask=ym)
+
+
+@triton.jit
+def _multi_lora_fused_kernel(
+    x_ptr, y_ptr, a_ptrs, b_ptrs, b_s0_ptr, slice_off_ptr, slice_n_ptr,
+    work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
+    H, x_s0, y_s0, a_s0, a_s1, b_s1,
+    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, N_PER_PROG: tl.constexpr,
+):  # fmt: skip
+    """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉)."""
+    w = tl.program_id(0)
+    s = tl.program_id(1)
+    n_lo = tl.program_id(2) * N_PER_PROG
+    group, _, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
+    n_s = tl.load(slice_n_ptr + s)
+    if group < 0 or n_lo >= n_s:
+        return
+    dt = x_ptr.dtype.element_ty
+    cols, col_r, col_mask, coef = _cat_columns(
+        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK
+    )
+    a_ptr = tl.load(a_ptrs + s).to(tl.pointer_type(dt))
+    acc = _shrink_tile(
+        x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, cols, col_r, col_mask, 0, H,
+        BLOCK_M, MAX_K * R_BLOCK, BLOCK_K,
+    )  # fmt: skip
+    t = (acc * coef[None, :]).to(dt)
+    b_ptr = tl.load(b_ptrs + s).to(tl.pointer_type(dt))
+    n_hi = tl.minimum(n_lo + N_PER_PROG, n_s)
+    _expand_chunk(
+        t, y_ptr, y_s0, rows, m_mask, b_ptr, tl.load(b_s0_ptr + s), b_s1, cols, col_r, col_mask,
+        tl.load(slice_off_ptr + s), n_lo, n_hi, BLOCK_N,
+    )  # fmt: skip
+
+
+@triton.jit
+def _multi_lora_shrink_kernel(
+    x_ptr, buf_ptr, a_ptrs, work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
+    H, k_per_split, x_s0, a_s0, a_s1, buf_s0, buf_s1,
+    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """grid = (work items, slices, SPLIT_K); buf[s, sorted position, :] = coef · x A_catᵀ."""
+    w = tl.program_id(0)
+    s = tl.program_id(1)
+    k_lo = tl.program_id(2) * k_per_split
+    group, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
+    if group < 0 or k_lo >= H:
+        return
+    cols, col_r, col_mask, coef = _cat_columns(
+        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK
+    )
+    a_ptr = tl.load(a_ptrs + s).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    acc = _shrink_tile(
+        x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, cols, col_r, col_mask,
+        k_lo, tl.minimum(k_lo + k_per_split, H), BLOCK_M, MAX_K * R_BLOCK, BLOCK_K,
+    )  # fmt: skip
+    acc = acc * coef[None, :]
+    pos = start + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, MAX_K * R_BLOCK)
+    out = buf_ptr + s * buf_s0 + pos[:, None].to(tl.int64) * buf_s1 + offs_c[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=m_mask[:, None])
+    else:
+        tl.atomic_add(out, acc, mask=m_mask[:, None], sem="relaxed")
+
+
+@triton.jit
+def _multi_lora_expand_kernel(
+    y_ptr, buf_ptr, b_ptrs, b_s0_ptr, slice_off_ptr, slice_n_ptr,
+    work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
+    y_s0, buf_s0, buf_s1, b_s1,
+    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_PER_PROG: tl.constexpr,
+):  # fmt: skip
+    """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉); y += buf @ B_catᵀ."""
+    w = tl.program_id(0)
+    s = tl.program_id(1)
+    n_lo = tl.program_id(2) * N_PER_PROG
+    group, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
+    n_s = tl.load(slice_n_ptr + s)
+    if group < 0 or n_lo >= n_s:
+        return
+    dt = y_ptr.dtype.element_ty
+    cols, col_r, col_mask, _ = _cat_columns(
+        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK
+    )
+    pos = start + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, MAX_K * R_BLOCK)
+    src = buf_ptr + s * buf_s0 + pos[:, None].to(tl.int64) * buf_s1 + offs_c[None, :]
+    t = tl.load(src, mask=m_mask[:, None], other=0.0).to(dt)
+    b_ptr = tl.load(b_ptrs + s).to(tl.pointer_type(dt))
+    n_hi = tl.minimum(n_lo + N_PER_PROG, n_s)
+    _expand_chunk(
+        t, y_ptr, y_s0, rows, m_mask, b_ptr, tl.load(b_s0_ptr + s), b_s1, cols, col_r, col_mask,
+        tl.load(slice_off_ptr + s), n_lo, n_hi, BLOCK_N,
+    )  # fmt: skip
+
+
+KERNELS = {
+    "fused": (_multi_lora_fused_kernel,),
+    "two_pass": (_multi_lora_shrink_kernel, _multi_lora_expand_kernel),
+}
+
+
+def r_block_for(rank: int) -> int:
+    """Padded rank of a launch: a power of two, at least 16 (the fp16 tensor-core K)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def launch_groups(
+    y: torch.Tensor,  # [T, N_y] updated in place
+    x: torch.Tensor,  # [T, H]
+    table: SliceTable,
+    group_idx: torch.Tensor,  # [T] int, -1 = untouched
+    num_groups: int,
+    grp_ids: torch.Tensor,  # [G, K] int32 adapter slots, -1 padded (ignored when K == 1)
+    grp_w: torch.Tensor,  # [G, K] fp32 weights (ignored when K == 1)
+    ranks: torch.Tensor,  # [slots] int32
+    scales: torch.Tensor,  # [slots] fp32
+    max_k: int,
+    max_rank: int,
+    work: WorkList | None = None,
+    config: KernelConfig | None = None,
+) -> None:
+    """Shared launcher of the multi-LoRA and merged-delta entry points (see module doc)."""
+    num_tokens = x.shape[0]
+    assert x.ndim == 2 and y.ndim == 2 and y.shape[0] == num_tokens, (x.shape, y.shape)
+    assert x.stride(1) == 1 and y.stride(1) == 1, "x and y must be contiguous in their last dim"
+    assert x.shape[1] == table.hidden, f"x has {x.shape[1]} features, A has {table.hidden}"
+    assert x.dtype == y.dtype == table.keepalive[0].dtype, "x, y and weights share one dtype"
+    assert group_idx.shape == (num_tokens,), "one group index per token"
+    assert ranks.shape == scales.shape == (table.num_slots,), "one rank and scale per slot"
+    assert ranks.dtype == torch.int32 and scales.dtype == torch.float32
+    assert max_k & (max_k - 1) == 0, "K must be a power of two (pad recipes with -1)"
+    assert y.shape[1] >= table.col_end, f"y has {y.shape[1]} columns, slices end at {table.col_end}"
+    if num_tokens == 0:
+        return
+    r_block = r_block_for(min(max_rank, table.r_max))
+    cfg = config or select_config(num_tokens, max_k, r_block)
+    if work is None:
+        work = build_work_list(group_idx, num_groups, cfg.block_m)
+    assert work.block_m == cfg.block_m and work.num_tokens == num_tokens, "stale work list"
+    common = dict(MAX_K=max_k, R_BLOCK=r_block, BLOCK_M=cfg.block_m)
+    meta = (work.work, work.sorted_tokens, grp_ids, grp_w, ranks, scales)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    n_grid = cdiv(table.max_n, cfg.n_per_prog)
+    slices = table.a_ptrs.shape[0]
+    if cfg.path == "fused":
+        _multi_lora_fused_kernel[(work.max_work, slices, n_grid)](
+            x, y, table.a_ptrs, table.b_ptrs, table.b_stride0, table.offsets, table.sizes,
+            *meta, table.hidden, x.stride(0), y.stride(0),
+            table.a_stride0, table.a_stride1, table.b_stride1,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, N_PER_PROG=cfg.n_per_prog,
+            **common, **launch,
+        )  # fmt: skip
+        return
+    kr = max_k * r_block
+    alloc = torch.zeros if cfg.split_k > 1 else torch.empty
+    buf = alloc((slices, num_tokens, kr), dtype=torch.float32, device=x.device)
+    k_per_split = cdiv(cdiv(table.hidden, cfg.split_k), cfg.block_k) * cfg.block_k
+    _multi_lora_shrink_kernel[(work.max_work, slices, cfg.split_k)](
+        x, buf, table.a_ptrs, *meta, table.hidden, k_per_split, x.stride(0),
+        table.a_stride0, table.a_stride1, buf.stride(0), buf.stride(1),
+        BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, **common, **launch,
+    )  # fmt: skip
+    _multi_lora_expand_kernel[(work.max_work, slices, n_grid)](
+        y, buf, table.b_ptrs, table.b_stride0, table.offsets, table.sizes, *meta,
+        y.stride(0), buf.stride(0), buf.stride(1), table.b_stride1,
+        BLOCK_N=cfg.block_n, N_PER_PROG=cfg.n_per_prog, **common, **launch,
+    )  # fmt: skip
+
+
+def multi_lora(
+    y: torch.Tensor,  # [T, N_y] updated in place; slice s writes columns off_s : off_s + N_s
+    x: torch.Tensor,  # [T, H]
+    lora_a: Sequence[torch.Tensor],  # per slice [slots, R_max, H]
+    lora_b: Sequence[torch.Tensor],  # per slice [slots, N_s, R_max]
+    adapter_idx: torch.Tensor,  # [T] int, -1 = base model only
+    ranks: torch.Tensor,  # [slots] int32, rank_i <= R_max (rows past it are ignored)
+    scales: torch.Tensor,  # [slots] fp32
+    *,
+    offset_start: int = 0,
+    max_rank: int | None = None,  # host-known max rank in the batch; narrows R_BLOCK
+    table: SliceTable | None = None,  # prebuilt by build_slice_table(lora_a, lora_b, offset)
+    work: WorkList | None = None,  # prebuilt by build_work_list(adapter_idx, slots, block_m)
+    config: KernelConfig | None = None,  # default: configs.json for this shape
+) -> None:
+    """y[t, off_s:off_s+N_s] += scale[i] · (x[t] @ A_s[i, :r_i]ᵀ) @ B_s[i, :, :r_i]ᵀ, i = idx[t].
+
+    ``off_s = offset_start + Σ_{s'<s} N_s'``; tokens with ``idx[t] == -1`` are untouched.
+    """
+    table = table or build_slice_table(lora_a, lora_b, offset_start)
+    launch_groups(
+        y, x, table, adapter_idx, table.num_slots, ranks, scales, ranks, scales,
+        max_k=1, max_rank=max_rank or table.r_max, work=work, config=config,
+    )  # fmt: skip
+
+
+def multi_lora_ref(
+    y: torch.Tensor,  # [T, N_y]
+    x: torch.Tensor,  # [T, H]
+    lora_a: Sequence[torch.Tensor],  # per slice [slots, R_max, H]
+    lora_b: Sequence[torch.Tensor],  # per slice [slots, N_s, R_max]
+    adapter_idx: torch.Tensor,  # [T]
+    ranks: torch.Tensor,  # [slots]
+    scales: torch.Tensor,  # [slots]
+    offset_start: int = 0,
+) -> torch.Tensor:
+    """float64 reference of :func:`multi_lora`; returns the new ``y`` (input untouched)."""
+    out = y.to(torch.float64).clone()
+    xd = x.to(torch.float64)
+    for t, i in enumerate(adapter_idx.tolist()):
+        if i < 0:
+            continue
+        r, off = int(ranks[i]), offset_start
+        for a, b in zip(lora_a, lora_b, strict=True):
+            a_i = a.reshape(a.shape[0], *a.shape[-2:])[i]
+            b_i = b.reshape(b.shape[0], *b.shape[-2:])[i]
+            delta = (xd[t] @ a_i[:r].double().T) @ b_i[:, :r].double().T * float(scales[i])
+            out[t, off : off + b_i.shape[0]] += delta
+            off += b_i.shape[0]
+    return out
