@@ -48,12 +48,16 @@ def _block_rows(work_ptr, sorted_ptr, w, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _cat_columns(
-    group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr
-):
-    """For each of the ``K * R_BLOCK`` stacked rank columns: adapter, rank row, mask, coef."""
+    group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
+    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, RECIPES: tl.constexpr,
+):  # fmt: skip
+    """For each of the ``K * R_BLOCK`` stacked rank columns: adapter, rank row, mask, coef.
+
+    Without RECIPES a group is an adapter slot (K == 1, weight 1) and the table is not read.
+    """
     j = tl.arange(0, MAX_K * R_BLOCK)
     r = j % R_BLOCK
-    if MAX_K == 1:
+    if not RECIPES:
         adapter = tl.zeros_like(j) + group
         weight = tl.full([MAX_K * R_BLOCK], 1.0, tl.float32)
     else:
@@ -110,7 +114,8 @@ def _multi_lora_fused_kernel(
     x_ptr, y_ptr, a_ptrs, b_ptrs, b_s0_ptr, slice_off_ptr, slice_n_ptr,
     work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
     H, x_s0, y_s0, a_s0, a_s1, b_s1,
-    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RECIPES: tl.constexpr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, N_PER_PROG: tl.constexpr,
 ):  # fmt: skip
     """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉)."""
@@ -123,7 +128,7 @@ def _multi_lora_fused_kernel(
         return
     dt = x_ptr.dtype.element_ty
     cols, col_r, col_mask, coef = _cat_columns(
-        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK
+        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
     )
     a_ptr = tl.load(a_ptrs + s).to(tl.pointer_type(dt))
     acc = _shrink_tile(
@@ -143,7 +148,8 @@ def _multi_lora_fused_kernel(
 def _multi_lora_shrink_kernel(
     x_ptr, buf_ptr, a_ptrs, work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
     H, k_per_split, x_s0, a_s0, a_s1, buf_s0, buf_s1,
-    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    RECIPES: tl.constexpr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """grid = (work items, slices, SPLIT_K); buf[s, sorted position, :] = coef · x A_catᵀ."""
@@ -154,7 +160,7 @@ def _multi_lora_shrink_kernel(
     if group < 0 or k_lo >= H:
         return
     cols, col_r, col_mask, coef = _cat_columns(
-        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK
+        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
     )
     a_ptr = tl.load(a_ptrs + s).to(tl.pointer_type(x_ptr.dtype.element_ty))
     acc = _shrink_tile(
@@ -176,7 +182,8 @@ def _multi_lora_expand_kernel(
     y_ptr, buf_ptr, b_ptrs, b_s0_ptr, slice_off_ptr, slice_n_ptr,
     work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
     y_s0, buf_s0, buf_s1, b_s1,
-    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RECIPES: tl.constexpr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_PER_PROG: tl.constexpr,
 ):  # fmt: skip
     """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉); y += buf @ B_catᵀ."""
@@ -189,7 +196,7 @@ def _multi_lora_expand_kernel(
         return
     dt = y_ptr.dtype.element_ty
     cols, col_r, col_mask, _ = _cat_columns(
-        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK
+        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
     )
     pos = start + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, MAX_K * R_BLOCK)
@@ -220,10 +227,11 @@ def launch_groups(
     table: SliceTable,
     group_idx: torch.Tensor,  # [T] int, -1 = untouched
     num_groups: int,
-    grp_ids: torch.Tensor,  # [G, K] int32 adapter slots, -1 padded (ignored when K == 1)
-    grp_w: torch.Tensor,  # [G, K] fp32 weights (ignored when K == 1)
+    grp_ids: torch.Tensor,  # [G, K] int32 adapter slots, -1 padded (unread without recipes)
+    grp_w: torch.Tensor,  # [G, K] fp32 weights (unread without recipes)
     ranks: torch.Tensor,  # [slots] int32
     scales: torch.Tensor,  # [slots] fp32
+    recipes: bool,
     max_k: int,
     max_rank: int,
     work: WorkList | None = None,
@@ -239,6 +247,7 @@ def launch_groups(
     assert ranks.shape == scales.shape == (table.num_slots,), "one rank and scale per slot"
     assert ranks.dtype == torch.int32 and scales.dtype == torch.float32
     assert max_k & (max_k - 1) == 0, "K must be a power of two (pad recipes with -1)"
+    assert recipes or max_k == 1, "without a recipe table a group is one adapter"
     assert y.shape[1] >= table.col_end, f"y has {y.shape[1]} columns, slices end at {table.col_end}"
     if num_tokens == 0:
         return
@@ -247,7 +256,7 @@ def launch_groups(
     if work is None:
         work = build_work_list(group_idx, num_groups, cfg.block_m)
     assert work.block_m == cfg.block_m and work.num_tokens == num_tokens, "stale work list"
-    common = dict(MAX_K=max_k, R_BLOCK=r_block, BLOCK_M=cfg.block_m)
+    common = dict(RECIPES=recipes, MAX_K=max_k, R_BLOCK=r_block, BLOCK_M=cfg.block_m)
     meta = (work.work, work.sorted_tokens, grp_ids, grp_w, ranks, scales)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     n_grid = cdiv(table.max_n, cfg.n_per_prog)
@@ -299,7 +308,7 @@ def multi_lora(
     table = table or build_slice_table(lora_a, lora_b, offset_start)
     launch_groups(
         y, x, table, adapter_idx, table.num_slots, ranks, scales, ranks, scales,
-        max_k=1, max_rank=max_rank or table.r_max, work=work, config=config,
+        recipes=False, max_k=1, max_rank=max_rank or table.r_max, work=work, config=config,
     )  # fmt: skip
 
 
