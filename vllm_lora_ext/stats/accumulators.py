@@ -1,0 +1,164 @@
+"""IterIS statistics: additive float64 sums per (adapter, layer-input key), serialisable.
+
+For adapter i and one layer input, with ``X`` the rows the layer sees when base + adapter i runs
+on task-i tokens and ``X̃`` the rows the *current merged* model sees on the same tokens:
+
+- ``xtx = Σ xᵀx`` and ``tokens`` (any own-traffic rows; enough for IterIS's first iteration,
+  where ``X̃ = X``);
+- ``cross = Σ xᵀx̃``, ``merged = Σ x̃ᵀx̃`` and ``paired_tokens`` (rows seen by both models,
+  aligned token by token; needed from the second iteration on).
+
+Everything is a sum, so captures from several replicas or sessions add exactly (``a + b``).
+Layers that share an input share a key (:func:`input_key`: q/k/v -> ``qkv_proj``,
+gate/up -> ``gate_up_proj``, as vLLM fuses them), so their statistics are gathered once.
+Files are safetensors with a format name and version in the metadata; writes are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "vllm-lora-ext/iteris-stats"
+VERSION = "1"
+SHARED_INPUTS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def input_key(module: str) -> str:
+    """``base_model.model.model.layers.0.self_attn.k_proj`` -> ``model.layers.0.self_attn.qkv_proj``
+
+    The PEFT prefix is dropped so keys equal vLLM's module names.
+    """
+    name = module.removeprefix("base_model.model.")
+    parent, _, leaf = name.rpartition(".")
+    for shared, leaves in SHARED_INPUTS.items():
+        if leaf in leaves:
+            return f"{parent}.{shared}" if parent else shared
+    return name
+
+
+def _add(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+    if x is None or y is None:
+        return y if x is None else x
+    if x.shape != y.shape:
+        raise ValueError(f"cannot add statistics of shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    return x + y
+
+
+@dataclass
+class InputStats:
+    """Sums for one (adapter, input key); float64 [in, in] matrices."""
+
+    xtx: torch.Tensor
+    tokens: int
+    cross: torch.Tensor | None = None
+    merged: torch.Tensor | None = None
+    paired_tokens: int = 0
+
+    def __add__(self, other: InputStats) -> InputStats:
+        xtx = _add(self.xtx, other.xtx)
+        assert xtx is not None
+        return InputStats(
+            xtx=xtx,
+            tokens=self.tokens + other.tokens,
+            cross=_add(self.cross, other.cross),
+            merged=_add(self.merged, other.merged),
+            paired_tokens=self.paired_tokens + other.paired_tokens,
+        )
+
+
+@dataclass
+class IterisStats:
+    """All adapters' :class:`InputStats`, keyed ``(adapter name, input key)``."""
+
+    entries: dict[tuple[str, str], InputStats] = field(default_factory=dict)
+
+    def add(
+        self,
+        adapter: str,
+        key: str,
+        x: torch.Tensor,  # [rows, in] inputs under base + adapter
+        x_merged: torch.Tensor | None = None,  # [rows, in] same tokens under the merged model
+    ) -> None:
+        """Accumulate a batch of rows (in float64)."""
+        x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        new = InputStats(xtx=x64.T @ x64, tokens=x64.shape[0])
+        if x_merged is not None:
+            if x_merged.shape != x.shape:
+                raise ValueError(f"paired rows differ: {tuple(x.shape)} vs {tuple(x_merged.shape)}")
+            xm = x_merged.reshape(-1, x.shape[-1]).to(torch.float64)
+            new.cross, new.merged, new.paired_tokens = x64.T @ xm, xm.T @ xm, xm.shape[0]
+        self.entries[(adapter, key)] = (
+            self.entries[(adapter, key)] + new if (adapter, key) in self.entries else new
+        )
+
+    def merge(self, other: IterisStats) -> IterisStats:
+        """A new set holding the sums of both (entries only in one are copied)."""
+        out = dict(self.entries)
+        for k, v in other.entries.items():
+            out[k] = out[k] + v if k in out else v
+        return IterisStats(out)
+
+    __add__ = merge
+
+    def get(self, adapter: str, key: str) -> InputStats:
+        try:
+            return self.entries[(adapter, key)]
+        except KeyError:
+            raise KeyError(f"no statistics for adapter {adapter!r} at input {key!r}") from None
+
+    def save(self, path: Path) -> None:
+        """Atomic: written to a temporary file beside ``path``, then renamed over it."""
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        index = []
+        for i, ((adapter, key), s) in enumerate(sorted(self.entries.items())):
+            index.append([adapter, key, s.tokens, s.paired_tokens])
+            tensors[f"{i}.xtx"] = s.xtx.to(torch.float64).contiguous()
+            for name in ("cross", "merged"):
+                value = getattr(s, name)
+                if value is not None:
+                    tensors[f"{i}.{name}"] = value.to(torch.float64).contiguous()
+        meta = {"format": FORMAT, "version": VERSION, "index": json.dumps(index)}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> IterisStats:
+        """Read a file written by :meth:`save`; ValueError on another format or version."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a {FORMAT} file")
+            if meta.get("version") != VERSION:
+                raise ValueError(
+                    f"{path}: statistics version {meta.get('version')!r}, "
+                    f"this build reads {VERSION}"
+                )
+            names = set(f.keys())
+            entries = {}
+            for i, (adapter, key, tokens, paired) in enumerate(json.loads(meta["index"])):
+                entries[(adapter, key)] = InputStats(
+                    xtx=f.get_tensor(f"{i}.xtx"),
+                    tokens=int(tokens),
+                    cross=f.get_tensor(f"{i}.cross") if f"{i}.cross" in names else None,
+                    merged=f.get_tensor(f"{i}.merged") if f"{i}.merged" in names else None,
+                    paired_tokens=int(paired),
+                )
+        return cls(entries)
