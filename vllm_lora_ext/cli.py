@@ -21,6 +21,7 @@ import httpx
 from vllm_lora_ext.plugin import PLUGIN_NAME
 from vllm_lora_ext.settings import Settings
 
+WORKER_EXTENSION = "vllm_lora_ext.stats.worker_extension.CaptureWorkerExtension"
 DEFAULT_URL = os.environ.get("VLLM_LORA_EXT_URL", "http://127.0.0.1:8000")
 
 
@@ -48,6 +49,9 @@ def vllm_command(args: argparse.Namespace, model: Path, served_name: str) -> lis
         str(args.max_loras),
         "--max-cpu-loras",
         str(max(args.max_cpu_loras, args.max_loras)),
+        # Traffic statistics for merging run inside the worker (vllm_lora_ext/stats).
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
         *args.vllm_args,
     ]
 

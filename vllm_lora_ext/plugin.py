@@ -38,6 +38,7 @@ def register() -> None:
         )
     from vllm.platforms import current_platform
 
+    patch_lora_layer_capture()
     if current_platform.is_cpu():
         patch_cpu_lora_shrink()
         select_cpu_punica_wrapper(type(current_platform))
@@ -92,6 +93,46 @@ def patch_cpu_lora_shrink() -> None:
     punica_cpu.bgmv_shrink = bgmv_shrink
 
 
+def patch_lora_layer_capture() -> None:
+    """Hand every LoRA linear layer's input to the traffic capture (a no-op while none runs).
+
+    ``_apply_lora_to_output`` is where vLLM 0.32's unsharded LoRA linear layers (column, merged
+    qkv / gate-up, row, replicated) meet their input ``x`` and the batch's per-token adapter
+    slots. Not reached by fully-sharded LoRA layers, the dual-stream CUDA path, or inside CUDA
+    graphs: on GPU, capture needs ``--enforce-eager``.
+    """
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    original = BaseLinearLayerWithLoRA._apply_lora_to_output
+    if getattr(original, "_vllm_lora_ext", False):
+        return
+    from vllm_lora_ext.stats import capture_state
+
+    def _apply_lora_to_output(self, x, output):
+        name = getattr(self, "_lora_ext_name", None)
+        if name is not None:
+            capture_state.observe(name, x, self.punica_wrapper.token_lora_indices)
+        return original(self, x, output)
+
+    _apply_lora_to_output._vllm_lora_ext = True  # type: ignore[attr-defined]
+    _apply_lora_to_output.__wrapped__ = original  # type: ignore[attr-defined]
+    BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
+
+
+def name_lora_layers(worker: Any) -> tuple[dict[str, int], list[int | None]]:
+    """Tag the worker's LoRA linear layers with their names; return {name: input width} and
+    vLLM's live slot -> LoRA id table."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    manager = worker.model_runner.lora_manager._adapter_manager
+    dims: dict[str, int] = {}
+    for name, module in manager.modules.items():
+        if isinstance(module, BaseLinearLayerWithLoRA):
+            module._lora_ext_name = name
+            dims[name] = int(module.lora_a_stacked[0].shape[-1])
+    return dims, manager.lora_index_to_id
+
+
 class VllmEngineAdapters:
     """:class:`EngineAdapters` on top of the API server's ``OpenAIServingModels``.
 
@@ -126,6 +167,37 @@ class VllmEngineAdapters:
 
     def loaded_names(self) -> set[str]:
         return set(self.serving_models.lora_requests)
+
+
+class VllmCaptureEngine:
+    """:class:`CaptureEngine`: the worker extension's methods through ``collective_rpc``."""
+
+    def __init__(self, serving_models: Any, engine_client: Any) -> None:
+        self.serving_models = serving_models
+        self.engine_client = engine_client
+
+    async def lora_id(self, name: str) -> int:
+        return int(self.serving_models.lora_requests[name].lora_int_id)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            results = await self.engine_client.collective_rpc(method, args=args)
+        except Exception as e:
+            # The worker's exception arrives wrapped; keep its message, drop vLLM's frames.
+            raise ValueError(str(e).strip().splitlines()[-1] if str(e) else repr(e)) from e
+        return results[0]
+
+    async def start(self, request: dict[str, Any], memory_budget_bytes: int) -> dict:
+        return await self._call("lora_ext_capture_start", request, memory_budget_bytes)
+
+    async def stop(self, lora_id: int) -> dict:
+        return await self._call("lora_ext_capture_stop", lora_id)
+
+    async def status(self) -> list[dict]:
+        return await self._call("lora_ext_capture_status")
+
+    async def export(self, lora_id: int) -> bytes | None:
+        return await self._call("lora_ext_capture_export", lora_id)
 
 
 def _store_resolver(service: Any) -> Any:
@@ -167,17 +239,21 @@ class LoraExtEndpointPlugin:
     def attach_router(self, app: FastAPI) -> None:
         from vllm_lora_ext.server.request_metrics import RequestsPerAdapter
         from vllm_lora_ext.server.routes import router
+        from vllm_lora_ext.server.stats_routes import router as stats_router
 
         app.include_router(router)
+        app.include_router(stats_router)
         app.add_middleware(RequestsPerAdapter)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from vllm_lora_ext.adapters.base_model import BaseModelInfo
         from vllm_lora_ext.adapters.store import AdapterStore
         from vllm_lora_ext.server.adapter_service import AdapterService
+        from vllm_lora_ext.server.stats_service import StatsService
         from vllm_lora_ext.settings import Settings
 
         state.lora_ext = None
+        state.lora_ext_stats = None
         if engine_client is None or not getattr(args, "enable_lora", False):
             logger.warning("vllm-lora-ext: LoRA is disabled; /v1/adapters answers 409")
             return
@@ -202,6 +278,12 @@ class LoraExtEndpointPlugin:
             max_upload_bytes=settings.max_upload_bytes,
         )
         serving_models.lora_resolvers.append(_store_resolver(state.lora_ext))
+        state.lora_ext_stats = StatsService(
+            adapters=state.lora_ext,
+            engine=VllmCaptureEngine(serving_models, engine_client),
+            memory_budget_bytes=settings.stats_memory_bytes,
+            reservoir_size=settings.stats_reservoir_size,
+        )
         logger.info(
             "vllm-lora-ext: store %s, %d adapters for base %s",
             store.root,

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     cpu_punica: Literal["ours", "vllm"] = "ours"
     """LoRA ops on CPU: our grouped matmuls, or vLLM's per-token gather (the fallback)."""
 
+    stats_memory_bytes: int = 1 << 30
+    """Budget for the traffic statistics held in the worker (``XᵀX`` per layer, float64)."""
+
+    stats_reservoir_size: int = 64
+    """Prompts kept per captured adapter (a uniform sample) for IterIS replays."""
+
     @field_validator("base_aliases", mode="before")
     @classmethod
     def _split_aliases(cls, value: object) -> object:

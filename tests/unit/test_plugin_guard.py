@@ -138,3 +138,27 @@ def test_our_wrapper_overrides_match_vllm_signatures() -> None:
             for p in ours.parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ] == positional, method
+
+
+def test_capture_hook_point_and_worker_internals_exist() -> None:
+    """The capture patches ``_apply_lora_to_output(self, x, output)`` and reads the worker's
+    LoRA manager (``modules``, ``lora_index_to_id``) and the wrapper's ``token_lora_indices``."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    plugin.patch_lora_layer_capture()
+    patched = BaseLinearLayerWithLoRA._apply_lora_to_output
+    assert patched._vllm_lora_ext
+    assert list(inspect.signature(patched.__wrapped__).parameters) == ["self", "x", "output"]
+    init = inspect.getsource(LoRAModelManager.__init__)
+    assert "self.modules" in init and "self.lora_index_to_id" in init
+    assert isinstance(PunicaWrapperBase.token_lora_indices, property)
+    assert "worker_extension_cls" in inspect.getsource(WorkerWrapperBase)
+    for layer in ("ColumnParallelLinearWithLoRA", "RowParallelLinearWithLoRA"):
+        import vllm.lora.layers as layers
+
+        assert issubclass(getattr(layers, layer), BaseLinearLayerWithLoRA)
+    plugin.patch_lora_layer_capture()  # idempotent
+    assert BaseLinearLayerWithLoRA._apply_lora_to_output is patched

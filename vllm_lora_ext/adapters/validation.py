@@ -43,6 +43,10 @@ REASONS = (
     "engine_rejected",
     "invalid_merge",
     "unknown_adapter",
+    "stats_budget",
+    "not_capturing",
+    "capturing",
+    "invalid_stats",
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -108,6 +108,20 @@ class AdapterService:
         metrics.ADAPTERS_REGISTERED.set(len(self.names))
         return record
 
+    async def ensure_loaded(self, name: str) -> None:
+        """Load a stored adapter into vLLM now (it is otherwise loaded on first request)."""
+        if name in self.engine.loaded_names():
+            return
+        if self.get(name) is None:
+            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+        try:
+            await self.engine.load(name, self.store.path(name))
+        except Exception as e:
+            raise AdapterRejected(
+                "engine_rejected", f"vLLM could not load the adapter: {e}", 422
+            ) from e
+        metrics.ADAPTER_LOADS.inc()
+
     async def remove(self, name: str) -> bool:
         validate_name(name)
         async with self._lock:

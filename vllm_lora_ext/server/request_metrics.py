@@ -1,5 +1,7 @@
 """ASGI middleware counting generation requests per adapter, read off the body vLLM consumes.
 
+It also offers each request's prompt to the statistics reservoir of a captured adapter.
+
 It watches the body as vLLM's handler reads it (no buffering, no replay), so it adds no copy
 and cannot change what the handler sees.
 """
@@ -37,8 +39,12 @@ class RequestsPerAdapter:
                     seen.extend(message.get("body", b""))
                 if not message.get("more_body", False):
                     counted = True
-                    service = getattr(scope["app"].state, "lora_ext", None)
-                    count_request(model_of_body(bytes(seen)), service)
+                    state = scope["app"].state
+                    model = model_of_body(bytes(seen))
+                    count_request(model, getattr(state, "lora_ext", None))
+                    stats = getattr(state, "lora_ext_stats", None)
+                    if stats is not None and len(seen) < _MAX_PEEK:
+                        stats.observe_request(model, bytes(seen))
             return message
 
         await self.app(scope, watching_receive, send)

@@ -1,0 +1,186 @@
+"""Traffic statistics per adapter: start / stop captures in the worker, hold, export, import.
+
+The worker accumulates ``XᵀX`` while a capture runs (:mod:`vllm_lora_ext.stats.capture`);
+stopping it moves the sums here, where they are kept on disk under ``<store>/.stats/`` and
+summed with imports from other replicas. The API process also keeps a reservoir of the
+prompts it served with each captured adapter, for IterIS replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.stats.layer_stats import LayerStats
+from vllm_lora_ext.stats.reservoir import Reservoir, prompt_of_body
+
+STATS_DIR = ".stats"
+
+
+class CaptureEngine(Protocol):
+    """The worker calls (``collective_rpc``), implemented in ``plugin.py``."""
+
+    async def lora_id(self, name: str) -> int: ...
+    async def start(self, request: dict[str, Any], memory_budget_bytes: int) -> dict: ...
+    async def stop(self, lora_id: int) -> dict: ...
+    async def status(self) -> list[dict]: ...
+    async def export(self, lora_id: int) -> bytes | None: ...
+
+
+@dataclass
+class CaptureSettings:
+    token_budget: int
+    sample_rate: float
+    seed: int
+
+
+class StatsService:
+    def __init__(
+        self,
+        adapters: AdapterService,
+        engine: CaptureEngine,
+        memory_budget_bytes: int,
+        reservoir_size: int,
+    ) -> None:
+        self.adapters = adapters
+        self.engine = engine
+        self.memory_budget_bytes = memory_budget_bytes
+        self.reservoir_size = reservoir_size
+        self.dir = adapters.store.root / STATS_DIR
+        self.capturing: dict[str, int] = {}
+        """adapter name -> LoRA int id, for captures running in the worker."""
+        self.reservoirs: dict[str, Reservoir] = {}
+        self._lock = asyncio.Lock()
+
+    # -- captures ---------------------------------------------------------------------------
+
+    async def start(self, name: str, settings: CaptureSettings) -> dict:
+        record = self._adapter(name)
+        async with self._lock:
+            await self.adapters.ensure_loaded(name)
+            lora_id = await self.engine.lora_id(name)
+            request = {
+                "lora_id": lora_id,
+                "targets": tuple(record.target_modules),
+                "token_budget": settings.token_budget,
+                "sample_rate": settings.sample_rate,
+                "seed": settings.seed,
+            }
+            try:
+                await self.engine.start(request, self.memory_budget_bytes)
+            except ValueError as e:  # the worker's budget refusal, re-raised by collective_rpc
+                raise AdapterRejected("stats_budget", str(e), status=409) from e
+            self.capturing[name] = lora_id
+            self.reservoirs.setdefault(name, Reservoir(self.reservoir_size, settings.seed))
+        return await self.describe(name)
+
+    async def stop(self, name: str) -> dict:
+        self._adapter(name)
+        async with self._lock:
+            lora_id = self.capturing.pop(name, None)
+            if lora_id is None:
+                raise AdapterRejected("not_capturing", f"no capture runs for {name!r}", 409)
+            data = await self.engine.export(lora_id)
+            await self.engine.stop(lora_id)
+            if data is not None:
+                held = self.held(name)
+                live = LayerStats.from_bytes(data)
+                await asyncio.to_thread(self._save, name, live if held is None else held + live)
+        return await self.describe(name)
+
+    def observe_request(self, model: object, body: bytes) -> None:
+        """Called for each generation request: sample the prompts of captured adapters."""
+        if not isinstance(model, str) or model not in self.capturing:
+            return
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return
+        for prompt in prompt_of_body(parsed) if isinstance(parsed, dict) else ():
+            self.reservoirs[model].offer(prompt)
+
+    # -- held statistics ----------------------------------------------------------------------
+
+    def held(self, name: str) -> LayerStats | None:
+        path = self.dir / f"{name}.safetensors"
+        return LayerStats.load(path) if path.exists() else None
+
+    async def snapshot(self, name: str) -> LayerStats | None:
+        """Held statistics plus what a running capture has gathered so far."""
+        self._adapter(name)
+        held = self.held(name)
+        lora_id = self.capturing.get(name)
+        if lora_id is None:
+            return held
+        data = await self.engine.export(lora_id)
+        if data is None:
+            return held
+        live = LayerStats.from_bytes(data)
+        return live if held is None else held + live
+
+    async def import_bytes(self, name: str, data: bytes) -> dict:
+        self._adapter(name)
+        try:
+            incoming = LayerStats.from_bytes(data)
+        except ValueError as e:
+            raise AdapterRejected("invalid_stats", f"not a statistics export: {e}") from e
+        async with self._lock:
+            held = self.held(name)
+            try:
+                total = incoming if held is None else held + incoming
+            except ValueError as e:
+                raise AdapterRejected("invalid_stats", str(e)) from e
+            await asyncio.to_thread(self._save, name, total)
+        return await self.describe(name)
+
+    async def clear(self, name: str) -> bool:
+        self._adapter(name)
+        if name in self.capturing:
+            raise AdapterRejected("capturing", f"stop the capture of {name!r} first", 409)
+        path = self.dir / f"{name}.safetensors"
+        self.reservoirs.pop(name, None)
+        if not path.exists():
+            return False
+        path.unlink()
+        return True
+
+    def _save(self, name: str, stats: LayerStats) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stats.save(self.dir / f"{name}.safetensors")
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def describe(self, name: str) -> dict:
+        live = {s["lora_id"]: s for s in await self.engine.status()}
+        return self._describe(name, live)
+
+    async def describe_all(self) -> list[dict]:
+        live = {s["lora_id"]: s for s in await self.engine.status()}
+        names = sorted(set(self.capturing) | {p.stem for p in self.dir.glob("*.safetensors")})
+        return [self._describe(n, live) for n in names]
+
+    def _describe(self, name: str, live: dict[int, dict]) -> dict:
+        held = self.held(name)
+        running = live.get(self.capturing.get(name, -1))
+        reservoir = self.reservoirs.get(name)
+        return {
+            "adapter": name,
+            "capturing": running is not None,
+            "held_tokens": held.tokens if held is not None else 0,
+            "live_tokens": running["captured_tokens"] if running else 0,
+            "seen_tokens": running["seen_tokens"] if running else 0,
+            "token_budget": running["token_budget"] if running else None,
+            "layers": len(held.layers) if held is not None else (running or {}).get("layers", 0),
+            "bytes": (held.nbytes if held is not None else 0) + (running or {}).get("bytes", 0),
+            "reservoir_prompts": len(reservoir.items) if reservoir else 0,
+        }
+
+    def _adapter(self, name: str) -> Any:
+        record = self.adapters.get(name)
+        if record is None:
+            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+        return record

@@ -1,0 +1,66 @@
+"""Methods the API process calls inside the vLLM worker (``collective_rpc``) to run captures.
+
+Loaded with ``--worker-extension-cls vllm_lora_ext.stats.worker_extension.CaptureWorkerExtension``
+(``vllm-lora-ext serve`` passes it). Results cross the process boundary as plain dicts and
+safetensors bytes, never as live tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_lora_ext.stats import capture_state
+from vllm_lora_ext.stats.capture import CaptureRequest, TrafficCapture
+from vllm_lora_ext.stats.layer_stats import LayerStats
+
+
+class CaptureWorkerExtension:
+    """Mixed into vLLM's worker class; ``self`` is the worker."""
+
+    def _lora_ext_capture(self, memory_budget_bytes: int) -> TrafficCapture:
+        from vllm_lora_ext.plugin import name_lora_layers
+
+        current = capture_state.get()
+        if current is not None:
+            current.memory_budget_bytes = memory_budget_bytes
+            return current
+        layer_dims, slot_to_id = name_lora_layers(self)
+        capture = TrafficCapture(layer_dims, memory_budget_bytes)
+        capture_state.install(capture, slot_to_id)
+        return capture
+
+    def lora_ext_capture_start(self, request: dict[str, Any], memory_budget_bytes: int) -> dict:
+        capture = self._lora_ext_capture(memory_budget_bytes)
+        capture.start(CaptureRequest(**request))
+        return _status(capture, request["lora_id"])
+
+    def lora_ext_capture_stop(self, lora_id: int) -> dict:
+        capture = capture_state.get()
+        stopped = capture.stop(lora_id) if capture is not None else None
+        return {"stopped": stopped is not None}
+
+    def lora_ext_capture_status(self) -> list[dict]:
+        capture = capture_state.get()
+        if capture is None:
+            return []
+        return [_status(capture, lora_id) for lora_id in capture.captures]
+
+    def lora_ext_capture_export(self, lora_id: int) -> bytes | None:
+        """The adapter's sums so far, in the :class:`LayerStats` export format."""
+        capture = capture_state.get()
+        found = capture.captures.get(lora_id) if capture is not None else None
+        if found is None:
+            return None
+        return LayerStats(dict(found.sums), dict(found.tokens)).to_bytes()
+
+
+def _status(capture: TrafficCapture, lora_id: int) -> dict:
+    c = capture.captures[lora_id]
+    return {
+        "lora_id": lora_id,
+        "captured_tokens": c.captured_tokens,
+        "seen_tokens": c.seen_tokens,
+        "token_budget": c.request.token_budget,
+        "layers": len(c.layers),
+        "bytes": c.nbytes(),
+    }
