@@ -170,6 +170,46 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         return 3
 
 
+_MERGE_PARAMS = (
+    "density",
+    "majority_sign_method",
+    "svd_rank",
+    "svd_clamp",
+    "svd_full_matrices",
+    "svd_driver",
+    "seed",
+)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Offline merge of PEFT adapter folders (same results as PEFT's add_weighted_adapter)."""
+    from vllm_lora_ext.merge.offline import merge_folders
+
+    paths, weights = [], []
+    for term in args.adapter:
+        path, sep, weight = term.rpartition("=")
+        try:
+            weights.append(float(weight))
+        except ValueError:
+            sep = ""
+        if not sep or not path:
+            print(f"error: --adapter {term!r}: expected PATH=WEIGHT", file=sys.stderr)
+            return 2
+        paths.append(Path(path))
+    for path in paths:
+        if not path.is_dir():
+            print(f"error: {path} is not a directory", file=sys.stderr)
+            return 2
+    params = {k: getattr(args, k) for k in _MERGE_PARAMS if getattr(args, k) is not None}
+    try:
+        out = merge_folders(paths, weights, args.method, params, args.out.parent, args.out.name)
+    except ValueError as e:
+        print(f"error: merge refused: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-lora-ext",
@@ -208,6 +248,24 @@ def build_parser() -> argparse.ArgumentParser:
     remove = actions.add_parser("remove", help="unload and delete an adapter")
     remove.add_argument("name")
     adapters.set_defaults(func=cmd_adapters)
+
+    from vllm_lora_ext.merge.methods import MERGE_METHODS
+
+    merge = sub.add_parser("merge", help="merge PEFT adapter folders offline (PEFT's results)")
+    merge.add_argument("--method", required=True, choices=sorted(MERGE_METHODS))
+    merge.add_argument(
+        "--adapter", action="append", required=True, metavar="PATH=WEIGHT",
+        help="an adapter folder and its weight; repeat for each adapter",
+    )  # fmt: skip
+    merge.add_argument("--out", required=True, type=Path, help="new adapter folder (not existing)")
+    merge.add_argument("--density", type=float, help="ties/dare/magnitude_prune: fraction kept")
+    merge.add_argument("--majority-sign-method", choices=["total", "frequency"])
+    merge.add_argument("--svd-rank", type=int)
+    merge.add_argument("--svd-clamp", type=float, help="quantile in [0, 1]")
+    merge.add_argument("--svd-full-matrices", action=argparse.BooleanOptionalAction, default=None)
+    merge.add_argument("--svd-driver", choices=["gesvd", "gesvdj", "gesvda"])
+    merge.add_argument("--seed", type=int, help="DARE: reproducible masks")
+    merge.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -172,9 +172,10 @@ class VllmEngineAdapters:
 class VllmCaptureEngine:
     """:class:`CaptureEngine`: the worker extension's methods through ``collective_rpc``."""
 
-    def __init__(self, serving_models: Any, engine_client: Any) -> None:
+    def __init__(self, serving_models: Any, engine_client: Any, memory_budget_bytes: int) -> None:
         self.serving_models = serving_models
         self.engine_client = engine_client
+        self.memory_budget_bytes = memory_budget_bytes
 
     async def lora_id(self, name: str) -> int:
         return int(self.serving_models.lora_requests[name].lora_int_id)
@@ -198,6 +199,15 @@ class VllmCaptureEngine:
 
     async def export(self, lora_id: int) -> bytes | None:
         return await self._call("lora_ext_capture_export", lora_id)
+
+    async def record_start(self, lora_ids: list[int], targets: list[str]) -> None:
+        await self._call("lora_ext_record_start", lora_ids, targets, self.memory_budget_bytes)
+
+    async def record_take(self, own_id: int, merged_id: int) -> bytes:
+        return await self._call("lora_ext_record_take", own_id, merged_id)
+
+    async def record_stop(self) -> None:
+        await self._call("lora_ext_record_stop")
 
 
 def _store_resolver(service: Any) -> Any:
@@ -237,23 +247,28 @@ class LoraExtEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_lora_ext.server.merge_routes import router as merge_router
         from vllm_lora_ext.server.request_metrics import RequestsPerAdapter
         from vllm_lora_ext.server.routes import router
         from vllm_lora_ext.server.stats_routes import router as stats_router
 
         app.include_router(router)
         app.include_router(stats_router)
+        app.include_router(merge_router)
         app.add_middleware(RequestsPerAdapter)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from vllm_lora_ext.adapters.base_model import BaseModelInfo
         from vllm_lora_ext.adapters.store import AdapterStore
         from vllm_lora_ext.server.adapter_service import AdapterService
+        from vllm_lora_ext.server.merge_jobs import MergeJobs
+        from vllm_lora_ext.server.replay import HttpReplayer
         from vllm_lora_ext.server.stats_service import StatsService
         from vllm_lora_ext.settings import Settings
 
         state.lora_ext = None
         state.lora_ext_stats = None
+        state.lora_ext_merges = None
         if engine_client is None or not getattr(args, "enable_lora", False):
             logger.warning("vllm-lora-ext: LoRA is disabled; /v1/adapters answers 409")
             return
@@ -278,12 +293,18 @@ class LoraExtEndpointPlugin:
             max_upload_bytes=settings.max_upload_bytes,
         )
         serving_models.lora_resolvers.append(_store_resolver(state.lora_ext))
+        capture = VllmCaptureEngine(serving_models, engine_client, settings.stats_memory_bytes)
         state.lora_ext_stats = StatsService(
             adapters=state.lora_ext,
-            engine=VllmCaptureEngine(serving_models, engine_client),
+            engine=capture,
             memory_budget_bytes=settings.stats_memory_bytes,
             reservoir_size=settings.stats_reservoir_size,
         )
+        host = args.host if args.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
+        replayer = HttpReplayer(
+            f"http://{host}:{args.port}", capture, state.lora_ext, Path(model_config.model)
+        )
+        state.lora_ext_merges = MergeJobs(state.lora_ext, state.lora_ext_stats, replayer)
         logger.info(
             "vllm-lora-ext: store %s, %d adapters for base %s",
             store.root,

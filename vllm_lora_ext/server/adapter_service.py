@@ -70,7 +70,9 @@ class AdapterService:
         record = self.store.get(name)
         return record if record is not None and record.base == self.base.name else None
 
-    async def register_from_path(self, name: str, source: Path) -> StoredAdapter:
+    async def register_from_path(
+        self, name: str, source: Path, origin: str | None = None
+    ) -> StoredAdapter:
         """Copy a PEFT directory from the server's disk into the store, then load it."""
         validate_name(name, reserved=self.base.aliases)
         if not source.is_dir():
@@ -81,7 +83,7 @@ class AdapterService:
             for p in source.iterdir():
                 yield p.name, _chunks(p)
 
-        return await self.register(name, files(), source=str(source))
+        return await self.register(name, files(), source=origin or str(source))
 
     async def register(
         self, name: str, files: AsyncIterator[tuple[str, Iterable[bytes]]], source: str

@@ -88,11 +88,43 @@ class TrafficCapture:
         """vLLM layer name -> input width, for every LoRA-wrapped linear layer."""
         self.memory_budget_bytes = memory_budget_bytes
         self.captures: dict[int, AdapterCapture] = {}
+        self.recordings: dict[int, dict[str, list[torch.Tensor]]] = {}
+        """LoRA id -> layer -> the raw rows, in arrival order (IterIS replays pair them)."""
+        self._recorded_layers: frozenset[str] = frozenset()
         self._generators: dict[tuple[int, str], torch.Generator] = {}
 
     @property
     def active(self) -> bool:
-        return bool(self.captures)
+        return bool(self.captures) or bool(self.recordings)
+
+    def record_start(self, lora_ids: Sequence[int], targets: Sequence[str]) -> None:
+        """Keep every row served with ``lora_ids`` at the targets' layers, until taken."""
+        self._recorded_layers = frozenset(n for n in self.layer_dims if wants_layer(n, targets))
+        if not self._recorded_layers:
+            raise CaptureBudgetError(f"no LoRA layer matches the targets {tuple(targets)}")
+        self.recordings = {i: {} for i in lora_ids}
+
+    def record_take(self, own_id: int, merged_id: int) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Pair the rows recorded under ``own_id`` and ``merged_id`` token by token and reduce
+        them: layer -> (XᵀX, XᵀX̃, X̃ᵀX̃ in float64, rows). Clears the recorded rows."""
+        own, merged = self.recordings.get(own_id, {}), self.recordings.get(merged_id, {})
+        out: dict[str, tuple[torch.Tensor, ...]] = {}
+        for layer in sorted(set(own) | set(merged)):
+            x = torch.cat(own.get(layer, [])).double() if own.get(layer) else None
+            xm = torch.cat(merged.get(layer, [])).double() if merged.get(layer) else None
+            if x is None or xm is None or x.shape != xm.shape:
+                raise ValueError(
+                    f"layer {layer}: {0 if x is None else x.shape[0]} rows under the adapter, "
+                    f"{0 if xm is None else xm.shape[0]} under the merge; a replay must send "
+                    "each prompt once to each, one prompt at a time, without prefix-cache hits"
+                )
+            out[layer] = (x.T @ x, x.T @ xm, xm.T @ xm, torch.tensor(x.shape[0]))
+        for rows in self.recordings.values():
+            rows.clear()
+        return out
+
+    def record_stop(self) -> None:
+        self.recordings = {}
 
     def bytes_needed(self, targets: Sequence[str]) -> int:
         return sum(8 * d * d for name, d in self.layer_dims.items() if wants_layer(name, targets))
@@ -126,6 +158,11 @@ class TrafficCapture:
     ) -> None:
         slots = token_slots[: x.shape[0]]
         for slot, lora_id in enumerate(slot_to_id):
+            recording = self.recordings.get(lora_id) if lora_id is not None else None
+            if recording is not None and layer in self._recorded_layers:
+                rows = x[slots == slot]
+                if rows.shape[0]:
+                    recording.setdefault(layer, []).append(rows.to(torch.float32, copy=True))
             capture = self.captures.get(lora_id) if lora_id is not None else None
             if capture is None or layer not in capture.layers:
                 continue

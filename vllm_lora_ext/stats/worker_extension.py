@@ -53,6 +53,33 @@ class CaptureWorkerExtension:
             return None
         return LayerStats(dict(found.sums), dict(found.tokens)).to_bytes()
 
+    def lora_ext_record_start(
+        self, lora_ids: list[int], targets: list[str], memory_budget_bytes: int
+    ) -> None:
+        self._lora_ext_capture(memory_budget_bytes).record_start(lora_ids, targets)
+
+    def lora_ext_record_take(self, own_id: int, merged_id: int) -> bytes:
+        """Paired sums of the rows recorded since the last take (safetensors bytes)."""
+        from safetensors.torch import save
+
+        capture = capture_state.get()
+        if capture is None:
+            raise ValueError("no recording runs")
+        reduced = capture.record_take(own_id, merged_id)
+        names = ("xtx", "cross", "merged", "rows")
+        return save(
+            {
+                f"{layer}#{n}": t
+                for layer, ts in reduced.items()
+                for n, t in zip(names, ts, strict=True)
+            }
+        )
+
+    def lora_ext_record_stop(self) -> None:
+        capture = capture_state.get()
+        if capture is not None:
+            capture.record_stop()
+
 
 def _status(capture: TrafficCapture, lora_id: int) -> dict:
     c = capture.captures[lora_id]

@@ -1,0 +1,301 @@
+"""Merge jobs: ``POST /v1/merges`` validates, a background task merges, the store receives it.
+
+A job reads its adapters from the store, merges them (a classic method from
+:mod:`vllm_lora_ext.merge.methods`, or IterIS fed by the statistics captured from traffic),
+writes the result with its ``recipe.json`` through :meth:`AdapterService.register_from_path`
+(staged, validated, renamed, loaded: all or nothing), and from then on the merge is requested
+by name like any adapter. Cancelling or failing leaves nothing registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora, save_lora
+from vllm_lora_ext.adapters.validation import AdapterRejected, validate_name
+from vllm_lora_ext.merge.iteris import IterisParams
+from vllm_lora_ext.merge.methods import MERGE_METHODS, merge_adapters, validate_params
+from vllm_lora_ext.merge.offline import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
+from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.stats_service import StatsService
+
+State = Literal["running", "succeeded", "failed", "cancelled"]
+METHODS = (*sorted(MERGE_METHODS), "iteris")
+
+
+class MergeTerm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    weight: float = 1.0
+
+
+class IterisJobParams(IterisParams):
+    """IterIS's solver knobs plus how much replayed traffic each iteration uses."""
+
+    iterations: int = Field(default=1, ge=1, le=20, description="1 = traffic statistics only")
+    prompts_per_adapter: int = Field(default=16, ge=1, le=1024)
+    min_tokens: int = Field(default=64, ge=1, description="captured tokens needed per adapter")
+
+
+class MergeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Model id under which the merged adapter will be served")
+    adapters: list[MergeTerm] = Field(min_length=1)
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class MergeJob:
+    id: str
+    request: MergeRequest
+    state: State = "running"
+    phase: str = "queued"
+    iteration: int = 0
+    iterations: int = 1
+    adapter: str | None = None
+    prompts_done: int = 0
+    residual: float | None = None
+    """IterIS: ‖ΔW_t - ΔW_{t-1}‖_F / ‖ΔW_t‖_F over all layers, after each iteration ≥ 2."""
+    error: str | None = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    task: asyncio.Task | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.request.name,
+            "method": self.request.method,
+            "state": self.state,
+            "phase": self.phase,
+            "iteration": self.iteration,
+            "iterations": self.iterations,
+            "adapter": self.adapter,
+            "prompts_done": self.prompts_done,
+            "residual": self.residual,
+            "error": self.error,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
+
+
+class Replayer(Protocol):
+    """Runs IterIS replays on the served engine (``plugin.py`` / HTTP to ourselves)."""
+
+    async def paired_stats(
+        self, own: str, merged_dir: Path, prompts: list[dict], targets: list[str], job: MergeJob
+    ) -> Any: ...
+
+    def base_weights(self, modules: list[str]) -> dict[str, Any]: ...
+
+
+class MergeJobs:
+    def __init__(self, adapters: AdapterService, stats: StatsService, replayer: Replayer) -> None:
+        self.adapters = adapters
+        self.stats = stats
+        self.replayer = replayer
+        self.jobs: dict[str, MergeJob] = {}
+
+    # -- submission ---------------------------------------------------------------------------
+
+    async def submit(self, request: MergeRequest) -> MergeJob:
+        """Validate everything that can be checked up front (4xx), then start the job."""
+        validate_name(request.name, reserved=self.adapters.base.aliases)
+        if self.adapters.get(request.name) is not None or self._pending(request.name):
+            raise AdapterRejected("duplicate_name", f"{request.name!r} already exists", 409)
+        names = [t.name for t in request.adapters]
+        if len(set(names)) != len(names):
+            raise AdapterRejected("invalid_merge", "an adapter is named twice")
+        for name in names:
+            if self.adapters.get(name) is None:
+                raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+        job = MergeJob(uuid.uuid4().hex[:12], request)
+        if request.method == "iteris":
+            params = _iteris_params(request.params)
+            await self._check_iteris_inputs(names, params)
+            job.iterations = params.iterations
+        elif request.method in MERGE_METHODS:
+            try:
+                validate_params(request.method, request.params)
+            except (ValueError, ValidationError) as e:
+                raise AdapterRejected(
+                    "invalid_merge", f"bad params for {request.method}: {e}"
+                ) from e
+        else:
+            raise AdapterRejected(
+                "invalid_merge", f"unknown method {request.method!r}; one of {', '.join(METHODS)}"
+            )
+        self.jobs[job.id] = job
+        job.task = asyncio.create_task(self._run(job))
+        return job
+
+    def _pending(self, name: str) -> bool:
+        return any(j.state == "running" and j.request.name == name for j in self.jobs.values())
+
+    async def _check_iteris_inputs(self, names: list[str], params: IterisJobParams) -> None:
+        for name in names:
+            if name in self.stats.capturing:
+                raise AdapterRejected(
+                    "capturing", f"stop the capture of {name!r} before merging with it", 409
+                )
+            held = self.stats.held(name)
+            have = held.tokens if held is not None else 0
+            if have < params.min_tokens:
+                raise AdapterRejected(
+                    "invalid_merge",
+                    f"IterIS needs {params.min_tokens} captured tokens per adapter; {name!r} has "
+                    f"{have}. Capture traffic first: POST /v1/stats/{name}/start, serve "
+                    "requests with it, then POST /v1/stats/{name}/stop",
+                    409,
+                )
+            reservoir = self.stats.reservoirs.get(name)
+            if params.iterations > 1 and (reservoir is None or not reservoir.items):
+                raise AdapterRejected(
+                    "invalid_merge",
+                    f"IterIS iterations > 1 replay captured prompts; none are held for {name!r}",
+                    409,
+                )
+
+    def cancel(self, job_id: str) -> MergeJob | None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state == "running" and job.task is not None:
+            job.task.cancel()
+        return job
+
+    # -- execution ----------------------------------------------------------------------------
+
+    async def _run(self, job: MergeJob) -> None:
+        request = job.request
+        work = Path(tempfile.mkdtemp(prefix=".merge-", dir=self.adapters.store.root))
+        try:
+            job.phase = "loading"
+            adapters = [load_lora(self.adapters.store.path(t.name)) for t in request.adapters]
+            weights = [t.weight for t in request.adapters]
+            if request.method == "iteris":
+                merged, params = await self._iteris(job, adapters, work)
+            else:
+                job.phase = "merging"
+                checked = validate_params(request.method, request.params)
+                merged = await asyncio.to_thread(
+                    merge_adapters, adapters, weights, request.method, checked
+                )
+                params = checked.model_dump()
+            if merged.rank > self.adapters.max_rank:
+                raise AdapterRejected(
+                    "rank_too_high",
+                    f"the merge has rank {merged.rank}; the server's max is "
+                    f"{self.adapters.max_rank} (ask for a smaller params.rank)",
+                )
+            job.phase = "registering"
+            out = work / "result"
+            save_lora(merged, out, base=self.adapters.base.name)
+            (out / RECIPE_FILE).write_text(json.dumps(self._recipe(job, params), indent=2))
+            await self.adapters.register_from_path(request.name, out, origin=f"merge:{job.id}")
+            job.state, job.phase = "succeeded", "done"
+        except asyncio.CancelledError:
+            job.state, job.phase = "cancelled", "cancelled"
+        except AdapterRejected as e:
+            job.state, job.error = "failed", e.message
+        except Exception as e:  # a job must end in a state, whatever went wrong
+            job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            job.finished_at = time.time()
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _recipe(self, job: MergeJob, params: dict[str, Any]) -> dict[str, Any]:
+        sources = []
+        for term in job.request.adapters:
+            record = self.adapters.get(term.name)
+            sources.append(
+                {"name": term.name, "weight": term.weight, "sha256": record.weights_sha256}
+            )
+        return {
+            "format": RECIPE_FORMAT,
+            "version": RECIPE_VERSION,
+            "method": job.request.method,
+            "params": params,
+            "base_model_name_or_path": self.adapters.base.name,
+            "sources": sources,
+            "job": job.id,
+        }
+
+    async def _iteris(
+        self, job: MergeJob, adapters: list[LoraWeights], work: Path
+    ) -> tuple[LoraWeights, dict[str, Any]]:
+        from vllm_lora_ext.merge.iteris import iteris_merge
+        from vllm_lora_ext.stats.accumulators import InputStats, IterisStats
+
+        params = _iteris_params(job.request.params)
+        names = [t.name for t in job.request.adapters]
+        manual = params.manual_weights or tuple(t.weight for t in job.request.adapters)
+        solver = params.model_copy(update={"manual_weights": manual})
+        modules = sorted({m for a in adapters for m in a.modules()})
+        job.phase = "reading base weights"
+        base = await asyncio.to_thread(self.replayer.base_weights, modules)
+        traffic = IterisStats()
+        for name in names:
+            held = self.stats.held(name)
+            assert held is not None  # checked at submission
+            for key, gram in held.gram.items():
+                traffic.entries[(name, key)] = InputStats(xtx=gram, tokens=held.counts[key])
+        stats = traffic
+        merged: LoraWeights | None = None
+        targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        for iteration in range(1, params.iterations + 1):
+            job.iteration, job.phase = iteration, "solving"
+            result = await asyncio.to_thread(
+                iteris_merge, adapters, names, base, stats, _solver_params(solver)
+            )
+            if merged is not None:
+                job.residual = _relative_change(merged, result.weights)
+            merged = result.weights
+            if iteration == params.iterations:
+                break
+            job.phase = "replaying"
+            candidate = work / f"candidate-{iteration}"
+            save_lora(merged, candidate, base=self.adapters.base.name)
+            paired = IterisStats()
+            for name in names:
+                job.adapter, job.prompts_done = name, 0
+                prompts = self.stats.reservoirs[name].items[: params.prompts_per_adapter]
+                paired = paired + await self.replayer.paired_stats(
+                    name, candidate, prompts, targets, job
+                )
+            job.adapter = None
+            stats = paired
+        assert merged is not None
+        return merged, params.model_dump() | {"manual_weights": list(manual)}
+
+
+def _iteris_params(raw: dict[str, Any]) -> IterisJobParams:
+    try:
+        return IterisJobParams.model_validate(raw)
+    except ValidationError as e:
+        raise AdapterRejected("invalid_merge", f"bad params for iteris: {e}") from e
+
+
+def _solver_params(params: IterisJobParams) -> IterisParams:
+    return IterisParams.model_validate(params.model_dump(include=set(IterisParams.model_fields)))
+
+
+def _relative_change(old: LoraWeights, new: LoraWeights) -> float:
+    num = den = 0.0
+    for module in new.modules():
+        a, b = new.tensors[f"{module}.lora_A.weight"], new.tensors[f"{module}.lora_B.weight"]
+        dense = (b.double() @ a.double()) * new.scaling
+        oa, ob = old.tensors[f"{module}.lora_A.weight"], old.tensors[f"{module}.lora_B.weight"]
+        previous = (ob.double() @ oa.double()) * old.scaling
+        num += float((dense - previous).square().sum())
+        den += float(dense.square().sum())
+    return (num / den) ** 0.5 if den else 0.0
