@@ -89,6 +89,7 @@ class SliceTable:
     max_n: int
     total_n: int
     col_end: int  # offset_start + Σ N_s
+    align: int  # 16 when every N_s, offset and B slot stride is a multiple of 16, else 1
     num_slots: int
     keepalive: tuple[torch.Tensor, ...]
 
@@ -119,7 +120,9 @@ def build_slice_table(
         assert t.shape[0] == slots and t.shape[2] == r_max, "B slices: [slots, N_s, R_max]"
         assert t.stride(1) == b[0].stride(1), "B slices must share their row stride"
     assert all(t.dtype == dtype and t.device == device for t in (*a, *b))
+    assert all(t.data_ptr() % 16 == 0 for t in (*a, *b)), "kernels assume 16-byte aligned stacks"
     sizes = [t.shape[1] for t in b]
+    b_strides = [t.stride(0) for t in b]
     offsets = [offset_start + sum(sizes[:i]) for i in range(len(sizes))]
 
     def ints(values: list[int], dt: torch.dtype) -> torch.Tensor:
@@ -128,7 +131,7 @@ def build_slice_table(
     return SliceTable(
         a_ptrs=ints([t.data_ptr() for t in a], torch.int64),
         b_ptrs=ints([t.data_ptr() for t in b], torch.int64),
-        b_stride0=ints([t.stride(0) for t in b], torch.int64),
+        b_stride0=ints(b_strides, torch.int64),
         offsets=ints(offsets, torch.int32),
         sizes=ints(sizes, torch.int32),
         a_stride0=a[0].stride(0),
@@ -139,6 +142,7 @@ def build_slice_table(
         max_n=max(sizes),
         total_n=sum(sizes),
         col_end=offset_start + sum(sizes),
+        align=16 if all(v % 16 == 0 for v in (*sizes, *offsets, *b_strides)) else 1,
         num_slots=slots,
         keepalive=(*a, *b),
     )

@@ -51,23 +51,55 @@ def _cat_columns(
     group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
     MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, RECIPES: tl.constexpr,
 ):  # fmt: skip
-    """For each of the ``K * R_BLOCK`` stacked rank columns: adapter, rank row, mask, coef.
+    """Per stacked rank column (``K * R_BLOCK``): adapter, rank row, memory mask, coefficient;
+    and per recipe entry (``K``): adapter and rank rounded up to 8, for the B loads.
 
-    Without RECIPES a group is an adapter slot (K == 1, weight 1) and the table is not read.
+    Memory is masked in runs of 8 columns (16-byte vectors); the coefficient zeroes the columns
+    between a rank and its round-up, so finite padding there adds nothing. Without RECIPES a
+    group is an adapter slot (K == 1, weight 1) and the table is not read.
     """
     j = tl.arange(0, MAX_K * R_BLOCK)
     r = j % R_BLOCK
     if not RECIPES:
+        rank = tl.load(ranks_ptr + group)
+        rank8 = tl.multiple_of((rank + 7) // 8 * 8, 8)
         adapter = tl.zeros_like(j) + group
-        weight = tl.full([MAX_K * R_BLOCK], 1.0, tl.float32)
+        mask = r < rank8
+        coef = tl.where(r < rank, tl.load(scales_ptr + group), 0.0)
+        k_adapter = tl.zeros([MAX_K], tl.int32) + group
+        k_rank8 = tl.zeros([MAX_K], tl.int32) + rank8
     else:
-        adapter = tl.load(grp_ids_ptr + group * MAX_K + j // R_BLOCK)
-        weight = tl.load(grp_w_ptr + group * MAX_K + j // R_BLOCK)
-    valid = adapter >= 0
-    adapter = tl.where(valid, adapter, 0)
-    mask = valid & (r < tl.load(ranks_ptr + adapter))
-    coef = tl.where(mask, weight * tl.load(scales_ptr + adapter), 0.0)
-    return adapter, r, mask, coef
+        k = tl.arange(0, MAX_K)
+        k_adapter = tl.load(grp_ids_ptr + group * MAX_K + k)
+        valid = k_adapter >= 0
+        k_adapter = tl.where(valid, k_adapter, 0)
+        k_rank = tl.where(valid, tl.load(ranks_ptr + k_adapter), 0)
+        k_rank8 = tl.multiple_of((k_rank + 7) // 8 * 8, 8)
+        k_coef = tl.load(grp_w_ptr + group * MAX_K + k) * tl.load(scales_ptr + k_adapter)
+        r2 = tl.arange(0, R_BLOCK)[None, :]
+        shape: tl.constexpr = (MAX_K * R_BLOCK,)
+        adapter = tl.reshape(tl.broadcast_to(k_adapter[:, None], (MAX_K, R_BLOCK)), shape)
+        mask = tl.reshape(r2 < k_rank8[:, None], shape)
+        coef = tl.reshape(tl.where(r2 < k_rank[:, None], k_coef[:, None], 0.0), shape)
+    return adapter, r, mask, coef, k_adapter, k_rank8
+
+
+@triton.jit
+def _b_tile(
+    b_ptr, b_s0, b_s1, col_adapter, col_r, col_mask, k_adapter, k_rank8, nn, n_mask,
+    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """B_cat[nn, :]ᵀ -> [K * R_BLOCK, BLOCK_N]. With K > 1 it is loaded as [K, R_BLOCK, N] so
+    that the rank mask is visibly constant over each 8-column vector (else: scalar loads)."""
+    if MAX_K == 1:
+        ptr = b_ptr + col_adapter[:, None].to(tl.int64) * b_s0 + col_r[:, None]
+        mask = col_mask[:, None] & n_mask[None, :]
+        return tl.load(ptr + nn[None, :] * b_s1, mask=mask, other=0.0)
+    r3 = tl.arange(0, R_BLOCK)[None, :, None]
+    ptr = b_ptr + k_adapter[:, None, None].to(tl.int64) * b_s0 + r3 + nn[None, None, :] * b_s1
+    mask = (r3 < k_rank8[:, None, None]) & n_mask[None, None, :]
+    bt = tl.load(ptr, mask=mask, other=0.0)
+    return tl.reshape(bt, (MAX_K * R_BLOCK, BLOCK_N))
 
 
 @triton.jit
@@ -91,18 +123,20 @@ def _shrink_tile(
 
 @triton.jit
 def _expand_chunk(
-    t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, col_adapter, col_r, col_mask, y_off,
-    n_lo, n_hi, BLOCK_N: tl.constexpr,
+    t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, col_adapter, col_r, col_mask,
+    k_adapter, k_rank8, y_off, n_lo, n_hi,
+    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """``y[rows, y_off + n] += t @ B_cat[n, :]ᵀ`` for n in [n_lo, n_hi)."""
     offs_n = tl.arange(0, BLOCK_N)
-    b_rows = b_ptr + col_adapter[:, None].to(tl.int64) * b_s0 + col_r[:, None]
     y_rows = y_ptr + rows[:, None].to(tl.int64) * y_s0 + y_off
     for n0 in range(n_lo, n_hi, BLOCK_N):
         nn = n0 + offs_n
         n_mask = nn < n_hi
-        b_mask = col_mask[:, None] & n_mask[None, :]
-        bt = tl.load(b_rows + nn[None, :] * b_s1, mask=b_mask, other=0.0)
+        bt = _b_tile(
+            b_ptr, b_s0, b_s1, col_adapter, col_r, col_mask, k_adapter, k_rank8, nn, n_mask,
+            MAX_K, R_BLOCK, BLOCK_N,
+        )  # fmt: skip
         delta = tl.dot(t, bt)
         ym = m_mask[:, None] & n_mask[None, :]
         yv = tl.load(y_rows + nn[None, :], mask=ym, other=0.0)
@@ -116,31 +150,33 @@ def _multi_lora_fused_kernel(
     H, x_s0, y_s0, a_s0, a_s1, b_s1,
     RECIPES: tl.constexpr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, N_PER_PROG: tl.constexpr,
+    BLOCK_K: tl.constexpr, N_PER_PROG: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉)."""
     w = tl.program_id(0)
     s = tl.program_id(1)
     n_lo = tl.program_id(2) * N_PER_PROG
     group, _, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
-    n_s = tl.load(slice_n_ptr + s)
+    n_s = tl.multiple_of(tl.load(slice_n_ptr + s), ALIGN)
     if group < 0 or n_lo >= n_s:
         return
     dt = x_ptr.dtype.element_ty
-    cols, col_r, col_mask, coef = _cat_columns(
+    cols, col_r, col_mask, coef, k_adapter, k_rank8 = _cat_columns(
         group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
     )
-    a_ptr = tl.load(a_ptrs + s).to(tl.pointer_type(dt))
+    a_ptr = tl.multiple_of(tl.load(a_ptrs + s).to(tl.pointer_type(dt)), 16)
     acc = _shrink_tile(
         x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, cols, col_r, col_mask, 0, H,
         BLOCK_M, MAX_K * R_BLOCK, BLOCK_K,
     )  # fmt: skip
     t = (acc * coef[None, :]).to(dt)
-    b_ptr = tl.load(b_ptrs + s).to(tl.pointer_type(dt))
+    b_ptr = tl.multiple_of(tl.load(b_ptrs + s).to(tl.pointer_type(dt)), 16)
     n_hi = tl.minimum(n_lo + N_PER_PROG, n_s)
+    b_s0 = tl.multiple_of(tl.load(b_s0_ptr + s), ALIGN)
+    y_off = tl.multiple_of(tl.load(slice_off_ptr + s), ALIGN)
     _expand_chunk(
-        t, y_ptr, y_s0, rows, m_mask, b_ptr, tl.load(b_s0_ptr + s), b_s1, cols, col_r, col_mask,
-        tl.load(slice_off_ptr + s), n_lo, n_hi, BLOCK_N,
+        t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, cols, col_r, col_mask,
+        k_adapter, k_rank8, y_off, n_lo, n_hi, MAX_K, R_BLOCK, BLOCK_N,
     )  # fmt: skip
 
 
@@ -159,10 +195,10 @@ def _multi_lora_shrink_kernel(
     group, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
     if group < 0 or k_lo >= H:
         return
-    cols, col_r, col_mask, coef = _cat_columns(
+    cols, col_r, col_mask, coef, _, _ = _cat_columns(
         group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
     )
-    a_ptr = tl.load(a_ptrs + s).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    a_ptr = tl.multiple_of(tl.load(a_ptrs + s).to(tl.pointer_type(x_ptr.dtype.element_ty)), 16)
     acc = _shrink_tile(
         x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, cols, col_r, col_mask,
         k_lo, tl.minimum(k_lo + k_per_split, H), BLOCK_M, MAX_K * R_BLOCK, BLOCK_K,
@@ -184,29 +220,31 @@ def _multi_lora_expand_kernel(
     y_s0, buf_s0, buf_s1, b_s1,
     RECIPES: tl.constexpr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    N_PER_PROG: tl.constexpr,
+    N_PER_PROG: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉); y += buf @ B_catᵀ."""
     w = tl.program_id(0)
     s = tl.program_id(1)
     n_lo = tl.program_id(2) * N_PER_PROG
     group, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
-    n_s = tl.load(slice_n_ptr + s)
+    n_s = tl.multiple_of(tl.load(slice_n_ptr + s), ALIGN)
     if group < 0 or n_lo >= n_s:
         return
     dt = y_ptr.dtype.element_ty
-    cols, col_r, col_mask, _ = _cat_columns(
+    cols, col_r, col_mask, _, k_adapter, k_rank8 = _cat_columns(
         group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
     )
     pos = start + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, MAX_K * R_BLOCK)
     src = buf_ptr + s * buf_s0 + pos[:, None].to(tl.int64) * buf_s1 + offs_c[None, :]
     t = tl.load(src, mask=m_mask[:, None], other=0.0).to(dt)
-    b_ptr = tl.load(b_ptrs + s).to(tl.pointer_type(dt))
+    b_ptr = tl.multiple_of(tl.load(b_ptrs + s).to(tl.pointer_type(dt)), 16)
     n_hi = tl.minimum(n_lo + N_PER_PROG, n_s)
+    b_s0 = tl.multiple_of(tl.load(b_s0_ptr + s), ALIGN)
+    y_off = tl.multiple_of(tl.load(slice_off_ptr + s), ALIGN)
     _expand_chunk(
-        t, y_ptr, y_s0, rows, m_mask, b_ptr, tl.load(b_s0_ptr + s), b_s1, cols, col_r, col_mask,
-        tl.load(slice_off_ptr + s), n_lo, n_hi, BLOCK_N,
+        t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, cols, col_r, col_mask,
+        k_adapter, k_rank8, y_off, n_lo, n_hi, MAX_K, R_BLOCK, BLOCK_N,
     )  # fmt: skip
 
 
@@ -267,7 +305,7 @@ def launch_groups(
             *meta, table.hidden, x.stride(0), y.stride(0),
             table.a_stride0, table.a_stride1, table.b_stride1,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, N_PER_PROG=cfg.n_per_prog,
-            **common, **launch,
+            ALIGN=table.align, **common, **launch,
         )  # fmt: skip
         return
     kr = max_k * r_block
@@ -282,7 +320,8 @@ def launch_groups(
     _multi_lora_expand_kernel[(work.max_work, slices, n_grid)](
         y, buf, table.b_ptrs, table.b_stride0, table.offsets, table.sizes, *meta,
         y.stride(0), buf.stride(0), buf.stride(1), table.b_stride1,
-        BLOCK_N=cfg.block_n, N_PER_PROG=cfg.n_per_prog, **common, **launch,
+        BLOCK_N=cfg.block_n, N_PER_PROG=cfg.n_per_prog, ALIGN=table.align,
+        **common, **launch,
     )  # fmt: skip
 
 

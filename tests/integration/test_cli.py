@@ -60,8 +60,19 @@ def test_offline_merge_writes_a_servable_adapter_with_recipe(tmp_path):
 
     a = write_adapter(tmp_path / "a", random_lora_tensors(91), base="tiny-llama")
     b = write_adapter(tmp_path / "b", random_lora_tensors(92), base="tiny-llama")
-    out = cli("merge", "--method", "ties", "--density", "0.4", "--adapter", f"{a}=0.7",
-              "--adapter", f"{b}=0.3", "--out", str(tmp_path / "merged" / "ab"))  # fmt: skip
+    out = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--density",
+        "0.4",
+        "--adapter",
+        f"{a}=0.7",
+        "--adapter",
+        f"{b}=0.3",
+        "--out",
+        str(tmp_path / "merged" / "ab"),
+    )
     assert out.returncode == 0, out.stderr
     merged = tmp_path / "merged" / "ab"
     recipe = json.loads((merged / "recipe.json").read_text())
@@ -71,16 +82,35 @@ def test_offline_merge_writes_a_servable_adapter_with_recipe(tmp_path):
     for key, tensor in want.tensors.items():
         assert (got.tensors[key] - tensor).abs().max() < 1e-6, key
 
-    again = cli("merge", "--method", "ties", "--density", "0.4", "--adapter", f"{a}=1",
-                "--out", str(merged))  # fmt: skip
+    again = cli(
+        "merge", "--method", "ties", "--density", "0.4", "--adapter", f"{a}=1", "--out", str(merged)
+    )
     assert again.returncode == 2 and "exists" in again.stderr
     bad = cli("merge", "--method", "ties", "--adapter", f"{a}=x", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "PATH=WEIGHT" in bad.stderr
-    no_density = cli("merge", "--method", "ties", "--adapter", f"{a}=1", "--adapter", f"{b}=1",
-                     "--out", str(tmp_path / "d"))  # fmt: skip
+    no_density = cli(
+        "merge",
+        "--method",
+        "ties",
+        "--adapter",
+        f"{a}=1",
+        "--adapter",
+        f"{b}=1",
+        "--out",
+        str(tmp_path / "d"),
+    )
     assert no_density.returncode == 2 and "density" in no_density.stderr
     other = write_adapter(tmp_path / "o", random_lora_tensors(93), base="another-model")
-    mixed = cli("merge", "--method", "linear", "--adapter", f"{a}=1", "--adapter", f"{other}=1",
-                "--out", str(tmp_path / "e"))  # fmt: skip
+    mixed = cli(
+        "merge",
+        "--method",
+        "linear",
+        "--adapter",
+        f"{a}=1",
+        "--adapter",
+        f"{other}=1",
+        "--out",
+        str(tmp_path / "e"),
+    )
     assert mixed.returncode == 2 and "different base" in mixed.stderr
     assert not any((tmp_path / n).exists() for n in ("c", "d", "e"))

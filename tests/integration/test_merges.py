@@ -34,8 +34,9 @@ def merge_adapters(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("merges")
     # Rank 4 each: two of them (cat: rank 8) fit the tiny server's max rank of 16.
     dirs = {
-        name: write_adapter(root / name, random_lora_tensors(seed, rank=4), base=server.base,
-                            rank=4, alpha=8.0)  # fmt: skip
+        name: write_adapter(
+            root / name, random_lora_tensors(seed, rank=4), base=server.base, rank=4, alpha=8.0
+        )
         for name, seed in (("mg-a", 81), ("mg-b", 82))
     }
     with server.client() as c:
@@ -111,9 +112,12 @@ def test_iteris_from_captured_traffic(server, merge_adapters):
             stats.entries[(name, key)] = InputStats(grams.gram[key], grams.counts[key])
     modules = adapters[0].modules()
     want = iteris_merge(
-        adapters, list(traffic), read_base_weights(server.model_dir, modules), stats,
+        adapters,
+        list(traffic),
+        read_base_weights(server.model_dir, modules),
+        stats,
         IterisParams(alpha1=1e-3, alpha2=1e-3, manual_weights=(1.0, 1.0)),
-    ).weights  # fmt: skip
+    ).weights
     got = load_lora(server.store / "mg-iteris")
     for module in modules:
         g, w = dense(got, module), dense(want, module)
@@ -161,8 +165,10 @@ def test_bad_merges_are_refused_and_leave_nothing(server, merge_adapters):
             assert r.status_code == status, (body, r.text)
             assert r.json()["error"]["message"]
         # cat of ranks 4 + 4 with weights fits; svd to rank 32 exceeds the max rank (16).
-        r = c.post("/v1/merges", json={"name": "mg-big", "adapters": ok, "method": "svd",
-                                       "params": {"svd_rank": 32}})  # fmt: skip
+        r = c.post(
+            "/v1/merges",
+            json={"name": "mg-big", "adapters": ok, "method": "svd", "params": {"svd_rank": 32}},
+        )
         if r.status_code == 202:
             job = wait(c, r.json()["id"])
             assert job["state"] == "failed" and "rank" in job["error"], job
@@ -171,8 +177,15 @@ def test_bad_merges_are_refused_and_leave_nothing(server, merge_adapters):
         assert c.get("/v1/adapters/mg-big").status_code == 404
         assert c.get("/v1/merges/nope").status_code == 404
         # Cancel an IterIS job with many iterations while it runs.
-        r = c.post("/v1/merges", json={"name": "mg-cancel", "adapters": ok, "method": "iteris",
-                                       "params": {"iterations": 20, "prompts_per_adapter": 5}})  # fmt: skip
+        r = c.post(
+            "/v1/merges",
+            json={
+                "name": "mg-cancel",
+                "adapters": ok,
+                "method": "iteris",
+                "params": {"iterations": 20, "prompts_per_adapter": 5},
+            },
+        )
         assert r.status_code == 202, r.text
         time.sleep(1.0)
         assert c.delete(f"/v1/merges/{r.json()['id']}").status_code == 200
