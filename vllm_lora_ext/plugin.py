@@ -197,8 +197,8 @@ class VllmCaptureEngine:
     async def status(self) -> list[dict]:
         return await self._call("lora_ext_capture_status")
 
-    async def export(self, lora_id: int) -> bytes | None:
-        return await self._call("lora_ext_capture_export", lora_id)
+    async def export(self, lora_id: int, adapter: str) -> bytes | None:
+        return await self._call("lora_ext_capture_export", lora_id, adapter)
 
     async def record_start(self, lora_ids: list[int], targets: list[str]) -> None:
         await self._call("lora_ext_record_start", lora_ids, targets, self.memory_budget_bytes)

@@ -14,7 +14,7 @@ from tiny_model import random_lora_tensors, write_adapter
 from vllm_lora_ext.adapters.lora_weights import load_lora
 from vllm_lora_ext.merge.iteris import IterisParams, iteris_merge
 from vllm_lora_ext.server.replay import read_base_weights
-from vllm_lora_ext.stats.accumulators import InputStats, IterisStats
+from vllm_lora_ext.stats.accumulators import IterisStats
 
 PROMPT = (12, 250, 3, 3, 91, 40)
 
@@ -107,9 +107,7 @@ def test_iteris_from_captured_traffic(server, merge_adapters):
     adapters = [load_lora(merge_adapters[n]) for n in traffic]
     stats = IterisStats()
     for name, ps in traffic.items():
-        grams = peft_grams(server.model_dir, merge_adapters[name], ps)
-        for key in grams.layers:
-            stats.entries[(name, key)] = InputStats(grams.gram[key], grams.counts[key])
+        stats = stats + peft_grams(server.model_dir, merge_adapters[name], ps, name)
     modules = adapters[0].modules()
     want = iteris_merge(
         adapters,

@@ -15,8 +15,7 @@ import torch
 from test_generation import upload
 from tiny_model import TARGETS, TINY, random_lora_tensors, write_adapter
 
-from vllm_lora_ext.stats.capture import layer_key
-from vllm_lora_ext.stats.layer_stats import LayerStats
+from vllm_lora_ext.stats.accumulators import InputStats, IterisStats, input_key
 
 
 def prompts(seed: int, n: int, vocab: int = 200) -> list[list[int]]:
@@ -31,7 +30,7 @@ def complete(client, model: str, prompt: list[int]) -> None:
     assert r.status_code == 200, r.text
 
 
-def peft_grams(model_dir, adapter_dir, batch: list[list[int]]) -> LayerStats:
+def peft_grams(model_dir, adapter_dir, batch: list[list[int]], name: str) -> IterisStats:
     """``XᵀX`` at every LoRA layer input, summed over ``batch``, with forward hooks."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -50,16 +49,16 @@ def peft_grams(model_dir, adapter_dir, batch: list[list[int]]) -> LayerStats:
         return record
 
     seen: set[str] = set()
-    for name, module in model.named_modules():
-        if name.endswith(TARGETS) and hasattr(module, "lora_A"):
-            key = layer_key(name)
+    for module_name, module in model.named_modules():
+        if module_name.endswith(TARGETS) and hasattr(module, "lora_A"):
+            key = input_key(module_name)
             if key not in seen:  # q/k/v share one input: hook one of them
                 seen.add(key)
                 module.register_forward_pre_hook(hook(key))
     with torch.inference_mode():
         for p in batch:
             model(input_ids=torch.tensor([p]))
-    return LayerStats(gram, counts)
+    return IterisStats({(name, k): InputStats(g, counts[k]) for k, g in gram.items()})
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +96,18 @@ def test_capture_from_mixed_traffic_equals_peft_hooks(server, capture_adapters):
             assert c.post(f"/v1/stats/{name}/stop").status_code == 200
     for name in ("st-a", "st-b"):
         assert exports[name].status_code == 200
-        got = LayerStats.from_bytes(exports[name].content)
-        want = peft_grams(server.model_dir, capture_adapters[name], traffic[name])
+        got = IterisStats.from_bytes(exports[name].content)
+        want = peft_grams(server.model_dir, capture_adapters[name], traffic[name], name)
         n_tokens = sum(map(len, traffic[name]))
         assert status[name]["live_tokens"] == n_tokens
-        assert got.tokens == n_tokens
+        assert got.tokens(name) == n_tokens
         # Targets q,k,v,o,down: 3 inputs per layer (qkv, o, down).
-        assert set(got.layers) == set(want.layers) and len(got.layers) == 3 * TINY["layers"]
-        for key in want.layers:
-            assert got.counts[key] == want.counts[key] == n_tokens
-            err = (got.gram[key] - want.gram[key]).norm() / want.gram[key].norm()
+        assert got.layers(name) == want.layers(name)
+        assert len(got.layers(name)) == 3 * TINY["layers"]
+        for key in want.layers(name):
+            g, w = got.get(name, key), want.get(name, key)
+            assert g.tokens == w.tokens == n_tokens
+            err = (g.xtx - w.xtx).norm() / w.xtx.norm()
             assert err < 1e-5, (key, float(err))
 
 
@@ -122,11 +123,13 @@ def test_token_budget_export_import_and_bad_requests(server, capture_adapters):
         assert one.status_code == 200
         # Importing our own export doubles every sum: statistics are additive.
         assert c.post("/v1/stats/st-c/import", content=one.content).status_code == 200
-        two = LayerStats.from_bytes(c.get("/v1/stats/st-c/export").content)
-        single = LayerStats.from_bytes(one.content)
-        assert two.tokens == 50
-        for key in single.layers:
-            torch.testing.assert_close(two.gram[key], 2 * single.gram[key])
+        two = IterisStats.from_bytes(c.get("/v1/stats/st-c/export").content)
+        single = IterisStats.from_bytes(one.content)
+        assert two.tokens("st-c") == 50
+        for key in single.layers("st-c"):
+            torch.testing.assert_close(two.get("st-c", key).xtx, 2 * single.get("st-c", key).xtx)
+        r = c.post("/v1/stats/st-b/import", content=one.content)  # st-c's, not st-b's
+        assert r.status_code == 400 and "st-c" in r.json()["error"]["message"]
 
         assert c.post("/v1/stats/nobody/start").status_code == 404
         r = c.post("/v1/stats/st-c/start", json={"token_budget": 0})

@@ -5,25 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vllm_lora_ext.stats.accumulators import FORMAT, InputStats, IterisStats, input_key
 from vllm_lora_ext.stats.capture import (
     CaptureBudgetError,
     CaptureRequest,
     TrafficCapture,
-    layer_key,
     wants_layer,
 )
-from vllm_lora_ext.stats.layer_stats import LayerStats
 from vllm_lora_ext.stats.reservoir import Reservoir, prompt_of_body
 
 LAYERS = {"m.layers.0.self_attn.qkv_proj": 8, "m.layers.0.mlp.down_proj": 16}
 
 
 def test_layer_keys_share_fused_inputs() -> None:
-    assert layer_key("base_model.model.model.layers.3.self_attn.v_proj") == (
+    assert input_key("base_model.model.model.layers.3.self_attn.v_proj") == (
         "model.layers.3.self_attn.qkv_proj"
     )
-    assert layer_key("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.gate_up_proj"
-    assert layer_key("model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"
+    assert input_key("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.gate_up_proj"
+    assert input_key("model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"
     assert wants_layer("x.qkv_proj", ["v_proj"]) and not wants_layer("x.qkv_proj", ["o_proj"])
 
 
@@ -66,36 +65,24 @@ def test_memory_budget_is_enforced() -> None:
     capture.start(CaptureRequest(2, ("q_proj",), token_budget=10))
 
 
-def test_layer_stats_are_additive_and_round_trip(tmp_path) -> None:
-    x, y = torch.randn(5, 3).double(), torch.randn(4, 3).double()
-    a = LayerStats({"l": x.T @ x}, {"l": 5})
-    b = LayerStats({"l": y.T @ y, "m": torch.eye(2, dtype=torch.float64)}, {"l": 4, "m": 1})
-    total = a + b
-    xy = torch.cat([x, y])
-    torch.testing.assert_close(total.gram["l"], xy.T @ xy)
-    assert total.counts == {"l": 9, "m": 1}
-    total.save(tmp_path / "s.safetensors")
-    back = LayerStats.load(tmp_path / "s.safetensors")
-    torch.testing.assert_close(back.gram["l"], total.gram["l"])
-    assert LayerStats.from_bytes(total.to_bytes()).counts == total.counts
-    with pytest.raises(ValueError, match="layer l"):
-        _ = a + LayerStats({"l": torch.eye(2, dtype=torch.float64)}, {"l": 1})
-
-
-def test_foreign_or_future_exports_are_refused() -> None:
+def test_exports_round_trip_and_foreign_or_future_ones_are_refused() -> None:
     from safetensors.torch import save
 
-    plain = save({"l": torch.eye(2)})
+    x = torch.randn(5, 3).double()
+    stats = IterisStats({("a", "l"): InputStats(x.T @ x, 5)})
+    back = IterisStats.from_bytes(stats.to_bytes())
+    torch.testing.assert_close(back.get("a", "l").xtx, x.T @ x)
+    assert back.tokens("a") == 5 and back.layers("a") == ["l"]
     with pytest.raises(ValueError, match="not a"):
-        LayerStats.from_bytes(plain)
+        IterisStats.from_bytes(save({"l": torch.eye(2)}))
     future = save(
-        {"l": torch.eye(2), "l#tokens": torch.tensor(1)},
-        metadata={"format": "vllm-lora-ext/layer-stats", "version": "99"},
+        {"0.xtx": torch.eye(2)},
+        metadata={"format": FORMAT, "version": "99", "index": '[["a", "l", 1, 0]]'},
     )
     with pytest.raises(ValueError, match="version"):
-        LayerStats.from_bytes(future)
+        IterisStats.from_bytes(future)
     with pytest.raises(ValueError, match="unreadable"):
-        LayerStats.from_bytes(b"junk")
+        IterisStats.from_bytes(b"junk")
 
 
 def test_reservoir_is_bounded_and_uniform() -> None:

@@ -150,7 +150,7 @@ class MergeJobs:
                     "capturing", f"stop the capture of {name!r} before merging with it", 409
                 )
             held = self.stats.held(name)
-            have = held.tokens if held is not None else 0
+            have = held.tokens(name) if held is not None else 0
             if have < params.min_tokens:
                 raise AdapterRejected(
                     "invalid_merge",
@@ -234,7 +234,7 @@ class MergeJobs:
         self, job: MergeJob, adapters: list[LoraWeights], work: Path
     ) -> tuple[LoraWeights, dict[str, Any]]:
         from vllm_lora_ext.merge.iteris import iteris_merge
-        from vllm_lora_ext.stats.accumulators import InputStats, IterisStats
+        from vllm_lora_ext.stats.accumulators import IterisStats
 
         params = _iteris_params(job.request.params)
         names = [t.name for t in job.request.adapters]
@@ -243,13 +243,11 @@ class MergeJobs:
         modules = sorted({m for a in adapters for m in a.modules()})
         job.phase = "reading base weights"
         base = await asyncio.to_thread(self.replayer.base_weights, modules)
-        traffic = IterisStats()
+        stats = IterisStats()
         for name in names:
             held = self.stats.held(name)
             assert held is not None  # checked at submission
-            for key, gram in held.gram.items():
-                traffic.entries[(name, key)] = InputStats(xtx=gram, tokens=held.counts[key])
-        stats = traffic
+            stats = stats + held
         merged: LoraWeights | None = None
         targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
         for iteration in range(1, params.iterations + 1):

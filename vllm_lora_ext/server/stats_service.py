@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from vllm_lora_ext.adapters.validation import AdapterRejected
 from vllm_lora_ext.server.adapter_service import AdapterService
-from vllm_lora_ext.stats.layer_stats import LayerStats
+from vllm_lora_ext.stats.accumulators import IterisStats
 from vllm_lora_ext.stats.reservoir import Reservoir, prompt_of_body
 
 STATS_DIR = ".stats"
@@ -28,7 +28,7 @@ class CaptureEngine(Protocol):
     async def start(self, request: dict[str, Any], memory_budget_bytes: int) -> dict: ...
     async def stop(self, lora_id: int) -> dict: ...
     async def status(self) -> list[dict]: ...
-    async def export(self, lora_id: int) -> bytes | None: ...
+    async def export(self, lora_id: int, adapter: str) -> bytes | None: ...
 
 
 @dataclass
@@ -84,11 +84,11 @@ class StatsService:
             lora_id = self.capturing.pop(name, None)
             if lora_id is None:
                 raise AdapterRejected("not_capturing", f"no capture runs for {name!r}", 409)
-            data = await self.engine.export(lora_id)
+            data = await self.engine.export(lora_id, name)
             await self.engine.stop(lora_id)
             if data is not None:
                 held = self.held(name)
-                live = LayerStats.from_bytes(data)
+                live = IterisStats.from_bytes(data)
                 await asyncio.to_thread(self._save, name, live if held is None else held + live)
         return await self.describe(name)
 
@@ -105,29 +105,34 @@ class StatsService:
 
     # -- held statistics ----------------------------------------------------------------------
 
-    def held(self, name: str) -> LayerStats | None:
+    def held(self, name: str) -> IterisStats | None:
         path = self.dir / f"{name}.safetensors"
-        return LayerStats.load(path) if path.exists() else None
+        return IterisStats.load(path) if path.exists() else None
 
-    async def snapshot(self, name: str) -> LayerStats | None:
+    async def snapshot(self, name: str) -> IterisStats | None:
         """Held statistics plus what a running capture has gathered so far."""
         self._adapter(name)
         held = self.held(name)
         lora_id = self.capturing.get(name)
         if lora_id is None:
             return held
-        data = await self.engine.export(lora_id)
+        data = await self.engine.export(lora_id, name)
         if data is None:
             return held
-        live = LayerStats.from_bytes(data)
+        live = IterisStats.from_bytes(data)
         return live if held is None else held + live
 
     async def import_bytes(self, name: str, data: bytes) -> dict:
         self._adapter(name)
         try:
-            incoming = LayerStats.from_bytes(data)
+            incoming = IterisStats.from_bytes(data)
         except ValueError as e:
             raise AdapterRejected("invalid_stats", f"not a statistics export: {e}") from e
+        others = sorted({a for a, _ in incoming.entries} - {name})
+        if others:
+            raise AdapterRejected(
+                "invalid_stats", f"the export holds statistics of {others}, not of {name!r}"
+            )
         async with self._lock:
             held = self.held(name)
             try:
@@ -148,7 +153,7 @@ class StatsService:
         path.unlink()
         return True
 
-    def _save(self, name: str, stats: LayerStats) -> None:
+    def _save(self, name: str, stats: IterisStats) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         stats.save(self.dir / f"{name}.safetensors")
 
@@ -170,11 +175,11 @@ class StatsService:
         return {
             "adapter": name,
             "capturing": running is not None,
-            "held_tokens": held.tokens if held is not None else 0,
+            "held_tokens": held.tokens(name) if held is not None else 0,
             "live_tokens": running["captured_tokens"] if running else 0,
             "seen_tokens": running["seen_tokens"] if running else 0,
             "token_budget": running["token_budget"] if running else None,
-            "layers": len(held.layers) if held is not None else (running or {}).get("layers", 0),
+            "layers": len(held.layers(name)) if held else (running or {}).get("layers", 0),
             "bytes": (held.nbytes if held is not None else 0) + (running or {}).get("bytes", 0),
             "reservoir_prompts": len(reservoir.items) if reservoir else 0,
         }

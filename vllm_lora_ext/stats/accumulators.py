@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save
 
 FORMAT = "vllm-lora-ext/iteris-stats"
 VERSION = "1"
@@ -117,9 +117,23 @@ class IterisStats:
         except KeyError:
             raise KeyError(f"no statistics for adapter {adapter!r} at input {key!r}") from None
 
-    def save(self, path: Path) -> None:
-        """Atomic: written to a temporary file beside ``path``, then renamed over it."""
-        path = Path(path)
+    def tokens(self, adapter: str) -> int:
+        """Rows summed for ``adapter`` (every layer input sees the same rows: the max)."""
+        return max((s.tokens for (a, _), s in self.entries.items() if a == adapter), default=0)
+
+    def layers(self, adapter: str) -> list[str]:
+        return sorted(k for a, k in self.entries if a == adapter)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.entries.values()
+            for t in (s.xtx, s.cross, s.merged)
+            if t is not None
+        )
+
+    def to_bytes(self) -> bytes:
         tensors: dict[str, torch.Tensor] = {}
         index = []
         for i, ((adapter, key), s) in enumerate(sorted(self.entries.items())):
@@ -130,10 +144,44 @@ class IterisStats:
                 if value is not None:
                     tensors[f"{i}.{name}"] = value.to(torch.float64).contiguous()
         meta = {"format": FORMAT, "version": VERSION, "index": json.dumps(index)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        return save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> IterisStats:
+        """Parse :meth:`to_bytes` output; ValueError on anything else or another version."""
         try:
-            save_file(tensors, tmp, metadata=meta)
+            (n,) = struct.unpack("<Q", data[:8])
+            meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+            tensors = load(data)
+        except Exception as e:  # struct, JSON and safetensors each raise their own
+            raise ValueError(f"unreadable statistics: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} file")
+        if meta.get("version") != VERSION:
+            raise ValueError(
+                f"statistics version {meta.get('version')!r}, this build reads {VERSION}"
+            )
+        entries = {}
+        for i, (adapter, key, tokens, paired) in enumerate(json.loads(meta["index"])):
+            xtx = tensors[f"{i}.xtx"]
+            if xtx.ndim != 2 or xtx.shape[0] != xtx.shape[1]:
+                raise ValueError(f"{adapter} {key}: XᵀX must be square, got {tuple(xtx.shape)}")
+            entries[(adapter, key)] = InputStats(
+                xtx=xtx,
+                tokens=int(tokens),
+                cross=tensors.get(f"{i}.cross"),
+                merged=tensors.get(f"{i}.merged"),
+                paired_tokens=int(paired),
+            )
+        return cls(entries)
+
+    def save(self, path: Path) -> None:
+        """Atomic: written to a temporary file beside ``path``, then renamed over it."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(self.to_bytes())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -142,23 +190,7 @@ class IterisStats:
     @classmethod
     def load(cls, path: Path) -> IterisStats:
         """Read a file written by :meth:`save`; ValueError on another format or version."""
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a {FORMAT} file")
-            if meta.get("version") != VERSION:
-                raise ValueError(
-                    f"{path}: statistics version {meta.get('version')!r}, "
-                    f"this build reads {VERSION}"
-                )
-            names = set(f.keys())
-            entries = {}
-            for i, (adapter, key, tokens, paired) in enumerate(json.loads(meta["index"])):
-                entries[(adapter, key)] = InputStats(
-                    xtx=f.get_tensor(f"{i}.xtx"),
-                    tokens=int(tokens),
-                    cross=f.get_tensor(f"{i}.cross") if f"{i}.cross" in names else None,
-                    merged=f.get_tensor(f"{i}.merged") if f"{i}.merged" in names else None,
-                    paired_tokens=int(paired),
-                )
-        return cls(entries)
+        try:
+            return cls.from_bytes(Path(path).read_bytes())
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None

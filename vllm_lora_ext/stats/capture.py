@@ -19,31 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-# vLLM's fused layers and the PEFT modules each of them stands for.
-PACKED_MODULES: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
-
-
-def layer_key(peft_module: str) -> str:
-    """The input key of a PEFT module name: ``...self_attn.q_proj`` -> ``...self_attn.qkv_proj``.
-
-    PEFT prefixes (``base_model.model.``) are dropped so keys match vLLM's module names.
-    """
-    name = peft_module.removeprefix("base_model.model.")
-    parent, _, leaf = name.rpartition(".")
-    for fused, parts in PACKED_MODULES.items():
-        if leaf in parts:
-            return f"{parent}.{fused}" if parent else fused
-    return name
+from vllm_lora_ext.stats.accumulators import SHARED_INPUTS
 
 
 def wants_layer(layer_name: str, targets: Iterable[str]) -> bool:
     """Whether a vLLM layer's input is needed for an adapter targeting ``targets`` (leaf names)."""
     leaf = layer_name.rpartition(".")[2]
     wanted = set(targets)
-    return leaf in wanted or bool(wanted & set(PACKED_MODULES.get(leaf, ())))
+    return leaf in wanted or bool(wanted & set(SHARED_INPUTS.get(leaf, ())))
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_lora_ext.stats import capture_state
+from vllm_lora_ext.stats.accumulators import InputStats, IterisStats
 from vllm_lora_ext.stats.capture import CaptureRequest, TrafficCapture
-from vllm_lora_ext.stats.layer_stats import LayerStats
 
 
 class CaptureWorkerExtension:
@@ -45,13 +45,17 @@ class CaptureWorkerExtension:
             return []
         return [_status(capture, lora_id) for lora_id in capture.captures]
 
-    def lora_ext_capture_export(self, lora_id: int) -> bytes | None:
-        """The adapter's sums so far, in the :class:`LayerStats` export format."""
+    def lora_ext_capture_export(self, lora_id: int, adapter: str) -> bytes | None:
+        """The adapter's sums so far, as :class:`IterisStats` bytes under the name ``adapter``."""
         capture = capture_state.get()
         found = capture.captures.get(lora_id) if capture is not None else None
         if found is None:
             return None
-        return LayerStats(dict(found.sums), dict(found.tokens)).to_bytes()
+        entries = {
+            (adapter, layer): InputStats(xtx=gram.clone(), tokens=found.tokens[layer])
+            for layer, gram in found.sums.items()
+        }
+        return IterisStats(entries).to_bytes()
 
     def lora_ext_record_start(
         self, lora_ids: list[int], targets: list[str], memory_budget_bytes: int
