@@ -102,6 +102,11 @@ class Replayer(Protocol):
 
 class MergeJobs:
     def __init__(self, adapters: AdapterService, stats: StatsService, replayer: Replayer) -> None:
+        import torch
+
+        # Merges run in the API process, beside the engine's worker. One thread: multi-threaded
+        # BLAS spinning against a busy worker made an SVD 90x slower (0.12 s -> 11 s, measured).
+        torch.set_num_threads(1)
         self.adapters = adapters
         self.stats = stats
         self.replayer = replayer

@@ -1,0 +1,256 @@
+"""Merge quality on real tasks: single adapters vs classic merges vs IterIS fed by live traffic.
+
+    python benchmarks/merge_quality.py                  # the committed SmolLM2 task adapters
+    python benchmarks/merge_quality.py --limit 60 --traffic 48 --iterations 3
+
+One real server (``vllm-lora-ext serve``, the embedded SmolLM2-135M-Instruct). For each task
+adapter: capture statistics while its task's *train* prompts are served as chat requests (the
+traffic), then merge all adapters through ``POST /v1/merges`` with each method, and score every
+merged adapter on every task's *held-out* split through the server (``HttpBackend``).
+Also measured: the throughput of the same traffic with capture off and on, the statistics
+memory, and each merge's wall time. Writes benchmarks/results/merge_quality.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--adapters", type=Path, default=ROOT / "adapters" / "SmolLM2-135M-Instruct")
+    p.add_argument("--tasks", default=DEFAULT_TASKS)
+    p.add_argument("--limit", type=int, default=100, help="held-out examples scored per task")
+    p.add_argument("--traffic", type=int, default=64, help="train prompts served per adapter")
+    p.add_argument("--iterations", type=int, default=3, help="IterIS iterations (the N run)")
+    p.add_argument("--replay", type=int, default=16, help="IterIS prompts replayed per adapter")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return p.parse_args(argv)
+
+
+def methods(k: int, iterations: int, replay: int) -> dict[str, dict]:
+    """Each method with the weights and parameters it is usually run with."""
+    avg = 1.0 / k
+    return {
+        "linear": {"method": "linear", "weight": avg, "params": {}},
+        "ties": {"method": "ties", "weight": 1.0, "params": {"density": 0.5}},
+        "dare_ties": {"method": "dare_ties", "weight": 1.0, "params": {"density": 0.5, "seed": 0}},
+        "cat_svd": {"method": "svd", "weight": avg, "params": {"svd_rank": 8 * k}},
+        "iteris_1": {"method": "iteris", "weight": 1.0, "params": {"iterations": 1}},
+        f"iteris_{iterations}": {
+            "method": "iteris",
+            "weight": 1.0,
+            "params": {"iterations": iterations, "prompts_per_adapter": replay},
+        },
+    }
+
+
+def serve_traffic(client, model: str, messages: list[list[dict]], max_tokens: int) -> float:
+    """Serve ``messages`` as concurrent chat requests (8 in flight); returns tokens per second."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(m: list[dict]) -> int:
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": m,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "cache_salt": uuid.uuid4().hex,
+            },
+        )
+        r.raise_for_status()
+        usage = r.json()["usage"]
+        return usage["prompt_tokens"] + usage["completion_tokens"]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        tokens = sum(pool.map(one, messages))
+    return tokens / (time.perf_counter() - start)
+
+
+def wait(client, job_id: str) -> dict:
+    while True:
+        job = client.get(f"/v1/merges/{job_id}").json()
+        if job["state"] != "running":
+            return job
+        print(
+            f"    {job['phase']} it {job['iteration']}/{job['iterations']} "
+            f"{job['adapter'] or ''} {job['prompts_done']}",
+            end="\r",
+            flush=True,
+        )
+        time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from vllm_lora_ext.base_models import DEFAULT_MODEL_NAME, ensure_default_model
+    from vllm_lora_ext.evaluation.backends import HttpBackend
+    from vllm_lora_ext.evaluation.evaluate import evaluate
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.evaluation.tasks import load_task
+    from vllm_lora_ext.server_process import start_server
+    from vllm_lora_ext.settings import Settings
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model(Settings().cache_dir))
+    names = args.tasks.split(",")
+    cards = {t: json.loads((args.adapters / t / "card.json").read_text()) for t in names}
+    tasks = {t: load_task(t, seed=cards[t]["seed"]) for t in names}
+    adapter = {t: f"task-{t.replace('_', '-')}" for t in names}
+    plan = methods(len(names), args.iterations, args.replay)
+    result: dict = {
+        "model": DEFAULT_MODEL_NAME,
+        "tasks": names,
+        "limit": args.limit,
+        "traffic_prompts": args.traffic,
+        "machine": "2-core CPU, no GPU",
+        "methods": {},
+        "plan": plan,
+    }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Rank 32: IterIS is exact at rank Σ r_i = 24 for three rank-8 adapters.
+        server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "32"])
+        try:
+            with server.client(timeout=1800) as c:
+                for t in names:
+                    r = c.post(
+                        "/v1/adapters", json={"name": adapter[t], "path": str(args.adapters / t)}
+                    )
+                    r.raise_for_status()
+
+                def score(model: str) -> dict[str, float]:
+                    backend = HttpBackend(server.url, model, tokenizer)
+                    return {
+                        t: evaluate(tasks[t], backend, limit=args.limit).accuracy for t in names
+                    }
+
+                print("capturing traffic")
+                off, on = [], []
+                for t in names:
+                    msgs = [
+                        [{"role": "user", "content": user_message(tasks[t], e)}]
+                        for e in tasks[t].train[: args.traffic]
+                    ]
+                    half = len(msgs) // 2
+                    off.append(serve_traffic(c, adapter[t], msgs[:half], 8))
+                    c.post(f"/v1/stats/{adapter[t]}/start").raise_for_status()
+                    on.append(serve_traffic(c, adapter[t], msgs[half:], 8))
+                    c.post(f"/v1/stats/{adapter[t]}/stop").raise_for_status()
+                    off.append(serve_traffic(c, adapter[t], msgs[:half], 8))
+                stats = c.get("/v1/stats").json()["adapters"]
+                result["stats_bytes"] = sum(s["bytes"] for s in stats)
+                result["stats_tokens"] = {s["adapter"]: s["held_tokens"] for s in stats}
+                result["capture_throughput_ratio"] = statistics.median(on) / statistics.median(off)
+                result["capture_tokens_per_s"] = {"off": off, "on": on}
+
+                print("scoring single adapters")
+                singles = {t: score(adapter[t]) for t in names}
+                result["single_adapters"] = singles
+                result["single_adapter_mean_acc"] = statistics.mean(singles[t][t] for t in names)
+                result["base"] = score(server.base)
+
+                for label, spec in plan.items():
+                    print(f"merging: {label}")
+                    body = {
+                        "name": f"merged-{label.replace('_', '-')}",
+                        "method": spec["method"],
+                        "adapters": [{"name": adapter[t], "weight": spec["weight"]} for t in names],
+                        "params": spec["params"],
+                    }
+                    r = c.post("/v1/merges", json=body)
+                    r.raise_for_status()
+                    job = wait(c, r.json()["id"])
+                    if job["state"] != "succeeded":
+                        raise RuntimeError(f"{label}: {job}")
+                    per_task = score(body["name"])
+                    result["methods"][label] = {
+                        "mean_acc": statistics.mean(per_task.values()),
+                        "per_task": per_task,
+                        "seconds": job["finished_at"] - job["created_at"],
+                        "residual": job["residual"],
+                    }
+                    print(f"  {label}: {per_task} ({result['methods'][label]['seconds']:.1f} s)")
+        finally:
+            server.stop()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out / "merge_quality.json.tmp"
+    tmp_out.write_text(json.dumps(result, indent=2))
+    tmp_out.rename(args.out / "merge_quality.json")
+    plot(result, args.out / "merge_quality.png")
+    print(table(result))
+    return 0
+
+
+def table(result: dict) -> str:
+    names = result["tasks"]
+    lines = [
+        "| method | " + " | ".join(names) + " | mean | merge s |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    base = result["base"]
+    lines.append(
+        "| base | "
+        + " | ".join(f"{base[t]:.3f}" for t in names)
+        + f" | {sum(base.values()) / len(names):.3f} | |"
+    )
+    singles = result["single_adapters"]
+    lines.append(
+        "| single adapter (own task) | "
+        + " | ".join(f"{singles[t][t]:.3f}" for t in names)
+        + f" | {result['single_adapter_mean_acc']:.3f} | |"
+    )
+    for label, m in result["methods"].items():
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{m['per_task'][t]:.3f}" for t in names)
+            + f" | {m['mean_acc']:.3f} | {m['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["base", "single", *result["methods"]]
+    values = [
+        sum(result["base"].values()) / len(result["tasks"]),
+        result["single_adapter_mean_acc"],
+        *(m["mean_acc"] for m in result["methods"].values()),
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(labels, values, color=["grey", "black"] + ["C0"] * len(result["methods"]))
+    ax.axhline(
+        0.9 * result["single_adapter_mean_acc"],
+        ls="--",
+        c="k",
+        lw=0.8,
+        label="90% of single adapters",
+    )
+    ax.set_ylabel("mean held-out accuracy")
+    ax.set_title(f"{result['model']}: {', '.join(result['tasks'])}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
