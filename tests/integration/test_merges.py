@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from test_adapters_api import metric
 from test_generation import peft_greedy, upload, vllm_greedy
 from test_stats_capture import complete, peft_grams, prompts
 from tiny_model import random_lora_tensors, write_adapter
@@ -59,13 +60,16 @@ def test_ties_merge_is_served_by_name_and_equals_peft(server, merge_adapters):
         "method": "ties",
         "params": {"density": 0.5},
     }
+    done = {"method": "ties", "state": "succeeded"}
     with server.client() as c:
+        before = metric(c, "vllm_lora_ext_merge_jobs_total", **done)
         r = c.post("/v1/merges", json=body)
         assert r.status_code == 202, r.text
         job = wait(c, r.json()["id"])
         assert job["state"] == "succeeded", job
         served = vllm_greedy(c, "mg-ties", PROMPT)
         info = c.get("/v1/adapters/mg-ties").json()
+        assert metric(c, "vllm_lora_ext_merge_jobs_total", **done) == before + 1
     assert info["source"].startswith("merge:")
     assert (server.store / "mg-ties" / "recipe.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.float32).eval()

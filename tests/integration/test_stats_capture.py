@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from test_adapters_api import metric
 from test_generation import upload
 from tiny_model import TARGETS, TINY, random_lora_tensors, write_adapter
 
@@ -119,6 +120,7 @@ def test_token_budget_export_import_and_bad_requests(server, capture_adapters):
             complete(c, "st-c", p)
         r = c.post("/v1/stats/st-c/stop")
         assert r.status_code == 200 and r.json()["held_tokens"] == 25, r.text
+        assert metric(c, "vllm_lora_ext_stats_held_tokens", adapter="st-c") == 25
         one = c.get("/v1/stats/st-c/export")
         assert one.status_code == 200
         # Importing our own export doubles every sum: statistics are additive.

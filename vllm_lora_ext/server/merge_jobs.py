@@ -26,6 +26,7 @@ from vllm_lora_ext.adapters.validation import AdapterRejected, validate_name
 from vllm_lora_ext.merge.iteris import IterisParams
 from vllm_lora_ext.merge.methods import MERGE_METHODS, merge_adapters, validate_params
 from vllm_lora_ext.merge.offline import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
+from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapter_service import AdapterService
 from vllm_lora_ext.server.stats_service import StatsService
 
@@ -217,6 +218,12 @@ class MergeJobs:
         finally:
             job.finished_at = time.time()
             shutil.rmtree(work, ignore_errors=True)
+            metrics.MERGE_JOBS.labels(method=request.method, state=job.state).inc()
+            metrics.MERGE_SECONDS.labels(method=request.method).inc(
+                job.finished_at - job.created_at
+            )
+            if request.method == "iteris" and job.iteration:
+                metrics.MERGE_ITERATION.remove(job.id)
 
     def _recipe(self, job: MergeJob, params: dict[str, Any]) -> dict[str, Any]:
         sources = []
@@ -257,6 +264,7 @@ class MergeJobs:
         targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
         for iteration in range(1, params.iterations + 1):
             job.iteration, job.phase = iteration, "solving"
+            metrics.MERGE_ITERATION.labels(job=job.id).set(iteration)
             result = await asyncio.to_thread(
                 iteris_merge, adapters, names, base, stats, _solver_params(solver)
             )

@@ -17,3 +17,20 @@ VALIDATION_FAILURES = Counter(
     "Adapter registrations refused, by reason",
     ["reason"],
 )
+STATS_HELD_TOKENS = Gauge(
+    "vllm_lora_ext_stats_held_tokens",
+    "Tokens summed into the held traffic statistics, per adapter",
+    ["adapter"],
+)
+CAPTURES_RUNNING = Gauge("vllm_lora_ext_captures_running", "Traffic captures running")
+MERGE_JOBS = Counter(
+    "vllm_lora_ext_merge_jobs",
+    "Merge jobs finished, by method and final state",
+    ["method", "state"],
+)
+MERGE_SECONDS = Counter(
+    "vllm_lora_ext_merge_seconds", "Wall time spent in merge jobs, by method", ["method"]
+)
+MERGE_ITERATION = Gauge(
+    "vllm_lora_ext_merge_iteration", "Current IterIS iteration of running merge jobs", ["job"]
+)

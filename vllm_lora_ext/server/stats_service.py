@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapter_service import AdapterService
 from vllm_lora_ext.stats.accumulators import IterisStats
 from vllm_lora_ext.stats.reservoir import Reservoir, prompt_of_body
@@ -75,6 +76,7 @@ class StatsService:
             except ValueError as e:  # the worker's budget refusal, re-raised by collective_rpc
                 raise AdapterRejected("stats_budget", str(e), status=409) from e
             self.capturing[name] = lora_id
+            metrics.CAPTURES_RUNNING.set(len(self.capturing))
             self.reservoirs.setdefault(name, Reservoir(self.reservoir_size, settings.seed))
         return await self.describe(name)
 
@@ -84,6 +86,7 @@ class StatsService:
             lora_id = self.capturing.pop(name, None)
             if lora_id is None:
                 raise AdapterRejected("not_capturing", f"no capture runs for {name!r}", 409)
+            metrics.CAPTURES_RUNNING.set(len(self.capturing))
             data = await self.engine.export(lora_id, name)
             await self.engine.stop(lora_id)
             if data is not None:
@@ -156,6 +159,7 @@ class StatsService:
     def _save(self, name: str, stats: IterisStats) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         stats.save(self.dir / f"{name}.safetensors")
+        metrics.STATS_HELD_TOKENS.labels(adapter=name).set(stats.tokens(name))
 
     # -- status -----------------------------------------------------------------------------
 
