@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--adapters", type=Path, default=ROOT / "adapters" / "SmolLM2-135M-Instruct")
+    p.add_argument("--tasks", help="comma-separated tasks (default: every adapter found)")
     p.add_argument("--limit", type=int, help="score only the first N held-out examples")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adapters.json")
     args = p.parse_args(argv)
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_default_model(Settings().cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cards = sorted(args.adapters.glob("*/card.json"))
+    if args.tasks:
+        wanted = set(args.tasks.split(","))
+        cards = [c for c in cards if c.parent.name in wanted]
     if not cards:
         print(f"error: no trained adapters under {args.adapters}", file=sys.stderr)
         return 2
