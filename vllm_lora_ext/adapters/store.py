@@ -9,7 +9,6 @@ start removes. Removal renames to ``.trash-*`` first, so a half-deleted adapter 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from vllm_lora_ext.adapters.validation import (
     inspect_adapter_dir,
     validate_name,
 )
+from vllm_lora_ext.checksums import sha256_file
 
 LINEAGE_FILE = "lineage.json"
 
@@ -85,7 +85,7 @@ class AdapterStore:
             name=name,
             base=base.name,
             created_at=time.time(),
-            weights_sha256=_sha256(staged / WEIGHTS_FILE),
+            weights_sha256=sha256_file(staged / WEIGHTS_FILE),
             source=source,
         )
         _write_durably(staged / LINEAGE_FILE, record.model_dump_json(indent=2).encode())
@@ -105,14 +105,6 @@ class AdapterStore:
         _fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
         return True
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_durably(path: Path, data: bytes) -> None:

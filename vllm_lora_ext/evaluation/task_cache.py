@@ -17,6 +17,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from vllm_lora_ext.checksums import sha256_file
+
 SDIST_REQUIREMENT = "bigbench==1.0.0"
 # sha256 of bigbench-1.0.0.tar.gz as served by PyPI (checked when the sdist is read).
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -54,14 +56,6 @@ def default_task_dir() -> Path:
     from vllm_lora_ext.settings import Settings
 
     return Settings().cache_dir / "tasks"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -8,7 +8,6 @@ each source with its weights' sha256, so a merge can be audited and (with a DARE
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -21,20 +20,13 @@ import torch
 from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, PeftLoraConfig
 from vllm_lora_ext.adapters.validation import AdapterRejected, validate_name
+from vllm_lora_ext.checksums import sha256_file
 from vllm_lora_ext.merge.methods import merge_adapters, validate_params
 from vllm_lora_ext.merge.params import MergeParams
 
 RECIPE_FILE = "recipe.json"
 RECIPE_FORMAT = "vllm-lora-ext/merge-recipe"
 RECIPE_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def common_base(paths: Sequence[Path]) -> str:
