@@ -29,7 +29,7 @@ from vllm_lora_ext.evaluation.prompts import answer_ids, build_prompt, stop_toke
 from vllm_lora_ext.evaluation.tasks import Example, Task, load_task
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TASKS = "arithmetic,object_counting,sports_understanding,date_understanding"
+DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
