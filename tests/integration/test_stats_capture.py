@@ -93,6 +93,9 @@ def test_capture_from_mixed_traffic_equals_peft_hooks(server, capture_adapters):
             list(pool.map(lambda job: complete(c, *job), jobs))
         status = {s["adapter"]: s for s in c.get("/v1/stats").json()["adapters"]}
         exports = {n: c.get(f"/v1/stats/{n}/export") for n in ("st-a", "st-b")}
+        kept = c.get("/v1/stats/st-a/prompts").json()
+        assert kept["seen"] == 6
+        assert sorted(p["prompt"] for p in kept["prompts"]) == sorted(traffic["st-a"])
         for name in ("st-a", "st-b"):
             assert c.post(f"/v1/stats/{name}/stop").status_code == 200
     for name in ("st-a", "st-b"):

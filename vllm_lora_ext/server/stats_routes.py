@@ -48,8 +48,10 @@ async def _run(request: Request, action):
 @router.get("/v1/stats", responses=_ERRORS)
 async def list_stats(request: Request):
     async def action(stats: StatsService):
-        return {"memory_budget_bytes": stats.memory_budget_bytes,
-                "adapters": await stats.describe_all()}  # fmt: skip
+        return {
+            "memory_budget_bytes": stats.memory_budget_bytes,
+            "adapters": await stats.describe_all(),
+        }
 
     return await _run(request, action)
 
@@ -59,6 +61,22 @@ async def get_stats(adapter: str, request: Request):
     async def action(stats: StatsService):
         stats._adapter(adapter)
         return await stats.describe(adapter)
+
+    return await _run(request, action)
+
+
+@router.get("/v1/stats/{adapter}/prompts", responses=_ERRORS)
+async def reservoir_prompts(adapter: str, request: Request):
+    """The sampled prompts served with the adapter while captured (seeds for a migration)."""
+
+    async def action(stats: StatsService):
+        stats._adapter(adapter)
+        reservoir = stats.reservoirs.get(adapter)
+        return {
+            "adapter": adapter,
+            "seen": reservoir.seen if reservoir else 0,
+            "prompts": list(reservoir.items) if reservoir else [],
+        }
 
     return await _run(request, action)
 
