@@ -1,0 +1,93 @@
+"""Our GPU punica wrapper: signatures pinned to vLLM's, and its glue run on CPU tensors.
+
+The CUDA path cannot run here, but the wrapper's own logic (per-step work lists in persistent
+buffers, the custom op, the fallbacks) runs on CPU tensors with the kernels interpreted.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lora_problem import TOLERANCES, make_problem
+from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+from lora_kernels.multi_lora import multi_lora_ref
+from vllm_lora_ext.gpu_lora.punica_wrapper import LoraKernelsPunicaWrapperGPU
+
+OVERRIDDEN = ("__init__", "update_metadata", "add_lora_linear")
+
+
+@pytest.mark.parametrize("name", OVERRIDDEN)
+def test_overrides_keep_vllms_signatures(name):
+    ours = inspect.signature(getattr(LoraKernelsPunicaWrapperGPU, name))
+    theirs = inspect.signature(getattr(PunicaWrapperGPU, name))
+    assert list(ours.parameters) == list(theirs.parameters), name
+    for p, q in zip(ours.parameters.values(), theirs.parameters.values(), strict=True):
+        assert (p.kind, p.default) == (q.kind, q.default), f"{name}({p.name})"
+
+
+def test_everything_else_is_vllms():
+    own = {k for k, v in vars(LoraKernelsPunicaWrapperGPU).items() if inspect.isfunction(v)}
+    assert own - {"_supported"} == set(OVERRIDDEN)
+    assert issubclass(LoraKernelsPunicaWrapperGPU, PunicaWrapperGPU)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_meta_on_cpu(monkeypatch):
+    # punica_gpu imports LoRAKernelMeta only when vLLM finds a Triton driver (none on CPU);
+    # the class itself is plain torch.
+    from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+    from vllm.lora.punica_wrapper import punica_gpu
+
+    monkeypatch.setattr(punica_gpu, "LoRAKernelMeta", LoRAKernelMeta, raising=False)
+
+
+def make_wrapper(max_loras: int, max_tokens: int) -> LoraKernelsPunicaWrapperGPU:
+    cfg = SimpleNamespace(max_loras=max_loras, specialize_active_lora=False)
+    return LoraKernelsPunicaWrapperGPU(max_tokens, 8, device="cpu", lora_config=cfg)
+
+
+def set_mapping(w: LoraKernelsPunicaWrapperGPU, slots: list[int], max_loras: int) -> None:
+    ids = list(range(1, max_loras + 1))  # slot i holds LoRA id i + 1
+    mapping = LoRAMapping(tuple(s + 1 if s >= 0 else 0 for s in slots), (0,), is_prefill=True)
+    w.update_metadata(mapping, ids, max_loras, vocab_size=32)
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_add_lora_linear_through_the_custom_op(padding):
+    """qkv-like slices, vLLM's [slots, 1, ...] stacks, padded CUDA-graph rows left untouched."""
+    p = make_problem(torch.float16, 13 + padding, [16, 16, 16], sizes=(32, 16, 16), hidden=64,
+                     offset_start=0, tail=0)  # fmt: skip
+    slots = [0, 2, -1, 1, 1, 0, 2, 2, -1, 0, 1, 2, 0]
+    w = make_wrapper(3, 64)
+    set_mapping(w, slots, 3)
+    assert w.token_lora_indices.tolist() == slots
+    a = tuple(t.unsqueeze(1) for t in p.lora_a)
+    b = tuple(t.unsqueeze(1) for t in p.lora_b)
+    y = p.y()
+    w.add_lora_linear(y, p.x, a, b, 0.5, (32, 16, 16))
+    idx = torch.tensor(slots + [-1] * padding)
+    ref = multi_lora_ref(p.y0, p.x, p.lora_a, p.lora_b, idx, p.ranks, torch.full((3,), 0.5))
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float16])
+    assert torch.equal(y[idx < 0], p.y0[idx < 0])
+
+
+def test_no_lora_batch_and_unsupported_calls(monkeypatch):
+    p = make_problem(torch.float16, 4, [16, 16], sizes=(32,), hidden=64, offset_start=0, tail=0)
+    w = make_wrapper(2, 16)
+    set_mapping(w, [-1, -1, -1, -1], 2)
+    a, b = (p.lora_a[0].unsqueeze(1),), (p.lora_b[0].unsqueeze(1),)
+    y = p.y()
+    w.add_lora_linear(y, p.x, a, b, 1.0, (32,))
+    assert torch.equal(y, p.y0), "all -1: nothing applied"
+
+    calls = []
+    monkeypatch.setattr(PunicaWrapperGPU, "add_lora_linear", lambda *a, **k: calls.append(k))
+    set_mapping(w, [0, 1, -1, 0], 2)
+    w.add_lora_linear(p.y(), p.x, a, b, 1.0, (32,), add_inputs=False)  # dual-stream write
+    w.add_lora_linear(p.y().float(), p.x.float(), a, b, 1.0, (32,))  # fp32 activations
+    assert len(calls) == 2, "both went to vLLM's implementation"

@@ -1,0 +1,165 @@
+"""A vLLM punica wrapper for CUDA that applies LoRA linear layers with :mod:`lora_kernels`.
+
+Selected by ``plugin.py`` (``VLLM_LORA_EXT_GPU_PUNICA=ours``); vLLM's ``PunicaWrapperGPU`` stays
+the fallback for everything not overridden here (embeddings, logits, MoE, dual-stream writes).
+
+Only ``add_lora_linear`` is routed: it is where shrink+expand can be fused. The work lists are
+built once per step in :meth:`update_metadata` (outside CUDA graphs, no host sync) into
+persistent buffers, one per block size used by ``configs.json``; the kernels run inside a
+registered torch custom op so ``torch.compile`` treats them as opaque, as vLLM's own ops are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+from lora_kernels.configs import load_entries, select_config
+from lora_kernels.metadata import SliceTable, WorkList, build_slice_table, build_work_list
+from lora_kernels.metadata import max_work_items as _max_work
+from lora_kernels.multi_lora import launch_groups, r_block_for
+
+_TABLES: dict[tuple, SliceTable] = {}
+_RANKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _slice_table(lora_a: list[torch.Tensor], lora_b: list[torch.Tensor]) -> SliceTable:
+    # Keyed like vLLM's own pointer LUT: filled during profiling, before any graph capture.
+    key = tuple((t.data_ptr(), *t.shape) for t in (*lora_a, *lora_b))
+    if key not in _TABLES:
+        _TABLES[key] = build_slice_table(lora_a, lora_b)
+    return _TABLES[key]
+
+
+def _ranks_scales(table: SliceTable, scale: float, device: torch.device):
+    # vLLM zero-pads every slot to max_lora_rank and bakes alpha/r into B: rank = R_max.
+    key = (table.num_slots, table.r_max, scale, device)
+    if key not in _RANKS:
+        ranks = torch.full((table.num_slots,), table.r_max, dtype=torch.int32, device=device)
+        scales = torch.full((table.num_slots,), scale, dtype=torch.float32, device=device)
+        _RANKS[key] = (ranks, scales)
+    return _RANKS[key]
+
+
+@torch.library.custom_op("vllm_lora_ext::multi_lora_linear", mutates_args=("y",))
+def multi_lora_linear(
+    y: torch.Tensor,  # [T, Σ N_s]
+    x: torch.Tensor,  # [T, H]
+    lora_a: list[torch.Tensor],  # per slice [slots, 1, R, H]
+    lora_b: list[torch.Tensor],  # per slice [slots, 1, N_s, R]
+    token_mapping: torch.Tensor,  # [>= mapped tokens] slot per token, -1 = none
+    works: list[torch.Tensor],  # per block size [max_work(T_max), 3] prebuilt work list
+    sorted_tokens: list[torch.Tensor],  # per block size [T_max]
+    block_ms: list[int],
+    num_mapped: torch.Tensor,  # CPU int64 [1]: tokens the prebuilt lists describe
+    no_lora: torch.Tensor,  # CPU bool [1]
+    scale: float,
+) -> None:
+    if no_lora.item() or x.shape[0] == 0:
+        return
+    table = _slice_table(lora_a, lora_b)
+    ranks, scales = _ranks_scales(table, scale, x.device)
+    num_tokens = x.shape[0]
+    cfg = select_config(num_tokens, 1, r_block_for(table.r_max))
+    if num_tokens >= int(num_mapped.item()) and cfg.block_m in block_ms:
+        # Padding tokens past num_mapped (CUDA-graph sizes) are in no work item: untouched.
+        i = block_ms.index(cfg.block_m)
+        n = _max_work(num_tokens, table.num_slots, cfg.block_m)
+        work = WorkList(works[i][:n], sorted_tokens[i][:num_tokens], cfg.block_m, num_tokens)
+    else:  # fewer rows than mapped (dummy runs): build a list for exactly these rows
+        work = build_work_list(token_mapping[:num_tokens], table.num_slots, cfg.block_m)
+    launch_groups(
+        y, x, table, token_mapping[:num_tokens], table.num_slots, ranks, scales, ranks, scales,
+        recipes=False, max_k=1, max_rank=table.r_max, work=work, config=cfg,
+    )  # fmt: skip
+
+
+@multi_lora_linear.register_fake
+def _(y, x, lora_a, lora_b, token_mapping, works, sorted_tokens, block_ms, num_mapped, no_lora,
+      scale) -> None:  # fmt: skip
+    return None
+
+
+class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
+    """vLLM's GPU wrapper with ``add_lora_linear`` on our fused/two-pass kernels."""
+
+    def __init__(
+        self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs
+    ):
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        self._block_ms = sorted({e.config.block_m for e in load_entries()})
+        slots = self.max_loras
+        self._works = [
+            torch.full((_max_work(max_num_batched_tokens, slots, bm), 3), -1, dtype=torch.int32).to(
+                device
+            )
+            for bm in self._block_ms
+        ]
+        self._sorted = [
+            torch.zeros(max_num_batched_tokens, dtype=torch.int32, device=device)
+            for _ in self._block_ms
+        ]
+        # A CPU tensor, not an int: torch.compile would bake an int into the graph.
+        self._num_mapped = torch.zeros(1, dtype=torch.int64)
+
+    def update_metadata(
+        self,
+        mapping: Any,
+        lora_index_to_id: list[int | None],
+        max_loras: int,
+        vocab_size: int,
+        **kwargs,
+    ):
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        indices = self.token_lora_indices
+        self._num_mapped[0] = indices.shape[0]
+        for bm, work_buf, sorted_buf in zip(self._block_ms, self._works, self._sorted, strict=True):
+            if indices.shape[0] == 0:
+                break
+            wl = build_work_list(indices, self.max_loras, bm)
+            work_buf[: wl.max_work].copy_(wl.work)
+            work_buf[wl.max_work :, 0] = -1
+            sorted_buf[: wl.num_tokens].copy_(wl.sorted_tokens)
+
+    def add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """y[t, slice s] += scale · (x[t] @ A_s[i]ᵀ) @ B_s[i]ᵀ, i = slot of t (-1: untouched)."""
+        if not self._supported(y, x, lora_a_stacked, lora_b_stacked, output_slices, kwargs):
+            return super().add_lora_linear(
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+            )
+        x2 = x.view(-1, x.shape[-1])
+        multi_lora_linear(
+            y.view(-1, y.shape[-1]), x2, list(lora_a_stacked), list(lora_b_stacked),
+            self._token_lora_indices, self._works, self._sorted, self._block_ms,
+            self._num_mapped, self.token_mapping_meta.no_lora_flag_cpu, float(scale),
+        )  # fmt: skip
+
+    @staticmethod
+    def _supported(y, x, lora_a, lora_b, output_slices, kwargs) -> bool:
+        """Only what the kernels implement; anything else goes to vLLM unchanged."""
+        if not kwargs.get("add_inputs", True) or set(kwargs) - {"add_inputs"}:
+            return False  # dual-stream writes, or arguments we do not know
+        if x.dtype not in (torch.float16, torch.bfloat16) or y.dtype != x.dtype:
+            return False
+        if not (len(lora_a) == len(lora_b) == len(output_slices)) or not y.is_contiguous():
+            return False
+        if y.shape[-1] != sum(output_slices):
+            return False
+        return all(
+            a.dtype == x.dtype and b.dtype == x.dtype and b.shape[-2] == n and a.is_contiguous()
+            and b.is_contiguous() and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+            for a, b, n in zip(lora_a, lora_b, output_slices, strict=True)
+        )  # fmt: skip
