@@ -13,20 +13,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vllm_lora_ext.evaluation.backends import TransformersBackend
 from vllm_lora_ext.evaluation.evaluate import evaluate
-from vllm_lora_ext.evaluation.prompts import answer_ids, build_prompt, stop_token_ids
+from vllm_lora_ext.evaluation.prompts import answer_ids, build_prompt
 from vllm_lora_ext.evaluation.tasks import Example, Task, load_task
+from vllm_lora_ext.training import (
+    LoraHyperparameters,
+    answer_end_ids,
+    attach_lora,
+    save_adapter_atomically,
+    train_lora,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
@@ -51,12 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def training_rows(task: Task, tokenizer, max_len: int) -> list[tuple[list[int], int]]:
     """(token ids, answer start) per train example that fits in ``max_len``."""
-    stop = stop_token_ids(tokenizer)
-    end = (
-        [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        if "<|im_end|>" in tokenizer.get_vocab()
-        else list(stop[:1])
-    )
+    end = answer_end_ids(tokenizer)
     rows = []
     for e in task.train:
         prompt = build_prompt(tokenizer, task, e)
@@ -71,29 +69,7 @@ def _answer(task: Task, e: Example) -> str:
     return e.options[e.correct[0]] if task.mode == "multiple_choice" else e.targets[0]
 
 
-def batches(rows, batch: int, steps: int, seed: int, pad: int):
-    rng = random.Random(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch:
-            fresh = list(range(len(rows)))
-            rng.shuffle(fresh)
-            order += fresh
-        picked = [rows[i] for i in order[:batch]]
-        del order[:batch]
-        width = max(len(ids) for ids, _ in picked)
-        ids = torch.full((len(picked), width), pad, dtype=torch.long)
-        labels = torch.full((len(picked), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(picked), width), dtype=torch.long)
-        for r, (seq, start) in enumerate(picked):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            labels[r, start : len(seq)] = torch.tensor(seq[start:])
-            mask[r, : len(seq)] = 1
-        yield ids, mask, labels
-
-
 def train_one(args: argparse.Namespace, model_dir: Path, name: str, out_root: Path) -> dict:
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     task = load_task(name, seed=args.seed)
@@ -101,63 +77,46 @@ def train_one(args: argparse.Namespace, model_dir: Path, name: str, out_root: Pa
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     base_acc = evaluate(task, TransformersBackend(base, tokenizer), limit=args.eval_limit)
 
-    torch.manual_seed(args.seed)
-    config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=0.0,
-        target_modules=args.targets.split(","),
-        task_type="CAUSAL_LM",
+    hp = LoraHyperparameters(
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=tuple(args.targets.split(",")),
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
     )
-    model = get_peft_model(base, config)
+    model = attach_lora(base, hp)
     rows = training_rows(task, tokenizer, args.max_len)
     data_hash = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    model.train()
     start = time.perf_counter()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(batches(rows, args.batch, args.steps, args.seed, pad), total=args.steps, desc=name)
-    for ids, mask, labels in bar:
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optim.step()
-        optim.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    train_lora(model, rows, hp, pad, desc=name)
     train_seconds = time.perf_counter() - start
-    model.eval()
     adapter_acc = evaluate(task, TransformersBackend(model, tokenizer), limit=args.eval_limit)
 
-    target = out_root / name
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_root))
-    try:
-        model.save_pretrained(staging)
-        card = {
-            "task": name,
-            "base": model_dir.name,
-            "mode": task.mode,
-            "steps": args.steps,
-            "batch": args.batch,
-            "lr": args.lr,
-            "rank": args.rank,
-            "lora_alpha": args.alpha,
-            "targets": args.targets.split(","),
-            "seed": args.seed,
-            "split_sizes": task.sizes,
-            "task_sources_sha256": task.sources,
-            "train_rows": len(rows),
-            "data_sha256": data_hash,
-            "train_seconds": round(train_seconds, 1),
-            "heldout_n": adapter_acc.n,
-            "base_heldout_acc": base_acc.accuracy,
-            "adapter_heldout_acc": adapter_acc.accuracy,
-            "evaluated_with": "transformers + PEFT, float32",
-        }
-        (staging / "card.json").write_text(json.dumps(card, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    card = {
+        "task": name,
+        "base": model_dir.name,
+        "mode": task.mode,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "rank": args.rank,
+        "lora_alpha": args.alpha,
+        "targets": args.targets.split(","),
+        "seed": args.seed,
+        "split_sizes": task.sizes,
+        "task_sources_sha256": task.sources,
+        "train_rows": len(rows),
+        "data_sha256": data_hash,
+        "train_seconds": round(train_seconds, 1),
+        "heldout_n": adapter_acc.n,
+        "base_heldout_acc": base_acc.accuracy,
+        "adapter_heldout_acc": adapter_acc.accuracy,
+        "evaluated_with": "transformers + PEFT, float32",
+    }
+    save_adapter_atomically(model, out_root / name, {"card.json": json.dumps(card, indent=2)})
     print(f"{name}: base {base_acc.accuracy:.3f} -> adapter {adapter_acc.accuracy:.3f} "
           f"(n={adapter_acc.n}, {train_seconds:.0f} s)")  # fmt: skip
     return card
