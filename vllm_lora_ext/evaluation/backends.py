@@ -36,9 +36,16 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int]
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        stop_token_ids: Sequence[int],
+        temperature: float = 0.0,
+        seed: int | None = None,
     ) -> list[Generation]:
-        """Greedy decoding of each prompt, up to ``max_tokens`` or a stop/EOS token."""
+        """Decoding of each prompt, up to ``max_tokens`` or a stop/EOS token: greedy at
+        ``temperature`` 0, else sampled, reproducibly when ``seed`` is given (prompt ``i`` of the
+        call is sampled with ``seed + i``, so equal prompts in one call still differ)."""
         ...
 
 
@@ -102,14 +109,26 @@ class HttpBackend:
         return out
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int]
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        stop_token_ids: Sequence[int],
+        temperature: float = 0.0,
+        seed: int | None = None,
     ) -> list[Generation]:
         stops = {*stop_token_ids, self.tokenizer.eos_token_id}
+        # vLLM applies a request's seed to every prompt of it: a seeded sample needs one request
+        # per prompt to give each prompt its own seed.
+        size = 1 if temperature > 0 and seed is not None else self.batch_size
         out: list[Generation] = []
-        for batch in _batches(prompts, self.batch_size):
+        for start, batch in zip(range(0, len(prompts), size), _batches(prompts, size), strict=True):
+            sampling: dict[str, Any] = {"temperature": temperature}
+            if temperature > 0 and seed is not None:
+                sampling["seed"] = seed + start
             choices = self._complete(
                 [list(p) for p in batch],
                 max_tokens=max_tokens,
+                **sampling,
                 stop_token_ids=list(stop_token_ids),
                 return_token_ids=True,
                 skip_special_tokens=True,
@@ -185,20 +204,33 @@ class TransformersBackend:
         return out
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], max_tokens: int, stop_token_ids: Sequence[int]
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        stop_token_ids: Sequence[int],
+        temperature: float = 0.0,
+        seed: int | None = None,
     ) -> list[Generation]:
-        """Plain argmax with a KV cache, one prompt at a time: no padding, no logits processors
-        from ``generation_config`` (vLLM gets explicit neutral penalties to match)."""
+        """Plain argmax (or a temperature sample) with a KV cache, one prompt at a time: no
+        padding, no logits processors from ``generation_config`` (vLLM gets explicit neutral
+        penalties to match). Samples come from a ``torch.Generator`` seeded per prompt."""
         import torch
 
         stops = set(stop_token_ids) | self._eos_ids()
         out: list[Generation] = []
-        for prompt in prompts:
+        for index, prompt in enumerate(prompts):
+            generator = None
+            if temperature > 0:
+                generator = torch.Generator()
+                if seed is None:
+                    generator.seed()
+                else:
+                    generator.manual_seed(seed + index)
             generated: list[int] = []
             with torch.inference_mode():
                 step = self.model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
                 while max_tokens > 0:
-                    token = int(step.logits[0, -1].argmax())
+                    token = _next_token(step.logits[0, -1], temperature, generator)
                     if token in stops:
                         break
                     generated.append(token)
@@ -220,3 +252,13 @@ class TransformersBackend:
         eos = getattr(config, "eos_token_id", None)
         ids |= set(eos) if isinstance(eos, list) else {eos} - {None}
         return ids
+
+
+def _next_token(logits: Any, temperature: float, generator: Any) -> int:
+    """Argmax at temperature 0, else one draw from ``softmax(logits / temperature)``."""
+    import torch
+
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -39,14 +39,24 @@ def user_message(task: Task, example: Example, chat: bool = True) -> str:
     return (text + out_prefix).strip()
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def build_prompt(tokenizer: Any, task: Task, example: Example) -> Prompt:
     """Token ids of the prompt, ending where the model's answer begins."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": user_message(task, example)}]
+    return message_prompt(tokenizer, user_message(task, example, has_chat_template(tokenizer)))
+
+
+def message_prompt(tokenizer: Any, message: str) -> Prompt:
+    """One user turn and the assistant header with a chat template; else ``message`` as plain
+    text (with BOS), which the caller has already ended with its answer cue (e.g. ``A:``)."""
+    if has_chat_template(tokenizer):
+        messages = [{"role": "user", "content": message}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return Prompt(tuple(ids), answer_prefix="")
-    ids = tokenizer(user_message(task, example, chat=False), add_special_tokens=True)["input_ids"]
+    ids = tokenizer(message, add_special_tokens=True)["input_ids"]
     return Prompt(tuple(ids), answer_prefix=" ")
 
 
