@@ -81,7 +81,7 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
-                p.normal_(0.0, 2.0 / p.shape[1] ** 0.5 if "embed" not in name else 1.0)
+                p.normal_(0.0, 2.0 / p.shape[1] ** 0.5 if "embed" not in name else 0.1)
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -143,4 +143,71 @@ def write_adapter(
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
+    return out
+
+
+_PLAIN_CORPUS = [
+    "Q: what is seven minus three? A: four",
+    "numbers 0 1 2 3 4 5 6 7 8 9 and words alpha beta gamma delta",
+    "A base model without a chat template continues plain text.",
+    "zero one two three four five six seven eight nine",
+] * 20
+
+
+def build_plain_tokenizer(out: Path):
+    """A second byte-level BPE (other vocabulary, other specials, no chat template) that adds
+    BOS like Gemma's: for tests that cross tokenizers and use plain ``Q: ... A:`` prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<bos>", "<eos>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_PLAIN_CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny_gemma3(out: Path, seed: int = 0) -> Path:
+    """Write a tiny Gemma 3 text model (float32) with :func:`build_plain_tokenizer` into ``out``."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_plain_tokenizer(out)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=48,
+        max_position_embeddings=1024,
+        sliding_window=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                # Embeddings are tied to the output (scaled by sqrt(hidden) on input): std 0.1 gives
+                # logits neither flat nor saturated.
+                p.normal_(0.0, 2.0 / p.shape[1] ** 0.5 if "embed" not in name else 0.1)
+    model.save_pretrained(out, safe_serialization=True)
     return out

@@ -1,0 +1,231 @@
+"""Each migration step on plain data: parsing, sampling, the gate's rule, training guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from migrate_fakes import DIGITS, LETTERS, FunctionBackend, strings
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vllm_lora_ext.evaluation.backends import HttpBackend, TransformersBackend
+from vllm_lora_ext.migrate.discriminator import free_prompt
+from vllm_lora_ext.migrate.gate import decide
+from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all
+from vllm_lora_ext.migrate.queries import query_prompt
+from vllm_lora_ext.migrate.synthesis import generator_prompt, parse_generated, synthesise
+from vllm_lora_ext.training import (
+    LoraHyperparameters,
+    TrainingDiverged,
+    TrainingStopped,
+    attach_lora,
+    train_lora,
+)
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tiny_model_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def gemma_tok(tiny_gemma_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_gemma_dir)
+
+
+# -- synthesis ------------------------------------------------------------------------------
+
+
+def test_generator_prompt_chat_and_plain(llama_tok, gemma_tok) -> None:
+    chat = llama_tok.decode(list(generator_prompt(llama_tok, "sums", ["1+1", "2+2"]).ids))
+    assert "Here are 2 examples of sums:\n1. 1+1\n2. 2+2\n" in chat
+    assert chat.endswith("<|im_start|>assistant\n3.")
+    plain = gemma_tok.decode(list(generator_prompt(gemma_tok, "sums", ["1+1", "2+2"]).ids))
+    assert plain == "<bos>Here are 2 examples of sums:\n1. 1+1\n2. 2+2\n3."
+
+
+@pytest.mark.parametrize(
+    ("text", "truncated", "single_line", "expected"),
+    [
+        (" 7+7\n4. 8+8", True, False, "7+7"),  # item N+2 starts: cut there
+        (" two\nlines\n4) next", True, False, "two\nlines"),
+        (" 7+7\nchatter", True, True, "7+7"),  # one-line examples: first newline ends it
+        (" 7+7", False, False, "7+7"),  # stopped by itself
+        (" 7+7 and mo", True, False, None),  # cut off by the token budget
+        ("  \n4. x", False, False, None),  # empty
+    ],
+)
+def test_parse_generated(text, truncated, single_line, expected) -> None:
+    assert parse_generated(text, 2, truncated, single_line) == expected
+
+
+def test_synthesise_dedupes_filters_and_counts(llama_tok) -> None:
+    script = iter(["12 12", "hello", "12 12", "1 2 3", "34", "abc", "56", "78", "90"] * 3)
+    gen = FunctionBackend(llama_tok, lambda prompt, seed: f" {next(script)}\n9. x")
+    out = synthesise(
+        gen,
+        "numbers",
+        ["1 2 3", "4 5 6"],
+        count=3,
+        max_attempts=20,
+        seed=0,
+        batch=4,
+        accept=lambda xs: [x[0].isdigit() for x in xs],
+    )
+    c = out.counts
+    # Round 1: "12 12" kept, "hello" rejected, "12 12" duplicate, "1 2 3" is a seed (duplicate).
+    # Round 2: "34", "56", "78" kept, "abc" rejected: 4 kept (the extra of the last round stays).
+    assert out.inputs == ["12 12", "34", "56", "78"]
+    assert (c.generated, c.kept, c.rejected, c.duplicates, c.unparsable) == (8, 4, 2, 2, 0)
+    assert c.generated == c.unparsable + c.duplicates + c.rejected + c.kept
+
+
+def test_synthesise_stops_at_max_attempts(llama_tok) -> None:
+    gen = FunctionBackend(llama_tok, lambda prompt, seed: " unfinished and long")
+    out = synthesise(gen, "x", ["a", "b"], count=5, max_attempts=6, seed=0, batch=4, max_tokens=3)
+    assert out.inputs == [] and out.counts.generated == 6 and out.counts.unparsable == 6
+
+
+# -- sampling in the backends ---------------------------------------------------------------
+
+
+def test_transformers_sampling_is_seeded(tiny_model_dir: Path, llama_tok) -> None:
+    backend = TransformersBackend.from_pretrained(tiny_model_dir)
+    prompt = list(llama_tok("one two")["input_ids"])
+    greedy = backend.generate([prompt], 8, [])
+    assert backend.generate([prompt], 8, [], temperature=0.0, seed=5) == greedy
+    a = backend.generate([prompt, prompt], 8, [], temperature=1.0, seed=1)
+    b = backend.generate([prompt, prompt], 8, [], temperature=1.0, seed=1)
+    c = backend.generate([prompt], 8, [], temperature=1.0, seed=2)
+    assert a == b  # reproducible
+    assert a[0] != a[1]  # equal prompts in one call get different seeds
+    assert c[0] == a[1]  # prompt i is sampled with seed + i
+    assert a[0] != greedy[0]
+
+
+def test_http_sampling_sends_a_seed_per_prompt(llama_tok) -> None:
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        choices = [
+            {"index": i, "token_ids": [5], "finish_reason": "length"}
+            for i in range(len(body["prompt"]))
+        ]
+        return httpx.Response(200, json={"choices": choices})
+
+    client = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://x")
+    backend = HttpBackend("http://x", "base", llama_tok, client=client)
+    backend.generate([[1, 2], [1, 2], [3]], 4, [], temperature=0.7, seed=10)
+    assert [(len(b["prompt"]), b["temperature"], b["seed"]) for b in bodies] == [
+        (1, 0.7, 10),
+        (1, 0.7, 11),
+        (1, 0.7, 12),
+    ]
+    bodies.clear()
+    backend.generate([[1, 2], [3]], 4, [])
+    assert len(bodies) == 1 and bodies[0]["temperature"] == 0.0 and "seed" not in bodies[0]
+
+
+# -- discriminator prompt, labelling --------------------------------------------------------
+
+
+def test_free_prompt_has_no_task(llama_tok, gemma_tok) -> None:
+    assert llama_tok.decode(list(free_prompt(llama_tok))) == "<|im_start|>user\n"
+    assert gemma_tok.decode(list(free_prompt(gemma_tok))) == "<bos>"
+
+
+def test_answer_all_reads_first_line_on_plain_prompts(gemma_tok) -> None:
+    seen: list[str] = []
+
+    def respond(prompt: str, seed: int) -> str:
+        seen.append(prompt)
+        return " word\nQ: more"
+
+    backend = FunctionBackend(gemma_tok, respond)
+    assert answer_all(backend, ["abc", "de"], chunk=1) == ["word", "word"]
+    assert seen == ["<bos>Q: abc\nA:", "<bos>Q: de\nA:"]
+    assert backend.calls == 2
+    with pytest.raises(LabellingStopped):
+        answer_all(backend, ["abc"], should_stop=lambda: True)
+
+
+def test_query_prompt_chat(llama_tok) -> None:
+    text = llama_tok.decode(list(query_prompt(llama_tok, "12 34").ids))
+    assert text == "<|im_start|>user\n12 34<|im_end|>\n<|im_start|>assistant\n"
+
+
+# -- gate -----------------------------------------------------------------------------------
+
+
+def test_gate_uses_the_task_metric_when_answers_are_known() -> None:
+    teacher = ["a", "b", "c", "x"]
+    targets = ["a", "b", "c", "d"]  # teacher 0.75
+    ok = decide(teacher, ["A.", "b", "c", "y"], targets, tolerance=0.0)
+    assert ok.passed and ok.student_accuracy == 0.75 and ok.teacher_accuracy == 0.75
+    bad = decide(teacher, ["a", "b", "z", "z"], targets, tolerance=0.2)
+    assert not bad.passed and "0.500 < teacher 0.750" in bad.reason
+    assert decide(teacher, ["a", "b", "z", "z"], targets, tolerance=0.25).passed
+
+
+def test_gate_uses_agreement_without_known_answers() -> None:
+    none = [None] * 5
+    assert decide(list("abcde"), list("abcdz"), none, min_agreement=0.8).passed
+    result = decide(list("abcde"), list("abczz"), none, min_agreement=0.8)
+    assert not result.passed and result.agreement == 0.6
+    assert "3/5" in result.reason and "0.8 required" in result.reason
+    assert not decide([], [], []).passed
+
+
+# -- training guards ------------------------------------------------------------------------
+
+
+def _tiny_rows(tokenizer) -> list[tuple[list[int], int]]:
+    rows = []
+    for text in strings(random.Random(0), DIGITS + LETTERS, 8):
+        ids = tokenizer(text)["input_ids"]
+        rows.append((ids, 1))
+    return rows
+
+
+def test_training_divergence_is_an_error(tiny_model_dir: Path, llama_tok) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    hp = LoraHyperparameters(steps=20, batch=4, lr=1e30, targets=("q_proj", "v_proj", "o_proj"))
+    model = attach_lora(base, hp)
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        train_lora(model, _tiny_rows(llama_tok), hp, pad=0)
+
+
+def test_training_reports_every_step(tiny_model_dir: Path, llama_tok) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    hp = LoraHyperparameters(steps=10, batch=4, lr=1e-3)
+    model = attach_lora(base, hp)
+    steps: list[int] = []
+    losses = train_lora(
+        model, _tiny_rows(llama_tok), hp, pad=0, on_step=lambda s, _: steps.append(s)
+    )
+    assert steps == list(range(1, 11)) and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+
+
+def test_training_should_stop_is_checked_each_step(tiny_model_dir: Path, llama_tok) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    hp = LoraHyperparameters(steps=10, batch=4, lr=1e-3)
+    model = attach_lora(base, hp)
+    done: list[int] = []
+    with pytest.raises(TrainingStopped, match="before step 3 of 10"):
+        train_lora(
+            model,
+            _tiny_rows(llama_tok),
+            hp,
+            pad=0,
+            on_step=lambda s, _: done.append(s),
+            should_stop=lambda: len(done) >= 2,
+        )
+    assert done == [1, 2]

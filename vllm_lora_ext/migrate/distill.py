@@ -1,0 +1,79 @@
+"""Step 4: a new LoRA on the new base learns the teacher's answers (sequence-level distillation).
+
+The loss is cross-entropy on the teacher's answer *text* re-tokenised by the new base's
+tokenizer, followed by its end-of-answer token, so the student also learns where to stop. Text
+works across tokenizers (SmolLM2 -> Gemma 3); token-level KL on teacher logits would need the
+same vocabulary and the teacher's full distributions, which a served teacher does not return.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_lora_ext.evaluation.prompts import answer_ids
+from vllm_lora_ext.migrate.queries import query_prompt
+from vllm_lora_ext.training import (
+    LoraHyperparameters,
+    Row,
+    answer_end_ids,
+    attach_lora,
+    save_adapter_atomically,
+    train_lora,
+)
+
+CARD_FILE = "distillation.json"
+
+
+@dataclass(frozen=True)
+class Distillation:
+    adapter_dir: Path
+    losses: list[float]
+    rows: int
+    too_long: int
+    """Pairs dropped because prompt + answer exceeded ``max_len`` tokens."""
+
+
+def distillation_rows(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_len: int = 256
+) -> tuple[list[Row], int]:
+    """(rows, number dropped as too long) for (input, teacher answer) pairs."""
+    end = answer_end_ids(tokenizer)
+    rows: list[Row] = []
+    for text, answer in pairs:
+        prompt = query_prompt(tokenizer, text)
+        ids = [*prompt.ids, *answer_ids(tokenizer, prompt, answer), *end]
+        if len(ids) <= max_len:
+            rows.append((ids, len(prompt.ids)))
+    return rows, len(pairs) - len(rows)
+
+
+def distil(
+    base_dir: Path,
+    pairs: Sequence[tuple[str, str]],
+    hp: LoraHyperparameters,
+    out_dir: Path,
+    max_len: int = 256,
+    on_step: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Distillation:
+    """Train the student on the new base (float32, in process) and save it atomically as a
+    PEFT directory at ``out_dir``. A NaN/inf loss raises ``TrainingDiverged`` before saving."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    rows, too_long = distillation_rows(tokenizer, pairs, max_len)
+    if not rows:
+        raise ValueError(f"all {len(pairs)} pairs are longer than max_len={max_len} tokens")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = attach_lora(base, hp)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses = train_lora(model, rows, hp, pad, on_step=on_step, should_stop=should_stop)
+    card = {"hyperparameters": asdict(hp), "rows": len(rows), "too_long": too_long}
+    card["final_loss"] = losses[-1]
+    save_adapter_atomically(model, out_dir, {CARD_FILE: json.dumps(card, indent=2)})
+    return Distillation(Path(out_dir), losses, len(rows), too_long)

@@ -1,0 +1,347 @@
+"""One migration as a resumable job: synthesise -> filter -> label -> distil -> gate.
+
+Each finished step writes ``<work_dir>/<step>.json`` atomically; a later :meth:`Migrator.run` on
+the same directory (and spec) loads those and starts at the first missing step, so an
+interrupted or cancelled job never pays twice for generation or training. ``run()`` is
+synchronous and blocking: an async HTTP route drives it with ``await asyncio.to_thread(m.run)``,
+polls ``m.progress`` (a snapshot, safe from another thread) and calls ``m.cancel()`` (checked
+between batches and training steps). Switching the served adapter is the caller's business:
+``run()`` only returns the new adapter's directory and the gate's verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vllm_lora_ext.evaluation.backends import Backend
+from vllm_lora_ext.migrate.discriminator import (
+    discriminator_filter,
+    sample_negatives,
+    train_discriminator,
+)
+from vllm_lora_ext.migrate.distill import distil
+from vllm_lora_ext.migrate.gate import GateResult, decide
+from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all
+from vllm_lora_ext.migrate.spec import MigrationSpec, split_real
+from vllm_lora_ext.migrate.synthesis import SynthesisCounts, synthesise
+from vllm_lora_ext.training import TrainingDiverged, TrainingStopped
+
+STEPS = ("discriminator", "synthesise", "label", "distil", "gate")
+SPEC_FILE = "spec.json"
+DISCRIMINATOR_DIR = "discriminator"
+STUDENT_DIR = "adapter"
+
+# adapter directory -> a backend serving (base + that adapter)
+BackendFactory = Callable[[Path], Backend]
+
+
+class MigrationError(RuntimeError):
+    """The job failed; the message says at which step and why."""
+
+
+class MigrationCancelled(MigrationError):
+    pass
+
+
+@dataclass
+class MigrationProgress:
+    state: Literal["pending", "running", "done", "failed", "cancelled"] = "pending"
+    step: str | None = None
+    completed: list[str] = field(default_factory=list)
+    generated: int = 0
+    kept: int = 0
+    rejected: int = 0
+    labelled: int = 0
+    train_step: int = 0
+    train_steps: int = 0
+    loss: float | None = None
+    gate: GateResult | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    adapter_dir: Path
+    gate: GateResult
+    counts: dict[str, Any]
+    """Per step: what it produced (synthesis counts, rows, final losses)."""
+
+    @property
+    def passed(self) -> bool:
+        return self.gate.passed
+
+
+class Migrator:
+    """Runs one :class:`MigrationSpec` in ``work_dir``.
+
+    ``generator`` serves the old base, ``teacher`` the old base + old adapter. The discriminator
+    and the student are trained in process from ``old_base`` / ``new_base`` (model folders) and
+    scored through ``discriminator_backend`` / ``student_backend`` (default: transformers in
+    process; a server route can load the adapter into a server and return an HTTP backend).
+    """
+
+    def __init__(
+        self,
+        spec: MigrationSpec,
+        work_dir: Path,
+        *,
+        old_base: Path,
+        new_base: Path,
+        generator: Backend,
+        teacher: Backend,
+        discriminator_backend: BackendFactory | None = None,
+        student_backend: BackendFactory | None = None,
+    ) -> None:
+        self.spec = spec
+        self.work_dir = Path(work_dir)
+        self.old_base, self.new_base = Path(old_base), Path(new_base)
+        self.generator, self.teacher = generator, teacher
+        self._disc_backend = discriminator_backend or _local(self.old_base)
+        self._student_backend = student_backend or _local(self.new_base)
+        self._progress = MigrationProgress()
+        self._lock = threading.Lock()
+        self._running = threading.Lock()
+        self._cancel = threading.Event()
+
+    @property
+    def progress(self) -> MigrationProgress:
+        """A copy, consistent at one instant; safe to read from another thread."""
+        with self._lock:
+            return copy.deepcopy(self._progress)
+
+    def cancel(self) -> None:
+        """Stop the running job at its next check; a later :meth:`run` resumes."""
+        self._cancel.set()
+
+    def run(self) -> MigrationResult:
+        """Run (or resume) every step; raises :class:`MigrationError` on failure or cancel."""
+        if not self._running.acquire(blocking=False):
+            raise MigrationError("this migration is already running")
+        try:
+            self._cancel.clear()
+            self._update(state="running", error=None, completed=[])
+            self._claim_work_dir()
+            outputs = {}
+            for step in STEPS:
+                outputs[step] = self._checkpoint(step) or self._run_step(step, outputs)
+                with self._lock:
+                    self._progress.completed.append(step)
+            gate = GateResult(**outputs["gate"])
+            self._update(state="done", step=None, gate=gate)
+            return MigrationResult(self.work_dir / STUDENT_DIR, gate, outputs)
+        except MigrationCancelled as e:
+            self._update(state="cancelled", error=str(e))
+            raise
+        except Exception as e:
+            self._update(state="failed", error=str(e))
+            raise
+        finally:
+            self._running.release()
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _run_step(self, step: str, outputs: dict[str, Any]) -> dict[str, Any]:
+        self._update(step=step, train_step=0, train_steps=0, loss=None)
+        try:
+            out = getattr(self, f"_{step}")(outputs)
+        except (TrainingStopped, LabellingStopped) as e:
+            raise MigrationCancelled(f"cancelled during {step}: {e}") from e
+        except TrainingDiverged as e:
+            raise MigrationError(f"{step} training diverged: {e}") from e
+        _write_json(self.work_dir / f"{step}.json", out)  # kept even if cancelled just now
+        self._check_cancel(step)
+        return out
+
+    def _discriminator(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        if self.spec.data != "filtered":
+            return {"skipped": True}
+        _, positives = split_real(self.spec)
+        negatives = sample_negatives(
+            self.generator,
+            count=max(len(positives), 8),
+            seed=self.spec.seed,
+            max_tokens=self.spec.synthesis.max_tokens,
+            exclude=positives,
+        )
+        self._check_cancel("discriminator")
+        if not negatives:
+            raise MigrationError("the old base generated no usable negatives for the discriminator")
+        hp = self.spec.discriminator.hyperparameters(self.spec.seed)
+        losses = train_discriminator(
+            self.old_base,
+            self.spec.task_description,
+            positives,
+            negatives,
+            hp,
+            self.work_dir / DISCRIMINATOR_DIR,
+            self.spec.max_len,
+            on_step=self._on_train_step(hp.steps),
+            should_stop=self._cancel.is_set,
+        )
+        return {"skipped": False, "positives": len(positives), "negatives": len(negatives),
+                "final_loss": losses[-1]}  # fmt: skip
+
+    def _synthesise(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        _, real = split_real(self.spec)
+        if self.spec.data == "seeds_only":
+            return {"inputs": [], "counts": asdict(SynthesisCounts())}
+        accept = None
+        if self.spec.data == "filtered":
+            backend = self._disc_backend(self.work_dir / DISCRIMINATOR_DIR)
+            accept = discriminator_filter(backend, self.spec.task_description)
+        p = self.spec.synthesis
+        result = synthesise(
+            self.generator,
+            self.spec.task_description,
+            real,
+            count=self.spec.target_count,
+            max_attempts=self.spec.target_count * p.attempts_per_input,
+            seed=self.spec.seed,
+            shots=p.shots,
+            batch=p.batch,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            accept=accept,
+            on_round=self._on_round,
+            should_stop=self._cancel.is_set,
+        )
+        self._check_cancel("synthesise")
+        if not result.inputs:
+            c = result.counts
+            raise MigrationError(
+                f"no synthetic input survived after {c.generated} generations ({c.unparsable} "
+                f"unparsable, {c.duplicates} duplicates, {c.rejected} rejected by the "
+                "discriminator): add seeds, raise attempts_per_input, or use data='unfiltered'"
+            )
+        return {"inputs": result.inputs, "counts": asdict(result.counts)}
+
+    def _label(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        gate, real = split_real(self.spec)
+        inputs = real + outputs["synthesise"]["inputs"]
+        gate_inputs = [x for x, _ in gate]
+        answers = answer_all(
+            self.teacher,
+            inputs + gate_inputs,
+            self.spec.answer_max_tokens,
+            on_chunk=lambda done: self._update(labelled=done),
+            should_stop=self._cancel.is_set,
+        )
+        train = answers[: len(inputs)]
+        return {
+            "train": [list(p) for p in zip(inputs, train, strict=True)],
+            "gate": [[x, a, y] for (x, y), a in zip(gate, answers[len(inputs) :], strict=True)],
+        }
+
+    def _distil(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        pairs = [(x, y) for x, y in outputs["label"]["train"]]
+        hp = self.spec.student.hyperparameters(self.spec.seed)
+        result = distil(
+            self.new_base,
+            pairs,
+            hp,
+            self.work_dir / STUDENT_DIR,
+            self.spec.max_len,
+            on_step=self._on_train_step(hp.steps),
+            should_stop=self._cancel.is_set,
+        )
+        return {"rows": result.rows, "too_long": result.too_long, "final_loss": result.losses[-1]}
+
+    def _gate(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        held = outputs["label"]["gate"]
+        student = self._student_backend(self.work_dir / STUDENT_DIR)
+        answers = answer_all(
+            student,
+            [x for x, _, _ in held],
+            self.spec.answer_max_tokens,
+            should_stop=self._cancel.is_set,
+        )
+        result = decide(
+            [a for _, a, _ in held],
+            answers,
+            [y for _, _, y in held],
+            self.spec.gate_tolerance,
+            self.spec.gate_min_agreement,
+        )
+        self._update(gate=result)
+        return asdict(result)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _claim_work_dir(self) -> None:
+        """Bind ``work_dir`` to this spec; checkpoints of another spec must not be reused."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        path = self.work_dir / SPEC_FILE
+        mine = self.spec.model_dump(mode="json")
+        if path.exists():
+            if json.loads(path.read_text()) != mine:
+                raise MigrationError(
+                    f"{self.work_dir} holds checkpoints of a different migration spec; "
+                    "use a fresh work directory"
+                )
+        else:
+            _write_json(path, mine)
+
+    def _checkpoint(self, step: str) -> dict[str, Any] | None:
+        """A finished step's output, if its checkpoint (and any adapter it made) exists."""
+        path = self.work_dir / f"{step}.json"
+        if not path.is_file():
+            return None
+        needs = {"discriminator": DISCRIMINATOR_DIR, "distil": STUDENT_DIR}.get(step)
+        out = json.loads(path.read_text())
+        if needs and not out.get("skipped") and not (self.work_dir / needs).is_dir():
+            return None
+        if step == "synthesise":
+            c = out["counts"]
+            self._update(generated=c["generated"], kept=c["kept"], rejected=c["rejected"])
+        elif step == "label":
+            self._update(labelled=len(out["train"]) + len(out["gate"]))
+        return out
+
+    def _check_cancel(self, step: str) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled(f"cancelled during {step}")
+
+    def _on_round(self, c: SynthesisCounts) -> None:
+        self._update(generated=c.generated, kept=c.kept, rejected=c.rejected)
+
+    def _on_train_step(self, total: int) -> Callable[[int, float], None]:
+        def report(step: int, loss: float) -> None:
+            self._update(train_step=step, train_steps=total, loss=loss)
+
+        return report
+
+    def _update(self, **fields: Any) -> None:
+        with self._lock:
+            for name, value in fields.items():
+                setattr(self._progress, name, value)
+
+
+def _local(base: Path) -> BackendFactory:
+    def make(adapter_dir: Path) -> Backend:
+        from vllm_lora_ext.evaluation.backends import TransformersBackend
+
+        return TransformersBackend.from_pretrained(base, adapter_dir)
+
+    return make
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Temp file + fsync + rename: a checkpoint is whole or absent, never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,26 @@
+"""How a task input is put to a model and how its answer is read back, for every step.
+
+Teacher, student, gate and discriminator must frame an input identically, or the student learns
+a prompt format the gate never shows it. A chat model gets the input as one user turn; a model
+without a chat template (e.g. Gemma 3 base) gets ``Q: <input>\\nA:`` and answers on one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_lora_ext.evaluation.prompts import Prompt, has_chat_template, message_prompt
+
+
+def query_prompt(tokenizer: Any, text: str) -> Prompt:
+    """The prompt that asks ``tokenizer``'s model to answer ``text``."""
+    if has_chat_template(tokenizer):
+        return message_prompt(tokenizer, text)
+    return message_prompt(tokenizer, f"Q: {text}\nA:")
+
+
+def read_answer(text: str, prompt: Prompt) -> str:
+    """The answer in a generation: all of it after a chat header, the first line after ``A:``."""
+    if prompt.answer_prefix:
+        text = text.split("\n", 1)[0]
+    return text.strip()

@@ -1,0 +1,102 @@
+"""What a migration is asked to do: pydantic, validated on construction, JSON round-trip.
+
+The spec is the job's identity: the migrator stores it beside its checkpoints and refuses to
+resume checkpoints written for a different one. ``split_real`` is here too, because which real
+inputs are held out for the gate is part of the spec (seeded), not of any one step.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from vllm_lora_ext.migrate.synthesis import dedupe_key
+from vllm_lora_ext.training import LoraHyperparameters
+
+MIN_EXAMPLES = 3
+"""Real inputs needed: at least one held out for the gate and two to synthesise from."""
+
+
+class Seed(BaseModel):
+    input: str = Field(min_length=1)
+    output: str | None = None
+    """The known answer, if any: the gate then scores the task metric on it."""
+
+
+class TrainParams(BaseModel):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    steps: int = Field(60, ge=1)
+    batch: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+    def hyperparameters(self, seed: int) -> LoraHyperparameters:
+        return LoraHyperparameters(
+            self.rank, self.alpha, tuple(self.targets), self.steps, self.batch, self.lr, seed
+        )
+
+
+class SynthesisParams(BaseModel):
+    shots: int = Field(4, ge=1)
+    batch: int = Field(16, ge=1)
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    attempts_per_input: int = Field(8, ge=1)
+    """Generation budget: ``target_count * attempts_per_input`` generations at most."""
+
+
+class MigrationSpec(BaseModel):
+    """Everything a migration needs to know besides the models (validated on construction)."""
+
+    adapter: str = Field(min_length=1)
+    task_description: str = Field(min_length=1)
+    """Completes "Here are N examples of ..." and "Is the above question from ...?"."""
+    seeds: list[Seed] = Field(default_factory=list)
+    reservoir: list[str] = Field(default_factory=list)
+    """Prompts the adapter was observed to serve (user-turn text)."""
+    target_count: int = Field(64, ge=1)
+    data: Literal["filtered", "unfiltered", "seeds_only"] = "filtered"
+    """``filtered``: real + discriminator-kept synthetic inputs (Trans-LoRA); ``unfiltered``:
+    real + all synthetic; ``seeds_only``: the real inputs alone (the ablations)."""
+    gate_fraction: float = Field(0.25, gt=0, lt=1)
+    gate_tolerance: float = Field(0.05, ge=0, le=1)
+    gate_min_agreement: float = Field(0.8, ge=0, le=1)
+    synthesis: SynthesisParams = Field(default_factory=SynthesisParams)
+    discriminator: TrainParams = Field(default_factory=lambda: TrainParams(lr=5e-3))
+    student: TrainParams = Field(default_factory=TrainParams)
+    answer_max_tokens: int = Field(64, ge=1)
+    max_len: int = Field(256, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _enough_examples(self) -> MigrationSpec:
+        n = len(real_inputs(self))
+        if n < MIN_EXAMPLES:
+            raise ValueError(
+                f"migrating {self.adapter!r} needs at least {MIN_EXAMPLES} distinct example "
+                f"inputs (seeds or reservoir prompts): one is held out to check the result, the "
+                f"rest seed the synthesis; got {n}"
+            )
+        return self
+
+
+def real_inputs(spec: MigrationSpec) -> list[tuple[str, str | None]]:
+    """Seeds then reservoir prompts as (input, known output), without repeats."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for text, target in [(s.input, s.output) for s in spec.seeds] + [
+        (r, None) for r in spec.reservoir
+    ]:
+        if text.strip():
+            out.setdefault(dedupe_key(text), (text.strip(), target))
+    return list(out.values())
+
+
+def split_real(spec: MigrationSpec) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """(gate examples, inputs to learn from): a seeded shuffle, never overlapping."""
+    pool = real_inputs(spec)
+    random.Random(spec.seed).shuffle(pool)
+    n_gate = min(max(1, round(spec.gate_fraction * len(pool))), len(pool) - 2)
+    return pool[:n_gate], [x for x, _ in pool[n_gate:]]

@@ -1,0 +1,148 @@
+"""Step 1: the old base model writes new task inputs, few-shot, from real ones.
+
+The generator sees "Here are N examples of <task>: 1. ... N. ... N+1." and its sampled
+continuation, cut where it starts item N+2, is one new input. Each prompt shows a fresh random
+subset and order of the real inputs, so the outputs vary even with few of them. Outputs that are
+empty, cut off by the token budget, or already seen (real or generated) are dropped before any
+filter sees them: duplicates would weigh a few inputs many times in distillation.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_lora_ext.evaluation.backends import Backend
+from vllm_lora_ext.evaluation.prompts import Prompt, has_chat_template, message_prompt
+from vllm_lora_ext.evaluation.prompts import stop_token_ids as default_stops
+
+_SPACES = re.compile(r"\s+")
+
+# Called with the new candidates of one round; says which to keep (e.g. the discriminator).
+Accept = Callable[[list[str]], list[bool]]
+
+
+@dataclass
+class SynthesisCounts:
+    generated: int = 0
+    """Generations asked for (the attempts)."""
+    unparsable: int = 0
+    """Empty, or cut off by ``max_tokens`` before the item ended."""
+    duplicates: int = 0
+    rejected: int = 0
+    """Refused by ``accept``."""
+    kept: int = 0
+
+
+@dataclass
+class Synthesis:
+    inputs: list[str] = field(default_factory=list)
+    counts: SynthesisCounts = field(default_factory=SynthesisCounts)
+
+
+def generator_prompt(tokenizer: Any, description: str, examples: Sequence[str]) -> Prompt:
+    """The numbered few-shot list, ending with ``N+1.`` where the new input starts.
+
+    With a chat template the list is the user turn and ``N+1.`` opens the assistant's answer;
+    without one it is plain text for the model to continue.
+    """
+    n = len(examples)
+    listing = "".join(f"{i}. {x.strip()}\n" for i, x in enumerate(examples, 1))
+    header = f"Here are {n} examples of {description}:\n"
+    if has_chat_template(tokenizer):
+        ask = f"{header}{listing}Write example {n + 1}, in the same format."
+        base = message_prompt(tokenizer, ask)
+        opening = tokenizer(f"{n + 1}.", add_special_tokens=False)["input_ids"]
+        return Prompt((*base.ids, *opening), answer_prefix=" ")
+    ids = tokenizer(f"{header}{listing}{n + 1}.", add_special_tokens=True)["input_ids"]
+    return Prompt(tuple(ids), answer_prefix=" ")
+
+
+def parse_generated(text: str, n: int, truncated: bool, single_line: bool) -> str | None:
+    """The new input in a continuation of item ``n + 1``, or ``None`` if there is none.
+
+    The item ends where item ``n + 2`` starts, at the first newline when every example was one
+    line, or where the generation stopped by itself; a generation cut off by the token budget
+    with no such end is an unfinished input and is dropped.
+    """
+    ended = not truncated
+    marker = re.search(rf"\n\s*{n + 2}\s*[.)]", text)
+    if marker:
+        text, ended = text[: marker.start()], True
+    if single_line and "\n" in text.strip():
+        text, ended = text.strip().split("\n", 1)[0], True
+    text = text.strip()
+    return text if text and ended else None
+
+
+def dedupe_key(text: str) -> str:
+    """Case- and whitespace-insensitive identity of an input."""
+    return _SPACES.sub(" ", text.strip().lower())
+
+
+def synthesise(
+    generator: Backend,
+    description: str,
+    examples: Sequence[str],
+    count: int,
+    max_attempts: int,
+    seed: int,
+    shots: int = 4,
+    batch: int = 16,
+    max_tokens: int = 64,
+    temperature: float = 1.0,
+    accept: Accept | None = None,
+    on_round: Callable[[SynthesisCounts], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Synthesis:
+    """Sample new inputs until ``count`` are kept or ``max_attempts`` generations were made.
+
+    The last round's extra accepted inputs are kept too (they are paid for), so ``kept`` may
+    exceed ``count`` by less than ``batch``; ``generated`` = unparsable + duplicates + rejected +
+    kept always holds.
+    ``accept`` filters each round's new candidates (rejection sampling); ``should_stop`` is
+    checked before each round and ends the loop early (the caller decides what that means).
+    """
+    if not examples:
+        raise ValueError("synthesis needs at least one real example input")
+    rng = random.Random(seed)
+    tok = generator.tokenizer
+    single_line = all("\n" not in x.strip() for x in examples)
+    seen = {dedupe_key(x) for x in examples}
+    out = Synthesis()
+    counts = out.counts
+    stops = default_stops(tok)
+    round_index = 0
+    while counts.kept < count and counts.generated < max_attempts:
+        if should_stop is not None and should_stop():
+            break
+        size = min(batch, max_attempts - counts.generated)
+        shown = [rng.sample(list(examples), min(shots, len(examples))) for _ in range(size)]
+        prompts = [generator_prompt(tok, description, s).ids for s in shown]
+        gens = generator.generate(
+            prompts, max_tokens, stops, temperature=temperature, seed=seed * 1_000_003 + round_index
+        )
+        round_index += 1
+        counts.generated += size
+        candidates: list[str] = []
+        for s, g in zip(shown, gens, strict=True):
+            text = parse_generated(g.text, len(s), len(g.token_ids) >= max_tokens, single_line)
+            if text is None:
+                counts.unparsable += 1
+            elif dedupe_key(text) in seen:
+                counts.duplicates += 1
+            else:
+                seen.add(dedupe_key(text))
+                candidates.append(text)
+        keep = accept(candidates) if accept is not None and candidates else [True] * len(candidates)
+        for text, ok in zip(candidates, keep, strict=True):
+            if ok:
+                out.inputs.append(text)
+            counts.kept += ok
+            counts.rejected += not ok
+        if on_round is not None:
+            on_round(counts)
+    return out
