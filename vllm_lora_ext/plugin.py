@@ -42,17 +42,28 @@ def register() -> None:
     if current_platform.is_cpu():
         patch_cpu_lora_shrink()
         select_cpu_punica_wrapper(type(current_platform))
+    elif current_platform.is_cuda():
+        select_gpu_punica_wrapper(type(current_platform))
 
 
 OUR_CPU_PUNICA = "vllm_lora_ext.cpu_lora.punica_wrapper.GroupedPunicaWrapperCPU"
+OUR_GPU_PUNICA = "vllm_lora_ext.gpu_lora.punica_wrapper.LoraKernelsPunicaWrapperGPU"
 
 
 def select_cpu_punica_wrapper(platform_cls: type) -> None:
-    """Serve LoRA on CPU with our grouped wrapper unless ``VLLM_LORA_EXT_CPU_PUNICA=vllm``.
+    """Serve LoRA on CPU with our grouped wrapper unless ``VLLM_LORA_EXT_CPU_PUNICA=vllm``."""
+    _select_punica_wrapper(platform_cls, OUR_CPU_PUNICA, lambda s: s.cpu_punica == "ours")
 
-    vLLM picks the wrapper by ``current_platform.get_punica_wrapper()`` (a qualname); the
-    setting is read when the worker builds its LoRA manager, so one env var flips it.
-    """
+
+def select_gpu_punica_wrapper(platform_cls: type) -> None:
+    """On CUDA, ``VLLM_LORA_EXT_GPU_PUNICA=ours`` serves LoRA with :mod:`lora_kernels`; the
+    default stays vLLM's Triton ops until our kernels have been measured on a GPU."""
+    _select_punica_wrapper(platform_cls, OUR_GPU_PUNICA, lambda s: s.gpu_punica == "ours")
+
+
+def _select_punica_wrapper(platform_cls: type, ours: str, wanted) -> None:
+    """vLLM picks the wrapper by ``current_platform.get_punica_wrapper()`` (a qualname); the
+    setting is read when the worker builds its LoRA manager, so one env var flips it."""
     original = platform_cls.get_punica_wrapper
     if getattr(original, "_vllm_lora_ext", False):
         return
@@ -60,7 +71,7 @@ def select_cpu_punica_wrapper(platform_cls: type) -> None:
     def get_punica_wrapper(cls) -> str:
         from vllm_lora_ext.settings import Settings
 
-        return OUR_CPU_PUNICA if Settings().cpu_punica == "ours" else original()
+        return ours if wanted(Settings()) else original()
 
     get_punica_wrapper._vllm_lora_ext = True  # type: ignore[attr-defined]
     platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)

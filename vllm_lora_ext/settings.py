@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     cpu_punica: Literal["ours", "vllm"] = "ours"
     """LoRA ops on CPU: our grouped matmuls, or vLLM's per-token gather (the fallback)."""
 
+    gpu_punica: Literal["ours", "vllm"] = "vllm"
+    """LoRA ops on CUDA: vLLM's Triton ops (default, until ours are timed on a GPU) or ours."""
+
     stats_memory_bytes: int = 1 << 30
     """Budget for the traffic statistics held in the worker (``XᵀX`` per layer, float64)."""
 

@@ -162,3 +162,23 @@ def test_capture_hook_point_and_worker_internals_exist() -> None:
         assert issubclass(getattr(layers, layer), BaseLinearLayerWithLoRA)
     plugin.patch_lora_layer_capture()  # idempotent
     assert BaseLinearLayerWithLoRA._apply_lora_to_output is patched
+
+
+def test_gpu_punica_wrapper_selection(monkeypatch) -> None:
+    """The CUDA platform cannot be imported on a CPU build: check the switch on a stand-in with
+    the same classmethod, and that the qualname it names resolves."""
+    import importlib
+
+    class FakeCuda:
+        @classmethod
+        def get_punica_wrapper(cls) -> str:
+            return "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU"
+
+    plugin.select_gpu_punica_wrapper(FakeCuda)
+    monkeypatch.delenv("VLLM_LORA_EXT_GPU_PUNICA", raising=False)
+    assert FakeCuda.get_punica_wrapper().endswith("PunicaWrapperGPU")
+    assert "lora_ext" not in FakeCuda.get_punica_wrapper()  # vLLM's ops by default
+    monkeypatch.setenv("VLLM_LORA_EXT_GPU_PUNICA", "ours")
+    assert FakeCuda.get_punica_wrapper() == plugin.OUR_GPU_PUNICA
+    module, _, name = plugin.OUR_GPU_PUNICA.rpartition(".")
+    assert hasattr(importlib.import_module(module), name)
