@@ -149,7 +149,7 @@ class Migrator:
     # -- steps ------------------------------------------------------------------------------
 
     def _run_step(self, step: str, outputs: dict[str, Any]) -> dict[str, Any]:
-        self._update(step=step, train_step=0, train_steps=0, loss=None)
+        self._update(step=step)
         try:
             out = getattr(self, f"_{step}")(outputs)
         except (TrainingStopped, LabellingStopped) as e:
@@ -313,6 +313,9 @@ class Migrator:
         self._update(generated=c.generated, kept=c.kept, rejected=c.rejected)
 
     def _on_train_step(self, total: int) -> Callable[[int, float], None]:
+        """A progress hook for a training run that starts now (train_* show the latest run)."""
+        self._update(train_step=0, train_steps=total, loss=None)
+
         def report(step: int, loss: float) -> None:
             self._update(train_step=step, train_steps=total, loss=loss)
 

@@ -115,17 +115,21 @@ def synthesise(
     out = Synthesis()
     counts = out.counts
     stops = default_stops(tok)
-    round_index = 0
     while counts.kept < count and counts.generated < max_attempts:
         if should_stop is not None and should_stop():
             break
         size = min(batch, max_attempts - counts.generated)
         shown = [rng.sample(list(examples), min(shots, len(examples))) for _ in range(size)]
         prompts = [generator_prompt(tok, description, s).ids for s in shown]
+        # Backends sample prompt i with seed + i: offsetting by the prompts so far gives every
+        # prompt of the job its own seed.
         gens = generator.generate(
-            prompts, max_tokens, stops, temperature=temperature, seed=seed * 1_000_003 + round_index
+            prompts,
+            max_tokens,
+            stops,
+            temperature=temperature,
+            seed=seed * 1_000_003 + counts.generated,
         )
-        round_index += 1
         counts.generated += size
         candidates: list[str] = []
         for s, g in zip(shown, gens, strict=True):
