@@ -49,3 +49,18 @@ def test_http_and_transformers_paths_agree(
     assert agreement.same_prediction == 1.0
     assert agreement.max_logprob_diff < 1e-3
     assert score_outputs(task, ours) == score_outputs(task, theirs)
+
+
+def test_http_sampling_is_seeded_per_prompt_on_a_real_server(server, tiny_model_dir):
+    """Migration's synthesis samples through the server: a seed per prompt makes two identical
+    prompts differ within a call, and the same call reproducible."""
+    from transformers import AutoTokenizer
+
+    backend = HttpBackend(server.url, server.base, AutoTokenizer.from_pretrained(tiny_model_dir))
+    prompt = [12, 250, 3, 3, 91, 40]
+    a = backend.generate([prompt, prompt], 12, [], temperature=1.0, seed=10)
+    b = backend.generate([prompt, prompt], 12, [], temperature=1.0, seed=10)
+    greedy = backend.generate([prompt], 12, [])
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert a[0].token_ids != a[1].token_ids
+    assert greedy[0].token_ids != a[0].token_ids or greedy[0].token_ids != a[1].token_ids

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from migrate_fakes import DIGITS, LETTERS, FunctionBackend, strings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_lora_ext.evaluation.backends import HttpBackend, TransformersBackend
+from vllm_lora_ext.evaluation.backends import TransformersBackend
 from vllm_lora_ext.migrate.discriminator import free_prompt
 from vllm_lora_ext.migrate.gate import decide
 from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all
@@ -106,31 +104,6 @@ def test_transformers_sampling_is_seeded(tiny_model_dir: Path, llama_tok) -> Non
     assert a[0] != a[1]  # equal prompts in one call get different seeds
     assert c[0] == a[1]  # prompt i is sampled with seed + i
     assert a[0] != greedy[0]
-
-
-def test_http_sampling_sends_a_seed_per_prompt(llama_tok) -> None:
-    bodies: list[dict] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        bodies.append(body)
-        choices = [
-            {"index": i, "token_ids": [5], "finish_reason": "length"}
-            for i in range(len(body["prompt"]))
-        ]
-        return httpx.Response(200, json={"choices": choices})
-
-    client = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://x")
-    backend = HttpBackend("http://x", "base", llama_tok, client=client)
-    backend.generate([[1, 2], [1, 2], [3]], 4, [], temperature=0.7, seed=10)
-    assert [(len(b["prompt"]), b["temperature"], b["seed"]) for b in bodies] == [
-        (1, 0.7, 10),
-        (1, 0.7, 11),
-        (1, 0.7, 12),
-    ]
-    bodies.clear()
-    backend.generate([[1, 2], [3]], 4, [])
-    assert len(bodies) == 1 and bodies[0]["temperature"] == 0.0 and "seed" not in bodies[0]
 
 
 # -- discriminator prompt, labelling --------------------------------------------------------
