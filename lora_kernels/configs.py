@@ -58,6 +58,19 @@ def _parse(raw: dict) -> list[ConfigEntry]:
     return sorted(entries, key=lambda e: (e.max_k, e.r_block, e.max_tokens))
 
 
+def write_entries(
+    entries: list[ConfigEntry], provenance: str, device: str | None, path: Path = CONFIG_PATH
+) -> None:
+    """One entry per line, so a re-tune shows up as a readable diff."""
+    rows = []
+    for e in sorted(entries, key=lambda e: (e.max_k, e.r_block, e.max_tokens)):
+        keys = dict(max_k=e.max_k, r_block=e.r_block, max_tokens=e.max_tokens)
+        rows.append("  " + json.dumps(keys | e.config.to_dict()))
+    head = f'{{\n "provenance": {json.dumps(provenance)},\n "device": {json.dumps(device)},\n'
+    path.write_text(head + ' "entries": [\n' + ",\n".join(rows) + "\n ]\n}\n")
+    load_entries.cache_clear()
+
+
 @lru_cache(maxsize=4)
 def load_entries(path: Path = CONFIG_PATH) -> tuple[ConfigEntry, ...]:
     return tuple(_parse(json.loads(path.read_text())))

@@ -274,8 +274,11 @@ def launch_groups(
     max_rank: int,
     work: WorkList | None = None,
     config: KernelConfig | None = None,
-) -> None:
-    """Shared launcher of the multi-LoRA and merged-delta entry points (see module doc)."""
+) -> list:
+    """Shared launcher of the multi-LoRA and merged-delta entry points (see module doc).
+
+    Returns what the launches return (compiled kernels on a GPU: the tuner reads their spills).
+    """
     num_tokens = x.shape[0]
     assert x.ndim == 2 and y.ndim == 2 and y.shape[0] == num_tokens, (x.shape, y.shape)
     assert x.stride(1) == 1 and y.stride(1) == 1, "x and y must be contiguous in their last dim"
@@ -288,7 +291,7 @@ def launch_groups(
     assert recipes or max_k == 1, "without a recipe table a group is one adapter"
     assert y.shape[1] >= table.col_end, f"y has {y.shape[1]} columns, slices end at {table.col_end}"
     if num_tokens == 0:
-        return
+        return []
     r_block = r_block_for(min(max_rank, table.r_max))
     cfg = config or select_config(num_tokens, max_k, r_block)
     if work is None:
@@ -300,29 +303,30 @@ def launch_groups(
     n_grid = cdiv(table.max_n, cfg.n_per_prog)
     slices = table.a_ptrs.shape[0]
     if cfg.path == "fused":
-        _multi_lora_fused_kernel[(work.max_work, slices, n_grid)](
+        fused = _multi_lora_fused_kernel[(work.max_work, slices, n_grid)](
             x, y, table.a_ptrs, table.b_ptrs, table.b_stride0, table.offsets, table.sizes,
             *meta, table.hidden, x.stride(0), y.stride(0),
             table.a_stride0, table.a_stride1, table.b_stride1,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, N_PER_PROG=cfg.n_per_prog,
             ALIGN=table.align, **common, **launch,
         )  # fmt: skip
-        return
+        return [fused]
     kr = max_k * r_block
     alloc = torch.zeros if cfg.split_k > 1 else torch.empty
     buf = alloc((slices, num_tokens, kr), dtype=torch.float32, device=x.device)
     k_per_split = cdiv(cdiv(table.hidden, cfg.split_k), cfg.block_k) * cfg.block_k
-    _multi_lora_shrink_kernel[(work.max_work, slices, cfg.split_k)](
+    shrink = _multi_lora_shrink_kernel[(work.max_work, slices, cfg.split_k)](
         x, buf, table.a_ptrs, *meta, table.hidden, k_per_split, x.stride(0),
         table.a_stride0, table.a_stride1, buf.stride(0), buf.stride(1),
         BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, **common, **launch,
     )  # fmt: skip
-    _multi_lora_expand_kernel[(work.max_work, slices, n_grid)](
+    expand = _multi_lora_expand_kernel[(work.max_work, slices, n_grid)](
         y, buf, table.b_ptrs, table.b_stride0, table.offsets, table.sizes, *meta,
         y.stride(0), buf.stride(0), buf.stride(1), table.b_stride1,
         BLOCK_N=cfg.block_n, N_PER_PROG=cfg.n_per_prog, ALIGN=table.align,
         **common, **launch,
     )  # fmt: skip
+    return [shrink, expand]
 
 
 def multi_lora(
