@@ -24,7 +24,7 @@ from vllm_lora_ext.adapters.validation import (
     inspect_adapter_dir,
     validate_name,
 )
-from vllm_lora_ext.checksums import sha256_file
+from vllm_lora_ext.files import sha256_file
 
 LINEAGE_FILE = "lineage.json"
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-from vllm_lora_ext.checksums import sha256_file
+from vllm_lora_ext.files import sha256_file, write_atomic
 
 SDIST_REQUIREMENT = "bigbench==1.0.0"
 # sha256 of bigbench-1.0.0.tar.gz as served by PyPI (checked when the sdist is read).
@@ -56,21 +55,6 @@ def default_task_dir() -> Path:
     from vllm_lora_ext.settings import Settings
 
     return Settings().cache_dir / "tasks"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def download_sdist(dest: Path) -> Path:
@@ -119,13 +103,13 @@ def _extract(sdist: Path, cache_dir: Path, expected_sha256: str | None) -> Path:
             handle = tar.extractfile(member)
             assert handle is not None
             data = handle.read()
-            _write_atomic(cache_dir / rel, data)
+            write_atomic(cache_dir / rel, data)
             checksums[rel] = hashlib.sha256(data).hexdigest()
     missing = sorted(wanted - checksums.keys())
     if missing:
         raise FileNotFoundError(f"{sdist} lacks {missing}")
     manifest = {"source": SDIST_REQUIREMENT, "sdist_sha256": sdist_sha, "files": checksums}
-    _write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return cache_dir
 
 

@@ -20,7 +20,7 @@ import torch
 from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, PeftLoraConfig
 from vllm_lora_ext.adapters.validation import AdapterRejected, validate_name
-from vllm_lora_ext.checksums import sha256_file
+from vllm_lora_ext.files import sha256_file
 from vllm_lora_ext.merge.methods import merge_adapters, validate_params
 from vllm_lora_ext.merge.params import MergeParams
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vllm_lora_ext.evaluation.backends import Backend
+from vllm_lora_ext.files import write_atomic
 from vllm_lora_ext.migrate.discriminator import (
     discriminator_filter,
     sample_negatives,
@@ -337,14 +336,5 @@ def _local(base: Path) -> BackendFactory:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Temp file + fsync + rename: a checkpoint is whole or absent, never half-written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A checkpoint is whole or absent, never half-written."""
+    write_atomic(path, json.dumps(data, indent=1).encode())

@@ -17,14 +17,14 @@ Files are safetensors with a format name and version in the metadata; writes are
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
+
+from vllm_lora_ext.files import write_atomic
 
 FORMAT = "vllm-lora-ext/iteris-stats"
 VERSION = "1"
@@ -177,15 +177,7 @@ class IterisStats:
 
     def save(self, path: Path) -> None:
         """Atomic: written to a temporary file beside ``path``, then renamed over it."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(self.to_bytes())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(Path(path), self.to_bytes())
 
     @classmethod
     def load(cls, path: Path) -> IterisStats:
