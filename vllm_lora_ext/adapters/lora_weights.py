@@ -28,6 +28,12 @@ class LoraWeights:
         root = math.sqrt(self.rank) if self.use_rslora else self.rank
         return self.lora_alpha / root
 
+    def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense update ``(B @ A) * scaling`` [out, in] of one module, in ``dtype``."""
+        a = self.tensors[f"{module}.lora_A.weight"].to(dtype)
+        b = self.tensors[f"{module}.lora_B.weight"].to(dtype)
+        return (b @ a) * self.scaling
+
     def modules(self) -> list[str]:
         """Module prefixes (everything before ``.lora_A.weight``), sorted."""
         return sorted(k.removesuffix(".lora_A.weight") for k in self.tensors if ".lora_A." in k)

@@ -147,10 +147,7 @@ def _dense(combine: Combine) -> MergeFn:
         tensors: dict[str, torch.Tensor] = {}
         for module in module_order(adapters):
             present = _present(adapters, weights, module)
-            deltas = [
-                (ad.tensors[_b(module)].float() @ ad.tensors[_a(module)].float()) * ad.scaling
-                for ad, _ in present
-            ]
+            deltas = [ad.delta(module) for ad, _ in present]
             delta = combine(deltas, torch.tensor([w for _, w in present]), params, generator)
             a, b = svd_factor(
                 delta, rank, params.svd_clamp, params.svd_full_matrices, params.svd_driver

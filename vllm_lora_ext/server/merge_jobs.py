@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora, save_lora
@@ -103,8 +104,6 @@ class Replayer(Protocol):
 
 class MergeJobs:
     def __init__(self, adapters: AdapterService, stats: StatsService, replayer: Replayer) -> None:
-        import torch
-
         # Merges run in the API process, beside the engine's worker. One thread: multi-threaded
         # BLAS spinning against a busy worker made an SVD 90x slower (0.12 s -> 11 s, measured).
         torch.set_num_threads(1)
@@ -303,10 +302,8 @@ def _solver_params(params: IterisJobParams) -> IterisParams:
 def _relative_change(old: LoraWeights, new: LoraWeights) -> float:
     num = den = 0.0
     for module in new.modules():
-        a, b = new.tensors[f"{module}.lora_A.weight"], new.tensors[f"{module}.lora_B.weight"]
-        dense = (b.double() @ a.double()) * new.scaling
-        oa, ob = old.tensors[f"{module}.lora_A.weight"], old.tensors[f"{module}.lora_B.weight"]
-        previous = (ob.double() @ oa.double()) * old.scaling
+        dense = new.delta(module, torch.float64)
+        previous = old.delta(module, torch.float64)
         num += float((dense - previous).square().sum())
         den += float(dense.square().sum())
     return (num / den) ** 0.5 if den else 0.0
