@@ -106,3 +106,20 @@ def test_prompt_of_body_reads_completions_and_chat() -> None:
     msgs = [{"role": "user", "content": "x"}]
     assert prompt_of_body({"messages": msgs}) == [{"messages": msgs}]
     assert prompt_of_body({"prompt": ""}) == [] and prompt_of_body({}) == []
+
+
+def test_summary_reads_the_header_only_and_agrees_with_a_full_load(tmp_path) -> None:
+    x = torch.randn(7, 3).double()
+    stats = IterisStats(
+        {
+            ("a", "l1"): InputStats(x.T @ x, 7),
+            ("a", "l2"): InputStats(x.T @ x, 7, x.T @ x, x.T @ x, 7),
+        }
+    )
+    path = tmp_path / "a.safetensors"
+    stats.save(path)
+    summary = IterisStats.summary(path)
+    loaded = IterisStats.load(path)
+    assert summary.tokens == {"a": loaded.tokens("a")} == {"a": 7}
+    assert summary.layers == {"a": len(loaded.layers("a"))} == {"a": 2}
+    assert summary.nbytes == loaded.nbytes == 4 * 9 * 8

@@ -154,8 +154,7 @@ class MergeJobs:
                 raise AdapterRejected(
                     "capturing", f"stop the capture of {name!r} before merging with it", 409
                 )
-            held = self.stats.held(name)
-            have = held.tokens(name) if held is not None else 0
+            have = self.stats.held_tokens(name)
             if have < params.min_tokens:
                 raise AdapterRejected(
                     "invalid_merge",

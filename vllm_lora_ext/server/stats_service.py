@@ -108,6 +108,11 @@ class StatsService:
 
     # -- held statistics ----------------------------------------------------------------------
 
+    def held_tokens(self, name: str) -> int:
+        """Captured tokens held for ``name``, read from the file's header only."""
+        path = self.dir / f"{name}.safetensors"
+        return IterisStats.summary(path).tokens.get(name, 0) if path.exists() else 0
+
     def held(self, name: str) -> IterisStats | None:
         path = self.dir / f"{name}.safetensors"
         return IterisStats.load(path) if path.exists() else None
@@ -173,17 +178,18 @@ class StatsService:
         return [self._describe(n, live) for n in names]
 
     def _describe(self, name: str, live: dict[int, dict]) -> dict:
-        held = self.held(name)
+        path = self.dir / f"{name}.safetensors"
+        held = IterisStats.summary(path) if path.exists() else None
         running = live.get(self.capturing.get(name, -1))
         reservoir = self.reservoirs.get(name)
         return {
             "adapter": name,
             "capturing": running is not None,
-            "held_tokens": held.tokens(name) if held is not None else 0,
+            "held_tokens": held.tokens.get(name, 0) if held is not None else 0,
             "live_tokens": running["captured_tokens"] if running else 0,
             "seen_tokens": running["seen_tokens"] if running else 0,
             "token_budget": running["token_budget"] if running else None,
-            "layers": len(held.layers(name)) if held else (running or {}).get("layers", 0),
+            "layers": held.layers.get(name, 0) if held else (running or {}).get("layers", 0),
             "bytes": (held.nbytes if held is not None else 0) + (running or {}).get("bytes", 0),
             "reservoir_prompts": len(reservoir.items) if reservoir else 0,
         }

@@ -149,18 +149,11 @@ class IterisStats:
     @classmethod
     def from_bytes(cls, data: bytes) -> IterisStats:
         """Parse :meth:`to_bytes` output; ValueError on anything else or another version."""
+        meta = _checked_metadata(_header(data))
         try:
-            (n,) = struct.unpack("<Q", data[:8])
-            meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
             tensors = load(data)
-        except Exception as e:  # struct, JSON and safetensors each raise their own
+        except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"unreadable statistics: {e}") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} file")
-        if meta.get("version") != VERSION:
-            raise ValueError(
-                f"statistics version {meta.get('version')!r}, this build reads {VERSION}"
-            )
         entries = {}
         for i, (adapter, key, tokens, paired) in enumerate(json.loads(meta["index"])):
             xtx = tensors[f"{i}.xtx"]
@@ -179,6 +172,27 @@ class IterisStats:
         """Atomic: written to a temporary file beside ``path``, then renamed over it."""
         write_atomic(Path(path), self.to_bytes())
 
+    @staticmethod
+    def summary(path: Path) -> StatsSummary:
+        """Token counts, layers and size of a saved file, from its header alone (no tensors)."""
+        with Path(path).open("rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            header = _header(head + f.read(n))
+        meta = _checked_metadata(header)
+        tokens: dict[str, int] = {}
+        layers: dict[str, int] = {}
+        for adapter, _key, count, _paired in json.loads(meta["index"]):
+            tokens[adapter] = max(tokens.get(adapter, 0), int(count))
+            layers[adapter] = layers.get(adapter, 0) + 1
+        nbytes = sum(
+            end - start
+            for name, entry in header.items()
+            if name != "__metadata__"
+            for start, end in [entry["data_offsets"]]
+        )
+        return StatsSummary(tokens, layers, nbytes)
+
     @classmethod
     def load(cls, path: Path) -> IterisStats:
         """Read a file written by :meth:`save`; ValueError on another format or version."""
@@ -186,3 +200,33 @@ class IterisStats:
             return cls.from_bytes(Path(path).read_bytes())
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class StatsSummary:
+    tokens: dict[str, int]
+    """Adapter -> rows summed (the max over its layer inputs)."""
+    layers: dict[str, int]
+    """Adapter -> layer inputs with statistics."""
+    nbytes: int
+
+
+def _header(data: bytes) -> dict:
+    """The JSON header of safetensors bytes (at least the header's bytes must be given)."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+    except Exception as e:  # struct and JSON each raise their own
+        raise ValueError(f"unreadable statistics: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError("unreadable statistics: the header is not a JSON object")
+    return header
+
+
+def _checked_metadata(header: dict) -> dict[str, str]:
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"statistics version {meta.get('version')!r}, this build reads {VERSION}")
+    return meta
