@@ -76,14 +76,7 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 2.0 / p.shape[1] ** 0.5 if "embed" not in name else 0.1)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return _init_and_save(LlamaForCausalLM, config, seed, out)
 
 
 def module_shapes() -> dict[str, tuple[int, int]]:
@@ -201,13 +194,18 @@ def build_tiny_gemma3(out: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
+    # Embeddings are tied to the output (scaled by sqrt(hidden) on input): the std of 0.1 that
+    # _init_and_save gives embeddings keeps logits neither flat nor saturated.
+    return _init_and_save(Gemma3ForCausalLM, config, seed, out)
+
+
+def _init_and_save(model_cls, config, seed: int, out: Path) -> Path:
+    """Seeded init (weights ~ N(0, 2/sqrt(fan_in)), embeddings ~ N(0, 0.1)), then save."""
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config)
+    model = model_cls(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2:
-                # Embeddings are tied to the output (scaled by sqrt(hidden) on input): std 0.1 gives
-                # logits neither flat nor saturated.
                 p.normal_(0.0, 2.0 / p.shape[1] ** 0.5 if "embed" not in name else 0.1)
     model.save_pretrained(out, safe_serialization=True)
     return out
