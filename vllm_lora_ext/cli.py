@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--svd-driver", choices=["gesvd", "gesvdj", "gesvda"])
     merge.add_argument("--seed", type=int, help="DARE: reproducible masks")
     merge.set_defaults(func=cmd_merge)
+
+    from vllm_lora_ext.stats import gather
+
+    gather.add_parser(sub)
     return parser
 
 
