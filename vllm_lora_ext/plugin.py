@@ -310,6 +310,7 @@ class LoraExtEndpointPlugin:
             engine=capture,
             memory_budget_bytes=settings.stats_memory_bytes,
             reservoir_size=settings.stats_reservoir_size,
+            stats_dir=settings.stats_dir,
         )
         host = args.host if args.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
         replayer = HttpReplayer(

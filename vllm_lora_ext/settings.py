@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     stats_memory_bytes: int = 1 << 30
     """Budget for the traffic statistics held in the worker (``XᵀX`` per layer, float64)."""
 
+    stats_dir: Path | None = None
+    """Held traffic statistics; defaults to ``<store_dir>/.stats``. Replicas that share one
+    store need their own (statistics are per replica, summed by ``stats gather``)."""
+
     stats_reservoir_size: int = 64
     """Prompts kept per captured adapter (a uniform sample) for IterIS replays."""
 

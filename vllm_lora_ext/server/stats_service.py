@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from vllm_lora_ext.adapters.validation import AdapterRejected
@@ -46,12 +47,14 @@ class StatsService:
         engine: CaptureEngine,
         memory_budget_bytes: int,
         reservoir_size: int,
+        stats_dir: Path | None = None,
     ) -> None:
         self.adapters = adapters
         self.engine = engine
         self.memory_budget_bytes = memory_budget_bytes
         self.reservoir_size = reservoir_size
-        self.dir = adapters.store.root / STATS_DIR
+        # Not in a store shared by replicas: each would add its capture to the others' file.
+        self.dir = stats_dir if stats_dir is not None else adapters.store.root / STATS_DIR
         self.capturing: dict[str, int] = {}
         """adapter name -> LoRA int id, for captures running in the worker."""
         self.reservoirs: dict[str, Reservoir] = {}
