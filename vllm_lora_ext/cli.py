@@ -56,6 +56,14 @@ def vllm_command(args: argparse.Namespace, model: Path, served_name: str) -> lis
     ]
 
 
+def has_chat_template(model: Path) -> bool:
+    """Whether a model folder ships a chat template (tokenizer_config.json or a .jinja file)."""
+    if (model / "chat_template.jinja").is_file() or (model / "chat_template.json").is_file():
+        return True
+    config = model / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
 def serve_environment(settings: Settings, aliases: list[str], kv_cache_gib: int) -> dict[str, str]:
     env = dict(os.environ)
     plugins = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
@@ -98,7 +106,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             [*DEFAULT_MODEL_ALIASES],
         )
     cmd = vllm_command(args, model, served_name)
+    if not has_chat_template(model) and "--chat-template" not in args.vllm_args:
+        from vllm_lora_ext.migrate.queries import PLAIN_CHAT_TEMPLATE
+
+        cmd += ["--chat-template", PLAIN_CHAT_TEMPLATE]
     env = serve_environment(settings, aliases, args.kv_cache_gib)
+    if args.migrate_from:
+        env["VLLM_LORA_EXT_MIGRATE_FROM"] = args.migrate_from
+        for flag, var in (("migrate_source_model", "SOURCE_MODEL"), ("migrate_request", "REQUEST")):
+            value = getattr(args, flag)
+            if value is not None and not Path(value).exists():
+                print(f"error: --{flag.replace('_', '-')} {value}: no such path", file=sys.stderr)
+                return 2
+            if value is not None:
+                env[f"VLLM_LORA_EXT_MIGRATE_{var}"] = str(Path(value).resolve())
     url = f"http://{args.host}:{args.port}"
     print(f"Starting vLLM on {url} (model {model}, adapter store {env['VLLM_LORA_EXT_STORE_DIR']})")
     child = subprocess.Popen(cmd, env=env)
@@ -234,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-loras", type=int, default=4, help="adapters in one batch")
     serve.add_argument("--max-cpu-loras", type=int, default=64, help="adapters kept in memory")
     serve.add_argument("--kv-cache-gib", type=int, default=2, help="CPU KV cache size")
+    serve.add_argument(
+        "--migrate-from", metavar="URL",
+        help="take over every adapter of the server at URL (Trans-LoRA): forwarded there until "
+        "each one is migrated to this base and passes its gate",
+    )  # fmt: skip
+    serve.add_argument("--migrate-source-model", help="local folder of the old server's base")
+    serve.add_argument("--migrate-request", help="JSON: tasks, seeds and options of the migration")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM arguments")
     serve.set_defaults(func=cmd_serve)
 
@@ -270,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_lora_ext.stats import gather
 
     gather.add_parser(sub)
+
+    from vllm_lora_ext.migration_cli import add_migrate_parser
+
+    add_migrate_parser(sub, DEFAULT_URL)
     return parser
 
 

@@ -8,6 +8,7 @@ fails loudly if a vLLM upgrade moves any of it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from argparse import Namespace
 from pathlib import Path
@@ -258,7 +259,9 @@ class LoraExtEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_lora_ext.server.forwarding import ForwardToSource
         from vllm_lora_ext.server.merge_routes import router as merge_router
+        from vllm_lora_ext.server.migration_routes import router as migration_router
         from vllm_lora_ext.server.request_metrics import RequestsPerAdapter
         from vllm_lora_ext.server.routes import router
         from vllm_lora_ext.server.stats_routes import router as stats_router
@@ -266,7 +269,10 @@ class LoraExtEndpointPlugin:
         app.include_router(router)
         app.include_router(stats_router)
         app.include_router(merge_router)
+        app.include_router(migration_router)
         app.add_middleware(RequestsPerAdapter)
+        # Added last, so outermost: a forwarded request never reaches vLLM or the counters.
+        app.add_middleware(ForwardToSource)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from vllm_lora_ext.adapters.base_model import BaseModelInfo
@@ -280,6 +286,8 @@ class LoraExtEndpointPlugin:
         state.lora_ext = None
         state.lora_ext_stats = None
         state.lora_ext_merges = None
+        state.lora_ext_migrations = None
+        state.lora_ext_forward = None
         if engine_client is None or not getattr(args, "enable_lora", False):
             logger.warning("vllm-lora-ext: LoRA is disabled; /v1/adapters answers 409")
             return
@@ -317,9 +325,43 @@ class LoraExtEndpointPlugin:
             f"http://{host}:{args.port}", capture, state.lora_ext, Path(model_config.model)
         )
         state.lora_ext_merges = MergeJobs(state.lora_ext, state.lora_ext_stats, replayer)
+        await _init_migrations(state, settings, Path(model_config.model))
         logger.info(
             "vllm-lora-ext: store %s, %d adapters for base %s",
             store.root,
             len(state.lora_ext.names),
             base.name,
         )
+
+
+async def _init_migrations(state: Any, settings: Any, new_base: Path) -> None:
+    """The migration service; with ``serve --migrate-from`` its job starts before serving, and a
+    refused one stops the server with the reason (an operator asked for it explicitly)."""
+    from vllm_lora_ext.server.forwarding import ForwardTable
+    from vllm_lora_ext.server.migration_jobs import (
+        MigrationJobs,
+        MigrationRefused,
+        MigrationRequest,
+        known_model_finder,
+    )
+
+    state.lora_ext_forward = ForwardTable()
+    jobs = MigrationJobs(
+        state.lora_ext,
+        state.lora_ext_forward,
+        new_base,
+        known_model_finder(settings.cache_dir),
+    )
+    state.lora_ext_migrations = jobs
+    if settings.migrate_from is None:
+        return
+    body = json.loads(settings.migrate_request.read_text()) if settings.migrate_request else {}
+    body["source_url"] = settings.migrate_from
+    if settings.migrate_source_model is not None:
+        body["source_model_path"] = str(settings.migrate_source_model)
+    try:
+        job = await jobs.submit(MigrationRequest.model_validate(body))
+    except MigrationRefused as e:
+        raise RuntimeError(f"vllm-lora-ext: --migrate-from {settings.migrate_from}: {e}") from e
+    logger.info("vllm-lora-ext: migration %s of %d adapters started from %s", job.id,
+                len(job.adapters), settings.migrate_from)  # fmt: skip

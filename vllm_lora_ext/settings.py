@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     stats_reservoir_size: int = 64
     """Prompts kept per captured adapter (a uniform sample) for IterIS replays."""
 
+    migrate_from: str | None = None
+    """``serve --migrate-from``: the old server whose adapters this one takes over at start."""
+
+    migrate_source_model: Path | None = None
+    """A local folder of the old server's base model (default: found if it is a known model)."""
+
+    migrate_request: Path | None = None
+    """A JSON file with the rest of the ``POST /v1/migrations`` body (tasks, seeds, options)."""
+
     @field_validator("base_aliases", mode="before")
     @classmethod
     def _split_aliases(cls, value: object) -> object:

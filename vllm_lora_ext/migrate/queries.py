@@ -11,6 +11,11 @@ from typing import Any
 
 from vllm_lora_ext.evaluation.prompts import Prompt, has_chat_template, message_prompt
 
+PLAIN_CHAT_TEMPLATE = "{{ bos_token }}Q: {{ messages[-1]['content'] }}\nA:"
+"""A chat template for a model without one that frames the last message as
+:func:`query_prompt` does, so chat clients of a migrated adapter on such a base (e.g. Gemma 3
+270M) get the framing its student was trained with; ``serve`` installs it."""
+
 
 def query_prompt(tokenizer: Any, text: str) -> Prompt:
     """The prompt that asks ``tokenizer``'s model to answer ``text``."""

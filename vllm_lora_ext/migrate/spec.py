@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vllm_lora_ext.migrate.synthesis import dedupe_key
 from vllm_lora_ext.training import LoraHyperparameters
@@ -20,12 +20,16 @@ MIN_EXAMPLES = 3
 
 
 class Seed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     input: str = Field(min_length=1)
     output: str | None = None
     """The known answer, if any: the gate then scores the task metric on it."""
 
 
 class TrainParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -40,6 +44,8 @@ class TrainParams(BaseModel):
 
 
 class SynthesisParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     shots: int = Field(4, ge=1)
     batch: int = Field(16, ge=1)
     max_tokens: int = Field(64, ge=1)
@@ -48,15 +54,11 @@ class SynthesisParams(BaseModel):
     """Generation budget: ``target_count * attempts_per_input`` generations at most."""
 
 
-class MigrationSpec(BaseModel):
-    """Everything a migration needs to know besides the models (validated on construction)."""
+class MigrationOptions(BaseModel):
+    """How every adapter of a migration is carried over (the same for each adapter of a job)."""
 
-    adapter: str = Field(min_length=1)
-    task_description: str = Field(min_length=1)
-    """Completes "Here are N examples of ..." and "Is the above question from ...?"."""
-    seeds: list[Seed] = Field(default_factory=list)
-    reservoir: list[str] = Field(default_factory=list)
-    """Prompts the adapter was observed to serve (user-turn text)."""
+    model_config = ConfigDict(extra="forbid")
+
     target_count: int = Field(64, ge=1)
     data: Literal["filtered", "unfiltered", "seeds_only"] = "filtered"
     """``filtered``: real + discriminator-kept synthetic inputs (Trans-LoRA); ``unfiltered``:
@@ -70,6 +72,17 @@ class MigrationSpec(BaseModel):
     answer_max_tokens: int = Field(64, ge=1)
     max_len: int = Field(256, ge=8)
     seed: int = 0
+
+
+class MigrationSpec(MigrationOptions):
+    """Everything a migration needs to know besides the models (validated on construction)."""
+
+    adapter: str = Field(min_length=1)
+    task_description: str = Field(min_length=1)
+    """Completes "Here are N examples of ..." and "Is the above question from ...?"."""
+    seeds: list[Seed] = Field(default_factory=list)
+    reservoir: list[str] = Field(default_factory=list)
+    """Prompts the adapter was observed to serve (user-turn text)."""
 
     @model_validator(mode="after")
     def _enough_examples(self) -> MigrationSpec:

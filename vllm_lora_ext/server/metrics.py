@@ -34,3 +34,29 @@ MERGE_SECONDS = Counter(
 MERGE_ITERATION = Gauge(
     "vllm_lora_ext_merge_iteration", "Current IterIS iteration of running merge jobs", ["job"]
 )
+FORWARDED_ADAPTERS = Gauge(
+    "vllm_lora_ext_forwarded_adapters",
+    "Adapters whose requests are forwarded to another server (not migrated here yet)",
+)
+FORWARDED_REQUESTS = Counter(
+    "vllm_lora_ext_forwarded_requests",
+    "Generation requests proxied to the server that still serves their adapter",
+    ["adapter"],
+)
+FORWARD_FAILURES = Counter(
+    "vllm_lora_ext_forward_failures", "Forwarded requests whose target server was unreachable"
+)
+MIGRATION_ADAPTERS = Gauge(
+    "vllm_lora_ext_migration_adapters",
+    "Adapters of the current migration by state (pending, running, switched, kept_old, ...)",
+    ["state"],
+)
+MIGRATION_PROGRESS = Gauge(
+    "vllm_lora_ext_migration_progress",
+    "The migrating adapter's counters: generated, kept, rejected, labelled, train_step, loss",
+    ["adapter", "field"],
+)
+MIGRATION_SECONDS = Counter(
+    "vllm_lora_ext_migration_seconds", "Wall time spent migrating adapters, by final state",
+    ["state"],
+)  # fmt: skip

@@ -29,7 +29,7 @@ _MAX_FILES = 8
 
 
 def error(status: int, message: str, reason: str | None = None) -> JSONResponse:
-    kind = {404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLarge"}
+    kind = {404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLarge", 502: "BadGateway"}
     body = ErrorResponse(
         error=ErrorDetail(
             message=message, type=kind.get(status, "BadRequestError"), reason=reason, code=status

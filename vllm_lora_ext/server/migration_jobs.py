@@ -1,0 +1,362 @@
+"""Hot base-model upgrade: carry every adapter of an old server over to this one (Trans-LoRA).
+
+``POST /v1/migrations`` (or ``serve --migrate-from``) names the old server. From that moment
+every adapter it serves is answered here: forwarded to the old server until its migration
+passes the gate, then switched to the migrated adapter served on this base. Per adapter, in
+order: pull its observed prompts, run the :class:`~vllm_lora_ext.migrate.migrator.Migrator`
+(the old server generates, labels and teaches over HTTP; the discriminator and the student train
+in this process), then, if the gate passes, register the student in the store (staged,
+validated, renamed, loaded) and stop forwarding. A refused gate, a failure or a cancel keeps the
+adapter on the old server and says why. ``DELETE`` cancels and rolls back: switched adapters are
+forwarded again and their migrated copies removed.
+
+Checkpoints live in ``<store>/.migrations/<adapter>-<spec hash>/``: a restarted server given
+the same request resumes each adapter where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.migrate.migrator import MigrationCancelled, MigrationResult, Migrator
+from vllm_lora_ext.migrate.source import SourceError, SourceInfo, describe_source, observed_inputs
+from vllm_lora_ext.migrate.spec import MigrationOptions, MigrationSpec, Seed
+from vllm_lora_ext.server import metrics
+from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.forwarding import ForwardTable
+
+AdapterState = Literal[
+    "pending", "running", "switched", "kept_old", "failed", "cancelled", "rolled_back"
+]
+JobState = Literal["running", "done", "cancelled", "rolled_back"]
+WORK_DIR = ".migrations"
+_POLL_SECONDS = 0.5
+
+# source base name -> a local folder of that model, if this server knows one (e.g. the default)
+SourceModelFinder = Callable[[str], Path | None]
+
+
+class AdapterTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task_description: str | None = Field(
+        None, min_length=1, description="What the adapter does, e.g. 'two-digit arithmetic'"
+    )
+    seeds: list[Seed] = Field(default_factory=list, description="Example inputs (+ answers)")
+
+
+class MigrationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source_url: str = Field(pattern=r"^https?://", description="The old server")
+    source_model: str | None = Field(None, description="Base the old server must be serving")
+    source_model_path: str | None = Field(
+        None, description="Local folder of the old base (tokenizer, discriminator training)"
+    )
+    adapters: list[str] | None = Field(None, min_length=1, description="Default: all of them")
+    tasks: dict[str, AdapterTask] = Field(default_factory=dict)
+    options: MigrationOptions = Field(default_factory=MigrationOptions)
+
+
+class MigrationRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class AdapterMigration:
+    name: str
+    spec: MigrationSpec
+    work_dir: Path
+    state: AdapterState = "pending"
+    error: str | None = None
+    gate: dict[str, Any] | None = None
+    seconds: float | None = None
+    migrator: Migrator | None = None
+
+    def view(self) -> dict[str, Any]:
+        progress = asdict(self.migrator.progress) if self.migrator is not None else None
+        if progress is not None:
+            progress.pop("gate", None)
+        return {
+            "name": self.name,
+            "state": self.state,
+            "examples": {"seeds": len(self.spec.seeds), "reservoir": len(self.spec.reservoir)},
+            "progress": progress,
+            "gate": self.gate,
+            "error": self.error,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class MigrationJob:
+    id: str
+    request: MigrationRequest
+    source: SourceInfo
+    old_base: Path
+    adapters: list[AdapterMigration]
+    state: JobState = "running"
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    task: asyncio.Task | None = None
+    cancelled: bool = False
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "source_url": self.source.url,
+            "source_base": self.source.base,
+            "adapters": [a.view() for a in self.adapters],
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
+
+
+class MigrationJobs:
+    """All migrations of this server; one runs at a time."""
+
+    def __init__(
+        self,
+        adapters: AdapterService,
+        forward: ForwardTable,
+        new_base: Path,
+        find_source_model: SourceModelFinder,
+    ) -> None:
+        self.adapters = adapters
+        self.forward = forward
+        self.new_base = Path(new_base)
+        self.find_source_model = find_source_model
+        self.jobs: dict[str, MigrationJob] = {}
+
+    @property
+    def work_root(self) -> Path:
+        return self.adapters.store.root / WORK_DIR
+
+    def active(self) -> MigrationJob | None:
+        return next((j for j in self.jobs.values() if j.state == "running"), None)
+
+    # -- submission ---------------------------------------------------------------------------
+
+    async def submit(self, request: MigrationRequest) -> MigrationJob:
+        """Check the source, the adapters and their examples (4xx/502), then start the job."""
+        if (running := self.active()) is not None:
+            raise MigrationRefused(409, f"migration {running.id} is still running")
+        try:
+            source = await asyncio.to_thread(
+                describe_source, request.source_url, request.source_model
+            )
+        except SourceError as e:
+            raise MigrationRefused(e.status, str(e)) from e
+        names = request.adapters or list(source.adapters)
+        if not names:
+            raise MigrationRefused(409, f"the source server {source.url} serves no adapters")
+        for name in names:
+            if name not in source.adapters:
+                raise MigrationRefused(404, f"adapter {name!r} is not served by {source.url}")
+            if self.adapters.get(name) is not None:
+                raise MigrationRefused(409, f"adapter {name!r} is already served here")
+        unknown = set(request.tasks) - set(names)
+        if unknown:
+            raise MigrationRefused(400, f"tasks given for adapters not migrated: {sorted(unknown)}")
+        old_base = self._old_base(request, source)
+        tokenizer = await asyncio.to_thread(_tokenizer, old_base)
+        migrations = []
+        for name in names:
+            try:
+                reservoir = await asyncio.to_thread(observed_inputs, source.url, name, tokenizer)
+            except SourceError as e:
+                raise MigrationRefused(e.status, str(e)) from e
+            migrations.append(self._adapter_migration(request, source, name, reservoir))
+        job = MigrationJob(uuid.uuid4().hex[:12], request, source, old_base, migrations)
+        for migration in migrations:
+            self.forward.forward(migration.name, source.url)
+        self.jobs[job.id] = job
+        self._count_states()
+        job.task = asyncio.create_task(self._run(job, tokenizer))
+        return job
+
+    def _old_base(self, request: MigrationRequest, source: SourceInfo) -> Path:
+        if request.source_model_path is not None:
+            path = Path(request.source_model_path)
+        else:
+            found = self.find_source_model(source.base)
+            if found is None:
+                raise MigrationRefused(
+                    400,
+                    f"give source_model_path: a local folder of the old base {source.base!r} "
+                    "(its tokenizer frames the old server's prompts; the discriminator trains "
+                    "on it)",
+                )
+            path = found
+        if not (path / "config.json").is_file():
+            raise MigrationRefused(400, f"{str(path)!r} is not a model folder (no config.json)")
+        return path
+
+    def _adapter_migration(
+        self, request: MigrationRequest, source: SourceInfo, name: str, reservoir: list[str]
+    ) -> AdapterMigration:
+        task = request.tasks.get(name, AdapterTask())
+        try:
+            spec = MigrationSpec(
+                **request.options.model_dump(),
+                adapter=name,
+                task_description=task.task_description or f"{name.replace('_', ' ')} questions",
+                seeds=task.seeds,
+                reservoir=reservoir,
+            )
+        except ValidationError as e:
+            detail = "; ".join(err["msg"] for err in e.errors())
+            raise MigrationRefused(
+                409,
+                f"{detail}. Give seeds in tasks[{name!r}].seeds, or capture traffic on the "
+                f"source (POST /v1/stats/{name}/start) so that its reservoir fills",
+            ) from e
+        identity = json.dumps(
+            [source.base, str(self.new_base), spec.model_dump(mode="json")], sort_keys=True
+        )
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        return AdapterMigration(name, spec, self.work_root / f"{name}-{digest}")
+
+    # -- execution ----------------------------------------------------------------------------
+
+    async def _run(self, job: MigrationJob, tokenizer: Any) -> None:
+        from vllm_lora_ext.evaluation.backends import HttpBackend
+
+        generator = HttpBackend(job.source.url, job.source.base, tokenizer)
+        try:
+            for migration in job.adapters:
+                if job.cancelled:
+                    migration.state = "cancelled"
+                    continue
+                teacher = HttpBackend(job.source.url, migration.name, tokenizer)
+                migration.migrator = Migrator(
+                    migration.spec,
+                    migration.work_dir,
+                    old_base=job.old_base,
+                    new_base=self.new_base,
+                    generator=generator,
+                    teacher=teacher,
+                )
+                await self._migrate_one(job, migration)
+                self._count_states()
+        finally:
+            if job.state == "running":
+                job.state = "cancelled" if job.cancelled else "done"
+            job.finished_at = time.time()
+            self._count_states()
+
+    async def _migrate_one(self, job: MigrationJob, migration: AdapterMigration) -> None:
+        migration.state = "running"
+        started = time.monotonic()
+        assert migration.migrator is not None
+        run = asyncio.create_task(asyncio.to_thread(migration.migrator.run))
+        try:
+            while not run.done():
+                self._report(migration)
+                await asyncio.wait({run}, timeout=_POLL_SECONDS)
+            self._report(migration)
+            result: MigrationResult = run.result()
+            migration.gate = asdict(result.gate)
+            if not result.passed:
+                migration.state = "kept_old"
+                migration.error = f"gate refused the migrated adapter: {result.gate.reason}"
+            elif job.cancelled:
+                migration.state = "cancelled"
+            else:
+                await self._switch(job, migration, result.adapter_dir)
+        except MigrationCancelled as e:
+            migration.state, migration.error = "cancelled", str(e)
+        except Exception as e:
+            migration.state, migration.error = "failed", str(e)
+        migration.seconds = round(time.monotonic() - started, 1)
+        metrics.MIGRATION_SECONDS.labels(state=migration.state).inc(migration.seconds)
+
+    async def _switch(self, job: MigrationJob, migration: AdapterMigration, adapter: Path) -> None:
+        """Register (all or nothing), then flip the route: no request finds neither."""
+        try:
+            await self.adapters.register_from_path(
+                migration.name, adapter, origin=f"migrated from {job.source.url}"
+            )
+        except AdapterRejected as e:
+            migration.state = "failed"
+            migration.error = f"the migrated adapter was refused by the store: {e.message}"
+            return
+        self.forward.stop_forwarding(migration.name)
+        migration.state = "switched"
+
+    def _report(self, migration: AdapterMigration) -> None:
+        if migration.migrator is None:
+            return
+        p = migration.migrator.progress
+        for name in ("generated", "kept", "rejected", "labelled", "train_step"):
+            metrics.MIGRATION_PROGRESS.labels(adapter=migration.name, field=name).set(
+                getattr(p, name)
+            )
+        if p.loss is not None:
+            metrics.MIGRATION_PROGRESS.labels(adapter=migration.name, field="loss").set(p.loss)
+
+    def _count_states(self) -> None:
+        counts: dict[str, int] = dict.fromkeys(AdapterState.__args__, 0)
+        for job in self.jobs.values():
+            for migration in job.adapters:
+                counts[migration.state] += 1
+        for state, n in counts.items():
+            metrics.MIGRATION_ADAPTERS.labels(state=state).set(n)
+
+    # -- cancel and roll back -----------------------------------------------------------------
+
+    async def rollback(self, job_id: str) -> MigrationJob | None:
+        """Stop the job, then route every adapter it switched back to the old server."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        job.cancelled = True
+        for migration in job.adapters:
+            if migration.migrator is not None:
+                migration.migrator.cancel()
+        if job.task is not None:
+            await asyncio.shield(job.task)
+        for migration in job.adapters:
+            if migration.state == "switched":
+                self.forward.forward(migration.name, job.source.url)
+                await self.adapters.remove(migration.name)
+                migration.state = "rolled_back"
+        job.state = "rolled_back"
+        self._count_states()
+        return job
+
+
+def known_model_finder(cache_dir: Path) -> SourceModelFinder:
+    """Finds the embedded default model (converted in the cache) by any of its names."""
+
+    def find(name: str) -> Path | None:
+        from vllm_lora_ext.base_models import (
+            DEFAULT_MODEL_ALIASES,
+            DEFAULT_MODEL_NAME,
+            ensure_default_model,
+        )
+
+        if name not in (DEFAULT_MODEL_NAME, *DEFAULT_MODEL_ALIASES):
+            return None
+        return ensure_default_model(cache_dir)
+
+    return find
+
+
+def _tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
