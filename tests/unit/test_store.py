@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ from test_validation import BASE
 from tiny_model import random_lora_tensors, write_adapter
 
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from vllm_lora_ext.adapters.store import LINEAGE_FILE, AdapterStore
+from vllm_lora_ext.adapters.store import LINEAGE_FILE, STALE_STAGING_S, AdapterStore
 from vllm_lora_ext.adapters.validation import AdapterRejected
 
 
@@ -54,11 +56,14 @@ def test_duplicate_refused_and_original_kept(tmp_path: Path) -> None:
 def test_crash_leftovers_are_invisible_and_cleaned(tmp_path: Path) -> None:
     (tmp_path / ".staging-abc").mkdir()
     (tmp_path / ".staging-abc" / CONFIG_FILE).write_text("{}")
+    old = time.time() - STALE_STAGING_S - 1
+    os.utime(tmp_path / ".staging-abc", (old, old))
+    (tmp_path / ".staging-new").mkdir()  # another replica's upload in progress: kept
     (tmp_path / ".trash-xyz").mkdir()
     (tmp_path / "half-written").mkdir()  # no lineage: never listed
     store = AdapterStore(tmp_path)
     assert store.list() == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["half-written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging-new", "half-written"]
 
 
 def test_remove(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 Layout: ``<root>/<name>/{adapter_config.json, adapter_model.safetensors, lineage.json}``.
 An adapter is staged in ``<root>/.staging-*`` (same filesystem), validated there, then
-renamed into place; a crash leaves at most a dot-directory that listing ignores and the next
-start removes. Removal renames to ``.trash-*`` first, so a half-deleted adapter is never listed.
+renamed into place; a crash leaves at most a dot-directory that listing ignores and a later
+start removes (staging only once stale: replicas may share the store). Removal renames to
+``.trash-*`` first, so a half-deleted adapter is never listed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from vllm_lora_ext.adapters.validation import (
 from vllm_lora_ext.files import sha256_file
 
 LINEAGE_FILE = "lineage.json"
+STALE_STAGING_S = 3600.0
+"""A staging directory this old is a crash's leftover. A younger one may be an upload in
+progress on another replica that shares the store: a starting replica must not delete it."""
 
 
 class StoredAdapter(AdapterSummary):
@@ -44,7 +48,9 @@ class AdapterStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(".*-*"):
-            if leftover.name.startswith((".staging-", ".trash-")):
+            if leftover.name.startswith(".trash-") or (
+                leftover.name.startswith(".staging-") and _age(leftover) > STALE_STAGING_S
+            ):
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def path(self, name: str) -> Path:
@@ -120,3 +126,10 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:  # removed by another replica meanwhile
+        return 0.0
