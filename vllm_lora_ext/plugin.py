@@ -145,6 +145,20 @@ def name_lora_layers(worker: Any) -> tuple[dict[str, int], list[int | None]]:
     return dims, manager.lora_index_to_id
 
 
+def pin_in_cpu_cache(worker: Any, lora_id: int) -> bool:
+    """Keep a loaded adapter in the worker's CPU cache (``--max-cpu-loras``, LRU) for good.
+
+    Not vLLM's ``pin_lora``: that also pins one of the ``--max-loras`` batch slots, which the
+    scheduler does not know about, so a batch of ``max_loras`` other adapters would evict one
+    of its own members from its slot. False when the adapter is not cached (evicted meanwhile).
+    """
+    cache = worker.model_runner.lora_manager._adapter_manager._registered_adapters
+    if lora_id not in cache:
+        return False
+    cache.pin(lora_id)
+    return True
+
+
 class VllmEngineAdapters:
     """:class:`EngineAdapters` on top of the API server's ``OpenAIServingModels``.
 
@@ -179,6 +193,31 @@ class VllmEngineAdapters:
 
     def loaded_names(self) -> set[str]:
         return set(self.serving_models.lora_requests)
+
+    async def prefetch(self, name: str, path: Path) -> None:
+        """Into the worker's CPU cache now, as a first request would (vLLM's ``add_lora``);
+        also brings back an adapter the LRU evicted."""
+        request = self.serving_models.lora_requests.get(name)
+        if request is None:
+            await self.load(name, path)
+        else:
+            await self.engine_client.add_lora(request)
+
+    async def pin(self, name: str) -> None:
+        request = self.serving_models.lora_requests[name]
+        for _ in range(3):  # traffic may evict it between add_lora and the pin: add again
+            await self.engine_client.add_lora(request)
+            pinned = await self.engine_client.collective_rpc(
+                "lora_ext_pin_cpu", args=(request.lora_int_id,)
+            )
+            if all(pinned):
+                return
+        raise RuntimeError(f"{name!r} was evicted from the CPU cache before it could be pinned")
+
+    async def cached_names(self) -> set[str]:
+        """Adapters in the worker's CPU cache now."""
+        ids = await self.engine_client.list_loras()
+        return {n for n, r in self.serving_models.lora_requests.items() if r.lora_int_id in ids}
 
 
 class VllmCaptureEngine:
@@ -310,8 +349,12 @@ class LoraExtEndpointPlugin:
             max_rank=int(args.max_lora_rank),
             engine=VllmEngineAdapters(serving_models, engine_client),
             max_upload_bytes=settings.max_upload_bytes,
+            # A full batch of unpinned adapters must still fit in the CPU cache.
+            max_pinned=int(getattr(args, "max_cpu_loras", None) or args.max_loras)
+            - int(args.max_loras),
         )
         serving_models.lora_resolvers.append(_store_resolver(state.lora_ext))
+        await state.lora_ext.pin_at_start(settings.pinned_adapters)
         capture = VllmCaptureEngine(serving_models, engine_client, settings.stats_memory_bytes)
         state.lora_ext_stats = StatsService(
             adapters=state.lora_ext,

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     base_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Extra names under which adapters may declare the served base (comma-separated)."""
 
+    pinned_adapters: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Adapters loaded at start and never evicted from vLLM's CPU cache (comma-separated)."""
+
     max_upload_bytes: int = 1 << 30
     """Largest adapter accepted by ``POST /v1/adapters``."""
 
@@ -57,9 +60,9 @@ class Settings(BaseSettings):
     migrate_request: Path | None = None
     """A JSON file with the rest of the ``POST /v1/migrations`` body (tasks, seeds, options)."""
 
-    @field_validator("base_aliases", mode="before")
+    @field_validator("base_aliases", "pinned_adapters", mode="before")
     @classmethod
-    def _split_aliases(cls, value: object) -> object:
+    def _split_comma_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value

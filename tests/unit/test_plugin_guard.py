@@ -182,3 +182,24 @@ def test_gpu_punica_wrapper_selection(monkeypatch) -> None:
     assert FakeCuda.get_punica_wrapper() == plugin.OUR_GPU_PUNICA
     module, _, name = plugin.OUR_GPU_PUNICA.rpartition(".")
     assert hasattr(importlib.import_module(module), name)
+
+
+def test_cpu_cache_pinning_we_use() -> None:
+    """plugin.pin_in_cpu_cache pins in the worker's LRU of loaded adapters, and not through
+    vLLM's pin_lora, which also takes a batch slot: when that changes, reconsider."""
+    from vllm.lora.model_manager import LoRAModelManager, LRUCacheLoRAModelManager
+    from vllm.utils.cache import LRUCache
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+
+    assert "self._registered_adapters" in inspect.getsource(LoRAModelManager.__init__)
+    assert "_pin_lora_in_gpu_cache" in inspect.getsource(LRUCacheLoRAModelManager.pin_adapter)
+    assert "self.lora_manager" in inspect.getsource(LoRAModelRunnerMixin)
+    for method in ("add_lora", "list_loras"):
+        assert inspect.iscoroutinefunction(getattr(AsyncLLM, method))
+    cache: LRUCache[int, str] = LRUCache(2)
+    cache.put(1, "pinned")
+    cache.put(2, "b")
+    cache.pin(1)
+    cache.put(3, "c")  # evicts the least recently used unpinned entry
+    assert 1 in cache and 2 not in cache and 3 in cache

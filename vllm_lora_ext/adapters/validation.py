@@ -47,6 +47,7 @@ REASONS = (
     "not_capturing",
     "capturing",
     "invalid_stats",
+    "too_many_pinned",
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

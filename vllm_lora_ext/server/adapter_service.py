@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -30,6 +31,7 @@ from vllm_lora_ext.merge.spec import MergeSpec
 from vllm_lora_ext.server import metrics
 
 MERGED_DIR = ".merged"
+logger = logging.getLogger("vllm_lora_ext")
 
 
 class EngineAdapters(Protocol):
@@ -38,6 +40,9 @@ class EngineAdapters(Protocol):
     async def load(self, name: str, path: Path) -> None: ...  # raises on failure
     async def unload(self, name: str) -> bool: ...
     def loaded_names(self) -> set[str]: ...
+    async def prefetch(self, name: str, path: Path) -> None: ...  # into the CPU cache now
+    async def pin(self, name: str) -> None: ...  # never evicted from the CPU cache
+    async def cached_names(self) -> set[str]: ...
 
 
 class AdapterService:
@@ -48,12 +53,15 @@ class AdapterService:
         max_rank: int,
         engine: EngineAdapters,
         max_upload_bytes: int,
+        max_pinned: int = 0,
     ) -> None:
         self.store = store
         self.base = base
         self.max_rank = max_rank
         self.engine = engine
         self.max_upload_bytes = max_upload_bytes
+        self.max_pinned = max_pinned
+        self.pinned: set[str] = set()
         self._lock = asyncio.Lock()
         self.names = {a.name for a in self._adapters_of_base()}
         metrics.ADAPTERS_REGISTERED.set(len(self.names))
@@ -124,6 +132,53 @@ class AdapterService:
             ) from e
         metrics.ADAPTER_LOADS.inc()
 
+    async def prefetch(self, name: str) -> None:
+        """Load a stored adapter into vLLM's CPU cache now, so its first request does not wait
+        for the disk (a hint: the LRU may still evict it later, unless it is pinned)."""
+        if self.get(name) is None:
+            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+        newly = name not in self.engine.loaded_names()
+        try:
+            await self.engine.prefetch(name, self.store.path(name))
+        except Exception as e:
+            raise AdapterRejected(
+                "engine_rejected", f"vLLM could not load the adapter: {e}", 422
+            ) from e
+        if newly:
+            self.names.add(name)
+            metrics.ADAPTER_LOADS.inc()
+
+    async def pin(self, name: str) -> None:
+        """Load ``name`` and keep it in vLLM's CPU cache until it is deleted or the server stops.
+
+        At most ``max_pinned`` (``--max-cpu-loras`` minus ``--max-loras``): a full batch of
+        unpinned adapters must still fit in the cache beside the pinned ones.
+        """
+        if name in self.pinned:
+            return
+        if len(self.pinned) >= self.max_pinned:
+            raise AdapterRejected(
+                "too_many_pinned",
+                f"{len(self.pinned)} adapters are pinned, the most this server allows "
+                f"(--max-cpu-loras minus --max-loras = {self.max_pinned})",
+                409,
+            )
+        await self.prefetch(name)
+        try:
+            await self.engine.pin(name)
+        except Exception as e:
+            raise AdapterRejected("engine_rejected", f"vLLM could not pin it: {e}", 422) from e
+        self.pinned.add(name)
+
+    async def pin_at_start(self, names: Iterable[str]) -> None:
+        """The configured pins (``VLLM_LORA_EXT_PINNED_ADAPTERS``); one that fails is logged,
+        not fatal: in a shared store another replica may have deleted it."""
+        for name in names:
+            try:
+                await self.pin(name)
+            except AdapterRejected as e:
+                logger.error("vllm-lora-ext: cannot pin %r: %s", name, e.message)
+
     async def remove(self, name: str) -> bool:
         validate_name(name)
         async with self._lock:
@@ -135,6 +190,7 @@ class AdapterService:
                     metrics.ADAPTER_UNLOADS.inc()
             self.store.remove(name)
             self.names.discard(name)
+            self.pinned.discard(name)  # vLLM's cache drops the pin with the adapter
             metrics.ADAPTERS_REGISTERED.set(len(self.names))
             return True
 

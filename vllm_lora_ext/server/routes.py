@@ -45,8 +45,11 @@ def _service(request: Request) -> AdapterService | JSONResponse:
     return service
 
 
-def _info(record: StoredAdapter, loaded: bool) -> AdapterInfo:
-    return AdapterInfo(loaded=loaded, **record.model_dump(include=set(AdapterInfo.model_fields)))
+def _info(
+    record: StoredAdapter, loaded: bool, pinned: bool = False, cached: bool | None = None
+) -> AdapterInfo:
+    fields = record.model_dump(include=set(AdapterInfo.model_fields))
+    return AdapterInfo(loaded=loaded, pinned=pinned, cached=cached, **fields)
 
 
 @router.get("/v1/adapters", response_model=AdapterList, responses=_ERRORS)
@@ -54,10 +57,14 @@ async def list_adapters(request: Request):
     service = _service(request)
     if isinstance(service, JSONResponse):
         return service
+    cached = await service.engine.cached_names()
     return AdapterList(
         base=service.base.name,
         max_lora_rank=service.max_rank,
-        adapters=[_info(a, loaded) for a, loaded in service.list()],
+        adapters=[
+            _info(a, loaded, a.name in service.pinned, a.name in cached)
+            for a, loaded in service.list()
+        ],
     )
 
 
@@ -72,7 +79,32 @@ async def get_adapter(name: str, request: Request):
         return error(e.status, e.message, e.reason)
     if record is None:
         return error(404, f"adapter {name!r} not found")
-    return _info(record, name in service.engine.loaded_names())
+    return _info(record, name in service.engine.loaded_names(), name in service.pinned)
+
+
+@router.post("/v1/adapters/{name}/prefetch", response_model=AdapterInfo, responses=_ERRORS)
+async def prefetch_adapter(name: str, request: Request):
+    """Load a stored adapter into vLLM's CPU cache now, without a generation request."""
+    return await _cache_action(name, request, lambda s: s.prefetch(name))
+
+
+@router.post("/v1/adapters/{name}/pin", response_model=AdapterInfo, responses=_ERRORS)
+async def pin_adapter(name: str, request: Request):
+    """Load and keep an adapter in vLLM's CPU cache until it is deleted or the server stops."""
+    return await _cache_action(name, request, lambda s: s.pin(name))
+
+
+async def _cache_action(name: str, request: Request, action) -> AdapterInfo | JSONResponse:
+    service = _service(request)
+    if isinstance(service, JSONResponse):
+        return service
+    try:
+        await action(service)
+        record = service.get(name)
+    except AdapterRejected as e:
+        return error(e.status, e.message, e.reason)
+    assert record is not None
+    return _info(record, True, name in service.pinned, name in await service.engine.cached_names())
 
 
 @router.post("/v1/adapters", status_code=201, response_model=AdapterInfo, responses=_ERRORS)

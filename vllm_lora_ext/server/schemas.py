@@ -22,6 +22,10 @@ class AdapterInfo(BaseModel):
     target_modules: list[str]
     size_bytes: int
     loaded: bool = Field(description="Whether vLLM has it loaded now (else loaded on first use)")
+    pinned: bool = Field(False, description="Never evicted from vLLM's CPU cache")
+    cached: bool | None = Field(
+        None, description="In vLLM's CPU cache now (--max-cpu-loras, LRU); given by the list"
+    )
     created_at: float
     source: str
 

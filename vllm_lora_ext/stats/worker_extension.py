@@ -39,6 +39,12 @@ class CaptureWorkerExtension:
         stopped = capture.stop(lora_id) if capture is not None else None
         return {"stopped": stopped is not None}
 
+    def lora_ext_pin_cpu(self, lora_id: int) -> bool:
+        """Pin an adapter in the CPU cache (not a batch slot): see ``plugin.pin_in_cpu_cache``."""
+        from vllm_lora_ext.plugin import pin_in_cpu_cache
+
+        return pin_in_cpu_cache(self, lora_id)
+
     def lora_ext_capture_status(self) -> list[dict]:
         capture = capture_state.get()
         if capture is None:
