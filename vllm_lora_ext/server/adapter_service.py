@@ -156,6 +156,8 @@ class AdapterService:
         """
         if name in self.pinned:
             return
+        if self.get(name) is None:
+            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
         if len(self.pinned) >= self.max_pinned:
             raise AdapterRejected(
                 "too_many_pinned",
