@@ -195,12 +195,19 @@ class TransformersBackend:
             for row, seq in enumerate(seqs):
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
+            # Logits only from the shortest prompt's last position on (position p predicts token
+            # p + 1): the prompt positions are not scored, and with a large vocabulary the
+            # output projection is most of the forward pass.
+            first = min(len(ctx) for ctx, _ in batch)
+            keep = torch.arange(first - 1, width - 1)
             with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            picked = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, logits_to_keep=keep
+                ).logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            picked = logprobs.gather(-1, ids[:, keep + 1, None]).squeeze(-1)
             for row, ((ctx, _), seq) in enumerate(zip(batch, seqs, strict=True)):
-                out.append(tuple(picked[row, len(ctx) - 1 : len(seq) - 1].tolist()))
+                out.append(tuple(picked[row, len(ctx) - first : len(seq) - first].tolist()))
         return out
 
     def generate(
