@@ -235,7 +235,10 @@ class TransformersBackend:
                     generator.manual_seed(seed + index)
             generated: list[int] = []
             with torch.inference_mode():
-                step = self.model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+                # logits_to_keep=1: only the last position's logits are used.
+                step = self.model(
+                    input_ids=torch.tensor([list(prompt)]), use_cache=True, logits_to_keep=1
+                )
                 while max_tokens > 0:
                     token = _next_token(step.logits[0, -1], temperature, generator)
                     if token in stops:
