@@ -276,10 +276,11 @@ def _store_resolver(service: Any) -> Any:
                 if lora_name.startswith(PREFIX):
                     path = await asyncio.to_thread(service.materialise_merge, lora_name)
                 else:
-                    if service.get(lora_name) is None:
+                    record = service.get(lora_name)
+                    if record is None:
                         return None
-                    path = service.store.path(lora_name)
-                    service.names.add(lora_name)
+                    path = service.serving_path(record)
+                    service.note_loaded(record)
             except AdapterRejected as e:
                 metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
                 logger.warning("vllm-lora-ext: cannot serve %r: %s", lora_name, e.message)

@@ -31,6 +31,7 @@ from vllm_lora_ext.merge.spec import MergeSpec
 from vllm_lora_ext.server import metrics
 
 MERGED_DIR = ".merged"
+VERSIONS_DIR = ".versions"
 logger = logging.getLogger("vllm_lora_ext")
 
 
@@ -62,6 +63,8 @@ class AdapterService:
         self.max_upload_bytes = max_upload_bytes
         self.max_pinned = max_pinned
         self.pinned: set[str] = set()
+        self.loaded_sha: dict[str, str] = {}
+        """Weights hash of what vLLM holds under each name (to see a replaced adapter)."""
         self._lock = asyncio.Lock()
         self.names = {a.name for a in self._adapters_of_base()}
         metrics.ADAPTERS_REGISTERED.set(len(self.names))
@@ -107,46 +110,70 @@ class AdapterService:
                     self.store.commit, staged, name, self.base, self.max_rank, source
                 )
             try:
-                await self.engine.load(name, self.store.path(name))
+                await self.engine.load(name, self.serving_path(record))
             except Exception as e:
+                self.serving_path(record).unlink()
                 self.store.remove(name)
                 raise AdapterRejected(
                     "engine_rejected", f"vLLM could not load the adapter: {e}", 422
                 ) from e
         metrics.ADAPTER_LOADS.inc()
-        self.names.add(name)
-        metrics.ADAPTERS_REGISTERED.set(len(self.names))
+        self.note_loaded(record)
         return record
+
+    def serving_path(self, record: StoredAdapter) -> Path:
+        """Where vLLM loads ``record`` from: a link named after its weights' hash.
+
+        vLLM keys its prefix cache by adapter name and path. A name deleted and registered
+        again with other weights keeps its store path, so KV blocks computed with the old
+        weights would be served for the new ones; a path per weights version prevents it.
+        """
+        link = self.store.root / VERSIONS_DIR / f"{record.name}-{record.weights_sha256[:16]}"
+        if not link.is_symlink():
+            link.parent.mkdir(exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # another replica made it first
+                os.symlink(Path("..") / record.name, link)
+        return link
+
+    def note_loaded(self, record: StoredAdapter) -> None:
+        """vLLM now holds ``record``'s weights under its name (registered, loaded, resolved)."""
+        self.loaded_sha[record.name] = record.weights_sha256
+        if record.name not in self.names:
+            self.names.add(record.name)
+            metrics.ADAPTERS_REGISTERED.set(len(self.names))
 
     async def ensure_loaded(self, name: str) -> None:
         """Load a stored adapter into vLLM now (it is otherwise loaded on first request)."""
         if name in self.engine.loaded_names():
             return
-        if self.get(name) is None:
+        record = self.get(name)
+        if record is None:
             raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
         try:
-            await self.engine.load(name, self.store.path(name))
+            await self.engine.load(name, self.serving_path(record))
         except Exception as e:
             raise AdapterRejected(
                 "engine_rejected", f"vLLM could not load the adapter: {e}", 422
             ) from e
         metrics.ADAPTER_LOADS.inc()
+        self.note_loaded(record)
 
     async def prefetch(self, name: str) -> None:
         """Load a stored adapter into vLLM's CPU cache now, so its first request does not wait
         for the disk (a hint: the LRU may still evict it later, unless it is pinned)."""
-        if self.get(name) is None:
+        record = self.get(name)
+        if record is None:
             raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
         newly = name not in self.engine.loaded_names()
         try:
-            await self.engine.prefetch(name, self.store.path(name))
+            await self.engine.prefetch(name, self.serving_path(record))
         except Exception as e:
             raise AdapterRejected(
                 "engine_rejected", f"vLLM could not load the adapter: {e}", 422
             ) from e
         if newly:
-            self.names.add(name)
             metrics.ADAPTER_LOADS.inc()
+            self.note_loaded(record)
 
     async def pin(self, name: str) -> None:
         """Load ``name`` and keep it in vLLM's CPU cache until it is deleted or the server stops.
@@ -184,17 +211,51 @@ class AdapterService:
     async def remove(self, name: str) -> bool:
         validate_name(name)
         async with self._lock:
-            if self.get(name) is None:
+            record = self.get(name)
+            if record is None:
                 return False
             # Inline merges that include this adapter must not outlive it.
             for loaded in self.engine.loaded_names():
                 if _served_from(loaded, name) and await self.engine.unload(loaded):
                     metrics.ADAPTER_UNLOADS.inc()
             self.store.remove(name)
-            self.names.discard(name)
-            self.pinned.discard(name)  # vLLM's cache drops the pin with the adapter
-            metrics.ADAPTERS_REGISTERED.set(len(self.names))
+            self.serving_path(record).unlink(missing_ok=True)
+            self._forget(name)
             return True
+
+    async def sync_with_store(self, name: str) -> None:
+        """Follow what another replica did to a shared store, before a request for ``name``.
+
+        vLLM keeps serving an adapter it holds whatever happens on disk. If another replica
+        deleted it, unload it here too (the request then gets vLLM's 404); if it re-registered
+        the name with other weights, unload the old ones (the request loads the new ones
+        through the resolver; a pinned adapter is pinned again). One small file read.
+        """
+        held = self.loaded_sha.get(name)  # None: not loaded from the store (a merge, a temp)
+        if held is None or name not in self.engine.loaded_names():
+            return
+        record = self.get(name)
+        if record is not None and record.weights_sha256 == held:
+            return
+        async with self._lock:
+            for loaded in self.engine.loaded_names():
+                if _served_from(loaded, name) and await self.engine.unload(loaded):
+                    metrics.ADAPTER_UNLOADS.inc()
+            was_pinned = name in self.pinned
+            self._forget(name)
+        logger.info(
+            "vllm-lora-ext: %r was %s in the store by another server; unloaded here",
+            name,
+            "deleted" if record is None else "replaced",
+        )
+        if record is not None and was_pinned:
+            await self.pin(name)
+
+    def _forget(self, name: str) -> None:
+        self.names.discard(name)
+        self.pinned.discard(name)  # vLLM's cache drops the pin with the adapter
+        self.loaded_sha.pop(name, None)
+        metrics.ADAPTERS_REGISTERED.set(len(self.names))
 
     def materialise_merge(self, merge_name: str) -> Path:
         """The cat-merged adapter for ``merge:a=w,...`` as a PEFT dir, built once and cached.
