@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Files that may travel with an adapter; anything else is refused rather than silently dropped.
-OPTIONAL_FILES = frozenset({"README.md", "card.json", "recipe.json"})
+OPTIONAL_FILES = frozenset({"README.md", "card.json", "recipe.json", "distillation.json"})
 ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE}) | OPTIONAL_FILES
 # Pickle-based checkpoints execute code on load: never accepted.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

@@ -6,14 +6,23 @@ old server, the rest are served here. Switching an adapter is one dict operation
 loop (:meth:`ForwardTable.stop_forwarding`), done only after it is registered and loaded here, so
 a request is either forwarded or served locally, never refused in between.
 
-The middleware buffers a generation request's body only while some adapter is forwarded (it
-must read ``model`` before choosing a route); otherwise it is a pass-through. Forwarded responses
-are streamed back chunk by chunk (SSE streams included) with ``x-lora-ext-routed-to`` set.
+Rolling an adapter back is the same flip the other way, then a wait until the requests already
+admitted here for it have finished (:meth:`ForwardTable.drain`): removing its files under an
+admitted request made vLLM's engine die reloading it ("No adapter found"), seen in the
+hot-upgrade test before this wait existed.
+
+The middleware buffers a generation request's body only while some adapter is forwarded or
+watched (it must read ``model`` before choosing a route); otherwise it is a pass-through.
+Forwarded responses are streamed back chunk by chunk (SSE streams included) with
+``x-lora-ext-routed-to`` set.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections import Counter
 
 import httpx
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,7 +43,15 @@ class ForwardTable:
 
     def __init__(self) -> None:
         self.routes: dict[str, str] = {}
+        self.watched: set[str] = set()
+        """Adapters served here that may be handed back (switched by a migration)."""
+        self.in_flight: Counter[str] = Counter()
+        """Requests for watched adapters admitted here and not finished yet."""
         self._client: httpx.AsyncClient | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.routes or self.watched)
 
     def forward(self, name: str, url: str) -> None:
         self.routes[name] = url.rstrip("/")
@@ -46,6 +63,15 @@ class ForwardTable:
 
     def target(self, model: object) -> str | None:
         return self.routes.get(model) if isinstance(model, str) else None
+
+    async def drain(self, name: str, timeout: float = 600.0) -> bool:
+        """Wait until no admitted request for ``name`` is running here; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight[name] > 0:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -70,7 +96,7 @@ class ForwardToSource:
         ) else None  # fmt: skip
         if (
             table is None
-            or not table.routes
+            or not table.active
             or scope["method"] != "POST"
             or scope["path"] not in GENERATION_PATHS
         ):
@@ -85,11 +111,19 @@ class ForwardToSource:
             more = message.get("more_body", False)
             if len(body) > _MAX_BODY:
                 break
-        target = None if more else table.target(_model_of(bytes(body)))
-        if target is None:
-            await self.app(scope, _replay(bytes(body), more, receive), send)
+        model = None if more else _model_of(bytes(body))
+        target = table.target(model)
+        if target is not None:
+            await _proxy(table, target, scope, bytes(body), send)
             return
-        await _proxy(table, target, scope, bytes(body), send)
+        watched = isinstance(model, str) and model in table.watched
+        if watched:
+            table.in_flight[model] += 1
+        try:
+            await self.app(scope, _replay(bytes(body), more, receive), send)
+        finally:
+            if watched:
+                table.in_flight[model] -= 1
 
 
 def _model_of(body: bytes) -> object:

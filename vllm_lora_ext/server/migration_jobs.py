@@ -294,6 +294,7 @@ class MigrationJobs:
             migration.state = "failed"
             migration.error = f"the migrated adapter was refused by the store: {e.message}"
             return
+        self.forward.watched.add(migration.name)
         self.forward.stop_forwarding(migration.name)
         migration.state = "switched"
 
@@ -332,7 +333,10 @@ class MigrationJobs:
         for migration in job.adapters:
             if migration.state == "switched":
                 self.forward.forward(migration.name, job.source.url)
+                # Requests admitted before the flip still need the files: let them finish.
+                await self.forward.drain(migration.name)
                 await self.adapters.remove(migration.name)
+                self.forward.watched.discard(migration.name)
                 migration.state = "rolled_back"
         job.state = "rolled_back"
         self._count_states()
