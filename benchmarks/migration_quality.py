@@ -83,6 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch threads for training and scoring in process (1: measured 2.7x faster than 2 "
         "on the 2-core machine while other jobs and the server share it)",
     )
+    p.add_argument(
+        "--server-url",
+        help="use this running `vllm-lora-ext serve` (SmolLM2) instead of starting one, e.g. to "
+        "run tasks in parallel processes that share one server",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_quality")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -245,8 +250,9 @@ def served_adapter(client: Any, url: str, tokenizer: Any, name: str):
     return make
 
 
-def migrate_and_score(args, task, spec, work: Path, models: dict, server, client) -> dict:
+def migrate_and_score(args, task, spec, work: Path, models: dict, url: str, client) -> dict:
     """Run (or resume) one migration, then score its student on the held-out examples."""
+    from vllm_lora_ext.base_models import DEFAULT_MODEL_NAME
     from vllm_lora_ext.evaluation.backends import HttpBackend
     from vllm_lora_ext.migrate.migrator import Migrator
 
@@ -257,10 +263,10 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, server, client
         work,
         old_base=models["smol_dir"],
         new_base=models["gemma_dir"],
-        generator=ConcurrentSampling(HttpBackend(server.url, server.base, models["smol_tok"])),
-        teacher=ConcurrentSampling(HttpBackend(server.url, spec.adapter, models["smol_tok"])),
+        generator=ConcurrentSampling(HttpBackend(url, DEFAULT_MODEL_NAME, models["smol_tok"])),
+        teacher=ConcurrentSampling(HttpBackend(url, spec.adapter, models["smol_tok"])),
         discriminator_backend=served_adapter(
-            client, server.url, models["smol_tok"], f"disc-{spec.adapter}-{spec.data}"
+            client, url, models["smol_tok"], f"disc-{spec.adapter}-{spec.data}"
         ),
     )
     start = time.perf_counter()
@@ -289,7 +295,7 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, server, client
     }
 
 
-def run_task(args, name: str, models: dict, server, client, root: Path) -> dict:
+def run_task(args, name: str, models: dict, url: str, client, root: Path) -> dict:
     from vllm_lora_ext.evaluation.backends import HttpBackend
     from vllm_lora_ext.evaluation.tasks import load_task
     from vllm_lora_ext.migrate.migrator import MigrationError
@@ -297,14 +303,14 @@ def run_task(args, name: str, models: dict, server, client, root: Path) -> dict:
     card = json.loads((args.adapters / name / "card.json").read_text())
     task = load_task(name, seed=card["seed"])
     served = f"task-{name.replace('_', '-')}"
-    client.post(
-        "/v1/adapters", json={"name": served, "path": str(args.adapters / name)}
-    ).raise_for_status()
+    r = client.post("/v1/adapters", json={"name": served, "path": str(args.adapters / name)})
+    if r.status_code != 409:  # 409: already registered (a shared --server-url)
+        r.raise_for_status()
     base = root / name
     print(f"== {name} ({task.mode}); {RESERVOIR_NOTE}", flush=True)
     source = cached(
         base / f"source-heldout-{args.limit}.json",
-        lambda: framed_score(task, HttpBackend(server.url, served, models["smol_tok"]), args.limit),
+        lambda: framed_score(task, HttpBackend(url, served, models["smol_tok"]), args.limit),
     )
     target = cached(
         base / f"target-base-heldout-{args.limit}.json",
@@ -328,7 +334,7 @@ def run_task(args, name: str, models: dict, server, client, root: Path) -> dict:
         digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
         try:
             out = migrate_and_score(
-                args, task, spec, base / f"{mode}-{digest}", models, server, client
+                args, task, spec, base / f"{mode}-{digest}", models, url, client
             )
         except MigrationError as e:  # recorded, and the other modes and tasks still run
             print(f"  {mode}: FAILED: {e}", flush=True)
@@ -347,6 +353,7 @@ def run_task(args, name: str, models: dict, server, client, root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import httpx
     import torch
     from transformers import AutoTokenizer
 
@@ -406,14 +413,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, 2-core CPU shared with other jobs, no GPU",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
+        server = None
+        if args.server_url is None:
+            server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
+        url = args.server_url or server.url
         try:
-            with server.client(timeout=1800) as client:
+            with httpx.Client(base_url=url, timeout=1800) as client:
                 for name in args.tasks.split(","):
-                    result["tasks"].append(run_task(args, name, models, server, client, root))
+                    result["tasks"].append(run_task(args, name, models, url, client, root))
                     write_results(result, args.out)
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
     print(table(result))
     return 0
 
