@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from vllm_lora_ext.adapters.validation import AdapterRejected
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.merge_jobs import METHODS, MergeJobs, MergeRequest
-from vllm_lora_ext.server.routes import _pydantic_message, error
+from vllm_lora_ext.server.routes import _pydantic_message, app_service, error
 from vllm_lora_ext.server.schemas import ErrorResponse
 
 router = APIRouter(tags=["merges"])
@@ -23,10 +23,7 @@ _ERRORS: dict[int | str, dict] = {s: {"model": ErrorResponse} for s in (400, 404
 
 
 def _jobs(request: Request) -> MergeJobs | JSONResponse:
-    jobs = getattr(request.app.state, "lora_ext_merges", None)
-    if jobs is None:
-        return error(409, "LoRA is not enabled on this server (start it with --enable-lora)")
-    return jobs
+    return app_service(request, "lora_ext_merges")
 
 
 @router.post("/v1/merges", status_code=202, responses=_ERRORS)

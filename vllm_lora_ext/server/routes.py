@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -38,11 +39,17 @@ def error(status: int, message: str, reason: str | None = None) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
-def _service(request: Request) -> AdapterService | JSONResponse:
-    service = getattr(request.app.state, "lora_ext", None)
+def app_service(request: Request, attribute: str) -> Any:
+    """The plugin's service stored on ``app.state`` under ``attribute``, or the 409 answer
+    (the plugin sets none of them when the server runs without LoRA)."""
+    service = getattr(request.app.state, attribute, None)
     if service is None:
         return error(409, "LoRA is not enabled on this server (start it with --enable-lora)")
     return service
+
+
+def _service(request: Request) -> AdapterService | JSONResponse:
+    return app_service(request, "lora_ext")
 
 
 def _info(

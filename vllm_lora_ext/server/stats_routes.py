@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_lora_ext.adapters.validation import AdapterRejected
-from vllm_lora_ext.server.routes import _pydantic_message, error
+from vllm_lora_ext.server.routes import _pydantic_message, app_service, error
 from vllm_lora_ext.server.schemas import ErrorResponse
 from vllm_lora_ext.server.stats_service import CaptureSettings, StatsService
 
@@ -29,10 +29,7 @@ class StartCapture(BaseModel):
 
 
 def _stats(request: Request) -> StatsService | JSONResponse:
-    stats = getattr(request.app.state, "lora_ext_stats", None)
-    if stats is None:
-        return error(409, "LoRA is not enabled on this server (start it with --enable-lora)")
-    return stats
+    return app_service(request, "lora_ext_stats")
 
 
 async def _run(request: Request, action):
