@@ -1,0 +1,248 @@
+"""The hot upgrade on real models, the way an operator runs it, with clients hammering throughout.
+
+    python benchmarks/hot_upgrade.py                 # SmolLM2 + arithmetic adapter -> Gemma 3 270M
+    python benchmarks/hot_upgrade.py --task object_counting --student-steps 40
+
+1. The old server (``vllm-lora-ext serve``, SmolLM2-135M-Instruct) serves the task adapter from
+   ``adapters/SmolLM2-135M-Instruct/<task>``; a capture runs while it serves ``--traffic`` train
+   inputs as chat requests, so its prompt reservoir fills (the migration's observed inputs).
+2. The new server starts on Gemma 3 270M with ``--migrate-from`` the old one, ``--seeds`` seeds
+   (train inputs with answers) and the settings of ``benchmarks/migration_quality.py``.
+3. From the moment it is healthy until ``--after`` seconds past the end of the migration,
+   ``--clients`` threads send chat requests for the adapter (held-out inputs) to the new server;
+   every answer, status and route (forwarded to the old server, or served here) is recorded.
+
+Writes ``benchmarks/results/hot_upgrade.json`` and sets ``"hot_upgrade": {"requests", "failed"}``
+in ``benchmarks/results/migration_quality.json`` when that file exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from migration_quality import build_spec  # noqa: E402
+
+from vllm_lora_ext.files import write_atomic  # noqa: E402
+from vllm_lora_ext.server.forwarding import ROUTED_HEADER  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--data", default="filtered", choices=["filtered", "unfiltered", "seeds_only"])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--reservoir", type=int, default=16, help="train inputs served as traffic")
+    p.add_argument("--target-count", type=int, default=32)
+    p.add_argument("--student-steps", type=int, default=30)
+    p.add_argument("--student-lr", type=float, default=1e-3)
+    p.add_argument("--disc-steps", type=int, default=20)
+    p.add_argument("--disc-lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=192)
+    p.add_argument("--clients", type=int, default=2)
+    p.add_argument("--after", type=float, default=30.0, help="seconds hammered after the switch")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return p.parse_args(argv)
+
+
+class Hammer(threading.Thread):
+    """One client: chat requests for ``model`` back to back, each recorded."""
+
+    def __init__(self, url: str, model: str, inputs: list[str], max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.model, self.inputs, self.max_tokens = url, model, inputs, max_tokens
+        self.records: list[dict[str, Any]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=600) as client:
+            i = 0
+            while not self.halt.is_set():
+                body = {
+                    "model": self.model,
+                    "max_tokens": self.max_tokens,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": self.inputs[i % len(self.inputs)]}],
+                }
+                start = time.monotonic()
+                record: dict[str, Any] = {"t": time.time()}
+                try:
+                    r = client.post("/v1/chat/completions", json=body)
+                    record |= {"status": r.status_code, "routed": r.headers.get(ROUTED_HEADER)}
+                except httpx.HTTPError as e:
+                    record |= {"status": None, "error": repr(e)}
+                record["seconds"] = time.monotonic() - start
+                self.records.append(record)
+                i += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from vllm_lora_ext.base_models import (
+        DEFAULT_MODEL_NAME,
+        GEMMA3_270M_NAME,
+        ensure_default_model,
+        ensure_gemma3_270m,
+    )
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.evaluation.tasks import load_task
+    from vllm_lora_ext.server_process import start_server
+    from vllm_lora_ext.settings import Settings
+
+    settings = Settings()
+    smol_dir = ensure_default_model(settings.cache_dir)
+    gemma_dir = ensure_gemma3_270m(settings.cache_dir)
+    task = load_task(args.task)
+    smol_tok = AutoTokenizer.from_pretrained(smol_dir)
+    spec = build_spec(args, task, args.task, args.data, smol_tok)
+    traffic = spec.reservoir
+    held_out = [user_message(task, e, chat=True) for e in task.heldout[:32]]
+    options = spec.model_dump(exclude={"adapter", "task_description", "seeds", "reservoir"})
+    request = {
+        "tasks": {
+            args.task: {
+                "task_description": spec.task_description,
+                "seeds": [s.model_dump() for s in spec.seeds],
+            }
+        },
+        "options": options,
+    }
+    result: dict[str, Any] = {
+        "task": args.task,
+        "source_base": DEFAULT_MODEL_NAME,
+        "target_base": GEMMA3_270M_NAME,
+        "settings": vars(args) | {"out": None},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "old").mkdir()
+        (work / "new").mkdir()
+        old = start_server(work / "old", DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
+        new = None
+        hammers: list[Hammer] = []
+        try:
+            with old.client(timeout=600) as c:
+                path = ROOT / "adapters" / DEFAULT_MODEL_NAME / args.task
+                c.post(
+                    "/v1/adapters", json={"name": args.task, "path": str(path)}
+                ).raise_for_status()
+                c.post(f"/v1/stats/{args.task}/start", json={}).raise_for_status()
+                for text in traffic:
+                    body = {
+                        "model": args.task,
+                        "max_tokens": spec.answer_max_tokens,
+                        "messages": [{"role": "user", "content": text}],
+                    }
+                    c.post("/v1/chat/completions", json=body).raise_for_status()
+                c.post(f"/v1/stats/{args.task}/stop").raise_for_status()
+            (work / "request.json").write_text(json.dumps(request))
+            started = time.monotonic()
+            new = start_server(
+                work / "new",
+                GEMMA3_270M_NAME,
+                [
+                    "--model",
+                    str(gemma_dir),
+                    "--max-lora-rank",
+                    "16",
+                    "--max-model-len",
+                    "1024",
+                    "--migrate-from",
+                    old.url,
+                    "--migrate-source-model",
+                    str(smol_dir),
+                    "--migrate-request",
+                    str(work / "request.json"),
+                ],
+            )
+            result["new_server_start_seconds"] = round(time.monotonic() - started, 1)
+            hammers = [
+                Hammer(new.url, args.task, held_out, spec.answer_max_tokens)
+                for _ in range(args.clients)
+            ]
+            for h in hammers:
+                h.start()
+            job = follow(new)
+            result["migration"] = job
+            time.sleep(args.after)
+        finally:
+            for h in hammers:
+                h.halt.set()
+            for h in hammers:
+                h.join(timeout=600)
+            for server in (new, old):
+                if server is not None:
+                    server.stop()
+    records = [r for h in hammers for r in h.records]
+    failed = [r for r in records if r["status"] != 200]
+    result |= {
+        "requests": len(records),
+        "failed": len(failed),
+        "forwarded": sum(1 for r in records if r.get("routed")),
+        "served_here": sum(1 for r in records if r["status"] == 200 and not r.get("routed")),
+        "failures": failed[:10],
+        "machine": f"{platform.machine()}, 2-core CPU shared with other jobs, no GPU",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / "hot_upgrade.json", json.dumps(result, indent=1).encode())
+    record_in_quality(args.out / "hot_upgrade.json", args.out / "migration_quality.json")
+    state = {a["name"]: a["state"] for a in result["migration"]["adapters"]}
+    print(
+        f"hot upgrade: {len(records)} requests, {len(failed)} failed, "
+        f"{result['forwarded']} forwarded, {result['served_here']} served here; {state}"
+    )
+    return 0 if not failed else 1
+
+
+def record_in_quality(hot_upgrade: Path, quality: Path) -> None:
+    """Copy the request counts into migration_quality.json's ``hot_upgrade`` (if it exists)."""
+    if not quality.is_file():
+        return
+    run = json.loads(hot_upgrade.read_text())
+    data = json.loads(quality.read_text())
+    data["hot_upgrade"] = {
+        "requests": run["requests"],
+        "failed": run["failed"],
+        "from": "benchmarks/hot_upgrade.py (results/hot_upgrade.json)",
+    }
+    write_atomic(quality, json.dumps(data, indent=1).encode())
+
+
+def follow(server: Any, interval: float = 2.0) -> dict[str, Any]:
+    """Poll the migration started by --migrate-from until it ends, with a progress line."""
+    from tqdm import tqdm
+
+    with server.client(timeout=120) as c:
+        (job,) = c.get("/v1/migrations").json()["migrations"]
+        bar = tqdm(desc="migrating", unit="poll")
+        while job["state"] == "running":
+            time.sleep(interval)
+            job = c.get(f"/v1/migrations/{job['id']}").json()
+            p = job["adapters"][0]["progress"] or {}
+            bar.set_postfix_str(
+                f"{p.get('step')} kept {p.get('kept')} train "
+                f"{p.get('train_step')}/{p.get('train_steps')} loss {p.get('loss')}"
+            )
+            bar.update()
+        bar.close()
+    return job
+
+
+if __name__ == "__main__":
+    sys.exit(main())
