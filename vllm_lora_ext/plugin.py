@@ -369,7 +369,9 @@ class LoraExtEndpointPlugin:
             f"http://{host}:{args.port}", capture, state.lora_ext, Path(model_config.model)
         )
         state.lora_ext_merges = MergeJobs(state.lora_ext, state.lora_ext_stats, replayer)
-        await _init_migrations(state, settings, Path(model_config.model))
+        await _init_migrations(
+            state, settings, Path(model_config.model), f"http://{host}:{args.port}", base.name
+        )
         logger.info(
             "vllm-lora-ext: store %s, %d adapters for base %s",
             store.root,
@@ -378,7 +380,9 @@ class LoraExtEndpointPlugin:
         )
 
 
-async def _init_migrations(state: Any, settings: Any, new_base: Path) -> None:
+async def _init_migrations(
+    state: Any, settings: Any, new_base: Path, self_url: str, base_name: str
+) -> None:
     """The migration service; with ``serve --migrate-from`` its job starts before serving, and a
     refused one stops the server with the reason (an operator asked for it explicitly)."""
     from vllm_lora_ext.server.forwarding import ForwardTable
@@ -395,6 +399,8 @@ async def _init_migrations(state: Any, settings: Any, new_base: Path) -> None:
         state.lora_ext_forward,
         new_base,
         known_model_finder(settings.cache_dir),
+        self_url,
+        base_name,
     )
     state.lora_ext_migrations = jobs
     if settings.migrate_from is None:

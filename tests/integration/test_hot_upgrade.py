@@ -239,6 +239,14 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         assert n > 20 and agreement >= 0.6
 
 
+def base_requests(c: httpx.Client) -> float:
+    """Requests this server counted for its base model (``/metrics``)."""
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith('vllm_lora_ext_requests_total{adapter="base"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def first_seconds(job: dict, name: str) -> float:
     return next(a["seconds"] for a in job["adapters"] if a["name"] == name)
 
@@ -274,6 +282,20 @@ def test_bad_migration_requests_are_refused_clearly(old: Server, upgrade) -> Non
         job = wait_job(c, r.json()["id"])
         (a,) = job["adapters"]
         assert a["state"] == "failed" and "diverged" in a["error"], a
+
+        # The paper's generator: the new base writes the synthetic inputs (through this server).
+        before = base_requests(c)
+        own = {**OPTIONS, "data": "unfiltered", "seed": 7, "target_count": 4,
+               "synthesis": {"batch": 4, "max_tokens": 8, "attempts_per_input": 2}}  # fmt: skip
+        r = c.post("/v1/migrations", json=request_body(old, **flag_only, options=own,
+                                                       generator="new_base"))  # fmt: skip
+        assert r.status_code == 202, r.text
+        (a,) = wait_job(c, r.json()["id"])["adapters"]
+        generated = a["progress"]["generated"]
+        assert generated in (4, 8), a  # rounds of 4, until 4 kept or 4 x 2 attempts
+        assert base_requests(c) - before >= generated  # one seeded request per prompt, here
+        if a["state"] == "switched":
+            assert c.delete(f"/v1/migrations/{r.json()['id']}").status_code == 200
 
         # Cancel: DELETE while it runs; it stops, nothing half-written, routing unchanged.
         slow = {**OPTIONS, "seed": 6, "student": {**OPTIONS["student"], "steps": 400}}

@@ -63,6 +63,11 @@ class MigrationRequest(BaseModel):
         None, description="Local folder of the old base (tokenizer, discriminator training)"
     )
     adapters: list[str] | None = Field(None, min_length=1, description="Default: all of them")
+    generator: Literal["old_base", "new_base"] = Field(
+        "old_base",
+        description="Who writes synthetic inputs: the old server's base (already loaded and "
+        "batched) or this server's base (the paper's choice: the target model)",
+    )
     tasks: dict[str, AdapterTask] = Field(default_factory=dict)
     options: MigrationOptions = Field(default_factory=MigrationOptions)
 
@@ -134,12 +139,17 @@ class MigrationJobs:
         forward: ForwardTable,
         new_base: Path,
         find_source_model: SourceModelFinder,
+        self_url: str,
+        base_name: str,
     ) -> None:
         self.adapters = adapters
         self.forward = forward
         self.new_base = Path(new_base)
         self.find_source_model = find_source_model
+        self.self_url, self.base_name = self_url, base_name
+        """This server, for ``generator: new_base`` (its own /v1/completions)."""
         self.jobs: dict[str, MigrationJob] = {}
+        self._submitting = asyncio.Lock()
 
     @property
     def work_root(self) -> Path:
@@ -152,6 +162,10 @@ class MigrationJobs:
 
     async def submit(self, request: MigrationRequest) -> MigrationJob:
         """Check the source, the adapters and their examples (4xx/502), then start the job."""
+        async with self._submitting:  # two POSTs at once must not both pass the check below
+            return await self._submit(request)
+
+    async def _submit(self, request: MigrationRequest) -> MigrationJob:
         if (running := self.active()) is not None:
             raise MigrationRefused(409, f"migration {running.id} is still running")
         try:
@@ -171,7 +185,8 @@ class MigrationJobs:
         unknown = set(request.tasks) - set(names)
         if unknown:
             raise MigrationRefused(400, f"tasks given for adapters not migrated: {sorted(unknown)}")
-        old_base = self._old_base(request, source)
+        # May convert the embedded default model once (~25 s): off the event loop.
+        old_base = await asyncio.to_thread(self._old_base, request, source)
         tokenizer = await asyncio.to_thread(_tokenizer, old_base)
         migrations = []
         for name in names:
@@ -225,7 +240,8 @@ class MigrationJobs:
                 f"source (POST /v1/stats/{name}/start) so that its reservoir fills",
             ) from e
         identity = json.dumps(
-            [source.base, str(self.new_base), spec.model_dump(mode="json")], sort_keys=True
+            [source.base, str(self.new_base), request.generator, spec.model_dump(mode="json")],
+            sort_keys=True,
         )
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         return AdapterMigration(name, spec, self.work_root / f"{name}-{digest}")
@@ -235,7 +251,11 @@ class MigrationJobs:
     async def _run(self, job: MigrationJob, tokenizer: Any) -> None:
         from vllm_lora_ext.evaluation.backends import HttpBackend
 
-        generator = HttpBackend(job.source.url, job.source.base, tokenizer)
+        if job.request.generator == "new_base":
+            own_tokenizer = await asyncio.to_thread(_tokenizer, self.new_base)
+            generator = HttpBackend(self.self_url, self.base_name, own_tokenizer)
+        else:
+            generator = HttpBackend(job.source.url, job.source.base, tokenizer)
         try:
             for migration in job.adapters:
                 if job.cancelled:
