@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora, save_lora
 from vllm_lora_ext.adapters.validation import AdapterRejected, validate_name
@@ -29,10 +29,11 @@ from vllm_lora_ext.merge.methods import MERGE_METHODS, merge_adapters, validate_
 from vllm_lora_ext.merge.offline import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.pool_merge_jobs import POOL_METHODS, check_pool_request, run_pool_job
 from vllm_lora_ext.server.stats_service import StatsService
 
 State = Literal["running", "succeeded", "failed", "cancelled"]
-METHODS = (*sorted(MERGE_METHODS), "iteris")
+METHODS = (*sorted(MERGE_METHODS), "iteris", *POOL_METHODS)
 
 
 class MergeTerm(BaseModel):
@@ -52,9 +53,19 @@ class IterisJobParams(IterisParams):
 class MergeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Model id under which the merged adapter will be served")
-    adapters: list[MergeTerm] = Field(min_length=1)
+    adapters: list[MergeTerm] | Literal["all"] = Field(
+        description='the adapters to merge; for adaptive / lorahub the pool ("all": every '
+        "adapter of this base)"
+    )
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("adapters")
+    @classmethod
+    def _not_empty(cls, adapters: list[MergeTerm] | str) -> list[MergeTerm] | str:
+        if not adapters:
+            raise ValueError("name at least one adapter")
+        return adapters
 
 
 @dataclass
@@ -70,6 +81,10 @@ class MergeJob:
     residual: float | None = None
     """IterIS: ‖ΔW_t - ΔW_{t-1}‖_F / ‖ΔW_t‖_F over all layers, after each iteration ≥ 2."""
     error: str | None = None
+    pool: list[str] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    """adaptive / lorahub: selection, weights, controls and the verdict."""
+    stopping: bool = False
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     task: asyncio.Task | None = None
@@ -87,6 +102,7 @@ class MergeJob:
             "prompts_done": self.prompts_done,
             "residual": self.residual,
             "error": self.error,
+            "result": self.result,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
         }
@@ -94,6 +110,9 @@ class MergeJob:
 
 class Replayer(Protocol):
     """Runs IterIS replays on the served engine (``plugin.py`` / HTTP to ourselves)."""
+
+    url: str
+    model_dir: Path
 
     async def paired_stats(
         self, own: str, merged_dir: Path, prompts: list[dict], targets: list[str], job: MergeJob
@@ -119,6 +138,13 @@ class MergeJobs:
         validate_name(request.name, reserved=self.adapters.base.aliases)
         if self.adapters.get(request.name) is not None or self._pending(request.name):
             raise AdapterRejected("duplicate_name", f"{request.name!r} already exists", 409)
+        if request.method in POOL_METHODS:
+            job = MergeJob(uuid.uuid4().hex[:12], request, pool=check_pool_request(self, request))
+            self.jobs[job.id] = job
+            job.task = asyncio.create_task(self._run(job))
+            return job
+        if request.adapters == "all":
+            raise AdapterRejected("invalid_merge", '"adapters": "all" is for adaptive / lorahub')
         names = [t.name for t in request.adapters]
         if len(set(names)) != len(names):
             raise AdapterRejected("invalid_merge", "an adapter is named twice")
@@ -174,6 +200,7 @@ class MergeJobs:
     def cancel(self, job_id: str) -> MergeJob | None:
         job = self.jobs.get(job_id)
         if job is not None and job.state == "running" and job.task is not None:
+            job.stopping = True  # ends a training loop running in a thread
             job.task.cancel()
         return job
 
@@ -183,18 +210,10 @@ class MergeJobs:
         request = job.request
         work = Path(tempfile.mkdtemp(prefix=".merge-", dir=self.adapters.store.root))
         try:
-            job.phase = "loading"
-            adapters = [load_lora(self.adapters.store.path(t.name)) for t in request.adapters]
-            weights = [t.weight for t in request.adapters]
-            if request.method == "iteris":
-                merged, params = await self._iteris(job, adapters, work)
+            if request.method in POOL_METHODS:
+                merged, params = await run_pool_job(self, job, job.pool)
             else:
-                job.phase = "merging"
-                checked = validate_params(request.method, request.params)
-                merged = await asyncio.to_thread(
-                    merge_adapters, adapters, weights, request.method, checked
-                )
-                params = checked.model_dump()
+                merged, params = await self._merge_terms(job, work)
             if merged.rank > self.adapters.max_rank:
                 raise AdapterRejected(
                     "rank_too_high",
@@ -223,13 +242,30 @@ class MergeJobs:
             if request.method == "iteris" and job.iteration:
                 metrics.MERGE_ITERATION.remove(job.id)
 
+    async def _merge_terms(self, job: MergeJob, work: Path) -> tuple[LoraWeights, dict[str, Any]]:
+        """A classic method or IterIS over the adapters named with their weights."""
+        request = job.request
+        assert request.adapters != "all"  # refused at submission
+        job.phase = "loading"
+        adapters = [load_lora(self.adapters.store.path(t.name)) for t in request.adapters]
+        if request.method == "iteris":
+            return await self._iteris(job, adapters, work)
+        job.phase = "merging"
+        checked = validate_params(request.method, request.params)
+        weights = [t.weight for t in request.adapters]
+        merged = await asyncio.to_thread(merge_adapters, adapters, weights, request.method, checked)
+        return merged, checked.model_dump()
+
     def _recipe(self, job: MergeJob, params: dict[str, Any]) -> dict[str, Any]:
         sources = []
-        for term in job.request.adapters:
-            record = self.adapters.get(term.name)
-            sources.append(
-                {"name": term.name, "weight": term.weight, "sha256": record.weights_sha256}
-            )
+        terms = (
+            [(n, w) for n, w in job.result["weights"].items()]
+            if job.result is not None
+            else [(t.name, t.weight) for t in job.request.adapters]
+        )
+        for name, weight in terms:
+            record = self.adapters.get(name)
+            sources.append({"name": name, "weight": weight, "sha256": record.weights_sha256})
         return {
             "format": RECIPE_FORMAT,
             "version": RECIPE_VERSION,

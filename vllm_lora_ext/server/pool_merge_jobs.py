@@ -1,0 +1,200 @@
+"""``POST /v1/merges`` with ``method: "adaptive"`` or ``"lorahub"``: a merge from an adapter pool
+for a new task, its controls reported in the job's ``result``.
+
+The pool is ``"adapters": "all"`` (every adapter of this base in the store) or a list of names;
+the target examples come in ``params.examples`` (``[{"input", "output"}]``) or from an adapter's
+request reservoir (``params.from_reservoir``: the prompts captured from that adapter's traffic,
+answered greedily by that adapter through this server, i.e. its own outputs as labels). The
+work runs in a thread on the base model loaded with transformers (:mod:`merge.pool_merge`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora
+from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.merge.params import MergeParams
+from vllm_lora_ext.merge.pool_merge import (
+    MIN_EXAMPLES,
+    PARAMS,
+    AdaptiveParams,
+    LorahubParams,
+    PoolMergeParams,
+    pool_merge,
+)
+
+if TYPE_CHECKING:
+    from vllm_lora_ext.server.merge_jobs import MergeJob, MergeJobs, MergeRequest
+
+POOL_METHODS = tuple(PARAMS)
+
+
+class TargetExample(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+
+class _Target(MergeParams):
+    examples: list[TargetExample] | None = None
+    from_reservoir: str | None = None
+    reservoir_max_tokens: int = Field(default=32, ge=1, le=512)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _Target:
+        if (self.examples is None) == (self.from_reservoir is None):
+            raise ValueError("give exactly one of params.examples and params.from_reservoir")
+        return self
+
+
+class AdaptiveJobParams(_Target, AdaptiveParams):
+    pass
+
+
+class LorahubJobParams(_Target, LorahubParams):
+    pass
+
+
+_JOB_PARAMS: dict[str, type[_Target]] = {"adaptive": AdaptiveJobParams, "lorahub": LorahubJobParams}
+
+
+def job_params(method: str, raw: dict[str, Any]) -> _Target:
+    try:
+        return _JOB_PARAMS[method].model_validate(raw)
+    except ValidationError as e:
+        raise AdapterRejected("invalid_merge", f"bad params for {method}: {e}") from e
+
+
+def method_params(method: str, params: _Target) -> PoolMergeParams:
+    cls = PARAMS[method]
+    return cls.model_validate(params.model_dump(include=set(cls.model_fields)))
+
+
+def check_pool_request(jobs: MergeJobs, request: MergeRequest) -> list[str]:
+    """The pool's adapter names; AdapterRejected (4xx) for anything wrong up front."""
+    params = job_params(request.method, request.params)
+    service = jobs.adapters
+    if request.adapters == "all":
+        pool = [a.name for a, _ in service.list() if a.name != request.name]
+    else:
+        pool = [t.name for t in request.adapters]
+        if len(set(pool)) != len(pool):
+            raise AdapterRejected("invalid_merge", "an adapter is named twice")
+        for name in pool:
+            if service.get(name) is not None:
+                continue
+            other = service.store.get(name)
+            if other is not None:
+                raise AdapterRejected(
+                    "wrong_base",
+                    f"adapter {name!r} belongs to base {other.base!r}, not to the served "
+                    f"{service.base.name!r}: a pool must hold adapters of this base",
+                )
+            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+    if params.k > len(pool):
+        raise AdapterRejected(
+            "invalid_merge", f"k={params.k} but the pool holds {len(pool)} adapters"
+        )
+    if params.examples is not None and len(params.examples) < MIN_EXAMPLES:
+        raise AdapterRejected(
+            "invalid_merge",
+            f"{len(params.examples)} target examples; at least {MIN_EXAMPLES} are needed",
+        )
+    if params.from_reservoir is not None:
+        name = params.from_reservoir
+        if service.get(name) is None:
+            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+        reservoir = jobs.stats.reservoirs.get(name)
+        held = len(reservoir.items) if reservoir is not None else 0
+        if held < MIN_EXAMPLES:
+            raise AdapterRejected(
+                "invalid_merge",
+                f"the reservoir of {name!r} holds {held} prompts; at least {MIN_EXAMPLES} are "
+                f"needed (capture traffic: POST /v1/stats/{name}/start, serve requests)",
+                409,
+            )
+    return pool
+
+
+async def run_pool_job(
+    jobs: MergeJobs, job: MergeJob, pool: list[str]
+) -> tuple[LoraWeights, dict[str, Any]]:
+    """Run the merge and its controls in a thread; the report goes to ``job.result``."""
+    method = job.request.method
+    params = job_params(method, job.request.params)
+    model_dir = Path(jobs.replayer.model_dir)
+    if params.examples is not None:
+        examples = [(e.input, e.output) for e in params.examples]
+    else:
+        job.phase = "labelling reservoir prompts"
+        examples = await _reservoir_examples(jobs, params, model_dir, job)
+    job.phase = "loading"
+    adapters = {name: load_lora(jobs.adapters.store.path(name)) for name in pool}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        job.phase, job.iteration, job.iterations = phase, done, total
+
+    result = await asyncio.to_thread(
+        pool_merge,
+        model_dir,
+        adapters,
+        examples,
+        method,
+        method_params(method, params),
+        progress,
+        lambda: job.stopping,
+    )
+    job.result = result.report() | {"pool": pool}
+    dumped = params.model_dump(exclude={"examples"})
+    dumped["examples"] = len(examples)
+    return result.merged, dumped | {"selected": result.selected, "controls": result.controls}
+
+
+async def _reservoir_examples(
+    jobs: MergeJobs, params: _Target, model_dir: Path, job: MergeJob
+) -> list[tuple[str, str]]:
+    """(input, the adapter's greedy answer) for each reservoir prompt that carries text."""
+    from transformers import AutoTokenizer
+
+    from vllm_lora_ext.evaluation.prompts import stop_token_ids
+    from vllm_lora_ext.migrate.queries import query_prompt, read_answer
+
+    name = params.from_reservoir
+    assert name is not None
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
+    texts = [t for t in map(_text_of, jobs.stats.reservoirs[name].items) if t]
+    pairs = []
+    async with httpx.AsyncClient(base_url=jobs.replayer.url, timeout=600.0) as client:
+        for i, text in enumerate(texts):
+            job.iteration, job.iterations = i, len(texts)
+            prompt = query_prompt(tokenizer, text)
+            body = {
+                "model": name,
+                "prompt": list(prompt.ids),
+                "max_tokens": params.reservoir_max_tokens,
+                "temperature": 0.0,
+                "stop_token_ids": list(stop_token_ids(tokenizer)),
+            }
+            r = await client.post("/v1/completions", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"labelling answered {r.status_code}: {r.text[:300]}")
+            answer = read_answer(r.json()["choices"][0]["text"], prompt)
+            if answer:
+                pairs.append((text, answer))
+    return pairs
+
+
+def _text_of(prompt: dict[str, Any]) -> str | None:
+    """The user text of a reservoir prompt: a completion's string, or a chat's last user turn."""
+    if isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    for message in reversed(prompt.get("messages") or []):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return None
