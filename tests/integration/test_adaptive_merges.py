@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_generation import peft_greedy, upload, vllm_greedy
+from test_generation import chat, peft_greedy, upload, vllm_greedy
 from test_merges import PROMPT, wait
 from tiny_model import random_lora_tensors, write_adapter
 
@@ -35,7 +35,8 @@ def pool(server, tmp_path_factory):
             assert upload(c, name, d).status_code == 201, name
     yield dirs
     with server.client() as c:
-        for name in [*dirs, "ad-merged", "ad-hub"]:
+        for name in [*dirs, "ad-merged", "ad-hub", "ad-reservoir"]:
+            c.delete(f"/v1/stats/{name}")
             c.delete(f"/v1/adapters/{name}")
 
 
@@ -84,6 +85,28 @@ def test_lorahub_from_the_whole_pool(server, pool):
         assert job["state"] == "succeeded", job
         assert set(job["result"]["controls"]) == {"lorahub"}
         assert len(vllm_greedy(c, "ad-hub", PROMPT)) > 0
+
+
+def test_target_examples_from_an_adapters_reservoir(server, pool):
+    """Chat traffic captured for ad-p2 becomes the target set, labelled by ad-p2 itself."""
+    body = {
+        "name": "ad-reservoir",
+        "adapters": [{"name": n} for n in POOL],
+        "method": "adaptive",
+        "params": {"k": 1, "steps": 4, "controls": False, "from_reservoir": POOL[1]},
+    }
+    with server.client() as c:
+        assert c.post(f"/v1/stats/{POOL[1]}/start").status_code == 200
+        for e in EXAMPLES[:10]:
+            assert chat(c, POOL[1], e["input"], 4).status_code == 200
+        assert c.post(f"/v1/stats/{POOL[1]}/stop").status_code == 200
+        r = c.post("/v1/merges", json=body)
+        assert r.status_code == 202, r.text
+        job = wait(c, r.json()["id"])
+        assert job["state"] == "succeeded", job
+        examples = job["result"]["examples"]
+        assert examples["train"] + examples["heldout"] + examples["too_long"] == 10, examples
+        assert len(vllm_greedy(c, "ad-reservoir", PROMPT)) > 0
 
 
 def test_bad_adaptive_merges_are_refused(server, pool):

@@ -111,12 +111,12 @@ def check_pool_request(jobs: MergeJobs, request: MergeRequest) -> list[str]:
         if service.get(name) is None:
             raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
         reservoir = jobs.stats.reservoirs.get(name)
-        held = len(reservoir.items) if reservoir is not None else 0
+        held = sum(1 for p in reservoir.items if _text_of(p)) if reservoir is not None else 0
         if held < MIN_EXAMPLES:
             raise AdapterRejected(
                 "invalid_merge",
-                f"the reservoir of {name!r} holds {held} prompts; at least {MIN_EXAMPLES} are "
-                f"needed (capture traffic: POST /v1/stats/{name}/start, serve requests)",
+                f"the reservoir of {name!r} holds {held} text prompts; at least {MIN_EXAMPLES} "
+                f"are needed (capture traffic: POST /v1/stats/{name}/start, serve requests)",
                 409,
             )
     return pool
@@ -191,7 +191,8 @@ async def _reservoir_examples(
 
 
 def _text_of(prompt: dict[str, Any]) -> str | None:
-    """The user text of a reservoir prompt: a completion's string, or a chat's last user turn."""
+    """The user text of a reservoir prompt: a completion's string, or a chat's last user turn
+    (token-id prompts are skipped: re-framing decoded ids as a question would change them)."""
     if isinstance(prompt.get("prompt"), str):
         return prompt["prompt"]
     for message in reversed(prompt.get("messages") or []):
