@@ -63,6 +63,8 @@ def test_controls_are_computed_beside_the_result(tiny_model_dir, pool, method):
     assert ("did NOT beat" in result.verdict) != result.beat_fresh_lora
     assert {"selecting", "fresh lora"} <= set(phases)
     assert result.report()["controls"] == result.controls
+    assert set(result.adapters) == rows - {"base"}
+    assert result.adapters["fresh_lora"].rank == 8 and result.adapters["uniform"].rank == 8
 
 
 def test_the_merge_is_scored_as_its_fold_serves(tiny_model_dir, pool):

@@ -81,6 +81,8 @@ class PoolMergeResult:
     losses: list[float]
     examples: dict[str, int]
     controls: dict[str, dict[str, float]] = field(default_factory=dict)
+    adapters: dict[str, LoraWeights] = field(default_factory=dict)
+    """The adapter behind each row of ``controls`` (all but ``base``), e.g. to score on a task."""
     beat_fresh_lora: bool | None = None
     verdict: str = ""
 
@@ -156,6 +158,7 @@ def pool_merge(
     )
     merge_row = _scored(base, selected, coefficients, train, heldout, pad, started)
     result.controls[method] = merge_row
+    result.adapters[method] = merged
     if not params.controls:
         return result
     t = time.monotonic()
@@ -167,12 +170,14 @@ def pool_merge(
     t = time.monotonic()
     uniform = ad.uniform_coefficients(selected, [1.0 / len(selected)] * len(selected))
     result.controls["uniform"] = _scored(base, selected, uniform, train, heldout, pad, t)
+    result.adapters["uniform"] = ad.fold(selected, uniform)
     tell("random pool", 0, params.steps)
     t = time.monotonic()
     fakes = ad.random_like(selected, params.seed + 1)
     fake_coefficients, _ = _run_method(base, fakes, train, method, params, pad, None, should_stop)
     result.controls["random_pool"] = _scored(base, fakes, fake_coefficients, train, heldout, pad, t)
-    result.controls["fresh_lora"] = _fresh_lora(
+    result.adapters["random_pool"] = ad.fold(fakes, fake_coefficients)
+    result.controls["fresh_lora"], result.adapters["fresh_lora"] = _fresh_lora(
         model_dir, selected, train, heldout, params, pad, tell, should_stop
     )
     mine, fresh = merge_row["heldout_loss"], result.controls["fresh_lora"]["heldout_loss"]
@@ -261,7 +266,9 @@ def _fresh_lora(
     pad: int,
     tell: Progress,
     should_stop: Callable[[], bool] | None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], LoraWeights]:
+    from peft import get_peft_model_state_dict
+
     t = time.monotonic()
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for a in selected for m in a.modules()}))
     hp = LoraHyperparameters(
@@ -282,11 +289,13 @@ def _fresh_lora(
         on_step=lambda s, _: tell("fresh lora", s, params.steps),
         should_stop=should_stop,
     )
-    return {
+    row = {
         "train_loss": ad.rows_loss(model, train, pad),
         "heldout_loss": ad.rows_loss(model, heldout, pad),
         "seconds": time.monotonic() - t,
     }
+    tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return row, LoraWeights(tensors, hp.rank, hp.alpha)
 
 
 def _mean_weights(
