@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gather.add_parser(sub)
 
+    from vllm_lora_ext.merge import pool_cli
+
+    pool_cli.add_parser(sub)
+
     from vllm_lora_ext.migration_cli import add_migrate_parser
 
     add_migrate_parser(sub, DEFAULT_URL)

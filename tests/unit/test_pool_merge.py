@@ -3,6 +3,7 @@ same held-out examples, and a verdict that agrees with the numbers; bad inputs a
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -94,3 +95,27 @@ def test_bad_inputs_are_refused(tiny_model_dir, pool):
         pool_merge(tiny_model_dir, pool, EXAMPLES, "adaptive", AdaptiveParams(k=5))
     with pytest.raises(ValueError, match="at least 8"):  # too long counts as unusable
         pool_merge(tiny_model_dir, pool, EXAMPLES, "lorahub", LorahubParams(k=1, max_len=8))
+
+
+def test_pool_merge_cli_writes_the_adapter_with_its_controls(tiny_model_dir, pool, tmp_path):
+    from tiny_model import write_adapter
+
+    from vllm_lora_ext.adapters.lora_weights import load_lora
+    from vllm_lora_ext.cli import main
+
+    dirs = []
+    for name, weights in pool.items():
+        dirs += ["--pool", str(write_adapter(tmp_path / name, weights.tensors, "tiny", rank=4,
+                                             alpha=8.0, targets=("q_proj", "v_proj")))]  # fmt: skip
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in EXAMPLES))
+    out = tmp_path / "merged"
+    args = ["pool-merge", "--model", str(tiny_model_dir), *dirs, "--examples", str(examples)]
+    assert main([*args, "--k", "2", "--steps", "4", "--out", str(out)]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["method"] == "adaptive" and len(recipe["sources"]) == 2
+    assert set(recipe["controls"]) == {"adaptive", "base", "uniform", "random_pool", "fresh_lora"}
+    assert load_lora(out).rank == 8
+    assert main([*args, "--k", "2", "--out", str(out)]) == 2  # exists
+    assert main([*args, "--k", "9", "--out", str(tmp_path / "x")]) == 2  # k > pool
+    assert not (tmp_path / "x").exists()
