@@ -54,6 +54,14 @@ DESCRIPTIONS = {
     "with answer choices",
     "date_understanding": "questions about dates that ask for a date in MM/DD/YYYY format",
 }
+# Per-task settings that replace the command line's (not with --quick): the training rows of
+# object_counting (~55 Gemma tokens) and disambiguation_qa (~95) are longer than arithmetic's
+# (~20), so they get fewer steps and synthetic inputs, to fit the run's time budget on the
+# shared 2-core machine.
+TASK_BUDGET = {
+    "object_counting": {"student_steps": 32, "target_count": 32, "disc_steps": 12},
+    "disambiguation_qa": {"student_steps": 24, "target_count": 32, "disc_steps": 12},
+}
 RESERVOIR_NOTE = (
     "reservoir = train-split inputs without answers, standing in for the traffic reservoir a "
     "server keeps per adapter; seeds = train-split inputs with their known answers"
@@ -87,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--server-url",
         help="use this running `vllm-lora-ext serve` (SmolLM2) instead of starting one, e.g. to "
         "run tasks in parallel processes that share one server",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no server: the old base's generation, scoring and teacher answers run with "
+        "transformers in process (slower; for machines where a vLLM server cannot start)",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_quality")
@@ -250,29 +264,60 @@ def served_adapter(client: Any, url: str, tokenizer: Any, name: str):
     return make
 
 
-def migrate_and_score(args, task, spec, work: Path, models: dict, url: str, client) -> dict:
+class OldBase:
+    """Where the old base (SmolLM2) works: a vLLM server over HTTP (``client``), or
+    transformers in process when there is no server (``--in-process``)."""
+
+    def __init__(self, client: Any, smol_dir: Path, tokenizer: Any) -> None:
+        self.client, self.smol_dir, self.tokenizer = client, smol_dir, tokenizer
+        self.via = "vllm server" if client is not None else "transformers in process"
+
+    def register(self, served: str, adapter_dir: Path) -> None:
+        if self.client is None:
+            return
+        r = self.client.post("/v1/adapters", json={"name": served, "path": str(adapter_dir)})
+        if r.status_code != 409:  # 409: already registered (a shared --server-url)
+            r.raise_for_status()
+
+    def backend(self, served: str | None = None, adapter_dir: Path | None = None) -> Any:
+        """The base (``served`` None) or a registered adapter."""
+        from vllm_lora_ext.base_models import DEFAULT_MODEL_NAME
+        from vllm_lora_ext.evaluation.backends import HttpBackend, TransformersBackend
+
+        if self.client is None:
+            return TransformersBackend.from_pretrained(self.smol_dir, adapter_dir)
+        url = str(self.client.base_url)
+        return ConcurrentSampling(HttpBackend(url, served or DEFAULT_MODEL_NAME, self.tokenizer))
+
+    def discriminator_factory(self, name: str):
+        if self.client is None:
+            return None  # the Migrator's default: transformers in process
+        return served_adapter(self.client, str(self.client.base_url), self.tokenizer, name)
+
+
+def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) -> dict:
     """Run (or resume) one migration, then score its student on the held-out examples."""
-    from vllm_lora_ext.base_models import DEFAULT_MODEL_NAME
-    from vllm_lora_ext.evaluation.backends import HttpBackend
     from vllm_lora_ext.migrate.migrator import Migrator
 
     timing = work / "bench_seconds.json"
-    spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+    record = json.loads(timing.read_text()) if timing.is_file() else {"seconds": 0.0}
+    spent, via = record["seconds"], set(record.get("old_base_via", ["vllm server"]))
     migrator = Migrator(
         spec,
         work,
         old_base=models["smol_dir"],
         new_base=models["gemma_dir"],
-        generator=ConcurrentSampling(HttpBackend(url, DEFAULT_MODEL_NAME, models["smol_tok"])),
-        teacher=ConcurrentSampling(HttpBackend(url, spec.adapter, models["smol_tok"])),
-        discriminator_backend=served_adapter(
-            client, url, models["smol_tok"], f"disc-{spec.adapter}-{spec.data}"
-        ),
+        generator=old.backend(),
+        teacher=old.backend(spec.adapter, args.adapters / task.name),
+        discriminator_backend=old.discriminator_factory(f"disc-{spec.adapter}-{spec.data}"),
     )
     start = time.perf_counter()
     result = migrator.run()
-    spent += time.perf_counter() - start  # summed over resumed runs; evaluation not included
-    work.joinpath("bench_seconds.json").write_text(json.dumps({"seconds": spent}))
+    elapsed = time.perf_counter() - start  # summed over resumed runs; evaluation not included
+    if elapsed > 5.0:  # steps ran (not just checkpoints read): record where the old base ran
+        via.add(old.via)
+    spent += elapsed
+    timing.write_text(json.dumps({"seconds": spent, "old_base_via": sorted(via)}))
     score = cached(
         work / f"eval-heldout-{args.limit}.json",
         lambda: framed_score(
@@ -286,6 +331,7 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, url: str, clie
         "acc": score["acc"],
         "ci95": score["ci95"],
         "seconds": round(spent, 1),
+        "old_base_via": sorted(via),
         "gate": counts["gate"],
         "discriminator": counts["discriminator"],
         "synthesis": counts["synthesise"]["counts"],
@@ -295,22 +341,21 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, url: str, clie
     }
 
 
-def run_task(args, name: str, models: dict, url: str, client, root: Path) -> dict:
-    from vllm_lora_ext.evaluation.backends import HttpBackend
+def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
     from vllm_lora_ext.evaluation.tasks import load_task
     from vllm_lora_ext.migrate.migrator import MigrationError
 
+    overrides = {} if args.quick else TASK_BUDGET.get(name, {})
+    args = argparse.Namespace(**{**vars(args), **overrides})
     card = json.loads((args.adapters / name / "card.json").read_text())
     task = load_task(name, seed=card["seed"])
     served = f"task-{name.replace('_', '-')}"
-    r = client.post("/v1/adapters", json={"name": served, "path": str(args.adapters / name)})
-    if r.status_code != 409:  # 409: already registered (a shared --server-url)
-        r.raise_for_status()
+    old.register(served, args.adapters / name)
     base = root / name
     print(f"== {name} ({task.mode}); {RESERVOIR_NOTE}", flush=True)
     source = cached(
         base / f"source-heldout-{args.limit}.json",
-        lambda: framed_score(task, HttpBackend(url, served, models["smol_tok"]), args.limit),
+        lambda: framed_score(task, old.backend(served, args.adapters / name), args.limit),
     )
     target = cached(
         base / f"target-base-heldout-{args.limit}.json",
@@ -328,14 +373,13 @@ def run_task(args, name: str, models: dict, url: str, client, root: Path) -> dic
         "source_ci95": source["ci95"],
         "target_base_ci95": target["ci95"],
         "modes": {},
+        "settings_overridden": overrides,
     }
     for mode in args.modes.split(","):
         spec = build_spec(args, task, served, mode, models["smol_tok"])
         digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
         try:
-            out = migrate_and_score(
-                args, task, spec, base / f"{mode}-{digest}", models, url, client
-            )
+            out = migrate_and_score(args, task, spec, base / f"{mode}-{digest}", models, old)
         except MigrationError as e:  # recorded, and the other modes and tasks still run
             print(f"  {mode}: FAILED: {e}", flush=True)
             row["modes"][mode] = {"error": str(e)}
@@ -408,21 +452,27 @@ def main(argv: list[str] | None = None) -> int:
             "negatives and scoring, teacher answers, source scores",
             "framing": "migrate.queries.query_prompt around the chat-style user message: "
             "SmolLM2 chat turn; Gemma 3 base 'Q: <input>\\nA:' (first line is the answer)",
+            "seconds": "wall time of the filtered Migrator.run (summed over resumed runs; "
+            "evaluation not included) on a 2-core machine shared with other jobs and, when tasks "
+            "run in parallel processes (--server-url), with each other",
             "quick": args.quick,
         },
         "machine": f"{platform.machine()}, 2-core CPU shared with other jobs, no GPU",
     }
     with tempfile.TemporaryDirectory() as tmp:
         server = None
-        if args.server_url is None:
+        if args.server_url is None and not args.in_process:
             server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
-        url = args.server_url or server.url
+        url = args.server_url or (server.url if server else None)
+        client = httpx.Client(base_url=url, timeout=1800) if url else None
+        old = OldBase(client, smol_dir, models["smol_tok"])
         try:
-            with httpx.Client(base_url=url, timeout=1800) as client:
-                for name in args.tasks.split(","):
-                    result["tasks"].append(run_task(args, name, models, url, client, root))
-                    write_results(result, args.out)
+            for name in args.tasks.split(","):
+                result["tasks"].append(run_task(args, name, models, old, root))
+                write_results(result, args.out)
         finally:
+            if client is not None:
+                client.close()
             if server is not None:
                 server.stop()
     print(table(result))
