@@ -355,7 +355,10 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
     print(f"== {name} ({task.mode}); {RESERVOIR_NOTE}", flush=True)
     source = cached(
         base / f"source-heldout-{args.limit}.json",
-        lambda: framed_score(task, old.backend(served, args.adapters / name), args.limit),
+        lambda: {
+            **framed_score(task, old.backend(served, args.adapters / name), args.limit),
+            "via": old.via,
+        },
     )
     target = cached(
         base / f"target-base-heldout-{args.limit}.json",
@@ -371,6 +374,7 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
         "seconds": None,
         "scoring": "greedy exact match" if task.mode == "generate" else "option log-likelihood",
         "source_ci95": source["ci95"],
+        "source_via": source.get("via", "vllm server"),
         "target_base_ci95": target["ci95"],
         "modes": {},
         "settings_overridden": overrides,
