@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="no server: the old base's generation, scoring and teacher answers run with "
         "transformers in process (slower; for machines where a vLLM server cannot start)",
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the JSON and PNG from the cache only: modes not finished there are "
+        "reported as not run",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_quality")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -297,8 +303,10 @@ class OldBase:
 
 def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) -> dict:
     """Run (or resume) one migration, then score its student on the held-out examples."""
-    from vllm_lora_ext.migrate.migrator import Migrator
+    from vllm_lora_ext.migrate.migrator import MigrationError, Migrator
 
+    if args.report_only and not (work / f"eval-heldout-{args.limit}.json").is_file():
+        raise MigrationError(f"not run: no finished migration and evaluation in {work}")
     timing = work / "bench_seconds.json"
     record = json.loads(timing.read_text()) if timing.is_file() else {"seconds": 0.0}
     spent, via = record["seconds"], set(record.get("old_base_via", ["vllm server"]))
@@ -465,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         server = None
-        if args.server_url is None and not args.in_process:
+        if args.server_url is None and not (args.in_process or args.report_only):
             server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
         url = args.server_url or (server.url if server else None)
         client = httpx.Client(base_url=url, timeout=1800) if url else None
