@@ -30,12 +30,15 @@ def pool(server, tmp_path_factory):
         )
         for name, seed in zip(POOL, (91, 92, 93), strict=True)
     }
+    big = write_adapter(
+        root / "ad-big", random_lora_tensors(94, rank=16), base=server.base, rank=16
+    )
     with server.client() as c:
-        for name, d in dirs.items():
+        for name, d in [*dirs.items(), ("ad-big", big)]:
             assert upload(c, name, d).status_code == 201, name
     yield dirs
     with server.client() as c:
-        for name in [*dirs, "ad-merged", "ad-hub", "ad-reservoir"]:
+        for name in [*dirs, "ad-big", "ad-merged", "ad-hub", "ad-reservoir"]:
             c.delete(f"/v1/stats/{name}")
             c.delete(f"/v1/adapters/{name}")
 
@@ -130,6 +133,7 @@ def test_bad_adaptive_merges_are_refused(server, pool):
         ({"adapters": names, "params": {"from_reservoir": POOL[0]}}, 409, "reservoir"),
         ({"adapters": names, "params": ok | {"selection": "vibes"}}, 400, "selection"),
         ({"adapters": [{"name": "nobody"}], "params": ok}, 404, "not found"),
+        ({"adapters": [*names, {"name": "ad-big"}], "params": ok | {"k": 4}}, 400, "rank >= 28"),
     ]
     with server.client() as c:
         for body, status, text in cases:

@@ -101,6 +101,13 @@ def check_pool_request(jobs: MergeJobs, request: MergeRequest) -> list[str]:
         raise AdapterRejected(
             "invalid_merge", f"k={params.k} but the pool holds {len(pool)} adapters"
         )
+    smallest = sum(sorted(service.get(n).rank for n in pool)[: params.k])
+    if smallest > service.max_rank:
+        raise AdapterRejected(
+            "rank_too_high",
+            f"the merge of k={params.k} adapters has rank >= {smallest} (the sum of their "
+            f"ranks); the server's max is {service.max_rank}: ask for a smaller k",
+        )
     if params.examples is not None and len(params.examples) < MIN_EXAMPLES:
         raise AdapterRejected(
             "invalid_merge",
