@@ -317,8 +317,10 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
     if args.report_only and not (work / f"eval-heldout-{args.limit}.json").is_file():
         raise MigrationError(f"not run: no finished migration and evaluation in {work}")
     timing = work / "bench_seconds.json"
-    record = json.loads(timing.read_text()) if timing.is_file() else {"seconds": 0.0}
-    spent, via = record["seconds"], set(record.get("old_base_via", ["vllm server"]))
+    spent, via = 0.0, set()
+    if timing.is_file():  # records from before old_base_via existed came from server runs
+        record = json.loads(timing.read_text())
+        spent, via = record["seconds"], set(record.get("old_base_via", ["vllm server"]))
     migrator = Migrator(
         spec,
         work,
