@@ -12,6 +12,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_llama
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): in-process training of tiny models is
+    many times faster so when vLLM servers or other jobs share the two cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

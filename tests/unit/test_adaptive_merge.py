@@ -17,11 +17,8 @@ KNOWN = [1.0, 0.0, 0.6]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models train much faster on one thread beside other jobs (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 from tiny_model import random_lora_tensors
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights
@@ -26,11 +25,8 @@ EXAMPLES = [(f"after {WORDS[i]}?", WORDS[i + 1]) for i in range(9)] + [
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models train much faster on one thread beside other jobs (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
