@@ -67,6 +67,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             path = f"/v1/migrations/{args.id}"
             if args.action == "rollback":
                 response = client.delete(path)
+                while response.status_code in (200, 202) and (
+                    response.json()["state"] == "rolling_back"
+                ):
+                    time.sleep(1.0)  # unloads wait for the requests admitted for each adapter
+                    response = client.get(path)
             elif args.follow:
                 return follow(client, args.id)
             else:

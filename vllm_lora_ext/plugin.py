@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from argparse import Namespace
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from fastapi import FastAPI
 
 SUPPORTED_VLLM_VERSION = "0.32.0"
 PLUGIN_NAME = "lora_ext"
+UNLOAD_DRAIN_SECONDS = 120.0
 
 logger = logging.getLogger("vllm_lora_ext")
 _registered = False
@@ -166,9 +168,16 @@ class VllmEngineAdapters:
     name -> int id) stays the single source of truth for what is loaded.
     """
 
-    def __init__(self, serving_models: Any, engine_client: Any) -> None:
+    def __init__(
+        self,
+        serving_models: Any,
+        engine_client: Any,
+        drain: Callable[[str, float], Awaitable[bool]],
+    ) -> None:
         self.serving_models = serving_models
         self.engine_client = engine_client
+        self.drain = drain
+        """Waits for the HTTP requests admitted for a name so far (ForwardTable.drain)."""
 
     async def load(self, name: str, path: Path) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -178,18 +187,42 @@ class VllmEngineAdapters:
             LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path))
         )
         if isinstance(result, ErrorResponse):
-            raise RuntimeError(result.error.message)
+            # Once committed to the store, a request for it may resolve and load it first.
+            held = self.serving_models.lora_requests.get(name)
+            if held is None or held.lora_path != str(path):
+                raise RuntimeError(result.error.message)
 
-    async def unload(self, name: str) -> bool:
-        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+    async def unload(self, name: str, drain_timeout: float = UNLOAD_DRAIN_SECONDS) -> bool:
+        """Forget ``name``, let the requests admitted for it finish, then free its slot.
 
-        request = self.serving_models.lora_requests.get(name)
+        The name goes under the resolver's per-name lock, as in vLLM's own unload: a resolve in
+        flight (resolved, awaiting ``add_lora``) finishes first and cannot re-add the name after
+        we looked; it was seen to, leaving a deleted adapter served. vLLM's unload only forgets
+        the name; ``remove_lora`` frees the engine's slot and CPU cache. A request still
+        running on a removed adapter makes the worker reload it from its path, gone after a
+        delete: the engine died of that. Requests still running after ``drain_timeout`` are
+        aborted.
+        """
+        async with self.serving_models.lora_resolver_lock[name]:
+            request = self.serving_models.lora_requests.pop(name, None)
         if request is None:
             return False
-        await self.serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
-        # vLLM's unload only forgets the name; free the engine's slot and CPU cache as well.
+        if not await self.drain(name, drain_timeout):
+            running = self._requests_using(request.lora_int_id)
+            logger.warning("vllm-lora-ext: aborting %d requests on %r", len(running), name)
+            await self.engine_client.abort(running, internal=True)
         await self.engine_client.remove_lora(request.lora_int_id)
+        logger.info("vllm-lora-ext: unloaded %r", name)
         return True
+
+    def _requests_using(self, lora_int_id: int) -> list[str]:
+        """Internal ids of the engine's unfinished requests on this adapter id."""
+        states = self.engine_client.output_processor.request_states
+        return [
+            request_id
+            for request_id, state in list(states.items())
+            if state.lora_request is not None and state.lora_request.lora_int_id == lora_int_id
+        ]
 
     def loaded_names(self) -> set[str]:
         return set(self.serving_models.lora_requests)
@@ -299,10 +332,9 @@ class LoraExtEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from vllm_lora_ext.server.forwarding import ForwardToSource
+        from vllm_lora_ext.server.gateway import GenerationGateway
         from vllm_lora_ext.server.merge_routes import router as merge_router
         from vllm_lora_ext.server.migration_routes import router as migration_router
-        from vllm_lora_ext.server.request_metrics import RequestsPerAdapter
         from vllm_lora_ext.server.routes import router
         from vllm_lora_ext.server.stats_routes import router as stats_router
 
@@ -310,14 +342,13 @@ class LoraExtEndpointPlugin:
         app.include_router(stats_router)
         app.include_router(merge_router)
         app.include_router(migration_router)
-        app.add_middleware(RequestsPerAdapter)
-        # Added last, so outermost: a forwarded request never reaches vLLM or the counters.
-        app.add_middleware(ForwardToSource)
+        app.add_middleware(GenerationGateway)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from vllm_lora_ext.adapters.base_model import BaseModelInfo
         from vllm_lora_ext.adapters.store import AdapterStore
         from vllm_lora_ext.server.adapter_service import AdapterService
+        from vllm_lora_ext.server.forwarding import ForwardTable
         from vllm_lora_ext.server.merge_jobs import MergeJobs
         from vllm_lora_ext.server.replay import HttpReplayer
         from vllm_lora_ext.server.stats_service import StatsService
@@ -344,11 +375,12 @@ class LoraExtEndpointPlugin:
             ],
         )
         store = AdapterStore(settings.resolved_store_dir())
+        state.lora_ext_forward = ForwardTable()
         state.lora_ext = AdapterService(
             store=store,
             base=base,
             max_rank=int(args.max_lora_rank),
-            engine=VllmEngineAdapters(serving_models, engine_client),
+            engine=VllmEngineAdapters(serving_models, engine_client, state.lora_ext_forward.drain),
             max_upload_bytes=settings.max_upload_bytes,
             # A full batch of unpinned adapters must still fit in the CPU cache.
             max_pinned=int(getattr(args, "max_cpu_loras", None) or args.max_loras)
@@ -385,7 +417,6 @@ async def _init_migrations(
 ) -> None:
     """The migration service; with ``serve --migrate-from`` its job starts before serving, and a
     refused one stops the server with the reason (an operator asked for it explicitly)."""
-    from vllm_lora_ext.server.forwarding import ForwardTable
     from vllm_lora_ext.server.migration_jobs import (
         MigrationJobs,
         MigrationRefused,
@@ -393,7 +424,6 @@ async def _init_migrations(
         known_model_finder,
     )
 
-    state.lora_ext_forward = ForwardTable()
     jobs = MigrationJobs(
         state.lora_ext,
         state.lora_ext_forward,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from pathlib import Path
 
 import httpx
@@ -219,3 +220,75 @@ def test_metrics_move(server, tmp_path):
         assert c.delete("/v1/adapters/metered").status_code == 200
         assert metric(c, "vllm_lora_ext_adapter_unloads_total") == unloads + 1
         assert metric(c, "vllm_lora_ext_adapters_registered") == registered
+
+
+def _stream(url: str, model: str, started: threading.Event, out: list) -> None:
+    """One streamed completion; records (status, number of text chunks, finish reason)."""
+    body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 48, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with (
+        httpx.Client(base_url=url, timeout=120) as c,
+        c.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        chunks, finish = 0, None
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            chunks += 1
+            finish = choice.get("finish_reason") or finish
+            started.set()
+        out.append((r.status_code, chunks, finish))
+
+
+def test_delete_under_traffic_lets_admitted_requests_finish(server, tmp_path):
+    """DELETE while streams run on the adapter: they finish, later ones get 404, the engine
+    lives on (it died before: vLLM reloaded the removed adapter from its deleted files)."""
+    d = write_adapter(tmp_path / "busy", random_lora_tensors(11), base=server.base)
+    with server.client() as c:
+        assert c.post("/v1/adapters", json={"name": "busy", "path": str(d)}).status_code == 201
+        results: list = []
+        events = [threading.Event() for _ in range(3)]
+        threads = [
+            threading.Thread(target=_stream, args=(server.url, "busy", e, results)) for e in events
+        ]
+        for t in threads:
+            t.start()
+        for e in events:
+            assert e.wait(60), "a stream did not start"
+        assert c.delete("/v1/adapters/busy").status_code == 200
+        for t in threads:
+            t.join(120)
+        assert results == [(200, 48, "length")] * 3
+        assert complete(c, "busy").status_code == 404
+        assert complete(c, server.base).status_code == 200
+        assert c.post("/v1/adapters", json={"name": "busy", "path": str(d)}).status_code == 201
+        assert complete(c, "busy").status_code == 200
+        assert c.delete("/v1/adapters/busy").status_code == 200
+
+
+def test_register_and_delete_race_requests_for_the_same_name(server, tmp_path):
+    """A request can resolve a just-committed adapter before register loads it, or be
+    resolving it while DELETE runs; neither may fail the call or leave it served."""
+    d = write_adapter(tmp_path / "racy", random_lora_tensors(12), base=server.base)
+    statuses: list[int] = []
+    halt = threading.Event()
+
+    def hammer() -> None:
+        with server.client() as h:
+            while not halt.is_set():
+                statuses.append(complete(h, "racy").status_code)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        with server.client() as c:
+            for _ in range(8):
+                r = c.post("/v1/adapters", json={"name": "racy", "path": str(d)})
+                assert r.status_code == 201, r.text
+                assert c.delete("/v1/adapters/racy").status_code == 200
+                assert "racy" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+    finally:
+        halt.set()
+        thread.join(60)
+    assert set(statuses) <= {200, 404} and 200 in statuses and 404 in statuses

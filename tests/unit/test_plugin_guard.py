@@ -53,6 +53,20 @@ def test_serving_models_interface_we_use() -> None:
     assert "resolve_lora" in LoRAResolver.__abstractmethods__
 
 
+def test_engine_internals_unload_relies_on() -> None:
+    """VllmEngineAdapters.unload: the resolver lock, the engine's request states, abort."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.output_processor import OutputProcessor, RequestState
+
+    assert "self.lora_resolver_lock" in inspect.getsource(OpenAIServingModels.__init__)
+    assert "self.output_processor = OutputProcessor(" in inspect.getsource(AsyncLLM.__init__)
+    assert "self.request_states" in inspect.getsource(OutputProcessor.__init__)
+    assert "self.lora_request = lora_request" in inspect.getsource(RequestState.__init__)
+    assert "internal" in inspect.signature(AsyncLLM.abort).parameters
+    assert inspect.iscoroutinefunction(AsyncLLM.remove_lora)
+
+
 def test_server_entry_module_exists() -> None:
     from vllm.entrypoints.launchers.api_server import entry
 

@@ -55,6 +55,8 @@ class MigrationProgress:
     state: Literal["pending", "running", "done", "failed", "cancelled"] = "pending"
     step: str | None = None
     completed: list[str] = field(default_factory=list)
+    from_checkpoint: list[str] = field(default_factory=list)
+    """Of ``completed``, the steps taken from a checkpoint of an earlier run, not redone."""
     generated: int = 0
     kept: int = 0
     rejected: int = 0
@@ -126,13 +128,16 @@ class Migrator:
             raise MigrationError("this migration is already running")
         try:
             self._cancel.clear()
-            self._update(state="running", error=None, completed=[])
+            self._update(state="running", error=None, completed=[], from_checkpoint=[])
             self._claim_work_dir()
             outputs = {}
             for step in STEPS:
-                outputs[step] = self._checkpoint(step) or self._run_step(step, outputs)
+                saved = self._checkpoint(step)
+                outputs[step] = saved or self._run_step(step, outputs)
                 with self._lock:
                     self._progress.completed.append(step)
+                    if saved:
+                        self._progress.from_checkpoint.append(step)
             gate = GateResult(**outputs["gate"])
             self._update(state="done", step=None, gate=gate)
             return MigrationResult(self.work_dir / STUDENT_DIR, gate, outputs)

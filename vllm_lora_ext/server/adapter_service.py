@@ -66,6 +66,8 @@ class AdapterService:
         self.loaded_sha: dict[str, str] = {}
         """Weights hash of what vLLM holds under each name (to see a replaced adapter)."""
         self._lock = asyncio.Lock()
+        self._removing: set[str] = set()
+        """Names being deleted: hidden from the resolver while vLLM lets go of them."""
         self.names = {a.name for a in self._adapters_of_base()}
         metrics.ADAPTERS_REGISTERED.set(len(self.names))
 
@@ -78,6 +80,8 @@ class AdapterService:
 
     def get(self, name: str) -> StoredAdapter | None:
         validate_name(name)
+        if name in self._removing:
+            return None
         record = self.store.get(name)
         return record if record is not None and record.base == self.base.name else None
 
@@ -209,18 +213,28 @@ class AdapterService:
                 logger.error("vllm-lora-ext: cannot pin %r: %s", name, e.message)
 
     async def remove(self, name: str) -> bool:
+        """Unload ``name`` (after the requests admitted for it), then delete its files.
+
+        While it unloads, the resolver no longer finds it (new requests get 404); its files
+        stay until vLLM has let go of it, since a running request may still load them.
+        """
         validate_name(name)
         async with self._lock:
             record = self.get(name)
             if record is None:
                 return False
-            # Inline merges that include this adapter must not outlive it.
-            for loaded in self.engine.loaded_names():
-                if _served_from(loaded, name) and await self.engine.unload(loaded):
-                    metrics.ADAPTER_UNLOADS.inc()
-            self.store.remove(name)
-            self.serving_path(record).unlink(missing_ok=True)
-            self._forget(name)
+            self._removing.add(name)
+            try:
+                # Inline merges that include this adapter must not outlive it. The name itself
+                # even if not loaded yet: unload waits for a resolve of it in flight.
+                for loaded in {name, *self.engine.loaded_names()}:
+                    if _served_from(loaded, name) and await self.engine.unload(loaded):
+                        metrics.ADAPTER_UNLOADS.inc()
+                self.store.remove(name)
+                self.serving_path(record).unlink(missing_ok=True)
+                self._forget(name)
+            finally:
+                self._removing.discard(name)
             return True
 
     async def sync_with_store(self, name: str) -> None:

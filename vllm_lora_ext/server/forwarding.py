@@ -6,13 +6,12 @@ old server, the rest are served here. Switching an adapter is one dict operation
 loop (:meth:`ForwardTable.stop_forwarding`), done only after it is registered and loaded here, so
 a request is either forwarded or served locally, never refused in between.
 
-Rolling an adapter back is the same flip the other way, then a wait until the requests already
-admitted here for it have finished (:meth:`ForwardTable.drain`): removing its files under an
-admitted request made vLLM's engine die reloading it ("No adapter found"), seen in the
-hot-upgrade test before this wait existed.
+The table also counts every generation request admitted here under its ``model`` until its
+response ends (:meth:`ForwardTable.admit`, called by :mod:`.gateway`); unloading an adapter
+waits for the requests admitted before it (:meth:`ForwardTable.drain`): removing an adapter
+under a request that still needed it made vLLM's engine die reloading it ("No adapter found"),
+seen in the hot-upgrade test.
 
-The middleware buffers a generation request's body only while some adapter is forwarded or
-watched (it must read ``model`` before choosing a route); otherwise it is a pass-through.
 Forwarded responses are streamed back chunk by chunk (SSE streams included) with
 ``x-lora-ext-routed-to`` set.
 """
@@ -20,38 +19,32 @@ Forwarded responses are streamed back chunk by chunk (SSE streams included) with
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
-from collections import Counter
+from collections import defaultdict
 
 import httpx
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope, Send
 
 from vllm_lora_ext.server import metrics
 
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 ROUTED_HEADER = "x-lora-ext-routed-to"
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"content-length",
      b"host", b"proxy-connection", b"trailer"}
 )  # fmt: skip
-_MAX_BODY = 64 << 20
 
 
 class ForwardTable:
-    """Adapter name -> base URL of the server that serves it for now."""
+    """Adapter name -> base URL of the server that serves it for now; requests running here."""
 
     def __init__(self) -> None:
         self.routes: dict[str, str] = {}
-        self.watched: set[str] = set()
-        """Adapters served here that may be handed back (switched by a migration)."""
-        self.in_flight: Counter[str] = Counter()
-        """Requests for watched adapters admitted here and not finished yet."""
+        self.in_flight: dict[str, set[int]] = defaultdict(set)
+        """Tickets of the generation requests admitted here and not finished, by model name."""
+        self._tickets = itertools.count()
         self._client: httpx.AsyncClient | None = None
-
-    @property
-    def active(self) -> bool:
-        return bool(self.routes or self.watched)
 
     def forward(self, name: str, url: str) -> None:
         self.routes[name] = url.rstrip("/")
@@ -64,13 +57,29 @@ class ForwardTable:
     def target(self, model: object) -> str | None:
         return self.routes.get(model) if isinstance(model, str) else None
 
+    def admit(self, model: str) -> int:
+        ticket = next(self._tickets)
+        self.in_flight[model].add(ticket)
+        return ticket
+
+    def release(self, model: str, ticket: int) -> None:
+        running = self.in_flight[model]
+        running.discard(ticket)
+        if not running:
+            del self.in_flight[model]
+
     async def drain(self, name: str, timeout: float = 600.0) -> bool:
-        """Wait until no admitted request for ``name`` is running here; False on timeout."""
+        """Wait until the requests for ``name`` admitted so far have finished; False on timeout.
+
+        Requests admitted later do not count: under steady traffic for a name being removed
+        (they get 404 or are forwarded) the wait still ends.
+        """
+        cutoff = next(self._tickets)
         deadline = time.monotonic() + timeout
-        while self.in_flight[name] > 0:
+        while any(t < cutoff for t in self.in_flight.get(name, ())):
             if time.monotonic() > deadline:
                 return False
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         return True
 
     @property
@@ -84,72 +93,10 @@ class ForwardTable:
         return self._client
 
 
-class ForwardToSource:
-    """ASGI middleware: proxy generation requests whose ``model`` is in the forward table."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        table: ForwardTable | None = getattr(scope["app"].state, "lora_ext_forward", None) if (
-            scope["type"] == "http"
-        ) else None  # fmt: skip
-        if (
-            table is None
-            or not table.active
-            or scope["method"] != "POST"
-            or scope["path"] not in GENERATION_PATHS
-        ):
-            await self.app(scope, receive, send)
-            return
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            body.extend(message.get("body", b""))
-            more = message.get("more_body", False)
-            if len(body) > _MAX_BODY:
-                break
-        model = None if more else _model_of(bytes(body))
-        target = table.target(model)
-        if target is not None:
-            await _proxy(table, target, scope, bytes(body), send)
-            return
-        watched = isinstance(model, str) and model in table.watched
-        if watched:
-            table.in_flight[model] += 1
-        try:
-            await self.app(scope, _replay(bytes(body), more, receive), send)
-        finally:
-            if watched:
-                table.in_flight[model] -= 1
-
-
-def _model_of(body: bytes) -> object:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
-    return parsed.get("model") if isinstance(parsed, dict) else None
-
-
-def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
-    """A receive that hands the app the already-read body first, then the rest of the stream."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": more}
-        return await receive()
-
-    return replay
-
-
-async def _proxy(table: ForwardTable, target: str, scope: Scope, body: bytes, send: Send) -> None:
-    model = _model_of(body)
+async def forward_request(
+    table: ForwardTable, target: str, scope: Scope, body: bytes, model: object, send: Send
+) -> None:
+    """Proxy one generation request to ``target`` and stream its response back."""
     headers = [
         (k.decode("latin-1"), v.decode("latin-1"))
         for k, v in scope["headers"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -39,9 +40,11 @@ from vllm_lora_ext.server.forwarding import ForwardTable
 AdapterState = Literal[
     "pending", "running", "switched", "kept_old", "failed", "cancelled", "rolled_back"
 ]
-JobState = Literal["running", "done", "cancelled", "rolled_back"]
+JobState = Literal["running", "done", "cancelled", "rolling_back", "rolled_back"]
 WORK_DIR = ".migrations"
+logger = logging.getLogger("vllm_lora_ext")
 _POLL_SECONDS = 0.5
+_BUSY = frozenset({"running", "rolling_back"})
 
 # source base name -> a local folder of that model, if this server knows one (e.g. the default)
 SourceModelFinder = Callable[[str], Path | None]
@@ -116,6 +119,7 @@ class MigrationJob:
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     task: asyncio.Task | None = None
+    rollback_task: asyncio.Task | None = None
     cancelled: bool = False
 
     def view(self) -> dict[str, Any]:
@@ -156,7 +160,7 @@ class MigrationJobs:
         return self.adapters.store.root / WORK_DIR
 
     def active(self) -> MigrationJob | None:
-        return next((j for j in self.jobs.values() if j.state == "running"), None)
+        return next((j for j in self.jobs.values() if j.state in _BUSY), None)
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -314,7 +318,6 @@ class MigrationJobs:
             migration.state = "failed"
             migration.error = f"the migrated adapter was refused by the store: {e.message}"
             return
-        self.forward.watched.add(migration.name)
         self.forward.stop_forwarding(migration.name)
         migration.state = "switched"
 
@@ -339,28 +342,41 @@ class MigrationJobs:
 
     # -- cancel and roll back -----------------------------------------------------------------
 
-    async def rollback(self, job_id: str) -> MigrationJob | None:
-        """Stop the job, then route every adapter it switched back to the old server."""
+    def rollback(self, job_id: str) -> MigrationJob | None:
+        """Start rolling the job back (idempotent); ``state`` says when it is done.
+
+        In the background: each switched adapter is unloaded only after the requests already
+        admitted for it finish, which may take as long as a generation.
+        """
         job = self.jobs.get(job_id)
         if job is None:
             return None
-        job.cancelled = True
-        for migration in job.adapters:
-            if migration.migrator is not None:
-                migration.migrator.cancel()
+        if job.state not in ("rolling_back", "rolled_back"):
+            job.cancelled = True
+            for migration in job.adapters:
+                if migration.migrator is not None:
+                    migration.migrator.cancel()
+            job.state = "rolling_back"
+            job.rollback_task = asyncio.create_task(self._roll_back(job))
+        return job
+
+    async def _roll_back(self, job: MigrationJob) -> None:
         if job.task is not None:
             await asyncio.shield(job.task)
         for migration in job.adapters:
             if migration.state == "switched":
                 self.forward.forward(migration.name, job.source.url)
-                # Requests admitted before the flip still need the files: let them finish.
-                await self.forward.drain(migration.name)
-                await self.adapters.remove(migration.name)
-                self.forward.watched.discard(migration.name)
+                started = time.monotonic()
+                await self.adapters.remove(migration.name)  # after its admitted requests
+                logger.info(
+                    "vllm-lora-ext: %r rolled back to %s in %.1f s",
+                    migration.name,
+                    job.source.url,
+                    time.monotonic() - started,
+                )
                 migration.state = "rolled_back"
         job.state = "rolled_back"
         self._count_states()
-        return job
 
 
 def known_model_finder(cache_dir: Path) -> SourceModelFinder:

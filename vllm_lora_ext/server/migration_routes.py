@@ -5,7 +5,8 @@
 202 with the job; from then on requests for those adapters are answered here (forwarded to the
 old server until each one is switched). ``GET /v1/migrations/{id}`` shows per adapter its state,
 step, counts (generated / kept / rejected / labelled), training step and loss, and the gate's
-verdict. ``DELETE /v1/migrations/{id}`` cancels and rolls back to the old routing.
+verdict. ``DELETE /v1/migrations/{id}`` cancels and rolls back to the old routing (202 while
+it rolls back: ``state`` is ``rolling_back``, then ``rolled_back``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ async def roll_back_migration(job_id: str, request: Request):
     jobs = _jobs(request)
     if isinstance(jobs, JSONResponse):
         return jobs
-    job = await jobs.rollback(job_id)
+    job = jobs.rollback(job_id)
     if job is None:
         return error(404, f"migration {job_id!r} not found")
-    return job.view()
+    return JSONResponse(job.view(), status_code=202 if job.state == "rolling_back" else 200)

@@ -51,21 +51,27 @@ def test_unreachable_source_is_a_502() -> None:
     assert e.value.status == 502
 
 
-def test_drain_waits_for_admitted_requests() -> None:
+def test_drain_waits_for_requests_admitted_before_it_only() -> None:
     table = ForwardTable()
-    table.watched.add("a")
-    table.in_flight["a"] += 1
-
-    async def finish_later() -> None:
-        await asyncio.sleep(0.2)
-        table.in_flight["a"] -= 1
+    first = table.admit("a")
+    table.admit("b")  # another adapter's request never holds "a" up
 
     async def main() -> tuple[bool, bool]:
-        task = asyncio.create_task(finish_later())
+        async def traffic() -> None:  # "a" keeps getting requests, each short
+            for _ in range(40):
+                ticket = table.admit("a")
+                await asyncio.sleep(0.01)
+                table.release("a", ticket)
+
+        async def finish_first() -> None:
+            await asyncio.sleep(0.2)
+            table.release("a", first)
+
+        tasks = [asyncio.create_task(traffic()), asyncio.create_task(finish_first())]
         timed_out = await table.drain("a", timeout=0.05)
         drained = await table.drain("a", timeout=5)
-        await task
+        await asyncio.gather(*tasks)
         return timed_out, drained
 
     assert asyncio.run(main()) == (False, True)
-    assert table.active  # watched alone keeps the middleware reading bodies
+    assert set(table.in_flight) == {"b"}

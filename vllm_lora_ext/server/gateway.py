@@ -1,0 +1,97 @@
+"""The one ASGI middleware in front of vLLM's generation routes.
+
+It reads the body of each ``/v1/completions`` and ``/v1/chat/completions`` request once (small
+JSON documents) for its ``model``, then in this order:
+
+1. forwards it to the old server if that adapter is still being migrated (:mod:`.forwarding`);
+   such a request never reaches vLLM or the counters here;
+2. has an adapter deleted or replaced in a shared store by another replica unloaded first;
+3. counts it per adapter and offers its prompt to a captured adapter's reservoir;
+4. admits it in the :class:`~.forwarding.ForwardTable` until its response ends, so that
+   unloading an adapter waits for the requests that still need it.
+
+Step 2 comes before step 4: an unload started by this very request must not wait for it.
+vLLM's handler then gets the same body, replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.forwarding import ForwardTable, forward_request
+from vllm_lora_ext.server.routes import count_request, model_of_body
+
+logger = logging.getLogger("vllm_lora_ext")
+
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_MAX_BODY = 64 << 20  # larger bodies go to vLLM unparsed (it refuses them)
+_MAX_OBSERVED = 1 << 20  # prompts larger than this are not kept in a reservoir
+
+
+class GenerationGateway:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] not in GENERATION_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body.extend(message.get("body", b""))
+            more = message.get("more_body", False)
+            if len(body) > _MAX_BODY:
+                break
+        state = scope["app"].state
+        table: ForwardTable | None = getattr(state, "lora_ext_forward", None)
+        model = None if more else model_of_body(bytes(body))
+        target = table.target(model) if table is not None else None
+        if target is not None:
+            await forward_request(table, target, scope, bytes(body), model, send)
+            return
+        service: AdapterService | None = getattr(state, "lora_ext", None)
+        await _sync_with_store(service, model)
+        count_request(model, service)
+        stats = getattr(state, "lora_ext_stats", None)
+        if stats is not None and len(body) < _MAX_OBSERVED:
+            stats.observe_request(model, bytes(body))
+        ticket = table.admit(model) if table is not None and isinstance(model, str) else None
+        try:
+            await self.app(scope, _replay(bytes(body), more, receive), send)
+        finally:
+            if ticket is not None:
+                table.release(model, ticket)
+
+
+def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
+    """A receive that hands the app the already-read body first, then the rest of the stream."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": more}
+        return await receive()
+
+    return replay
+
+
+async def _sync_with_store(service: AdapterService | None, model: object) -> None:
+    """Before vLLM's handler looks the model up."""
+    if service is None or not isinstance(model, str):
+        return
+    try:
+        await service.sync_with_store(model)
+    except Exception:  # the request goes on with what vLLM holds
+        logger.exception("vllm-lora-ext: cannot check %r against the store", model)
