@@ -144,7 +144,11 @@ def upgrade(old: Server, tmp_path_factory: pytest.TempPathFactory):
     args = [*tiny_serve_args(gemma), "--migrate-from", old.url,
             "--migrate-source-model", str(old.model_dir),
             "--migrate-request", str(work / "migration.json")]  # fmt: skip
-    new = start_server(work, base="tiny-gemma3", serve_args=args)
+    # vLLM's CPU worker binds to core 0 by default; two servers on one machine get a core each
+    # (on the 2-core CI machine both on core 0 stalled engine calls for minutes).
+    new = start_server(
+        work, base="tiny-gemma3", serve_args=args, env={"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    )
     hammer = Hammer(new.url, mixed(random.Random(9), 20))
     hammer.start()
     yield new, hammer
