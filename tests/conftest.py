@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny_llama
+from tiny_model import build_tiny_llama, tiny_serve_args
 
 
 @pytest.fixture
@@ -27,24 +27,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-def tiny_serve_args(model_dir: Path) -> list[str]:
-    """4 adapter slots, 8 kept in memory: small enough that tests overflow both."""
-    return [
-        "--model",
-        str(model_dir),
-        "--max-loras",
-        "4",
-        "--max-cpu-loras",
-        "8",
-        "--max-lora-rank",
-        "16",
-        "--max-model-len",
-        "512",
-        "--kv-cache-gib",
-        "1",
-    ]
 
 
 @pytest.fixture(scope="session")

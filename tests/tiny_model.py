@@ -209,3 +209,21 @@ def _init_and_save(model_cls, config, seed: int, out: Path) -> Path:
                 p.normal_(0.0, 2.0 / p.shape[1] ** 0.5 if "embed" not in name else 0.1)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def tiny_serve_args(model_dir: Path) -> list[str]:
+    """4 adapter slots, 8 kept in memory: small enough that tests overflow both."""
+    return [
+        "--model",
+        str(model_dir),
+        "--max-loras",
+        "4",
+        "--max-cpu-loras",
+        "8",
+        "--max-lora-rank",
+        "16",
+        "--max-model-len",
+        "512",
+        "--kv-cache-gib",
+        "1",
+    ]

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_serve_args
 from test_generation import peft_greedy, vllm_greedy
-from tiny_model import random_lora_tensors, write_adapter
+from tiny_model import random_lora_tensors, tiny_serve_args, write_adapter
 
 from vllm_lora_ext.server_process import Server, start_server
 

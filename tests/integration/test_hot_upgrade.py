@@ -25,8 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import tiny_serve_args
-from tiny_model import build_tiny_gemma3
+from tiny_model import build_tiny_gemma3, tiny_serve_args
 
 from vllm_lora_ext.migrate.distill import distil
 from vllm_lora_ext.migrate.migrator import STEPS

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_serve_args
-from tiny_model import random_lora_tensors, write_adapter
+from tiny_model import random_lora_tensors, tiny_serve_args, write_adapter
 
 from vllm_lora_ext.adapters.base_model import BaseModelInfo
 from vllm_lora_ext.adapters.store import AdapterStore

@@ -7,9 +7,8 @@ serving or serves anew, even though vLLM on the other replica already held the o
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_serve_args
 from test_generation import upload
-from tiny_model import random_lora_tensors, write_adapter
+from tiny_model import random_lora_tensors, tiny_serve_args, write_adapter
 
 # Long enough to fill whole KV blocks: vLLM's prefix cache keeps those, keyed by adapter name
 # and path, so an adapter replaced under the same name must not get the old weights' blocks.
