@@ -192,6 +192,11 @@ class VllmEngineAdapters:
             if held is None or held.lora_path != str(path):
                 raise RuntimeError(result.error.message)
 
+    async def settle(self, name: str, timeout: float = UNLOAD_DRAIN_SECONDS) -> None:
+        """Wait for the requests admitted for ``name`` so far (before it is hidden or unloaded:
+        a request admitted before a delete or a rollback's flip is still served)."""
+        await self.drain(name, timeout)
+
     async def unload(self, name: str, drain_timeout: float = UNLOAD_DRAIN_SECONDS) -> bool:
         """Forget ``name``, let the requests admitted for it finish, then free its slot.
 

@@ -40,6 +40,7 @@ class EngineAdapters(Protocol):
 
     async def load(self, name: str, path: Path) -> None: ...  # raises on failure
     async def unload(self, name: str) -> bool: ...
+    async def settle(self, name: str) -> None: ...  # until the requests admitted so far end
     def loaded_names(self) -> set[str]: ...
     async def prefetch(self, name: str, path: Path) -> None: ...  # into the CPU cache now
     async def pin(self, name: str) -> None: ...  # never evicted from the CPU cache
@@ -215,14 +216,16 @@ class AdapterService:
     async def remove(self, name: str) -> bool:
         """Unload ``name`` (after the requests admitted for it), then delete its files.
 
-        While it unloads, the resolver no longer finds it (new requests get 404); its files
-        stay until vLLM has let go of it, since a running request may still load them.
+        The requests admitted before the call are served first; then the resolver no longer
+        finds it (later requests get 404); its files stay until vLLM has let go of it, since a
+        running request may still load them.
         """
         validate_name(name)
         async with self._lock:
             record = self.get(name)
             if record is None:
                 return False
+            await self.engine.settle(name)
             self._removing.add(name)
             try:
                 # Inline merges that include this adapter must not outlive it. The name itself
