@@ -282,10 +282,12 @@ class OldBase:
     """Where the old base (SmolLM2) works: a vLLM server over HTTP (``client``), or
     transformers in process when there is no server (``--in-process``)."""
 
-    def __init__(self, client: Any, smol_dir: Path, tokenizer: Any) -> None:
+    def __init__(
+        self, client: Any, smol_dir: Path, tokenizer: Any, sampling_workers: int = 1
+    ) -> None:
         self.client, self.smol_dir, self.tokenizer = client, smol_dir, tokenizer
         self.via = "vllm server" if client is not None else "transformers in process"
-        self.sampling_workers = 16
+        self.sampling_workers = sampling_workers
 
     def register(self, served: str, adapter_dir: Path) -> None:
         if self.client is None:
@@ -489,8 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
         url = args.server_url or (server.url if server else None)
         client = httpx.Client(base_url=url, timeout=1800) if url else None
-        old = OldBase(client, smol_dir, models["smol_tok"])
-        old.sampling_workers = args.sampling_workers
+        old = OldBase(client, smol_dir, models["smol_tok"], args.sampling_workers)
         try:
             for name in args.tasks.split(","):
                 result["tasks"].append(run_task(args, name, models, old, root))

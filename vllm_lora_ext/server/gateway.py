@@ -52,22 +52,23 @@ class GenerationGateway:
             more = message.get("more_body", False)
             if len(body) > _MAX_BODY:
                 break
+        data = bytes(body)
         state = scope["app"].state
         table: ForwardTable | None = getattr(state, "lora_ext_forward", None)
-        model = None if more else model_of_body(bytes(body))
+        model = None if more else model_of_body(data)
         target = table.target(model) if table is not None else None
         if target is not None:
-            await forward_request(table, target, scope, bytes(body), model, send)
+            await forward_request(table, target, scope, data, model, send)
             return
         service: AdapterService | None = getattr(state, "lora_ext", None)
         await _sync_with_store(service, model)
         count_request(model, service)
         stats = getattr(state, "lora_ext_stats", None)
-        if stats is not None and len(body) < _MAX_OBSERVED:
-            stats.observe_request(model, bytes(body))
+        if stats is not None and len(data) < _MAX_OBSERVED:
+            stats.observe_request(model, data)
         ticket = table.admit(model) if table is not None and isinstance(model, str) else None
         try:
-            await self.app(scope, _replay(bytes(body), more, receive), send)
+            await self.app(scope, _replay(data, more, receive), send)
         finally:
             if ticket is not None:
                 table.release(model, ticket)
