@@ -24,6 +24,8 @@ from vllm_lora_ext.evaluation.prompts import stop_token_ids
 
 # (token ids, index of the first answer token)
 Row = tuple[list[int], int]
+# Per answer token of a row: the teacher's top-k next-token log-probs there, {token id: logprob}.
+TopLogprobs = Sequence[dict[int, float]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,29 +70,59 @@ def attach_lora(base: Any, hp: LoraHyperparameters) -> Any:
     return get_peft_model(base, config)
 
 
-def padded_batches(
-    rows: Sequence[Row], batch: int, steps: int, seed: int, pad: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``steps`` batches of (ids, attention mask, labels): seeded reshuffles of all rows, so
-    every row is seen once per epoch; labels are -100 outside the answer."""
+def batch_indices(n_rows: int, batch: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """``steps`` lists of row indices: seeded reshuffles of all rows, so every row is seen
+    once per epoch."""
     rng = random.Random(seed)
     order: list[int] = []
     for _ in range(steps):
         if len(order) < batch:
-            fresh = list(range(len(rows)))
+            fresh = list(range(n_rows))
             rng.shuffle(fresh)
             order += fresh
-        picked = [rows[i] for i in order[:batch]]
+        yield order[:batch]
         del order[:batch]
-        width = max(len(ids) for ids, _ in picked)
-        ids = torch.full((len(picked), width), pad, dtype=torch.long)
-        labels = torch.full((len(picked), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(picked), width), dtype=torch.long)
-        for r, (seq, start) in enumerate(picked):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            labels[r, start : len(seq)] = torch.tensor(seq[start:])
-            mask[r, : len(seq)] = 1
-        yield ids, mask, labels
+
+
+def pad_rows(picked: Sequence[Row], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, labels) of right-padded rows; labels are -100 outside the answer."""
+    width = max(len(ids) for ids, _ in picked)
+    ids = torch.full((len(picked), width), pad, dtype=torch.long)
+    labels = torch.full((len(picked), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(picked), width), dtype=torch.long)
+    for r, (seq, start) in enumerate(picked):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        labels[r, start : len(seq)] = torch.tensor(seq[start:])
+        mask[r, : len(seq)] = 1
+    return ids, mask, labels
+
+
+def padded_batches(
+    rows: Sequence[Row], batch: int, steps: int, seed: int, pad: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``steps`` padded batches (:func:`pad_rows`) in :func:`batch_indices` order."""
+    for picked in batch_indices(len(rows), batch, steps, seed):
+        yield pad_rows([rows[i] for i in picked], pad)
+
+
+def teacher_tensors(
+    picked: Sequence[Row], teacher: Sequence[TopLogprobs], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top ids, top log-probs), each [batch, width, k]: at position ``t`` the teacher's
+    distribution over token ``t`` (so answer positions only); -inf log-probs pad the rest."""
+    k = max((len(d) for dists in teacher for d in dists), default=1)
+    top_ids = torch.zeros((len(picked), width, k), dtype=torch.long)
+    top_lp = torch.full((len(picked), width, k), -math.inf)
+    for r, ((seq, start), dists) in enumerate(zip(picked, teacher, strict=True)):
+        if len(dists) != len(seq) - start:
+            raise ValueError(
+                f"row {r}: {len(seq) - start} answer tokens but {len(dists)} teacher distributions"
+            )
+        for t, dist in enumerate(dists, start=start):
+            ranked = sorted(dist.items(), key=lambda kv: -kv[1])
+            top_ids[r, t, : len(ranked)] = torch.tensor([i for i, _ in ranked])
+            top_lp[r, t, : len(ranked)] = torch.tensor([lp for _, lp in ranked])
+    return top_ids, top_lp
 
 
 def answer_loss(
@@ -118,6 +150,32 @@ def answer_loss(
     )
 
 
+def distribution_loss(
+    model: Any,
+    ids: torch.Tensor,  # [batch, width]
+    mask: torch.Tensor,  # [batch, width]
+    top_ids: torch.Tensor,  # [batch, width, k]
+    top_logprobs: torch.Tensor,  # [batch, width, k], -inf where no teacher token
+) -> torch.Tensor:
+    """Token-level distillation: mean over the answer tokens of KL(teacher || student), the
+    teacher's top-k renormalised (what a served teacher returns), the student's full softmax.
+
+    Each term is >= 0 and is 0 only when the student puts exactly the teacher's probabilities
+    on those k tokens and nothing elsewhere. Logits come only from the earliest answer position
+    on, as in :func:`answer_loss`.
+    """
+    has = torch.isfinite(top_logprobs).any(dim=-1)  # [batch, width]: positions with a target
+    first = int(torch.where(has.any(dim=1), has.int().argmax(dim=1), ids.shape[1]).min())
+    keep = torch.arange(max(first - 1, 0), ids.shape[1] - 1, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+    target = has[:, keep + 1]  # selected first: a position without target is all -inf (NaN)
+    student = torch.log_softmax(logits, dim=-1).gather(-1, top_ids[:, keep + 1])[target]
+    teacher = torch.log_softmax(top_logprobs[:, keep + 1][target].float(), dim=-1)
+    p = teacher.exp()
+    # p * log(p / q) with 0 where p = 0 (a padded entry: -inf - q would give 0 * -inf = NaN)
+    return (p * torch.where(p > 0, teacher - student, torch.zeros_like(student))).sum(-1).mean()
+
+
 def train_lora(
     model: Any,
     rows: Sequence[Row],
@@ -126,28 +184,41 @@ def train_lora(
     desc: str | None = None,
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    teacher: Sequence[TopLogprobs] | None = None,
 ) -> list[float]:
     """AdamW on the trainable (LoRA) parameters of ``model``; returns the loss per step.
 
+    The loss is cross-entropy on each row's answer tokens, or, given ``teacher`` (one entry per
+    row: a distribution per answer token), :func:`distribution_loss` against it.
     ``on_step(step, loss)`` reports progress (1-based step); ``should_stop()`` is checked before
     every step and raises :class:`TrainingStopped`. ``desc`` shows a tqdm bar.
     """
     if not rows:
         raise ValueError("no training rows")
+    if teacher is not None and len(teacher) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(teacher)} teacher entries")
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
-    stream = padded_batches(rows, hp.batch, hp.steps, hp.seed, pad)
+    stream = batch_indices(len(rows), hp.batch, hp.steps, hp.seed)
     if desc is not None:
         from tqdm import tqdm
 
         stream = tqdm(stream, total=hp.steps, desc=desc)
     try:
-        for step, (ids, mask, labels) in enumerate(stream, start=1):
+        for step, picked in enumerate(stream, start=1):
             if should_stop is not None and should_stop():
                 raise TrainingStopped(f"stopped before step {step} of {hp.steps}")
-            loss = answer_loss(model, ids.to(device), mask.to(device), labels.to(device))
+            ids, mask, labels = pad_rows([rows[i] for i in picked], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            if teacher is None:
+                loss = answer_loss(model, ids, mask, labels.to(device))
+            else:
+                top_ids, top_lp = teacher_tensors(
+                    [rows[i] for i in picked], [teacher[i] for i in picked], ids.shape[1]
+                )
+                loss = distribution_loss(model, ids, mask, top_ids.to(device), top_lp.to(device))
             value = loss.item()
             if not math.isfinite(value):
                 raise TrainingDiverged(

@@ -64,3 +64,23 @@ def test_http_sampling_is_seeded_per_prompt_on_a_real_server(server, tiny_model_
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert a[0].token_ids != a[1].token_ids
     assert greedy[0].token_ids != a[0].token_ids or greedy[0].token_ids != a[1].token_ids
+
+
+def test_served_teacher_distributions_equal_transformers(server, tiny_model_dir, eval_adapter):
+    """Token-level distillation reads a served teacher's top-k from vLLM's prompt log-probs:
+    the same tokens and log-probs as the adapter's logits in PEFT (float32)."""
+    local = TransformersBackend.from_pretrained(tiny_model_dir, eval_adapter)
+    remote = HttpBackend(server.url, "eval-a", local.tokenizer)
+    requests = [([5, 17, 99, 3], [40, 41, 42]), ([7, 250], [300, 8, 9, 10, 11])]
+    k = 20
+    ours, theirs = (
+        remote.continuation_top_logprobs(requests, k),
+        local.continuation_top_logprobs(requests, k),
+    )
+    assert [len(d) for d in ours] == [len(c) for _, c in requests] == [len(d) for d in theirs]
+    for a, b in zip((p for d in ours for p in d), (p for d in theirs for p in d), strict=True):
+        assert len(a) == len(b) == k
+        assert max(a, key=a.get) == max(b, key=b.get)
+        common = a.keys() & b.keys()
+        assert len(common) >= k - 2  # a near-tie may swap the k-th token
+        assert max(abs(a[i] - b[i]) for i in common) < 1e-3

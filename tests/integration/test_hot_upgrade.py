@@ -284,6 +284,10 @@ def test_bad_migration_requests_are_refused_clearly(old: Server, upgrade) -> Non
         assert r.status_code == 400 and "colour" in r.json()["error"]["message"]
         r = c.post("/v1/migrations", json=request_body(old, source_url="ftp://x"))
         assert r.status_code == 400
+        token_kl = {**OPTIONS, "distillation": "token_kl"}  # Llama tokenizer -> Gemma's
+        r = c.post("/v1/migrations", json=request_body(old, options=token_kl))
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "different vocabularies" in message, message
 
         # Divergence: an absurd learning rate makes the loss NaN; nothing is registered.
         wild = {**OPTIONS, "seed": 5, "student": {**OPTIONS["student"], "lr": 1e8}}

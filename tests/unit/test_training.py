@@ -42,3 +42,59 @@ def test_answer_loss_equals_the_full_loss_and_gradient(model):
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-6)
     for a, b in zip(ours_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_distribution_loss_is_the_kl_to_the_teachers_top_k(model):
+    """Against a float64 reference on the full logits: KL(renormalised teacher top-k || student
+    softmax) averaged over the answer tokens, with ragged rows and k smaller than the vocab."""
+    from vllm_lora_ext.training import distribution_loss, pad_rows, teacher_tensors
+
+    g = torch.Generator().manual_seed(1)
+    vocab, k = model.config.vocab_size, 5
+    rows = [
+        (torch.randint(3, vocab, (n,), generator=g).tolist(), start)
+        for n, start in [(10, 6), (6, 1), (12, 11)]
+    ]
+    teacher = [
+        [
+            dict(zip(torch.randperm(vocab, generator=g)[:k].tolist(),
+                     (torch.randn(k, generator=g) * 2).tolist(), strict=True))
+            for _ in range(len(ids) - start)
+        ]
+        for ids, start in rows
+    ]  # fmt: skip
+    ids, mask, _ = pad_rows(rows, pad=0)
+    top_ids, top_lp = teacher_tensors(rows, teacher, ids.shape[1])
+    model.eval()
+    ours = distribution_loss(model, ids, mask, top_ids, top_lp)
+    with torch.no_grad():
+        logq = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
+    terms = []
+    for r, (_, start) in enumerate(rows):
+        for j, dist in enumerate(teacher[r]):
+            t = start + j
+            lp = torch.tensor(list(dist.values()), dtype=torch.float64)
+            p = torch.softmax(lp, 0)
+            q = logq[r, t - 1, list(dist.keys())]
+            terms.append(float((p * (p.log() - q)).sum()))
+    reference = sum(terms) / len(terms)
+    assert ours.item() == pytest.approx(reference, rel=1e-4)
+    assert reference > 0
+
+
+def test_distribution_loss_is_zero_when_the_student_is_the_teacher(model):
+    """k = the whole vocabulary and the teacher = the model itself: nothing to learn."""
+    from vllm_lora_ext.training import distribution_loss, pad_rows, teacher_tensors
+
+    g = torch.Generator().manual_seed(2)
+    vocab = model.config.vocab_size
+    rows = [(torch.randint(3, vocab, (9,), generator=g).tolist(), 4)]
+    ids, mask, _ = pad_rows(rows, pad=0)
+    model.eval()
+    with torch.no_grad():
+        logq = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    teacher = [[dict(enumerate(logq[0, t - 1].tolist())) for t in range(4, 9)]]
+    top_ids, top_lp = teacher_tensors(rows, teacher, ids.shape[1])
+    assert distribution_loss(model, ids, mask, top_ids, top_lp).item() == pytest.approx(
+        0.0, abs=1e-5
+    )

@@ -35,6 +35,13 @@ class Backend(Protocol):
         """Per request, the log-probability of each continuation token given what precedes it."""
         ...
 
+    def continuation_top_logprobs(
+        self, requests: Sequence[ScoreRequest], k: int
+    ) -> list[tuple[dict[int, float], ...]]:
+        """Per request and continuation token, the ``k`` most likely tokens at that position
+        (given all before it) with their log-probabilities: a teacher's distributions."""
+        ...
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -108,6 +115,21 @@ class HttpBackend:
                 )
         return out
 
+    def continuation_top_logprobs(
+        self, requests: Sequence[ScoreRequest], k: int
+    ) -> list[tuple[dict[int, float], ...]]:
+        _check_requests(requests)
+        out: list[tuple[dict[int, float], ...]] = []
+        for batch in _batches(requests, self.batch_size):
+            seqs = [[*ctx, *cont] for ctx, cont in batch]
+            # prompt_logprobs=k: the top k at each prompt position, plus the prompt's own token
+            # when it is not among them (its rank tells).
+            choices = self._complete(seqs, max_tokens=1, prompt_logprobs=k, return_token_ids=True)
+            for (ctx, _), seq, choice in zip(batch, seqs, choices, strict=True):
+                per_token = choice["prompt_logprobs"]
+                out.append(tuple(_top_of(per_token[i], k) for i in range(len(ctx), len(seq))))
+        return out
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -149,6 +171,16 @@ class HttpBackend:
         return out
 
 
+def _top_of(position: dict | None, k: int) -> dict[int, float]:
+    """The ``k`` entries of rank 1..k of one position of vLLM's prompt log-probs."""
+    if position is None:
+        raise BackendError("the server returned no log-probs for a scored token")
+    top = {int(i): float(e["logprob"]) for i, e in position.items() if e["rank"] <= k}
+    if len(top) < k:
+        raise BackendError(f"the server returned {len(top)} of the top {k} log-probs")
+    return top
+
+
 def _logprob_of(position: dict | None, token_id: int) -> float:
     """vLLM's per-position ``{token_id: {"logprob", "rank", "decoded_token"}}`` (JSON keys)."""
     if position is None:
@@ -184,8 +216,32 @@ class TransformersBackend:
     def continuation_logprobs(self, requests: Sequence[ScoreRequest]) -> list[tuple[float, ...]]:
         import torch
 
-        _check_requests(requests)
         out: list[tuple[float, ...]] = []
+        for seq, logprobs in self._continuations(requests):
+            continuation = torch.tensor(seq[len(seq) - len(logprobs) :])
+            out.append(tuple(logprobs.gather(-1, continuation[:, None]).squeeze(-1).tolist()))
+        return out
+
+    def continuation_top_logprobs(
+        self, requests: Sequence[ScoreRequest], k: int
+    ) -> list[tuple[dict[int, float], ...]]:
+        out: list[tuple[dict[int, float], ...]] = []
+        for _, logprobs in self._continuations(requests):
+            values, ids = logprobs.topk(k, dim=-1)
+            out.append(
+                tuple(
+                    dict(zip(i, v, strict=True))
+                    for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+                )
+            )
+        return out
+
+    def _continuations(self, requests: Sequence[ScoreRequest]) -> Iterator[tuple[list[int], Any]]:
+        """Per request: its full sequence, and the log-softmax [len(continuation), vocab] of
+        the positions that predict the continuation's tokens."""
+        import torch
+
+        _check_requests(requests)
         for batch in _batches(requests, self.batch_size):
             seqs = [[*ctx, *cont] for ctx, cont in batch]
             width = max(map(len, seqs))
@@ -205,10 +261,8 @@ class TransformersBackend:
                     input_ids=ids, attention_mask=mask, logits_to_keep=keep
                 ).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
-            picked = logprobs.gather(-1, ids[:, keep + 1, None]).squeeze(-1)
             for row, ((ctx, _), seq) in enumerate(zip(batch, seqs, strict=True)):
-                out.append(tuple(picked[row, len(ctx) - first : len(seq) - first].tolist()))
-        return out
+                yield seq, logprobs[row, len(ctx) - first : len(seq) - first]
 
     def generate(
         self,

@@ -1,9 +1,10 @@
-"""Step 4: a new LoRA on the new base learns the teacher's answers (sequence-level distillation).
+"""Step 4: a new LoRA on the new base learns the teacher's answers.
 
-The loss is cross-entropy on the teacher's answer *text* re-tokenised by the new base's
-tokenizer, followed by its end-of-answer token, so the student also learns where to stop. Text
-works across tokenizers (SmolLM2 -> Gemma 3); token-level KL on teacher logits would need the
-same vocabulary and the teacher's full distributions, which a served teacher does not return.
+Sequence level (any two tokenizers): cross-entropy on the teacher's answer *text* re-tokenised
+by the new base's tokenizer, followed by its end-of-answer token, so the student also learns
+where to stop (SmolLM2 -> Gemma 3). Token level (the same tokenizer only): at each of those
+tokens, KL to the teacher's top-k next-token distribution, which a served teacher returns as
+prompt log-probs; the student then learns how sure the teacher is, not only its argmax.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_lora_ext.evaluation.backends import Backend
 from vllm_lora_ext.evaluation.prompts import answer_ids
-from vllm_lora_ext.migrate.queries import query_prompt
+from vllm_lora_ext.migrate.queries import query_prompt, tokenizer_mismatch
 from vllm_lora_ext.training import (
     LoraHyperparameters,
     Row,
@@ -59,21 +61,40 @@ def distil(
     max_len: int = 256,
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    teacher: Backend | None = None,
+    top_k: int = 20,
 ) -> Distillation:
     """Train the student on the new base (float32, in process) and save it atomically as a
-    PEFT directory at ``out_dir``. A NaN/inf loss raises ``TrainingDiverged`` before saving."""
+    PEFT directory at ``out_dir``. A NaN/inf loss raises ``TrainingDiverged`` before saving.
+
+    With ``teacher`` (a backend with the new base's tokenizer) the loss is token-level KL to
+    its top-``top_k`` distributions over each row's answer tokens; a teacher with another
+    tokenizer raises ``ValueError`` before any work."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if teacher is not None and (why := tokenizer_mismatch(teacher.tokenizer, tokenizer)):
+        raise ValueError(f"token-level distillation needs the teacher's tokenizer: {why}")
     rows, too_long = distillation_rows(tokenizer, pairs, max_len)
     if not rows:
         raise ValueError(f"all {len(pairs)} pairs are longer than max_len={max_len} tokens")
+    distributions = None
+    if teacher is not None:
+        requests = [(ids[:start], ids[start:]) for ids, start in rows]
+        distributions = teacher.continuation_top_logprobs(requests, top_k)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = attach_lora(base, hp)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    losses = train_lora(model, rows, hp, pad, on_step=on_step, should_stop=should_stop)
-    card = {"hyperparameters": asdict(hp), "rows": len(rows), "too_long": too_long}
+    losses = train_lora(
+        model, rows, hp, pad, on_step=on_step, should_stop=should_stop, teacher=distributions
+    )
+    card = {
+        "hyperparameters": asdict(hp),
+        "rows": len(rows),
+        "too_long": too_long,
+        "loss": "token-level KL" if teacher is not None else "sequence-level cross-entropy",
+    }
     card["final_loss"] = losses[-1]
     save_adapter_atomically(model, out_dir, {CARD_FILE: json.dumps(card, indent=2)})
     return Distillation(Path(out_dir), losses, len(rows), too_long)

@@ -29,6 +29,7 @@ from vllm_lora_ext.migrate.discriminator import (
 from vllm_lora_ext.migrate.distill import distil
 from vllm_lora_ext.migrate.gate import GateResult, decide
 from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all
+from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.spec import MigrationSpec, split_real
 from vllm_lora_ext.migrate.synthesis import SynthesisCounts, synthesise
 from vllm_lora_ext.training import TrainingDiverged, TrainingStopped
@@ -130,6 +131,7 @@ class Migrator:
             self._cancel.clear()
             self._update(state="running", error=None, completed=[], from_checkpoint=[])
             self._claim_work_dir()
+            self._check_distillation()
             outputs = {}
             for step in STEPS:
                 saved = self._checkpoint(step)
@@ -255,8 +257,15 @@ class Migrator:
             self.spec.max_len,
             on_step=self._on_train_step(hp.steps),
             should_stop=self._cancel.is_set,
+            teacher=self.teacher if self.spec.distillation == "token_kl" else None,
+            top_k=self.spec.teacher_top_k,
         )
-        return {"rows": result.rows, "too_long": result.too_long, "final_loss": result.losses[-1]}
+        return {
+            "rows": result.rows,
+            "too_long": result.too_long,
+            "final_loss": result.losses[-1],
+            "distillation": self.spec.distillation,
+        }
 
     def _gate(self, outputs: dict[str, Any]) -> dict[str, Any]:
         held = outputs["label"]["gate"]
@@ -279,13 +288,24 @@ class Migrator:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def _check_distillation(self) -> None:
+        """Token-level KL needs one tokenizer on both bases: refuse before any work."""
+        if self.spec.distillation != "token_kl":
+            return
+        from transformers import AutoTokenizer
+
+        student = AutoTokenizer.from_pretrained(self.new_base)
+        why = tokenizer_mismatch(self.teacher.tokenizer, student)
+        if why is not None:
+            raise MigrationError(f"token-level distillation is not possible here: {why}")
+
     def _claim_work_dir(self) -> None:
         """Bind ``work_dir`` to this spec; checkpoints of another spec must not be reused."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         path = self.work_dir / SPEC_FILE
         mine = self.spec.model_dump(mode="json")
         if path.exists():
-            if json.loads(path.read_text()) != mine:
+            if _saved_spec(path) != self.spec:
                 raise MigrationError(
                     f"{self.work_dir} holds checkpoints of a different migration spec; "
                     "use a fresh work directory"
@@ -338,6 +358,15 @@ def _local(base: Path) -> BackendFactory:
         return TransformersBackend.from_pretrained(base, adapter_dir)
 
     return make
+
+
+def _saved_spec(path: Path) -> MigrationSpec | None:
+    """The spec a work dir was claimed for, compared as a spec (not as JSON), so a field added
+    since, at its default, still matches; ``None`` if it no longer validates."""
+    try:
+        return MigrationSpec.model_validate(json.loads(path.read_text()))
+    except ValueError:
+        return None
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -29,3 +29,17 @@ def read_answer(text: str, prompt: Prompt) -> str:
     if prompt.answer_prefix:
         text = text.split("\n", 1)[0]
     return text.strip()
+
+
+def tokenizer_mismatch(teacher: Any, student: Any, probe: str = "What is 2 plus 3?") -> str | None:
+    """Why token-level distillation from ``teacher``'s model to ``student``'s cannot work, or
+    ``None``: the two must share the vocabulary (a teacher distribution is over token ids)
+    and frame a query with the same ids (the student learns at the teacher's positions)."""
+    if teacher.get_vocab() != student.get_vocab():
+        return (
+            f"the bases have different vocabularies ({len(teacher)} and {len(student)} tokens); "
+            "use distillation='sequence'"
+        )
+    if query_prompt(teacher, probe).ids != query_prompt(student, probe).ids:
+        return "the bases frame a query differently (chat templates); use distillation='sequence'"
+    return None

@@ -69,6 +69,12 @@ class MigrationOptions(BaseModel):
     synthesis: SynthesisParams = Field(default_factory=SynthesisParams)
     discriminator: TrainParams = Field(default_factory=lambda: TrainParams(lr=5e-3))
     student: TrainParams = Field(default_factory=TrainParams)
+    distillation: Literal["sequence", "token_kl"] = "sequence"
+    """``sequence``: cross-entropy on the teacher's answer text (works across tokenizers);
+    ``token_kl``: KL to the teacher's top-``teacher_top_k`` distribution at every answer token
+    (the same tokenizer on both bases only)."""
+    teacher_top_k: int = Field(20, ge=1, le=20)
+    """20 is vLLM's default ``--max-logprobs``, the most a served teacher returns."""
     answer_max_tokens: int = Field(64, ge=1)
     max_len: int = Field(256, ge=8)
     seed: int = 0

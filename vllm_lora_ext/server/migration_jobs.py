@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_lora_ext.adapters.validation import AdapterRejected
 from vllm_lora_ext.migrate.migrator import MigrationCancelled, MigrationResult, Migrator
+from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.source import SourceError, SourceInfo, describe_source, observed_inputs
 from vllm_lora_ext.migrate.spec import MigrationOptions, MigrationSpec, Seed
 from vllm_lora_ext.server import metrics
@@ -192,6 +193,10 @@ class MigrationJobs:
         # May convert the embedded default model once (~25 s): off the event loop.
         old_base = await asyncio.to_thread(self._old_base, request, source)
         tokenizer = await asyncio.to_thread(_tokenizer, old_base)
+        if request.options.distillation == "token_kl":
+            own_tokenizer = await asyncio.to_thread(_tokenizer, self.new_base)
+            if (why := tokenizer_mismatch(tokenizer, own_tokenizer)) is not None:
+                raise MigrationRefused(400, f"token-level distillation is not possible: {why}")
         migrations = []
         for name in names:
             try:

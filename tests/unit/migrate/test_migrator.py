@@ -143,6 +143,33 @@ def test_divergence_fails_clearly_and_the_work_dir_is_bound_to_its_spec(parts, t
         Migrator(make_spec("seeds_only"), tmp_path, **parts).run()
 
 
+def test_token_level_distillation_across_tokenizers_fails_before_any_work(parts, tmp_path):
+    spec = make_spec("filtered").model_copy(update={"distillation": "token_kl"})
+    migrator = Migrator(spec, tmp_path, **parts)
+    with pytest.raises(MigrationError, match="token-level distillation is not possible here"):
+        migrator.run()
+    assert parts["generator"].calls == 0 and migrator.progress.state == "failed"
+
+
+def test_token_level_distillation_runs_with_one_tokenizer(tiny_model_dir: Path, tmp_path: Path):
+    """Old and new base share the tokenizer: the student learns from the teacher's top-k."""
+    from vllm_lora_ext.evaluation.backends import TransformersBackend
+    from vllm_lora_ext.migrate.distill import CARD_FILE
+
+    teacher = TransformersBackend.from_pretrained(tiny_model_dir)
+    spec = make_spec("seeds_only").model_copy(
+        update={"distillation": "token_kl", "teacher_top_k": 8,
+                "student": TrainParams(targets=TARGETS, steps=3, batch=16)}
+    )  # fmt: skip
+    result = Migrator(
+        spec, tmp_path, old_base=tiny_model_dir, new_base=tiny_model_dir,
+        generator=scripted_generator(teacher.tokenizer), teacher=teacher,
+    ).run()  # fmt: skip
+    assert result.counts["distil"]["distillation"] == "token_kl"
+    card = json.loads((tmp_path / STUDENT_DIR / CARD_FILE).read_text())
+    assert card["loss"] == "token-level KL" and card["rows"] == result.counts["distil"]["rows"]
+
+
 def test_spec_needs_three_distinct_examples() -> None:
     with pytest.raises(ValidationError, match=r"at least 3 distinct example inputs.*got 0"):
         MigrationSpec(adapter="a", task_description="t")
