@@ -218,6 +218,8 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         time.sleep(4)
         forwarded = hammer.since(mark)[1:]  # one may have been in flight across the flip
         assert forwarded and all(r[2] == old.url for r in forwarded)
+        models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+        assert all(models[n]["forwarded_to"] == old.url for n in TEACHERS), models
 
         # The same request again resumes from every checkpoint: no step is redone.
         r = c.post("/v1/migrations", json=request_body(old))

@@ -13,7 +13,9 @@ under a request that still needed it made vLLM's engine die reloading it ("No ad
 seen in the hot-upgrade test.
 
 Forwarded responses are streamed back chunk by chunk (SSE streams included) with
-``x-lora-ext-routed-to`` set.
+``x-lora-ext-routed-to`` set, and ``GET /v1/models`` lists the forwarded adapters too
+(:func:`list_forwarded`), so a client that picks its model from that list sees every adapter
+throughout the upgrade.
 """
 
 from __future__ import annotations
@@ -91,6 +93,19 @@ class ForwardTable:
                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             )
         return self._client
+
+
+def list_forwarded(models: dict, routes: dict[str, str]) -> dict:
+    """vLLM's ``/v1/models`` answer plus one model card per forwarded adapter it lacks, marked
+    with the server that serves it for now (``forwarded_to``)."""
+    data = list(models.get("data") or [])
+    listed = {m.get("id") for m in data if isinstance(m, dict)}
+    now = int(time.time())
+    for name, url in sorted(routes.items()):
+        if name not in listed:
+            data.append({"id": name, "object": "model", "created": now, "owned_by": "vllm",
+                         "root": name, "parent": None, "forwarded_to": url})  # fmt: skip
+    return {**models, "data": data}
 
 
 async def forward_request(

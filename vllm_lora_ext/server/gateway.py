@@ -11,17 +11,20 @@ JSON documents) for its ``model``, then in this order:
    unloading an adapter waits for the requests that still need it.
 
 Step 2 comes before step 4: an unload started by this very request must not wait for it.
-vLLM's handler then gets the same body, replayed.
+vLLM's handler then gets the same body, replayed. ``GET /v1/models`` gets the adapters that
+are forwarded added to vLLM's list.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_lora_ext.server.adapter_service import AdapterService
-from vllm_lora_ext.server.forwarding import ForwardTable, forward_request
+from vllm_lora_ext.server.forwarding import ForwardTable, forward_request, list_forwarded
 from vllm_lora_ext.server.routes import count_request, model_of_body
 
 logger = logging.getLogger("vllm_lora_ext")
@@ -36,6 +39,11 @@ class GenerationGateway:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/v1/models":
+            table = getattr(scope["app"].state, "lora_ext_forward", None)
+            if table is not None and table.routes:
+                await _models_with_forwarded(self.app, scope, receive, send, dict(table.routes))
+                return
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
@@ -72,6 +80,36 @@ class GenerationGateway:
         finally:
             if ticket is not None:
                 table.release(model, ticket)
+
+
+async def _models_with_forwarded(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, routes: dict[str, str]
+) -> None:
+    """vLLM's model list (a small JSON answer, buffered) with the forwarded adapters added."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def capture(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+        else:
+            await send(message)
+
+    await app(scope, receive, capture)
+    if start is None:
+        return
+    body = b"".join(chunks)
+    if start["status"] == 200:
+        # Not the JSON object expected: passed on as it is.
+        with contextlib.suppress(ValueError, AttributeError):
+            body = json.dumps(list_forwarded(json.loads(body), routes)).encode()
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({**start, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _replay(body: bytes, more: bool, receive: Receive) -> Receive:

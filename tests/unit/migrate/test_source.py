@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from vllm_lora_ext.migrate.source import SourceError, describe_source, prompt_text
-from vllm_lora_ext.server.forwarding import ForwardTable
+from vllm_lora_ext.server.forwarding import ForwardTable, list_forwarded
 from vllm_lora_ext.server.migration_jobs import MigrationRequest
 
 
@@ -75,3 +75,11 @@ def test_drain_waits_for_requests_admitted_before_it_only() -> None:
 
     assert asyncio.run(main()) == (False, True)
     assert set(table.in_flight) == {"b"}
+
+
+def test_model_list_gains_the_forwarded_adapters_it_lacks() -> None:
+    served = {"object": "list", "data": [{"id": "base", "object": "model"}, {"id": "math"}]}
+    listed = list_forwarded(served, {"math": "http://old", "code": "http://old"})
+    assert [m["id"] for m in listed["data"]] == ["base", "math", "code"]
+    assert listed["data"][2]["forwarded_to"] == "http://old" and listed["object"] == "list"
+    assert "forwarded_to" not in listed["data"][1]  # served here already: left as vLLM says
