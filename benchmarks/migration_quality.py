@@ -116,6 +116,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "engine died three times on 16-32 concurrent seeded requests with 'CPU Generator does "
         "not use offset', never one at a time; concurrent requests are batched, so faster)",
     )
+    p.add_argument(
+        "--sampling",
+        choices=("batched", "seeded"),
+        default="batched",
+        help="how the server samples synthetic inputs: 'batched' sends unseeded requests of "
+        "several prompts (the server batches them; outputs differ run to run, a finished step "
+        "is checkpointed); 'seeded' gives every prompt its own seed, one request each "
+        "(reproducible, ~1 prompt at a time here, see --sampling-workers)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_quality")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -156,6 +165,20 @@ class ConcurrentSampling:
 
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(one, range(len(prompts))))
+
+
+class UnseededSampling:
+    """An :class:`HttpBackend` that samples without seeds, so its prompts go to the server in
+    batched requests; everything else is delegated unchanged."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.tokenizer = backend, backend.tokenizer
+
+    def continuation_logprobs(self, requests):
+        return self.backend.continuation_logprobs(requests)
+
+    def generate(self, prompts, max_tokens, stop_token_ids, temperature=0.0, seed=None):
+        return self.backend.generate(prompts, max_tokens, stop_token_ids, temperature, None)
 
 
 class StopAtNewline:
@@ -283,11 +306,16 @@ class OldBase:
     transformers in process when there is no server (``--in-process``)."""
 
     def __init__(
-        self, client: Any, smol_dir: Path, tokenizer: Any, sampling_workers: int = 1
+        self,
+        client: Any,
+        smol_dir: Path,
+        tokenizer: Any,
+        sampling_workers: int = 1,
+        sampling: str = "seeded",
     ) -> None:
         self.client, self.smol_dir, self.tokenizer = client, smol_dir, tokenizer
         self.via = "vllm server" if client is not None else "transformers in process"
-        self.sampling_workers = sampling_workers
+        self.sampling_workers, self.sampling = sampling_workers, sampling
 
     def register(self, served: str, adapter_dir: Path) -> None:
         if self.client is None:
@@ -305,6 +333,8 @@ class OldBase:
             return TransformersBackend.from_pretrained(self.smol_dir, adapter_dir)
         url = str(self.client.base_url)
         backend = HttpBackend(url, served or DEFAULT_MODEL_NAME, self.tokenizer)
+        if self.sampling == "batched":
+            return UnseededSampling(backend)
         return ConcurrentSampling(backend, self.sampling_workers)
 
     def discriminator_factory(self, name: str):
@@ -320,10 +350,11 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
     if args.report_only and not (work / f"eval-heldout-{args.limit}.json").is_file():
         raise MigrationError(f"not run: no finished migration and evaluation in {work}")
     timing = work / "bench_seconds.json"
-    spent, via = 0.0, set()
-    if timing.is_file():  # records from before old_base_via existed came from server runs
+    spent, via, sampling = 0.0, set(), set()
+    if timing.is_file():  # records from before old_base_via / sampling existed: server, seeded
         record = json.loads(timing.read_text())
         spent, via = record["seconds"], set(record.get("old_base_via", ["vllm server"]))
+        sampling = set(record.get("sampling", ["seeded"]))
     migrator = Migrator(
         spec,
         work,
@@ -338,8 +369,11 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
     elapsed = time.perf_counter() - start  # summed over resumed runs; evaluation not included
     if elapsed > 5.0:  # steps ran (not just checkpoints read): record where the old base ran
         via.add(old.via)
+        sampling.add(old.sampling if old.client is not None else "seeded")
     spent += elapsed
-    timing.write_text(json.dumps({"seconds": spent, "old_base_via": sorted(via)}))
+    timing.write_text(
+        json.dumps({"seconds": spent, "old_base_via": sorted(via), "sampling": sorted(sampling)})
+    )
     score = cached(
         work / f"eval-heldout-{args.limit}.json",
         lambda: framed_score(
@@ -354,6 +388,7 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
         "ci95": score["ci95"],
         "seconds": round(spent, 1),
         "old_base_via": sorted(via),
+        "sampling": sorted(sampling),
         "gate": counts["gate"],
         "discriminator": counts["discriminator"],
         "synthesis": counts["synthesise"]["counts"],
@@ -403,7 +438,10 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
     }
     for mode in args.modes.split(","):
         spec = build_spec(args, task, served, mode, models["smol_tok"])
-        digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
+        # Without the fields added after the committed runs (always their defaults here), so
+        # those runs' work dirs keep their names.
+        later = {"distillation", "teacher_top_k"}
+        digest = hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
         try:
             out = migrate_and_score(args, task, spec, base / f"{mode}-{digest}", models, old)
         except MigrationError as e:  # recorded, and the other modes and tasks still run
@@ -491,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
         url = args.server_url or (server.url if server else None)
         client = httpx.Client(base_url=url, timeout=1800) if url else None
-        old = OldBase(client, smol_dir, models["smol_tok"], args.sampling_workers)
+        old = OldBase(client, smol_dir, models["smol_tok"], args.sampling_workers, args.sampling)
         try:
             for name in args.tasks.split(","):
                 result["tasks"].append(run_task(args, name, models, old, root))
@@ -509,8 +547,24 @@ def write_results(result: dict, out: Path) -> None:
     from vllm_lora_ext.files import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "migration_quality.json", json.dumps(result, indent=2).encode())
+    path = out / "migration_quality.json"
+    if path.is_file():
+        result = merged_with(json.loads(path.read_text()), result)
+    write_atomic(path, json.dumps(result, indent=2).encode())
     plot(result, out / "migration_quality.png")
+
+
+def merged_with(previous: dict, result: dict) -> dict:
+    """``result`` with the rows of tasks it did not run (yet) and the hot-upgrade record kept
+    from the file's ``previous`` content, so a run of some tasks, or one stopped half-way,
+    does not drop the others."""
+    rows = {r["task"]: r for r in result["tasks"]}
+    kept = [rows.pop(r["task"], r) for r in previous.get("tasks", [])]
+    return {
+        **result,
+        "tasks": [*kept, *rows.values()],
+        "hot_upgrade": result["hot_upgrade"] or previous.get("hot_upgrade"),
+    }
 
 
 def table(result: dict) -> str:
