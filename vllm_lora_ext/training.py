@@ -125,6 +125,17 @@ def teacher_tensors(
     return top_ids, top_lp
 
 
+def answer_logits(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, answer: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, kept positions ``keep``): the logits of positions ``keep`` only, from the one
+    before the batch's earliest ``answer`` token on; ``logits[:, j]`` predicts token
+    ``keep[j] + 1``."""
+    first = int(torch.where(answer.any(dim=1), answer.int().argmax(dim=1), ids.shape[1]).min())
+    keep = torch.arange(max(first - 1, 0), ids.shape[1] - 1, device=ids.device)
+    return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits, keep
+
+
 def answer_loss(
     model: Any,
     ids: torch.Tensor,  # [batch, width]
@@ -140,10 +151,7 @@ def answer_loss(
     predict token ``p + 1``; the model's own final-logit processing (e.g. soft-capping) still
     applies, as ``logits_to_keep`` only selects positions.
     """
-    answer = labels != -100
-    first = int(torch.where(answer.any(dim=1), answer.int().argmax(dim=1), ids.shape[1]).min())
-    keep = torch.arange(max(first - 1, 0), ids.shape[1] - 1, device=ids.device)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    logits, keep = answer_logits(model, ids, mask, labels != -100)
     targets = labels[:, keep + 1]
     return torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
@@ -165,9 +173,8 @@ def distribution_loss(
     on, as in :func:`answer_loss`.
     """
     has = torch.isfinite(top_logprobs).any(dim=-1)  # [batch, width]: positions with a target
-    first = int(torch.where(has.any(dim=1), has.int().argmax(dim=1), ids.shape[1]).min())
-    keep = torch.arange(max(first - 1, 0), ids.shape[1] - 1, device=ids.device)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+    logits, keep = answer_logits(model, ids, mask, has)
+    logits = logits.float()
     target = has[:, keep + 1]  # selected first: a position without target is all -inf (NaN)
     student = torch.log_softmax(logits, dim=-1).gather(-1, top_ids[:, keep + 1])[target]
     teacher = torch.log_softmax(top_logprobs[:, keep + 1][target].float(), dim=-1)
@@ -210,13 +217,14 @@ def train_lora(
         for step, picked in enumerate(stream, start=1):
             if should_stop is not None and should_stop():
                 raise TrainingStopped(f"stopped before step {step} of {hp.steps}")
-            ids, mask, labels = pad_rows([rows[i] for i in picked], pad)
+            batch_rows = [rows[i] for i in picked]
+            ids, mask, labels = pad_rows(batch_rows, pad)
             ids, mask = ids.to(device), mask.to(device)
             if teacher is None:
                 loss = answer_loss(model, ids, mask, labels.to(device))
             else:
                 top_ids, top_lp = teacher_tensors(
-                    [rows[i] for i in picked], [teacher[i] for i in picked], ids.shape[1]
+                    batch_rows, [teacher[i] for i in picked], ids.shape[1]
                 )
                 loss = distribution_loss(model, ids, mask, top_ids.to(device), top_lp.to(device))
             value = loss.item()
