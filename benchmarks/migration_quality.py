@@ -138,21 +138,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class ConcurrentSampling:
+class Wrapped:
+    """A backend that changes how another one generates; scoring is delegated unchanged."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.tokenizer = backend, backend.tokenizer
+
+    def continuation_logprobs(self, requests):
+        return self.backend.continuation_logprobs(requests)
+
+    def continuation_top_logprobs(self, requests, k):
+        return self.backend.continuation_top_logprobs(requests, k)
+
+
+class ConcurrentSampling(Wrapped):
     """An :class:`HttpBackend` whose seeded samples go to the server concurrently.
 
     vLLM applies a request's seed to all of its prompts, so ``HttpBackend`` sends one request
     per prompt when sampling with a seed, one after another. This sends the same requests with
     the same seeds (prompt ``i`` with ``seed + i``) from a thread pool, so the server batches
-    them; everything else is delegated unchanged.
+    them.
     """
 
     def __init__(self, backend: Any, workers: int = 16) -> None:
-        self.backend, self.workers = backend, workers
-        self.tokenizer = backend.tokenizer
-
-    def continuation_logprobs(self, requests):
-        return self.backend.continuation_logprobs(requests)
+        super().__init__(backend)
+        self.workers = workers
 
     def generate(self, prompts, max_tokens, stop_token_ids, temperature=0.0, seed=None):
         if temperature <= 0 or seed is None or len(prompts) <= 1:
@@ -167,35 +177,26 @@ class ConcurrentSampling:
             return list(pool.map(one, range(len(prompts))))
 
 
-class UnseededSampling:
+class UnseededSampling(Wrapped):
     """An :class:`HttpBackend` that samples without seeds, so its prompts go to the server in
-    batched requests; everything else is delegated unchanged."""
-
-    def __init__(self, backend: Any) -> None:
-        self.backend, self.tokenizer = backend, backend.tokenizer
-
-    def continuation_logprobs(self, requests):
-        return self.backend.continuation_logprobs(requests)
+    batched requests."""
 
     def generate(self, prompts, max_tokens, stop_token_ids, temperature=0.0, seed=None):
         return self.backend.generate(prompts, max_tokens, stop_token_ids, temperature, None)
 
 
-class StopAtNewline:
+class StopAtNewline(Wrapped):
     """Generation stops at a token made only of newlines: with ``Q: ... A:`` prompts the answer
     is the first line (``read_answer``), so this changes no answer and saves decoding the rest
     (the target base alone rarely stops by itself)."""
 
     def __init__(self, backend: Any) -> None:
-        self.backend, self.tokenizer = backend, backend.tokenizer
+        super().__init__(backend)
         vocab = self.tokenizer.get_vocab()
         self.newlines = [
             i for t, i in vocab.items()
             if (text := self.tokenizer.convert_tokens_to_string([t])) and not text.strip("\n")
         ]  # fmt: skip
-
-    def continuation_logprobs(self, requests):
-        return self.backend.continuation_logprobs(requests)
 
     def generate(self, prompts, max_tokens, stop_token_ids, temperature=0.0, seed=None):
         stops = [*stop_token_ids, *self.newlines]
@@ -315,7 +316,9 @@ class OldBase:
     ) -> None:
         self.client, self.smol_dir, self.tokenizer = client, smol_dir, tokenizer
         self.via = "vllm server" if client is not None else "transformers in process"
-        self.sampling_workers, self.sampling = sampling_workers, sampling
+        self.sampling_workers = sampling_workers
+        # In process, transformers samples each prompt with its own seed.
+        self.sampling = sampling if client is not None else "seeded"
 
     def register(self, served: str, adapter_dir: Path) -> None:
         if self.client is None:
@@ -369,7 +372,7 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
     elapsed = time.perf_counter() - start  # summed over resumed runs; evaluation not included
     if elapsed > 5.0:  # steps ran (not just checkpoints read): record where the old base ran
         via.add(old.via)
-        sampling.add(old.sampling if old.client is not None else "seeded")
+        sampling.add(old.sampling)
     spent += elapsed
     timing.write_text(
         json.dumps({"seconds": spent, "old_base_via": sorted(via), "sampling": sorted(sampling)})
