@@ -313,6 +313,7 @@ def _store_resolver(service: Any) -> Any:
             try:
                 if lora_name.startswith(PREFIX):
                     path = await asyncio.to_thread(service.materialise_merge, lora_name)
+                    service.schedule_merged_eviction(path)
                 else:
                     record = service.get(lora_name)
                     if record is None:
@@ -390,6 +391,9 @@ class LoraExtEndpointPlugin:
             # A full batch of unpinned adapters must still fit in the CPU cache.
             max_pinned=int(getattr(args, "max_cpu_loras", None) or args.max_loras)
             - int(args.max_loras),
+            inline_merges=settings.inline_merges,
+            merged_cache_bytes=settings.merged_cache_bytes,
+            allowed_paths=settings.allowed_adapter_paths,
         )
         serving_models.lora_resolvers.append(_store_resolver(state.lora_ext))
         await state.lora_ext.pin_at_start(settings.pinned_adapters)
@@ -401,13 +405,15 @@ class LoraExtEndpointPlugin:
             reservoir_size=settings.stats_reservoir_size,
             stats_dir=settings.stats_dir,
         )
+        await state.lora_ext.evict_merged()  # the budget may have shrunk since last start
         host = args.host if args.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
+        self_url, api_key = f"http://{host}:{args.port}", served_api_key(args)
         replayer = HttpReplayer(
-            f"http://{host}:{args.port}", capture, state.lora_ext, Path(model_config.model)
+            self_url, capture, state.lora_ext, Path(model_config.model), api_key=api_key
         )
         state.lora_ext_merges = MergeJobs(state.lora_ext, state.lora_ext_stats, replayer)
         await _init_migrations(
-            state, settings, Path(model_config.model), f"http://{host}:{args.port}", base.name
+            state, settings, Path(model_config.model), self_url, base.name, api_key
         )
         logger.info(
             "vllm-lora-ext: store %s, %d adapters for base %s",
@@ -417,8 +423,21 @@ class LoraExtEndpointPlugin:
         )
 
 
+def served_api_key(args: Namespace) -> str | None:
+    """The key this server's ``/v1`` routes require, by vLLM's own rule: ``--api-key`` (the
+    first, if several) before ``VLLM_API_KEY``; None when the server is open."""
+    from vllm import envs
+
+    return next((k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k), None)
+
+
 async def _init_migrations(
-    state: Any, settings: Any, new_base: Path, self_url: str, base_name: str
+    state: Any,
+    settings: Any,
+    new_base: Path,
+    self_url: str,
+    base_name: str,
+    api_key: str | None,
 ) -> None:
     """The migration service; with ``serve --migrate-from`` its job starts before serving, and a
     refused one stops the server with the reason (an operator asked for it explicitly)."""
@@ -436,6 +455,7 @@ async def _init_migrations(
         known_model_finder(settings.cache_dir),
         self_url,
         base_name,
+        api_key=api_key,
     )
     state.lora_ext_migrations = jobs
     if settings.migrate_from is None:

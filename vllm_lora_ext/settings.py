@@ -35,6 +35,18 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 1 << 30
     """Largest adapter accepted by ``POST /v1/adapters``."""
 
+    allowed_adapter_paths: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Server directories under which ``POST /v1/adapters {"path"}`` may register adapters
+    (comma-separated; symlinks resolved first). Empty: registration by path is refused, uploads
+    still work (as vLLM's ``--allowed-local-media-path``, off by default)."""
+
+    inline_merges: bool = True
+    """Serve ``"model": "merge:a=0.5,b=0.5"`` requests (each distinct merge is built on disk)."""
+
+    merged_cache_bytes: int = Field(default=1 << 30, ge=0)
+    """Disk budget of the inline-merge cache (``<store>/.merged``), least recently used evicted
+    first; the merge being served is always kept."""
+
     cpu_punica: Literal["ours", "vllm"] = "ours"
     """LoRA ops on CPU: our grouped matmuls, or vLLM's per-token gather (the fallback)."""
 
@@ -60,7 +72,7 @@ class Settings(BaseSettings):
     migrate_request: Path | None = None
     """A JSON file with the rest of the ``POST /v1/migrations`` body (tasks, seeds, options)."""
 
-    @field_validator("base_aliases", "pinned_adapters", mode="before")
+    @field_validator("base_aliases", "pinned_adapters", "allowed_adapter_paths", mode="before")
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
         if isinstance(value, str):

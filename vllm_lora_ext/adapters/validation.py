@@ -48,6 +48,11 @@ REASONS = (
     "capturing",
     "invalid_stats",
     "too_many_pinned",
+    "too_many_files",
+    "malformed_upload",
+    "path_not_allowed",
+    "use_adapters_api",
+    "inline_merges_off",
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -100,6 +105,31 @@ def check_file_name(name: str) -> None:
             "unexpected_file",
             f"unexpected file {name!r}; allowed: {', '.join(sorted(ALLOWED_FILES))}",
         )
+
+
+def check_allowed_path(path: Path, roots: Iterable[Path], kind: str = "directory") -> Path:
+    """``path`` with symlinks resolved, if it lies under one of ``roots`` (already resolved);
+    refused otherwise. No roots: registration by server path is off."""
+    roots = list(roots)
+    if not roots:
+        raise AdapterRejected(
+            "path_not_allowed",
+            "registration from a server path is off on this server: upload the files "
+            "(multipart POST /v1/adapters), or start it with --allowed-adapter-path DIR",
+            403,
+        )
+    try:
+        resolved = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise AdapterRejected("missing_file", f"{str(path)!r} does not exist") from None
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise AdapterRejected(
+            "path_not_allowed",
+            f"the {kind} {str(path)!r} is outside the allowed adapter paths "
+            f"({', '.join(map(str, roots))})",
+            403,
+        )
+    return resolved
 
 
 def check_file_names(names: Iterable[str]) -> None:

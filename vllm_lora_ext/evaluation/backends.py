@@ -81,11 +81,12 @@ class HttpBackend:
         batch_size: int = 32,
         timeout: float = 600.0,
         client: httpx.Client | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.client = client or httpx.Client(base_url=url, timeout=timeout)
+        self.client = client or httpx.Client(base_url=url, timeout=timeout, headers=headers)
 
     def _complete(self, prompts: list[list[int]], **params: Any) -> list[dict]:
         body = {"model": self.model, "prompt": prompts, "temperature": 0.0, **params}

@@ -34,12 +34,15 @@ class SourceInfo:
 
 
 def describe_source(
-    url: str, expected_base: str | None = None, timeout: float = 10.0
+    url: str,
+    expected_base: str | None = None,
+    timeout: float = 10.0,
+    headers: dict[str, str] | None = None,
 ) -> SourceInfo:
     """What ``url`` serves; raises :class:`SourceError` if it is unreachable, is not a
     vllm-lora-ext server, or serves another base than ``expected_base``."""
     url = url.rstrip("/")
-    with httpx.Client(base_url=url, timeout=timeout) as client:
+    with httpx.Client(base_url=url, timeout=timeout, headers=headers) as client:
         adapters = _get_json(client, "/v1/adapters", url)
         models = _get_json(client, "/v1/models", url)
     base = adapters.get("base")
@@ -56,13 +59,19 @@ def describe_source(
     return SourceInfo(url, base, served, names)
 
 
-def observed_inputs(url: str, adapter: str, tokenizer: Any, timeout: float = 30.0) -> list[str]:
+def observed_inputs(
+    url: str,
+    adapter: str,
+    tokenizer: Any,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
+) -> list[str]:
     """The user-turn texts of the prompts the source observed for ``adapter`` (its reservoir).
 
     Chat prompts give their last user message, text completions their prompt; token-id prompts
     are decoded with the source's tokenizer. An adapter never captured has an empty reservoir.
     """
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as client:
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers) as client:
         try:
             response = client.get(f"/v1/stats/{adapter}/prompts")
         except httpx.HTTPError as e:
@@ -109,6 +118,12 @@ def _get_json(client: httpx.Client, path: str, url: str) -> dict[str, Any]:
         raise SourceError(f"cannot reach the source server {url}: {e}") from e
     if response.status_code == 404 and path == "/v1/adapters":
         raise SourceError(f"{url} is not a vllm-lora-ext server (no /v1/adapters)", 400)
+    if response.status_code == 401:
+        raise SourceError(
+            f"{url}{path} answered 401: give the old server's key as source_api_key "
+            "(default: this server's own --api-key)",
+            400,
+        )
     if response.status_code != 200:
         raise SourceError(f"{url}{path} answered {response.status_code}: {response.text[:200]}")
     try:

@@ -11,15 +11,17 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from vllm_lora_ext.adapters.base_model import BaseModelInfo
 from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
+from vllm_lora_ext.adapters.merged_cache import MergedCache
 from vllm_lora_ext.adapters.store import AdapterStore, StoredAdapter
 from vllm_lora_ext.adapters.validation import (
     AdapterRejected,
+    check_allowed_path,
     check_file_name,
     check_file_names,
     inspect_adapter_dir,
@@ -30,7 +32,6 @@ from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
 from vllm_lora_ext.merge.spec import MergeSpec
 from vllm_lora_ext.server import metrics
 
-MERGED_DIR = ".merged"
 VERSIONS_DIR = ".versions"
 logger = logging.getLogger("vllm_lora_ext")
 
@@ -56,6 +57,9 @@ class AdapterService:
         engine: EngineAdapters,
         max_upload_bytes: int,
         max_pinned: int = 0,
+        inline_merges: bool = True,
+        merged_cache_bytes: int = 1 << 30,
+        allowed_paths: Sequence[Path] = (),
     ) -> None:
         self.store = store
         self.base = base
@@ -71,6 +75,15 @@ class AdapterService:
         """Names being deleted: hidden from the resolver while vLLM lets go of them."""
         self.names = {a.name for a in self._adapters_of_base()}
         metrics.ADAPTERS_REGISTERED.set(len(self.names))
+        self.inline_merges = inline_merges
+        self.merged = MergedCache(store.root, merged_cache_bytes)
+        self._merge_names: dict[str, set[str]] = {}
+        """Merged-cache key -> the ``merge:...`` names vLLM may hold it under."""
+        self._evicting: asyncio.Task | None = None
+        self.allowed_paths = [Path(p).resolve() for p in allowed_paths]
+        self.on_remove: list[Callable[[str], None]] = []
+        """Called with the name of a deleted or replaced adapter: what was derived from it
+        (statistics, prompt reservoirs) goes with it."""
 
     def _adapters_of_base(self) -> list[StoredAdapter]:
         return [a for a in self.store.list() if a.base == self.base.name]
@@ -86,10 +99,18 @@ class AdapterService:
         record = self.store.get(name)
         return record if record is not None and record.base == self.base.name else None
 
+    async def register_client_path(self, name: str, source: Path) -> StoredAdapter:
+        """``POST /v1/adapters {"path"}``: only from under the configured roots
+        (``allowed_paths``, checked after resolving symlinks, each file too)."""
+        validate_name(name, reserved=self.base.aliases)
+        resolved = check_allowed_path(source, self.allowed_paths)
+        return await self.register_from_path(name, resolved, origin=str(source), confined=True)
+
     async def register_from_path(
-        self, name: str, source: Path, origin: str | None = None
+        self, name: str, source: Path, origin: str | None = None, confined: bool = False
     ) -> StoredAdapter:
-        """Copy a PEFT directory from the server's disk into the store, then load it."""
+        """Copy a PEFT directory from the server's disk into the store, then load it
+        (``confined``: every file must resolve under ``allowed_paths``)."""
         validate_name(name, reserved=self.base.aliases)
         if not source.is_dir():
             raise AdapterRejected("missing_file", f"{str(source)!r} is not a directory")
@@ -97,7 +118,9 @@ class AdapterService:
 
         async def files() -> AsyncIterator[tuple[str, Iterable[bytes]]]:
             for p in source.iterdir():
-                yield p.name, _chunks(p)
+                # A link inside an allowed folder may point anywhere.
+                real = check_allowed_path(p, self.allowed_paths, "file") if confined else p
+                yield p.name, _chunks(real)
 
         return await self.register(name, files(), source=origin or str(source))
 
@@ -236,9 +259,22 @@ class AdapterService:
                 self.store.remove(name)
                 self.serving_path(record).unlink(missing_ok=True)
                 self._forget(name)
+                self._drop_derived(name)
             finally:
                 self._removing.discard(name)
             return True
+
+    def _drop_derived(self, name: str) -> None:
+        """A deleted or replaced adapter's inline merges, statistics and reservoir go too
+        (the merges built from it are unloaded by the caller first)."""
+        for entry in self.merged.built_from(name):
+            self._merge_names.pop(entry.key, None)
+            self.merged.remove(entry)
+        for listener in self.on_remove:
+            try:
+                listener(name)
+            except Exception:
+                logger.exception("vllm-lora-ext: cleaning up after %r", name)
 
     async def sync_with_store(self, name: str) -> None:
         """Follow what another replica did to a shared store, before a request for ``name``.
@@ -260,6 +296,7 @@ class AdapterService:
                     metrics.ADAPTER_UNLOADS.inc()
             was_pinned = name in self.pinned
             self._forget(name)
+            self._drop_derived(name)
         logger.info(
             "vllm-lora-ext: %r was %s in the store by another server; unloaded here",
             name,
@@ -278,8 +315,11 @@ class AdapterService:
         """The cat-merged adapter for ``merge:a=w,...`` as a PEFT dir, built once and cached.
 
         The cache key covers each adapter's weight hash, so re-registering a name under new
-        weights never serves a stale merge.
+        weights never serves a stale merge. Runs in a thread (the resolver); the cache is
+        brought back under its byte budget afterwards (:meth:`evict_merged`).
         """
+        if not self.inline_merges:
+            raise AdapterRejected("inline_merges_off", "inline merges are turned off")
         try:
             spec = MergeSpec.parse(merge_name)
         except ValueError as e:
@@ -300,19 +340,46 @@ class AdapterService:
         key = hashlib.sha256(
             (spec.canonical + "".join(r.weights_sha256 for r in records)).encode()
         ).hexdigest()[:32]
-        target = self.store.root / MERGED_DIR / key
-        if target.is_dir():
+        self._merge_names.setdefault(key, set()).add(merge_name)
+        if (target := self.merged.hit(key)) is not None:
             return target
         merged = cat_merge(
             [load_lora(self.store.path(n)) for n, _ in spec.terms], [w for _, w in spec.terms]
         )
-        target.parent.mkdir(exist_ok=True)
         with self.store.staging() as staged:
             save_lora(merged, staged, base=self.base.name)
             inspect_adapter_dir(staged, self.base, self.max_rank)
-            with contextlib.suppress(OSError):  # a concurrent request built it first
-                os.rename(staged, target)
-        return target
+            terms = zip(records, spec.terms, strict=True)
+            sources = [(r.name, w, r.weights_sha256) for r, (_, w) in terms]
+            return self.merged.commit(staged, key, self.merged.recipe(sources))
+
+    def note_merge_used(self, merge_name: str) -> None:
+        """A request for an inline merge vLLM holds: it is the most recently used entry."""
+        for key, names in self._merge_names.items():
+            if merge_name in names:
+                self.merged.touch(key)
+                return
+
+    def schedule_merged_eviction(self, keep: Path) -> None:
+        """Bring the merged cache under its budget soon, in the event loop (the resolver that
+        built ``keep`` holds vLLM's lock on that name: unloading under it could deadlock)."""
+        if self._evicting is None or self._evicting.done():
+            self._evicting = asyncio.get_running_loop().create_task(self.evict_merged(keep.name))
+
+    async def evict_merged(self, keep: str | None = None) -> int:
+        """Drop least recently used merged entries over the budget: unload each from vLLM
+        (after its admitted requests), then delete its files. Returns the entries dropped."""
+        async with self._lock:
+            victims = self.merged.over_budget(keep)
+            for entry in victims:
+                for merge_name in self._merge_names.pop(entry.key, set()):
+                    if merge_name in self.engine.loaded_names():
+                        await self.engine.unload(merge_name)
+                        metrics.ADAPTER_UNLOADS.inc()
+                self.merged.remove(entry)
+                metrics.MERGED_EVICTIONS.inc()
+            metrics.MERGED_CACHE_BYTES.set(self.merged.total_bytes())
+        return len(victims)
 
     async def _write_files(
         self, staged: Path, files: AsyncIterator[tuple[str, Iterable[bytes]]]

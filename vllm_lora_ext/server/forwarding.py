@@ -43,13 +43,16 @@ class ForwardTable:
 
     def __init__(self) -> None:
         self.routes: dict[str, str] = {}
+        self.auth: dict[str, dict[str, str]] = {}
+        """Target URL -> the headers that authenticate this server there (its API key)."""
         self.in_flight: dict[str, set[int]] = defaultdict(set)
         """Tickets of the generation requests admitted here and not finished, by model name."""
         self._tickets = itertools.count()
         self._client: httpx.AsyncClient | None = None
 
-    def forward(self, name: str, url: str) -> None:
+    def forward(self, name: str, url: str, auth: dict[str, str] | None = None) -> None:
         self.routes[name] = url.rstrip("/")
+        self.auth[url.rstrip("/")] = dict(auth or {})
         metrics.FORWARDED_ADAPTERS.set(len(self.routes))
 
     def stop_forwarding(self, name: str) -> None:
@@ -112,11 +115,14 @@ async def forward_request(
     table: ForwardTable, target: str, scope: Scope, body: bytes, model: object, send: Send
 ) -> None:
     """Proxy one generation request to ``target`` and stream its response back."""
+    # The client proved its key to this server; the old server gets the key this server holds
+    # for it (the client's own key may differ, and is not the old server's business).
     headers = [
         (k.decode("latin-1"), v.decode("latin-1"))
         for k, v in scope["headers"]
-        if k.lower() not in _HOP_BY_HOP
+        if k.lower() not in _HOP_BY_HOP and k.lower() != b"authorization"
     ]
+    headers += list(table.auth.get(target, {}).items())
     request = table.client.build_request(
         "POST", f"{target}{scope['path']}", content=body, headers=headers
     )

@@ -11,8 +11,16 @@ JSON documents) for its ``model``, then in this order:
    unloading an adapter waits for the requests that still need it.
 
 Step 2 comes before step 4: an unload started by this very request must not wait for it.
-vLLM's handler then gets the same body, replayed. ``GET /v1/models`` gets the adapters that
-are forwarded added to vLLM's list.
+vLLM's handler then gets the same body, replayed. ``GET /v1/models`` gets every adapter of the
+store (``loaded`` says whether vLLM holds it now) and the forwarded ones added to vLLM's list.
+
+It is also the one door to the engine's adapters: vLLM's own routes that load or unload an
+adapter (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` and the SageMaker
+``/adapters`` routes, all exposed by ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, which the store's
+resolver needs) are refused with 403 and a pointer to ``/v1/adapters``: they would load any
+server directory into the engine unvalidated, and the SageMaker ones are outside ``/v1``,
+which is all that ``--api-key`` guards. vLLM's authentication middleware runs before this
+one, so a request without the key never gets here on ``/v1``.
 """
 
 from __future__ import annotations
@@ -20,18 +28,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
 from vllm_lora_ext.server.adapter_service import AdapterService
 from vllm_lora_ext.server.forwarding import ForwardTable, forward_request, list_forwarded
-from vllm_lora_ext.server.routes import count_request, model_of_body
+from vllm_lora_ext.server.routes import count_request, error, model_of_body
 
 logger = logging.getLogger("vllm_lora_ext")
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _MAX_BODY = 64 << 20  # larger bodies go to vLLM unparsed (it refuses them)
 _MAX_OBSERVED = 1 << 20  # prompts larger than this are not kept in a reservoir
+RAW_LORA_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters"})
+
+
+def is_raw_lora_route(path: str) -> bool:
+    """vLLM's routes that change the engine's adapters without the store (any method)."""
+    return path.rstrip("/") in RAW_LORA_PATHS or path.startswith("/adapters/")
 
 
 class GenerationGateway:
@@ -39,11 +55,19 @@ class GenerationGateway:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_raw_lora_route(scope["path"]):
+            refusal = error(
+                403,
+                f"{scope['method']} {scope['path']} is disabled by vllm-lora-ext: adapters are "
+                "registered, validated and removed through /v1/adapters (POST /v1/adapters "
+                "{name, path} or an upload; DELETE /v1/adapters/{name})",
+                "use_adapters_api",
+            )
+            await refusal(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/v1/models":
-            table = getattr(scope["app"].state, "lora_ext_forward", None)
-            if table is not None and table.routes:
-                await _models_with_forwarded(self.app, scope, receive, send, dict(table.routes))
-                return
+            await _models_with_store(self.app, scope, receive, send)
+            return
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
@@ -69,6 +93,20 @@ class GenerationGateway:
             await forward_request(table, target, scope, data, model, send)
             return
         service: AdapterService | None = getattr(state, "lora_ext", None)
+        if (
+            service is not None
+            and not service.inline_merges
+            and isinstance(model, str)
+            and model.startswith(MERGE_PREFIX)
+        ):
+            refusal = error(
+                400,
+                "inline merges are turned off on this server (VLLM_LORA_EXT_INLINE_MERGES); "
+                "register the merge by name with POST /v1/merges",
+                "inline_merges_off",
+            )
+            await refusal(scope, receive, send)
+            return
         await _sync_with_store(service, model)
         count_request(model, service)
         stats = getattr(state, "lora_ext_stats", None)
@@ -82,10 +120,18 @@ class GenerationGateway:
                 table.release(model, ticket)
 
 
-async def _models_with_forwarded(
-    app: ASGIApp, scope: Scope, receive: Receive, send: Send, routes: dict[str, str]
-) -> None:
-    """vLLM's model list (a small JSON answer, buffered) with the forwarded adapters added."""
+async def _models_with_store(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """vLLM's model list (a small JSON answer, buffered) with every registered adapter of the
+    served base and the forwarded adapters added, so a client choosing from it sees all it can
+    request (vLLM lists only what it loaded since start)."""
+    state = scope["app"].state
+    service: AdapterService | None = getattr(state, "lora_ext", None)
+    table: ForwardTable | None = getattr(state, "lora_ext_forward", None)
+    if service is None:
+        await app(scope, receive, send)
+        return
+    routes = dict(table.routes) if table is not None else {}
+    registered = service.list()
     start: Message | None = None
     chunks: list[bytes] = []
 
@@ -105,11 +151,29 @@ async def _models_with_forwarded(
     if start["status"] == 200:
         # Not the JSON object expected: passed on as it is.
         with contextlib.suppress(ValueError, AttributeError):
-            body = json.dumps(list_forwarded(json.loads(body), routes)).encode()
+            models = list_registered(json.loads(body), registered, service.base.name)
+            body = json.dumps(list_forwarded(models, routes)).encode()
     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
     await send({**start, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def list_registered(models: dict, registered: list, base: str) -> dict:
+    """vLLM's ``/v1/models`` answer with ``loaded`` on each adapter card and a card for each
+    registered adapter it lacks (loaded on its first request)."""
+    data = [m for m in models.get("data") or [] if isinstance(m, dict)]
+    listed = {m.get("id") for m in data}
+    for card in data:
+        if card.get("parent") is not None:  # vLLM lists the adapters it holds (the base has none)
+            card["loaded"] = True
+    now = int(time.time())
+    for record, is_loaded in registered:
+        if record.name not in listed:
+            data.append({"id": record.name, "object": "model", "created": now,
+                         "owned_by": "vllm", "root": record.name, "parent": base,
+                         "loaded": is_loaded})  # fmt: skip
+    return {**models, "data": data}
 
 
 def _replay(body: bytes, more: bool, receive: Receive) -> Receive:

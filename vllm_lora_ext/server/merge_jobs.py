@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -39,7 +40,7 @@ METHODS = (*sorted(MERGE_METHODS), "iteris", *POOL_METHODS)
 class MergeTerm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
 
 
 class IterisJobParams(IterisParams):
@@ -66,6 +67,24 @@ class MergeRequest(BaseModel):
         if not adapters:
             raise ValueError("name at least one adapter")
         return adapters
+
+    @field_validator("params")
+    @classmethod
+    def _finite(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """NaN or infinity anywhere in the params is refused now, not when the job runs."""
+        if not _all_finite(params):
+            raise ValueError("params must not hold NaN or infinite numbers")
+        return params
+
+
+def _all_finite(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 @dataclass
@@ -112,6 +131,7 @@ class Replayer(Protocol):
     """Runs IterIS replays on the served engine (``plugin.py`` / HTTP to ourselves)."""
 
     url: str
+    headers: dict[str, str]
     model_dir: Path
 
     async def paired_stats(

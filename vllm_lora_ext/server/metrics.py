@@ -60,3 +60,14 @@ MIGRATION_SECONDS = Counter(
     "vllm_lora_ext_migration_seconds", "Wall time spent migrating adapters, by final state",
     ["state"],
 )  # fmt: skip
+MERGED_CACHE_BYTES = Gauge(
+    "vllm_lora_ext_merged_cache_bytes", "Bytes held by the inline-merge cache (<store>/.merged)"
+)
+MERGED_EVICTIONS = Counter(
+    "vllm_lora_ext_merged_evictions", "Inline merges dropped from the cache to fit its budget"
+)
+REFUSED_ROUTES = Counter(
+    "vllm_lora_ext_refused_routes",
+    "Requests to vLLM's own adapter routes, refused (use /v1/adapters)",
+    ["path"],
+)

@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.auth import bearer
 from vllm_lora_ext.migrate.migrator import MigrationCancelled, MigrationResult, Migrator
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.source import SourceError, SourceInfo, describe_source, observed_inputs
@@ -74,6 +75,11 @@ class MigrationRequest(BaseModel):
     )
     tasks: dict[str, AdapterTask] = Field(default_factory=dict)
     options: MigrationOptions = Field(default_factory=MigrationOptions)
+    source_api_key: SecretStr | None = Field(
+        None,
+        description="The old server's --api-key (default: this server's own); never shown "
+        "or stored",
+    )
 
 
 class MigrationRefused(Exception):
@@ -146,8 +152,11 @@ class MigrationJobs:
         find_source_model: SourceModelFinder,
         self_url: str,
         base_name: str,
+        api_key: str | None = None,
     ) -> None:
         self.adapters = adapters
+        self.api_key = api_key
+        """This server's key: on its calls to itself, and to the old server by default."""
         self.forward = forward
         self.new_base = Path(new_base)
         self.find_source_model = find_source_model
@@ -173,9 +182,10 @@ class MigrationJobs:
     async def _submit(self, request: MigrationRequest) -> MigrationJob:
         if (running := self.active()) is not None:
             raise MigrationRefused(409, f"migration {running.id} is still running")
+        source_headers = self._source_headers(request)
         try:
             source = await asyncio.to_thread(
-                describe_source, request.source_url, request.source_model
+                describe_source, request.source_url, request.source_model, 10.0, source_headers
             )
         except SourceError as e:
             raise MigrationRefused(e.status, str(e)) from e
@@ -200,17 +210,23 @@ class MigrationJobs:
         migrations = []
         for name in names:
             try:
-                reservoir = await asyncio.to_thread(observed_inputs, source.url, name, tokenizer)
+                reservoir = await asyncio.to_thread(
+                    observed_inputs, source.url, name, tokenizer, 30.0, source_headers
+                )
             except SourceError as e:
                 raise MigrationRefused(e.status, str(e)) from e
             migrations.append(self._adapter_migration(request, source, name, reservoir))
         job = MigrationJob(uuid.uuid4().hex[:12], request, source, old_base, migrations)
         for migration in migrations:
-            self.forward.forward(migration.name, source.url)
+            self.forward.forward(migration.name, source.url, source_headers)
         self.jobs[job.id] = job
         self._count_states()
         job.task = asyncio.create_task(self._run(job, tokenizer))
         return job
+
+    def _source_headers(self, request: MigrationRequest) -> dict[str, str]:
+        key = request.source_api_key
+        return bearer(key.get_secret_value() if key is not None else self.api_key)
 
     def _old_base(self, request: MigrationRequest, source: SourceInfo) -> Path:
         if request.source_model_path is not None:
@@ -260,17 +276,24 @@ class MigrationJobs:
     async def _run(self, job: MigrationJob, tokenizer: Any) -> None:
         from vllm_lora_ext.evaluation.backends import HttpBackend
 
+        source_headers = self._source_headers(job.request)
         if job.request.generator == "new_base":
             own_tokenizer = await asyncio.to_thread(_tokenizer, self.new_base)
-            generator = HttpBackend(self.self_url, self.base_name, own_tokenizer)
+            generator = HttpBackend(
+                self.self_url, self.base_name, own_tokenizer, headers=bearer(self.api_key)
+            )
         else:
-            generator = HttpBackend(job.source.url, job.source.base, tokenizer)
+            generator = HttpBackend(
+                job.source.url, job.source.base, tokenizer, headers=source_headers
+            )
         try:
             for migration in job.adapters:
                 if job.cancelled:
                     migration.state = "cancelled"
                     continue
-                teacher = HttpBackend(job.source.url, migration.name, tokenizer)
+                teacher = HttpBackend(
+                    job.source.url, migration.name, tokenizer, headers=source_headers
+                )
                 migration.migrator = Migrator(
                     migration.spec,
                     migration.work_dir,
@@ -370,7 +393,9 @@ class MigrationJobs:
             await asyncio.shield(job.task)
         for migration in job.adapters:
             if migration.state == "switched":
-                self.forward.forward(migration.name, job.source.url)
+                self.forward.forward(
+                    migration.name, job.source.url, self._source_headers(job.request)
+                )
                 started = time.monotonic()
                 await self.adapters.remove(migration.name)  # after its admitted requests
                 logger.info(

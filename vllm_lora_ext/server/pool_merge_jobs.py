@@ -177,7 +177,9 @@ async def _reservoir_examples(
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
     texts = [t for t in map(_text_of, jobs.stats.reservoirs[name].items) if t]
     pairs = []
-    async with httpx.AsyncClient(base_url=jobs.replayer.url, timeout=600.0) as client:
+    async with httpx.AsyncClient(
+        base_url=jobs.replayer.url, headers=jobs.replayer.headers, timeout=600.0
+    ) as client:
         for i, text in enumerate(texts):
             job.iteration, job.iterations = i, len(texts)
             prompt = query_prompt(tokenizer, text)

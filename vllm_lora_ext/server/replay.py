@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load
 
+from vllm_lora_ext.auth import bearer
 from vllm_lora_ext.server.adapter_service import AdapterService
 from vllm_lora_ext.stats.accumulators import InputStats, IterisStats
 
@@ -32,9 +33,16 @@ class RecordingEngine(Protocol):
 
 class HttpReplayer:
     def __init__(
-        self, url: str, engine: RecordingEngine, adapters: AdapterService, model_dir: Path
+        self,
+        url: str,
+        engine: RecordingEngine,
+        adapters: AdapterService,
+        model_dir: Path,
+        api_key: str | None = None,
     ) -> None:
         self.url = url
+        self.headers = bearer(api_key)
+        """For calls to this very server (it may require its ``--api-key``)."""
         self.engine = engine
         self.adapters = adapters
         self.model_dir = model_dir
@@ -53,7 +61,9 @@ class HttpReplayer:
         try:
             own_id, temp_id = await self.engine.lora_id(own), await self.engine.lora_id(temp)
             await self.engine.record_start([own_id, temp_id], targets)
-            async with httpx.AsyncClient(base_url=self.url, timeout=600.0) as client:
+            async with httpx.AsyncClient(
+                base_url=self.url, headers=self.headers, timeout=600.0
+            ) as client:
                 for prompt in prompts:
                     await asyncio.gather(_send(client, own, prompt), _send(client, temp, prompt))
                     data = await self.engine.record_take(own_id, temp_id)

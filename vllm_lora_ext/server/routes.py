@@ -11,6 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from vllm_lora_ext.adapters.store import StoredAdapter
 from vllm_lora_ext.adapters.validation import AdapterRejected
@@ -30,7 +32,14 @@ _MAX_FILES = 8
 
 
 def error(status: int, message: str, reason: str | None = None) -> JSONResponse:
-    kind = {404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLarge", 502: "BadGateway"}
+    kind = {
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "NotFoundError",
+        409: "ConflictError",
+        413: "PayloadTooLarge",
+        502: "BadGateway",
+    }
     body = ErrorResponse(
         error=ErrorDetail(
             message=message, type=kind.get(status, "BadRequestError"), reason=reason, code=status
@@ -131,7 +140,7 @@ async def register_adapter(request: Request):
                 body = RegisterFromPath.model_validate_json(await request.body())
             except ValidationError as e:
                 return error(400, f"invalid request body: {_pydantic_message(e)}")
-            record = await service.register_from_path(body.name, Path(body.path))
+            record = await service.register_client_path(body.name, Path(body.path))
         else:
             return error(
                 415 if content_type else 400,
@@ -158,7 +167,14 @@ async def delete_adapter(name: str, request: Request):
 
 
 async def _register_upload(service: AdapterService, request: Request) -> StoredAdapter:
-    form = await request.form(max_files=_MAX_FILES, max_fields=4)
+    try:
+        form = await request.form(max_files=_MAX_FILES, max_fields=4)
+    except (MultiPartException, HTTPException) as e:  # Starlette's own shape otherwise
+        detail = getattr(e, "detail", None) or getattr(e, "message", None) or str(e)
+        raise AdapterRejected(
+            "too_many_files" if "too many" in str(detail).lower() else "malformed_upload",
+            f"cannot read the upload: {detail} (at most {_MAX_FILES} files)",
+        ) from e
     try:
         name = form.get("name")
         if not isinstance(name, str):
