@@ -109,6 +109,8 @@ class GenerationGateway:
             return
         await _sync_with_store(service, model)
         count_request(model, service)
+        if service is not None and isinstance(model, str) and model.startswith(MERGE_PREFIX):
+            service.note_merge_used(model)
         stats = getattr(state, "lora_ext_stats", None)
         if stats is not None and len(data) < _MAX_OBSERVED:
             stats.observe_request(model, data)

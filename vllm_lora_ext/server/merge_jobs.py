@@ -30,6 +30,7 @@ from vllm_lora_ext.merge.methods import MERGE_METHODS, merge_adapters, validate_
 from vllm_lora_ext.merge.offline import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.job_records import JOBS_DIR, JobRecords
 from vllm_lora_ext.server.pool_merge_jobs import POOL_METHODS, check_pool_request, run_pool_job
 from vllm_lora_ext.server.stats_service import StatsService
 
@@ -142,7 +143,13 @@ class Replayer(Protocol):
 
 
 class MergeJobs:
-    def __init__(self, adapters: AdapterService, stats: StatsService, replayer: Replayer) -> None:
+    def __init__(
+        self,
+        adapters: AdapterService,
+        stats: StatsService,
+        replayer: Replayer,
+        records_dir: Path | None = None,
+    ) -> None:
         # Merges run in the API process, beside the engine's worker. One thread: multi-threaded
         # BLAS spinning against a busy worker made an SVD 90x slower (0.12 s -> 11 s, measured).
         torch.set_num_threads(1)
@@ -150,6 +157,25 @@ class MergeJobs:
         self.stats = stats
         self.replayer = replayer
         self.jobs: dict[str, MergeJob] = {}
+        self.records = JobRecords(
+            records_dir or adapters.store.root / JOBS_DIR / "merges", frozenset({"running"})
+        )
+        """Jobs of earlier runs of this server (finished, or ``interrupted`` by its stop)."""
+
+    def views(self) -> list[dict[str, Any]]:
+        """Every job: this run's, and earlier runs' from their records."""
+        restored = [r for i, r in self.records.restored.items() if i not in self.jobs]
+        return [*restored, *(j.view() for j in self.jobs.values())]
+
+    def view(self, job_id: str) -> dict[str, Any] | None:
+        job = self.jobs.get(job_id)
+        return job.view() if job is not None else self.records.restored.get(job_id)
+
+    def _start(self, job: MergeJob) -> MergeJob:
+        self.jobs[job.id] = job
+        self.records.save(job.id, job.view())
+        job.task = asyncio.create_task(self._run(job))
+        return job
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -160,9 +186,7 @@ class MergeJobs:
             raise AdapterRejected("duplicate_name", f"{request.name!r} already exists", 409)
         if request.method in POOL_METHODS:
             job = MergeJob(uuid.uuid4().hex[:12], request, pool=check_pool_request(self, request))
-            self.jobs[job.id] = job
-            job.task = asyncio.create_task(self._run(job))
-            return job
+            return self._start(job)
         if request.adapters == "all":
             raise AdapterRejected("invalid_merge", '"adapters": "all" is for adaptive / lorahub')
         names = [t.name for t in request.adapters]
@@ -187,9 +211,7 @@ class MergeJobs:
             raise AdapterRejected(
                 "invalid_merge", f"unknown method {request.method!r}; one of {', '.join(METHODS)}"
             )
-        self.jobs[job.id] = job
-        job.task = asyncio.create_task(self._run(job))
-        return job
+        return self._start(job)
 
     def _pending(self, name: str) -> bool:
         return any(j.state == "running" and j.request.name == name for j in self.jobs.values())
@@ -255,6 +277,7 @@ class MergeJobs:
         finally:
             job.finished_at = time.time()
             shutil.rmtree(work, ignore_errors=True)
+            self.records.save(job.id, job.view())
             metrics.MERGE_JOBS.labels(method=request.method, state=job.state).inc()
             metrics.MERGE_SECONDS.labels(method=request.method).inc(
                 job.finished_at - job.created_at

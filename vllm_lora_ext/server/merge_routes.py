@@ -49,7 +49,7 @@ async def list_merges(request: Request):
     jobs = _jobs(request)
     if isinstance(jobs, JSONResponse):
         return jobs
-    return {"merges": [j.view() for j in jobs.jobs.values()]}
+    return {"merges": jobs.views()}
 
 
 @router.get("/v1/merges/{job_id}", responses=_ERRORS)
@@ -57,10 +57,10 @@ async def get_merge(job_id: str, request: Request):
     jobs = _jobs(request)
     if isinstance(jobs, JSONResponse):
         return jobs
-    job = jobs.jobs.get(job_id)
-    if job is None:
+    view = jobs.view(job_id)
+    if view is None:
         return error(404, f"merge job {job_id!r} not found")
-    return job.view()
+    return view
 
 
 @router.delete("/v1/merges/{job_id}", responses=_ERRORS)
@@ -69,6 +69,7 @@ async def cancel_merge(job_id: str, request: Request):
     if isinstance(jobs, JSONResponse):
         return jobs
     job = jobs.cancel(job_id)
-    if job is None:
+    view = job.view() if job is not None else jobs.view(job_id)  # an earlier run's: as it is
+    if view is None:
         return error(404, f"merge job {job_id!r} not found")
-    return job.view()
+    return view

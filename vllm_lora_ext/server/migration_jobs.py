@@ -38,6 +38,7 @@ from vllm_lora_ext.migrate.spec import MigrationOptions, MigrationSpec, Seed
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapter_service import AdapterService
 from vllm_lora_ext.server.forwarding import ForwardTable
+from vllm_lora_ext.server.job_records import JOBS_DIR, JobRecords
 
 AdapterState = Literal[
     "pending", "running", "switched", "kept_old", "failed", "cancelled", "rolled_back"
@@ -164,6 +165,24 @@ class MigrationJobs:
         """This server, for ``generator: new_base`` (its own /v1/completions)."""
         self.jobs: dict[str, MigrationJob] = {}
         self._submitting = asyncio.Lock()
+        self.records = JobRecords(
+            adapters.store.root / JOBS_DIR / "migrations",
+            frozenset({"running", "rolling_back", "pending"}),
+        )
+        """Migrations of earlier runs (finished, or ``interrupted`` by the server's stop: post
+        the same request again to resume from their checkpoints)."""
+
+    def views(self) -> list[dict[str, Any]]:
+        restored = [r for i, r in self.records.restored.items() if i not in self.jobs]
+        return [*restored, *(j.view() for j in self.jobs.values())]
+
+    def view(self, job_id: str) -> dict[str, Any] | None:
+        job = self.jobs.get(job_id)
+        return job.view() if job is not None else self.records.restored.get(job_id)
+
+    def _record(self, job: MigrationJob) -> None:
+        request = job.request.model_dump(mode="json", exclude={"source_api_key"})
+        self.records.save(job.id, job.view() | {"request": request})
 
     @property
     def work_root(self) -> Path:
@@ -221,6 +240,7 @@ class MigrationJobs:
             self.forward.forward(migration.name, source.url, source_headers)
         self.jobs[job.id] = job
         self._count_states()
+        self._record(job)
         job.task = asyncio.create_task(self._run(job, tokenizer))
         return job
 
@@ -304,11 +324,13 @@ class MigrationJobs:
                 )
                 await self._migrate_one(job, migration)
                 self._count_states()
+                self._record(job)
         finally:
             if job.state == "running":
                 job.state = "cancelled" if job.cancelled else "done"
             job.finished_at = time.time()
             self._count_states()
+            self._record(job)
 
     async def _migrate_one(self, job: MigrationJob, migration: AdapterMigration) -> None:
         migration.state = "running"
@@ -407,6 +429,7 @@ class MigrationJobs:
                 migration.state = "rolled_back"
         job.state = "rolled_back"
         self._count_states()
+        self._record(job)
 
 
 def known_model_finder(cache_dir: Path) -> SourceModelFinder:

@@ -49,7 +49,7 @@ async def list_migrations(request: Request):
     if isinstance(jobs, JSONResponse):
         return jobs
     return {
-        "migrations": [j.view() for j in jobs.jobs.values()],
+        "migrations": jobs.views(),
         "forwarded": dict(jobs.forward.routes),
     }
 
@@ -59,10 +59,10 @@ async def get_migration(job_id: str, request: Request):
     jobs = _jobs(request)
     if isinstance(jobs, JSONResponse):
         return jobs
-    job = jobs.jobs.get(job_id)
-    if job is None:
+    view = jobs.view(job_id)
+    if view is None:
         return error(404, f"migration {job_id!r} not found")
-    return job.view()
+    return view
 
 
 @router.delete("/v1/migrations/{job_id}", responses=_ERRORS)
@@ -72,5 +72,10 @@ async def roll_back_migration(job_id: str, request: Request):
         return jobs
     job = jobs.rollback(job_id)
     if job is None:
+        if (view := jobs.view(job_id)) is not None:  # an earlier run's: nothing runs it now
+            return error(
+                409, f"migration {job_id!r} ran before this server restarted "
+                f"(state {view['state']!r}); post its request again to resume it"
+            )  # fmt: skip
         return error(404, f"migration {job_id!r} not found")
     return JSONResponse(job.view(), status_code=202 if job.state == "rolling_back" else 200)

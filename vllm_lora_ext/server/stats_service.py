@@ -3,24 +3,31 @@
 The worker accumulates ``XᵀX`` while a capture runs (:mod:`vllm_lora_ext.stats.capture`);
 stopping it moves the sums here, where they are kept on disk under ``<store>/.stats/`` and
 summed with imports from other replicas. The API process also keeps a reservoir of the
-prompts it served with each captured adapter, for IterIS replays.
+prompts it served with each captured adapter, for IterIS replays, pool merges and migrations;
+it is saved beside the statistics when the capture stops (``<name>.prompts.json``), so a
+restart keeps both. Deleting the adapter deletes both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.files import write_atomic
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapter_service import AdapterService
 from vllm_lora_ext.stats.accumulators import IterisStats
 from vllm_lora_ext.stats.reservoir import Reservoir, prompt_of_body
 
 STATS_DIR = ".stats"
+PROMPTS_SUFFIX = ".prompts.json"
+logger = logging.getLogger("vllm_lora_ext")
 
 
 class CaptureEngine(Protocol):
@@ -57,8 +64,33 @@ class StatsService:
         self.dir = stats_dir if stats_dir is not None else adapters.store.root / STATS_DIR
         self.capturing: dict[str, int] = {}
         """adapter name -> LoRA int id, for captures running in the worker."""
-        self.reservoirs: dict[str, Reservoir] = {}
+        self.reservoirs: dict[str, Reservoir] = self._load_reservoirs()
         self._lock = asyncio.Lock()
+        adapters.on_remove.append(self.forget)
+
+    def _load_reservoirs(self) -> dict[str, Reservoir]:
+        out = {}
+        for path in self.dir.glob(f"*{PROMPTS_SUFFIX}"):
+            name = path.name.removesuffix(PROMPTS_SUFFIX)
+            try:
+                out[name] = Reservoir.from_json(json.loads(path.read_text()), self.reservoir_size)
+            except (OSError, ValueError, TypeError, AttributeError):
+                logger.warning("vllm-lora-ext: unreadable prompt reservoir %s skipped", path)
+        return out
+
+    def _save_reservoir(self, name: str) -> None:
+        reservoir = self.reservoirs.get(name)
+        if reservoir is not None:
+            data = json.dumps(reservoir.to_json()).encode()
+            write_atomic(self.dir / f"{name}{PROMPTS_SUFFIX}", data)
+
+    def forget(self, name: str) -> None:
+        """The adapter was deleted or replaced: its statistics and prompts no longer apply."""
+        self.reservoirs.pop(name, None)
+        (self.dir / f"{name}.safetensors").unlink(missing_ok=True)
+        (self.dir / f"{name}{PROMPTS_SUFFIX}").unlink(missing_ok=True)
+        with contextlib.suppress(KeyError):  # no gauge for an adapter never captured
+            metrics.STATS_HELD_TOKENS.remove(name)
 
     # -- captures ---------------------------------------------------------------------------
 
@@ -96,6 +128,7 @@ class StatsService:
                 held = self.held(name)
                 live = IterisStats.from_bytes(data)
                 await asyncio.to_thread(self._save, name, live if held is None else held + live)
+            await asyncio.to_thread(self._save_reservoir, name)
         return await self.describe(name)
 
     def observe_request(self, model: object, body: bytes) -> None:
@@ -106,8 +139,9 @@ class StatsService:
             parsed = json.loads(body)
         except ValueError:
             return
-        for prompt in prompt_of_body(parsed) if isinstance(parsed, dict) else ():
-            self.reservoirs[model].offer(prompt)
+        reservoir = self.reservoirs.get(model)
+        for prompt in prompt_of_body(parsed) if isinstance(parsed, dict) and reservoir else ():
+            reservoir.offer(prompt)
 
     # -- held statistics ----------------------------------------------------------------------
 
@@ -158,9 +192,10 @@ class StatsService:
         if name in self.capturing:
             raise AdapterRejected("capturing", f"stop the capture of {name!r} first", 409)
         path = self.dir / f"{name}.safetensors"
-        self.reservoirs.pop(name, None)
+        had_prompts = self.reservoirs.pop(name, None) is not None
+        (self.dir / f"{name}{PROMPTS_SUFFIX}").unlink(missing_ok=True)
         if not path.exists():
-            return False
+            return had_prompts
         path.unlink()
         return True
 

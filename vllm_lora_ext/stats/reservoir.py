@@ -23,6 +23,18 @@ class Reservoir:
         self.seen = 0
         self._rng = random.Random(seed)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "seen": self.seen, "items": self.items}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], capacity: int, seed: int = 0) -> Reservoir:
+        """A saved reservoir, cut to ``capacity`` (the setting may have shrunk since)."""
+        reservoir = cls(capacity, seed)
+        items = [p for p in data.get("items", []) if isinstance(p, dict)][:capacity]
+        reservoir.items = items
+        reservoir.seen = max(int(data.get("seen", len(items))), len(items))
+        return reservoir
+
     def offer(self, item: Prompt) -> None:
         self.seen += 1
         if len(self.items) < self.capacity:
