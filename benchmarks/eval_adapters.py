@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(Path(tmp), base=DEFAULT_MODEL_NAME, serve_args=[])
+        server = start_server(
+            Path(tmp), base=DEFAULT_MODEL_NAME, serve_args=[], allowed_paths=[ROOT]
+        )
         try:
             with server.client() as c:
                 for card_path in cards:

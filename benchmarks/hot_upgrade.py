@@ -133,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         (work / "old").mkdir()
         (work / "new").mkdir()
-        old = start_server(work / "old", DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
+        old = start_server(
+            work / "old",
+            DEFAULT_MODEL_NAME,
+            ["--max-lora-rank", "16"],
+            allowed_paths=[ROOT / "adapters"],
+        )
         new = None
         hammers: list[Hammer] = []
         try:

@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         # Rank 32: IterIS is exact at rank Σ r_i = 24 for three rank-8 adapters.
-        server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "32"])
+        server = start_server(
+            Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "32"], allowed_paths=[args.adapters]
+        )
         try:
             with server.client(timeout=1800) as c:
                 for t in names:

@@ -529,7 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         server = None
         if args.server_url is None and not (args.in_process or args.report_only):
-            server = start_server(Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "16"])
+            # It registers the repository's adapters and the students trained under ``root``.
+            root.mkdir(parents=True, exist_ok=True)
+            server = start_server(
+                Path(tmp),
+                DEFAULT_MODEL_NAME,
+                ["--max-lora-rank", "16"],
+                allowed_paths=[ROOT, root],
+            )
         url = args.server_url or (server.url if server else None)
         client = httpx.Client(base_url=url, timeout=1800) if url else None
         old = OldBase(client, smol_dir, models["smol_tok"], args.sampling_workers, args.sampling)

@@ -1,7 +1,13 @@
-"""Shared fixtures: the tiny model is built once per run into a temporary directory."""
+"""Shared fixtures: the tiny model is built once per run into a temporary directory.
+
+Every server of the suite requires an API key, as operators run it: ``VLLM_API_KEY`` is set
+for this process, so the servers it starts and the CLI it runs find it as a user's shell would;
+``Server.client()`` presents it.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +16,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_model import build_tiny_llama, tiny_serve_args
+
+API_KEY = "suite-key-7f3a"
+os.environ["VLLM_API_KEY"] = API_KEY
 
 
 @pytest.fixture
@@ -35,7 +44,12 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from vllm_lora_ext.server_process import start_server
 
     work = tmp_path_factory.mktemp("server")
-    srv = start_server(work, base="tiny-llama", serve_args=tiny_serve_args(tiny_model_dir))
+    srv = start_server(
+        work,
+        base="tiny-llama",
+        serve_args=tiny_serve_args(tiny_model_dir),
+        allowed_paths=[tmp_path_factory.getbasetemp()],
+    )
     srv.model_dir = tiny_model_dir
     yield srv
     srv.stop()

@@ -18,6 +18,15 @@ from pathlib import Path
 
 import httpx
 
+from vllm_lora_ext.client import (
+    EXIT_CODES_HELP,
+    CliError,
+    Exit,
+    add_client_arguments,
+    checked,
+    http_client,
+    run_command,
+)
 from vllm_lora_ext.plugin import PLUGIN_NAME
 from vllm_lora_ext.settings import Settings
 
@@ -74,6 +83,10 @@ def serve_environment(settings: Settings, aliases: list[str], kv_cache_gib: int)
     env["VLLM_LORA_EXT_CACHE_DIR"] = str(settings.cache_dir)
     env["VLLM_LORA_EXT_STORE_DIR"] = str(settings.resolved_store_dir())
     env["VLLM_LORA_EXT_BASE_ALIASES"] = ",".join([*settings.base_aliases, *aliases])
+    if settings.allowed_adapter_paths:
+        env["VLLM_LORA_EXT_ALLOWED_ADAPTER_PATHS"] = ",".join(
+            str(p) for p in settings.allowed_adapter_paths
+        )
     return env
 
 
@@ -88,6 +101,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.store:
         settings.store_dir = Path(args.store).resolve()
+    for allowed in args.allowed_adapter_path:
+        if not Path(allowed).is_dir():
+            print(f"error: --allowed-adapter-path {allowed}: not a directory", file=sys.stderr)
+            return 2
+        settings.allowed_adapter_paths.append(Path(allowed).resolve())
     if args.model:
         model = Path(args.model).resolve()
         if not (model / "config.json").is_file():
@@ -151,44 +169,29 @@ def _announce_when_ready(url: str, model: str, child: subprocess.Popen) -> None:
     )
 
 
-def _client(args: argparse.Namespace) -> httpx.Client:
-    return httpx.Client(base_url=args.url, timeout=args.timeout)
-
-
-def _answer(response: httpx.Response) -> int:
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": {"message": response.text}}
-    if response.is_success:
-        print(json.dumps(body, indent=2))
-        return 0
-    message = body.get("error", {}).get("message", response.text)
-    print(f"error ({response.status_code}): {message}", file=sys.stderr)
-    return 1
+def _print(body: object) -> int:
+    print(json.dumps(body, indent=2))
+    return Exit.OK
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    try:
-        with _client(args) as client:
-            if args.action == "list":
-                return _answer(client.get("/v1/adapters"))
-            if args.action == "remove":
-                return _answer(client.delete(f"/v1/adapters/{args.name}"))
-            directory = Path(args.path)
-            if not directory.is_dir():
-                print(f"error: {directory} is not a directory", file=sys.stderr)
-                return 2
-            handles = [(p.name, p.open("rb")) for p in sorted(directory.iterdir()) if p.is_file()]
-            try:
-                files = [("files", (n, f)) for n, f in handles]
-                return _answer(client.post("/v1/adapters", data={"name": args.name}, files=files))
-            finally:
-                for _, f in handles:
-                    f.close()
-    except httpx.HTTPError as e:
-        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
-        return 3
+    if args.action == "add" and not Path(args.path).is_dir():
+        raise CliError(Exit.BAD_INPUT, f"error: {args.path} is not a directory")
+    with http_client(args) as client:
+        if args.action == "list":
+            return _print(checked(client.get("/v1/adapters")))
+        if args.action == "remove":
+            return _print(checked(client.delete(f"/v1/adapters/{args.name}")))
+        directory = Path(args.path)
+        handles = [(p.name, p.open("rb")) for p in sorted(directory.iterdir()) if p.is_file()]
+        try:
+            files = [("files", (n, f)) for n, f in handles]
+            return _print(
+                checked(client.post("/v1/adapters", data={"name": args.name}, files=files))
+            )
+        finally:
+            for _, f in handles:
+                f.close()
 
 
 _MERGE_PARAMS = (
@@ -235,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-lora-ext",
         description="Serve one base model with many LoRA adapters on vLLM, and manage them.",
+        epilog=EXIT_CODES_HELP,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -249,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--store", help="adapter store directory (default: in the cache)")
+    serve.add_argument(
+        "--allowed-adapter-path", action="append", default=[], metavar="DIR",
+        help="a server directory from which POST /v1/adapters {name, path} may register "
+        "adapters (repeatable; default: none, registration by path is off, uploads work)",
+    )  # fmt: skip
     serve.add_argument("--dtype", default="float32", help="float32 is the fast dtype on CPU")
     serve.add_argument("--max-model-len", type=int, default=2048)
     serve.add_argument("--max-lora-rank", type=int, default=16)
@@ -265,9 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM arguments")
     serve.set_defaults(func=cmd_serve)
 
-    adapters = sub.add_parser("adapters", help="list, add or remove adapters on a server")
-    adapters.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
-    adapters.add_argument("--timeout", type=float, default=120.0)
+    adapters = sub.add_parser(
+        "adapters", help="list, add or remove adapters on a server", epilog=EXIT_CODES_HELP
+    )
+    add_client_arguments(adapters, DEFAULT_URL)
     actions = adapters.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="show registered adapters")
     add = actions.add_parser("add", help="upload a PEFT adapter directory under a name")
@@ -313,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "vllm_args", None) and args.vllm_args[0] == "--":
         args.vllm_args = args.vllm_args[1:]
-    return args.func(args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

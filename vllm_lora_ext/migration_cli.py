@@ -2,21 +2,22 @@
 
 ``start`` posts the migration to the new server and follows it with a progress bar (five steps
 per adapter), printing each adapter's outcome; ``status`` follows or shows a running job;
-``rollback`` cancels and restores the old routing. Exit codes: 0 every adapter switched, 1 some
-kept on the old server / failed / refused, 2 bad input, 3 server unreachable.
+``rollback`` cancels and restores the old routing. Exit codes: the shared table
+(:class:`vllm_lora_ext.client.Exit`); 1 also when some adapter was kept on the old server or
+failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from vllm_lora_ext.client import CliError, Exit, add_client_arguments, checked, http_client
 from vllm_lora_ext.migrate.migrator import STEPS
 
 _DONE_STATES = frozenset({"switched", "kept_old", "failed", "cancelled", "rolled_back"})
@@ -29,13 +30,13 @@ def add_migrate_parser(sub: Any, default_url: str) -> None:
         description="Runs on the NEW server: it forwards the old server's adapters until each "
         "one is migrated, checked and switched.",
     )
-    migrate.add_argument("--url", default=default_url, help="the new server")
-    migrate.add_argument("--timeout", type=float, default=120.0)
+    add_client_arguments(migrate, default_url)
     actions = migrate.add_subparsers(dest="action", required=True)
     start = actions.add_parser("start", help="start a migration and follow it")
     start.add_argument("--from", dest="source_url", required=True, help="the old server's URL")
     start.add_argument("--source-model", help="base model name the old server must serve")
     start.add_argument("--source-model-path", help="local folder of the old base model")
+    start.add_argument("--source-api-key", help="the old server's key (default: the new one's)")
     start.add_argument("--adapter", action="append", help="migrate only these (repeatable)")
     start.add_argument(
         "--request", type=Path,
@@ -51,52 +52,35 @@ def add_migrate_parser(sub: Any, default_url: str) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    try:
-        with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
-            if args.action == "start":
-                body = _start_body(args)
-                if body is None:
-                    return 2
-                response = client.post("/v1/migrations", json=body)
-                if response.status_code != 202:
-                    return _refused(response)
-                job = response.json()
-                print(f"migration {job['id']}: {len(job['adapters'])} adapters from "
-                      f"{job['source_url']} ({job['source_base']})")  # fmt: skip
-                return 0 if args.no_follow else follow(client, job["id"])
-            path = f"/v1/migrations/{args.id}"
-            if args.action == "rollback":
-                response = client.delete(path)
-                while response.status_code in (200, 202) and (
-                    response.json()["state"] == "rolling_back"
-                ):
-                    time.sleep(1.0)  # unloads wait for the requests admitted for each adapter
-                    response = client.get(path)
-            elif args.follow:
-                return follow(client, args.id)
-            else:
-                response = client.get(path)
-            if response.status_code != 200:
-                return _refused(response)
-            print(json.dumps(response.json(), indent=2))
-            return 0
-    except httpx.HTTPError as e:
-        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
-        return 3
+    with http_client(args) as client:
+        if args.action == "start":
+            body = _start_body(args)
+            job = checked(client.post("/v1/migrations", json=body), expect=(202,))
+            print(f"migration {job['id']}: {len(job['adapters'])} adapters from "
+                  f"{job['source_url']} ({job['source_base']})")  # fmt: skip
+            return Exit.OK if args.no_follow else follow(client, job["id"])
+        path = f"/v1/migrations/{args.id}"
+        if args.action == "rollback":
+            job = checked(client.delete(path))
+            while job["state"] == "rolling_back":
+                time.sleep(1.0)  # unloads wait for the requests admitted for each adapter
+                job = checked(client.get(path))
+        elif args.follow:
+            return follow(client, args.id)
+        else:
+            job = checked(client.get(path))
+        print(json.dumps(job, indent=2))
+        return Exit.OK
 
 
 def follow(client: httpx.Client, job_id: str, interval: float = 1.0) -> int:
     """Poll the job with a progress bar until it ends; print each adapter's outcome."""
     from tqdm import tqdm
 
-    job = client.get(f"/v1/migrations/{job_id}").json()
+    job = checked(client.get(f"/v1/migrations/{job_id}"))
     bar = tqdm(total=len(STEPS) * len(job["adapters"]), unit="step", desc="migrating")
     while True:
-        response = client.get(f"/v1/migrations/{job_id}")
-        if response.status_code != 200:
-            bar.close()
-            return _refused(response)
-        job = response.json()
+        job = checked(client.get(f"/v1/migrations/{job_id}"))
         done = sum(_steps_done(a) for a in job["adapters"])
         bar.update(done - bar.n)
         current = next((a for a in job["adapters"] if a["state"] == "running"), None)
@@ -113,7 +97,7 @@ def follow(client: httpx.Client, job_id: str, interval: float = 1.0) -> int:
     for a in job["adapters"]:
         why = f": {a['error']}" if a["error"] else ""
         print(f"  {a['name']}: {a['state']}{why}")
-    return 0 if all(a["state"] == "switched" for a in job["adapters"]) else 1
+    return Exit.OK if all(a["state"] == "switched" for a in job["adapters"]) else Exit.REFUSED
 
 
 def _steps_done(adapter: dict[str, Any]) -> int:
@@ -123,30 +107,19 @@ def _steps_done(adapter: dict[str, Any]) -> int:
     return len(progress.get("completed", []))
 
 
-def _start_body(args: argparse.Namespace) -> dict[str, Any] | None:
+def _start_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if args.request is not None:
         try:
             body = json.loads(args.request.read_text())
         except (OSError, ValueError) as e:
-            print(f"error: --request {args.request}: {e}", file=sys.stderr)
-            return None
+            raise CliError(Exit.BAD_INPUT, f"error: --request {args.request}: {e}") from e
         if not isinstance(body, dict):
-            print(f"error: --request {args.request}: not a JSON object", file=sys.stderr)
-            return None
+            raise CliError(Exit.BAD_INPUT, f"error: --request {args.request}: not a JSON object")
     body["source_url"] = args.source_url
-    for key in ("source_model", "source_model_path"):
+    for key in ("source_model", "source_model_path", "source_api_key"):
         if getattr(args, key):
             body[key] = getattr(args, key)
     if args.adapter:
         body["adapters"] = args.adapter
     return body
-
-
-def _refused(response: httpx.Response) -> int:
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text
-    print(f"error ({response.status_code}): {message}", file=sys.stderr)
-    return 2 if 400 <= response.status_code < 500 else 1

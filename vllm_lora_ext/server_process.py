@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from vllm_lora_ext.auth import bearer
 
 
 def free_port() -> int:
@@ -28,9 +31,16 @@ class Server:
     proc: subprocess.Popen
     base: str
     model_dir: Path | None = None
+    api_key: str | None = None
+    """The server's ``VLLM_API_KEY`` (from the environment it was started with)."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return bearer(self.api_key)
 
     def client(self, timeout: float = 120.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
+        """A client that presents the server's key, if it has one."""
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=self.headers)
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -51,6 +61,7 @@ def start_server(
     serve_args: list[str],
     startup_timeout: float = 600.0,
     env: dict[str, str] | None = None,
+    allowed_paths: Sequence[Path] = (),
 ) -> Server:
     """Run the CLI's serve command and wait until /health answers; raise with the log if not."""
     store = workdir / "store"
@@ -65,14 +76,16 @@ def start_server(
         str(port),
         "--store",
         str(store),
+        *(a for p in allowed_paths for a in ("--allowed-adapter-path", str(p))),
         *serve_args,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    api_key = env.get("VLLM_API_KEY") or None
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    server = Server(f"http://127.0.0.1:{port}", store, log, proc, base)
+    server = Server(f"http://127.0.0.1:{port}", store, log, proc, base, api_key=api_key)
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

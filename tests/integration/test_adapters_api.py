@@ -222,12 +222,12 @@ def test_metrics_move(server, tmp_path):
         assert metric(c, "vllm_lora_ext_adapters_registered") == registered
 
 
-def _stream(url: str, model: str, started: threading.Event, out: list) -> None:
+def _stream(server, model: str, started: threading.Event, out: list) -> None:
     """One streamed completion; records (status, number of text chunks, finish reason)."""
     body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 48, "temperature": 0.0,
             "ignore_eos": True, "stream": True}  # fmt: skip
     with (
-        httpx.Client(base_url=url, timeout=120) as c,
+        server.client() as c,
         c.stream("POST", "/v1/completions", json=body) as r,
     ):
         chunks, finish = 0, None
@@ -250,7 +250,7 @@ def test_delete_under_traffic_lets_admitted_requests_finish(server, tmp_path):
         results: list = []
         events = [threading.Event() for _ in range(3)]
         threads = [
-            threading.Thread(target=_stream, args=(server.url, "busy", e, results)) for e in events
+            threading.Thread(target=_stream, args=(server, "busy", e, results)) for e in events
         ]
         for t in threads:
             t.start()

@@ -42,7 +42,7 @@ def test_adapters_add_list_remove(server, tmp_path):
 
     assert cli("adapters", *url, "remove", "from-cli").returncode == 0
     gone = cli("adapters", *url, "remove", "from-cli")
-    assert gone.returncode == 1 and "not found" in gone.stderr
+    assert gone.returncode == 4 and "not found" in gone.stderr  # Exit.MISSING
 
 
 def test_adapters_cli_errors(tmp_path):

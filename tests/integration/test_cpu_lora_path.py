@@ -73,6 +73,7 @@ def test_same_tokens_as_vllm_wrapper(
         base="tiny-llama",
         serve_args=tiny_serve_args(tiny_model_dir),
         env={"VLLM_LORA_EXT_CPU_PUNICA": "vllm"},
+        allowed_paths=[tmp_path_factory.getbasetemp()],
     )
     try:
         assert "Using PunicaWrapperCPU" in srv.log.read_text(errors="replace")

@@ -43,7 +43,12 @@ def test_http_and_transformers_paths_agree(
     local = TransformersBackend.from_pretrained(
         tiny_model_dir, eval_adapter if with_adapter else None
     )
-    remote = HttpBackend(server.url, "eval-a" if with_adapter else server.base, local.tokenizer)
+    remote = HttpBackend(
+        server.url,
+        "eval-a" if with_adapter else server.base,
+        local.tokenizer,
+        headers=server.headers,
+    )
     ours, theirs = collect_outputs(task, remote), collect_outputs(task, local)
     agreement = compare_outputs(ours, theirs)
     assert agreement.same_prediction == 1.0
@@ -56,7 +61,12 @@ def test_http_sampling_is_seeded_per_prompt_on_a_real_server(server, tiny_model_
     prompts differ within a call, and the same call reproducible."""
     from transformers import AutoTokenizer
 
-    backend = HttpBackend(server.url, server.base, AutoTokenizer.from_pretrained(tiny_model_dir))
+    backend = HttpBackend(
+        server.url,
+        server.base,
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        headers=server.headers,
+    )
     prompt = [12, 250, 3, 3, 91, 40]
     a = backend.generate([prompt, prompt], 12, [], temperature=1.0, seed=10)
     b = backend.generate([prompt, prompt], 12, [], temperature=1.0, seed=10)
@@ -70,7 +80,7 @@ def test_served_teacher_distributions_equal_transformers(server, tiny_model_dir,
     """Token-level distillation reads a served teacher's top-k from vLLM's prompt log-probs:
     the same tokens and log-probs as the adapter's logits in PEFT (float32)."""
     local = TransformersBackend.from_pretrained(tiny_model_dir, eval_adapter)
-    remote = HttpBackend(server.url, "eval-a", local.tokenizer)
+    remote = HttpBackend(server.url, "eval-a", local.tokenizer, headers=server.headers)
     requests = [([5, 17, 99, 3], [40, 41, 42]), ([7, 250], [300, 8, 9, 10, 11])]
     k = 20
     ours, theirs = (

@@ -61,16 +61,16 @@ def mixed(rng: random.Random, n: int) -> list[str]:
 class Hammer(threading.Thread):
     """Chat requests for both adapters, back to back, recording status and route of each."""
 
-    def __init__(self, url: str, inputs: list[str]) -> None:
+    def __init__(self, server: Server, inputs: list[str]) -> None:
         super().__init__(daemon=True)
-        self.url, self.inputs = url, inputs
+        self.server, self.inputs = server, inputs
         self.records: list[tuple[str, int | None, str | None, str, str]] = []
         """(adapter, HTTP status or None, routed-to header, answer or error, input)"""
         self.halt = threading.Event()
 
     def run(self) -> None:
         names = list(TEACHERS)
-        with httpx.Client(base_url=self.url, timeout=120) as client:
+        with self.server.client() as client:
             i = 0
             while not self.halt.is_set():
                 name, text = names[i % 2], self.inputs[i % len(self.inputs)]
@@ -148,7 +148,7 @@ def upgrade(old: Server, tmp_path_factory: pytest.TempPathFactory):
     new = start_server(
         work, base="tiny-gemma3", serve_args=args, env={"VLLM_CPU_OMP_THREADS_BIND": "1"}
     )
-    hammer = Hammer(new.url, mixed(random.Random(9), 20))
+    hammer = Hammer(new, mixed(random.Random(9), 20))
     hammer.start()
     yield new, hammer
     hammer.halt.set()
@@ -337,7 +337,7 @@ def test_migrate_cli_reports_and_follows(old: Server, upgrade) -> None:
     cli = [sys.executable, "-m", "vllm_lora_ext.cli", "migrate", "--url", new.url]
     bad = subprocess.run([*cli, "start", "--from", "http://127.0.0.1:9"], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 1 and "error (502): cannot reach" in bad.stderr, bad.stderr
+    assert bad.returncode == 6 and "error (502): cannot reach" in bad.stderr, bad.stderr
     missing = subprocess.run([*cli, "start", "--from", old.url, "--request", "/nonexistent"],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert missing.returncode == 2 and "--request /nonexistent" in missing.stderr

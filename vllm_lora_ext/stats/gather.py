@@ -20,12 +20,23 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from vllm_lora_ext.client import (
+    EXIT_CODES_HELP,
+    Exit,
+    add_client_arguments,
+    exit_for,
+    http_client,
+    server_message,
+)
 from vllm_lora_ext.files import write_atomic
 from vllm_lora_ext.stats.accumulators import IterisStats
 
-OK, REFUSED, BAD_INPUT, UNREACHABLE, MISSING = 0, 1, 2, 3, 4
-"""Exit codes: 1 a server refused (bad export, import refused), 2 bad local input,
-3 a replica or the target could not be reached, 4 a replica holds no statistics."""
+OK, REFUSED, BAD_INPUT, UNREACHABLE, MISSING = (
+    Exit.OK, Exit.REFUSED, Exit.BAD_INPUT, Exit.UNREACHABLE, Exit.MISSING
+)  # fmt: skip
+"""The CLI's shared codes: 1 a server refused (bad export, import refused), 2 bad local input,
+3 a replica or the target could not be reached, 4 a replica holds no statistics, 5 a replica
+wants a key (--api-key), 6 a server error."""
 
 
 class GatherFailed(Exception):
@@ -44,13 +55,6 @@ class Gathered:
     """Replicas without statistics for the adapter (only with ``skip_missing``)."""
 
 
-def _server_message(response: httpx.Response) -> str:
-    try:
-        return response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return response.text.strip() or response.reason_phrase
-
-
 def fetch_export(client: httpx.Client, url: str, adapter: str) -> IterisStats | None:
     """One replica's statistics for ``adapter``; None when it holds none (404)."""
     try:
@@ -61,8 +65,8 @@ def fetch_export(client: httpx.Client, url: str, adapter: str) -> IterisStats | 
         return None
     if not response.is_success:
         raise GatherFailed(
-            REFUSED,
-            f"{url} refused the export ({response.status_code}): {_server_message(response)}",
+            exit_for(response.status_code),
+            f"{url} refused the export ({response.status_code}): {server_message(response)}",
         )
     try:
         stats = IterisStats.from_bytes(response.content)
@@ -119,8 +123,8 @@ def push(client: httpx.Client, url: str, adapter: str, stats: IterisStats) -> di
         raise GatherFailed(UNREACHABLE, f"cannot reach the target {url}: {e}") from e
     if not response.is_success:
         raise GatherFailed(
-            REFUSED,
-            f"{url} refused the import ({response.status_code}): {_server_message(response)}",
+            exit_for(response.status_code),
+            f"{url} refused the import ({response.status_code}): {server_message(response)}",
         )
     return response.json()
 
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --out {args.out} is a directory", file=sys.stderr)
         return BAD_INPUT
     try:
-        with httpx.Client(timeout=args.timeout) as client:
+        with http_client(args, base_url="") as client:
             result = gather(client, args.adapter, sources, args.skip_missing)
             for url in result.skipped:
                 print(f"warning: {url} holds no statistics for {args.adapter!r}", file=sys.stderr)
@@ -173,8 +177,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="sum an adapter's statistics over replicas",
         description="GET /v1/stats/ADAPTER/export from every --url, add them, and POST the sum "
         "to --into's /v1/stats/ADAPTER/import (a --url equal to --into is not fetched: import "
-        "adds to what the target holds) or write it to --out. Exit codes: 0 done, 1 refused by "
-        "a server, 2 bad input, 3 unreachable, 4 a replica holds no statistics.",
+        "adds to what the target holds) or write it to --out.",
+        epilog=EXIT_CODES_HELP + " (4: a replica holds no statistics)",
     )
     g.add_argument("adapter")
     g.add_argument("--url", action="append", required=True, help="a replica; repeat per replica")
@@ -182,5 +186,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dest.add_argument("--into", help="replica that receives the sum (then merge there)")
     dest.add_argument("--out", type=Path, help="file for the sum (safetensors, written atomically)")
     g.add_argument("--skip-missing", action="store_true", help="ignore replicas without statistics")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    add_client_arguments(g, None, timeout=300.0)  # one key for every replica
     g.set_defaults(func=run)
