@@ -79,7 +79,7 @@ class AdapterService:
         self.merged = MergedCache(store.root, merged_cache_bytes)
         self._merge_names: dict[str, set[str]] = {}
         """Merged-cache key -> the ``merge:...`` names vLLM may hold it under."""
-        self._evicting: asyncio.Task | None = None
+        self._evictions: set[asyncio.Task] = set()
         self.allowed_paths = [Path(p).resolve() for p in allowed_paths]
         self.on_remove: list[Callable[[str], None]] = []
         """Called with the name of a deleted or replaced adapter: what was derived from it
@@ -363,8 +363,9 @@ class AdapterService:
     def schedule_merged_eviction(self, keep: Path) -> None:
         """Bring the merged cache under its budget soon, in the event loop (the resolver that
         built ``keep`` holds vLLM's lock on that name: unloading under it could deadlock)."""
-        if self._evicting is None or self._evicting.done():
-            self._evicting = asyncio.get_running_loop().create_task(self.evict_merged(keep.name))
+        task = asyncio.get_running_loop().create_task(self.evict_merged(keep.name))
+        self._evictions.add(task)  # tasks run one at a time (the service lock)
+        task.add_done_callback(self._evictions.discard)
 
     async def evict_merged(self, keep: str | None = None) -> int:
         """Drop least recently used merged entries over the budget: unload each from vLLM
