@@ -411,9 +411,20 @@ class LoraExtEndpointPlugin:
         replayer = HttpReplayer(
             self_url, capture, state.lora_ext, Path(model_config.model), api_key=api_key
         )
-        state.lora_ext_merges = MergeJobs(state.lora_ext, state.lora_ext_stats, replayer)
+        state.lora_ext_merges = MergeJobs(
+            state.lora_ext,
+            state.lora_ext_stats,
+            replayer,
+            server_stopping=lambda: bool(engine_client.errored),
+        )
         await _init_migrations(
-            state, settings, Path(model_config.model), self_url, base.name, api_key
+            state,
+            settings,
+            Path(model_config.model),
+            self_url,
+            base.name,
+            api_key,
+            lambda: bool(engine_client.errored),
         )
         logger.info(
             "vllm-lora-ext: store %s, %d adapters for base %s",
@@ -438,6 +449,7 @@ async def _init_migrations(
     self_url: str,
     base_name: str,
     api_key: str | None,
+    server_stopping: Callable[[], bool],
 ) -> None:
     """The migration service; with ``serve --migrate-from`` its job starts before serving, and a
     refused one stops the server with the reason (an operator asked for it explicitly)."""
@@ -456,6 +468,7 @@ async def _init_migrations(
         self_url,
         base_name,
         api_key=api_key,
+        server_stopping=server_stopping,
     )
     state.lora_ext_migrations = jobs
     if settings.migrate_from is None:

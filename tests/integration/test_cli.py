@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 from tiny_model import random_lora_tensors, write_adapter
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "vllm_lora_ext.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
+
+
+def test_every_subcommand_takes_the_key_and_never_prints_a_traceback(server, tmp_path):
+    """The suite's server wants a key: without it each subcommand exits 5 with one line; with
+    ``--api-key`` (or ``VLLM_API_KEY``, as every other test here) it works."""
+    keyless = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    url = ("--url", server.url)
+    commands = [
+        ("adapters", *url, "list"),
+        ("adapters", *url, "remove", "nobody"),
+        ("migrate", *url, "status", "nojob"),
+        ("stats", "gather", "nobody", *url, "--out", str(tmp_path / "s.safetensors")),
+    ]
+    for command in commands:
+        out = cli(*command, env=keyless)
+        assert out.returncode == 5, (command, out.stderr)
+        assert "401" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    keyed = cli("adapters", *url, "--api-key", server.api_key, "list", env=keyless)
+    assert keyed.returncode == 0, keyed.stderr
+    wrong = cli("adapters", *url, "--api-key", "wrong", "list", env=keyless)
+    assert wrong.returncode == 5 and "--api-key" in wrong.stderr
+    missing = cli("migrate", *url, "status", "nojob")
+    assert missing.returncode == 4 and "not found" in missing.stderr
 
 
 def test_help_lists_commands():

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -34,7 +35,7 @@ from vllm_lora_ext.server.job_records import JOBS_DIR, JobRecords
 from vllm_lora_ext.server.pool_merge_jobs import POOL_METHODS, check_pool_request, run_pool_job
 from vllm_lora_ext.server.stats_service import StatsService
 
-State = Literal["running", "succeeded", "failed", "cancelled"]
+State = Literal["running", "succeeded", "failed", "cancelled", "interrupted"]
 METHODS = (*sorted(MERGE_METHODS), "iteris", *POOL_METHODS)
 
 
@@ -149,6 +150,7 @@ class MergeJobs:
         stats: StatsService,
         replayer: Replayer,
         records_dir: Path | None = None,
+        server_stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         # Merges run in the API process, beside the engine's worker. One thread: multi-threaded
         # BLAS spinning against a busy worker made an SVD 90x slower (0.12 s -> 11 s, measured).
@@ -157,6 +159,8 @@ class MergeJobs:
         self.stats = stats
         self.replayer = replayer
         self.jobs: dict[str, MergeJob] = {}
+        self.server_stopping = server_stopping
+        """True once the engine is going down: a job failing then was interrupted, not wrong."""
         self.records = JobRecords(
             records_dir or adapters.store.root / JOBS_DIR / "merges", frozenset({"running"})
         )
@@ -275,6 +279,9 @@ class MergeJobs:
         except Exception as e:  # a job must end in a state, whatever went wrong
             job.state, job.error = "failed", f"{type(e).__name__}: {e}"
         finally:
+            if job.state != "succeeded" and self.server_stopping():
+                job.state = "interrupted"
+                job.error = f"the server stopped while the job ran ({job.error or job.phase})"
             job.finished_at = time.time()
             shutil.rmtree(work, ignore_errors=True)
             self.records.save(job.id, job.view())

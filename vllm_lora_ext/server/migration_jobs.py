@@ -41,9 +41,10 @@ from vllm_lora_ext.server.forwarding import ForwardTable
 from vllm_lora_ext.server.job_records import JOBS_DIR, JobRecords
 
 AdapterState = Literal[
-    "pending", "running", "switched", "kept_old", "failed", "cancelled", "rolled_back"
-]
-JobState = Literal["running", "done", "cancelled", "rolling_back", "rolled_back"]
+    "pending", "running", "switched", "kept_old", "failed", "cancelled", "rolled_back",
+    "interrupted",
+]  # fmt: skip
+JobState = Literal["running", "done", "cancelled", "rolling_back", "rolled_back", "interrupted"]
 WORK_DIR = ".migrations"
 logger = logging.getLogger("vllm_lora_ext")
 _POLL_SECONDS = 0.5
@@ -154,7 +155,9 @@ class MigrationJobs:
         self_url: str,
         base_name: str,
         api_key: str | None = None,
+        server_stopping: Callable[[], bool] = lambda: False,
     ) -> None:
+        self.server_stopping = server_stopping
         self.adapters = adapters
         self.api_key = api_key
         """This server's key: on its calls to itself, and to the old server by default."""
@@ -328,6 +331,8 @@ class MigrationJobs:
         finally:
             if job.state == "running":
                 job.state = "cancelled" if job.cancelled else "done"
+                if self.server_stopping():
+                    job.state = "interrupted"
             job.finished_at = time.time()
             self._count_states()
             self._record(job)
@@ -355,6 +360,8 @@ class MigrationJobs:
             migration.state, migration.error = "cancelled", str(e)
         except Exception as e:
             migration.state, migration.error = "failed", str(e)
+        if migration.state in ("failed", "cancelled") and self.server_stopping():
+            migration.state = "interrupted"  # resumes from its checkpoints when posted again
         migration.seconds = round(time.monotonic() - started, 1)
         metrics.MIGRATION_SECONDS.labels(state=migration.state).inc(migration.seconds)
 
