@@ -197,3 +197,64 @@ def test_connection_refused_is_unreachable(capsys):
     started = time.monotonic()
     assert run_command(command, argparse.Namespace(url="http://127.0.0.1:9")) == Exit.UNREACHABLE
     assert "cannot reach" in capsys.readouterr().err and time.monotonic() - started < 10
+
+
+def test_migrations_of_an_earlier_run_are_listed_interrupted(tmp_path):
+    from types import SimpleNamespace
+
+    from vllm_lora_ext.server.forwarding import ForwardTable
+    from vllm_lora_ext.server.job_records import JOBS_DIR
+    from vllm_lora_ext.server.migration_jobs import MigrationJobs
+
+    def jobs() -> MigrationJobs:
+        adapters = SimpleNamespace(store=SimpleNamespace(root=tmp_path))
+        return MigrationJobs(adapters, ForwardTable(), tmp_path, lambda _: None, "http://x", "b")
+
+    earlier = JobRecords(tmp_path / JOBS_DIR / "migrations", frozenset())
+    earlier.save("m1", {"id": "m1", "state": "running", "request": {"source_url": "http://old"},
+                        "adapters": [{"name": "a", "state": "switched"},
+                                     {"name": "b", "state": "running"}]})  # fmt: skip
+    restarted = jobs()
+    (view,) = restarted.views()
+    assert view["state"] == "interrupted" and view["request"]["source_url"] == "http://old"
+    assert [a["state"] for a in view["adapters"]] == ["switched", "interrupted"]
+    assert restarted.view("m1") == view and restarted.rollback("m1") is None
+
+
+def test_inline_merges_can_be_turned_off():
+    """With ``VLLM_LORA_EXT_INLINE_MERGES=false`` the gateway answers a ``merge:`` model itself
+    (400 in our shape) and vLLM's handler never sees it; other models pass through."""
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from vllm_lora_ext.server.gateway import GenerationGateway
+
+    reached = []
+
+    async def completions(request):
+        reached.append((await request.json())["model"])
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    app.add_middleware(GenerationGateway)
+    service = SimpleNamespace(
+        inline_merges=False, names=set(), base=SimpleNamespace(aliases=["base"]),
+        loaded_sha={}, engine=SimpleNamespace(loaded_names=set),
+        sync_with_store=lambda name: _nothing(),
+    )  # fmt: skip
+    app.state.lora_ext = service
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "merge:a=1", "prompt": "x"})
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "inline_merges_off"
+        assert client.post("/v1/completions", json={"model": "a", "prompt": "x"}).json()["ok"]
+        r = client.post("/adapters", json={"name": "x", "src": "/"})
+        assert r.status_code == 403 and r.json()["error"]["reason"] == "use_adapters_api"
+    assert reached == ["a"]
+
+
+async def _nothing() -> None:
+    return None
