@@ -8,6 +8,7 @@ say a bit flip inside a weight, is accepted, then deleted by the test).
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import httpx
 import pytest
@@ -101,26 +102,34 @@ def _names():
 
 
 def test_corrupted_uploads_never_break_the_server(server, valid, fuzz_client):
-    cases = []
+    cases: list[str] = []
 
     @settings(FUZZ, max_examples=UPLOAD_CASES)
     @given(name=_names(), files=corrupted_files(valid))
     def upload(name, files):
-        cases.append(1)
         multipart = [("files", (n, data)) for n, data in files]
         try:
             r = fuzz_client.post("/v1/adapters", data={"name": name}, files=multipart)
         except (UnicodeEncodeError, ValueError):  # the client cannot even encode the name
+            cases.append("not sendable")
             return
         assert r.status_code < 500, r.text
         if r.status_code == 201:
+            cases.append("accepted")
             assert fuzz_client.delete(f"/v1/adapters/{r.json()['name']}").status_code == 200
         else:
             error = r.json()["error"]
             assert error["message"] and error["code"] == r.status_code, r.text
+            cases.append(error["reason"])
 
     upload()
+    outcomes = Counter(cases)
+    print(f"{len(cases)} uploads: {dict(outcomes.most_common())}")
     assert len(cases) >= UPLOAD_CASES
+    # The corruptions reach every layer of validation, some valid uploads get through, every
+    # refusal names its reason, and none reaches vLLM only to be refused there.
+    assert outcomes["accepted"] > 0 and len(outcomes) >= 6, outcomes
+    assert None not in outcomes and "engine_rejected" not in outcomes, outcomes
 
 
 def test_random_inline_merge_names_never_break_the_server(server, valid, fuzz_client):

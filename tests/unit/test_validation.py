@@ -151,3 +151,31 @@ def test_integer_weights(tmp_path: Path) -> None:
     good(tmp_path)
     save_file(t, str(d / WEIGHTS_FILE))
     assert reason(d) == "malformed_weights"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"use_dora": True},
+        {"bias": "all"},
+        {"bias": "lora_only"},
+        {"lora_bias": True},
+        {"modules_to_save": ["lm_head"]},
+        {"init_lora_weights": "pissa"},
+        {"layer_replication": [[0, 1]]},
+        {"use_qalora": True},
+    ],
+)
+def test_features_vllm_cannot_serve(tmp_path: Path, overrides: dict) -> None:
+    """What vLLM's PEFTHelper refuses is refused here first (a fuzz run found ``bias`` reaching
+    the engine, which then answered 422)."""
+    assert reason(good(tmp_path, **overrides)) == "malformed_config"
+
+
+PLAIN = [{"bias": "none"}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": True},
+         {"modules_to_save": None}]  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", PLAIN)
+def test_plain_lora_settings_pass(tmp_path: Path, overrides: dict) -> None:
+    inspect_adapter_dir(good(tmp_path, **overrides), BASE, 16)

@@ -35,6 +35,11 @@ def tensor_key(layer: int, module: str, factor: str) -> str:
     return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{factor}.weight"
 
 
+_PLAIN_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica", "lora_ga"})
+"""``init_lora_weights`` values that only set the starting weights (a saved adapter is a plain
+LoRA); others (PiSSA, OLoRA, LoftQ, ...) change the base model's weights."""
+
+
 class PeftLoraConfig(BaseModel):
     """The fields of ``adapter_config.json`` we rely on; the rest is kept as written."""
 
@@ -48,6 +53,25 @@ class PeftLoraConfig(BaseModel):
     use_dora: bool = False
     use_rslora: bool = False
     rank_pattern: dict[str, int] = Field(default_factory=dict)
+
+    def unsupported_features(self) -> list[str]:
+        """What vLLM 0.32 refuses to load (its ``PEFTHelper.validate_legal``), found here so
+        such an adapter never reaches the engine; a fuzz run found ``bias`` slipping through."""
+        extra = self.model_extra or {}
+        init = extra.get("init_lora_weights", True)
+        found = {
+            "DoRA (use_dora)": self.use_dora,
+            f"bias={extra.get('bias')!r} (only 'none')": extra.get("bias", "none") != "none",
+            "LoRA bias (lora_bias)": bool(extra.get("lora_bias")),
+            "modules_to_save": bool(extra.get("modules_to_save")),
+            f"init_lora_weights={init!r} (it changes the base weights)": isinstance(init, str)
+            and init.lower() not in _PLAIN_INITS,
+            "Activated LoRA (alora_invocation_tokens)": bool(extra.get("alora_invocation_tokens")),
+            "layer_replication": bool(extra.get("layer_replication")),
+            "block-diagonal LoRA (use_bdlora)": bool(extra.get("use_bdlora")),
+            "QALoRA (use_qalora)": bool(extra.get("use_qalora")),
+        }
+        return [name for name, present in found.items() if present]
 
     @field_validator("peft_type")
     @classmethod

@@ -156,8 +156,10 @@ def inspect_adapter_dir(directory: Path, base: BaseModelInfo, max_rank: int) -> 
     """Validate a PEFT LoRA directory against ``base``; raise AdapterRejected on the first fault."""
     check_file_names(p.name for p in directory.iterdir())
     config = read_config(directory / CONFIG_FILE)
-    if config.use_dora:
-        raise AdapterRejected("malformed_config", "DoRA adapters are not supported")
+    if unsupported := config.unsupported_features():
+        raise AdapterRejected(
+            "malformed_config", f"vLLM cannot serve adapters with {', '.join(unsupported)}"
+        )
     if not base.accepts_declared_base(config.base_model_name_or_path):
         raise AdapterRejected(
             "wrong_base",

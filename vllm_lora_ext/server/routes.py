@@ -145,6 +145,7 @@ async def register_adapter(request: Request):
             return error(
                 415 if content_type else 400,
                 "send application/json {name, path} or multipart/form-data (name + files)",
+                "malformed_upload",
             )
     except AdapterRejected as e:
         metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
