@@ -52,7 +52,10 @@ def build_work_list(group_idx: torch.Tensor, num_groups: int, block_m: int) -> W
     key = group_idx.to(torch.int64)
     key = torch.where(key < 0, torch.full_like(key, num_groups), key)
     sorted_tokens = torch.argsort(key, stable=True).to(torch.int32)
-    counts = torch.bincount(key, minlength=num_groups + 1)[:num_groups]
+    # Not torch.bincount: its output size depends on the data, so on CUDA it reads the max back
+    # to the host (a sync per call, and a capture error inside a CUDA graph).
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_groups]
     starts = torch.cumsum(counts, 0) - counts
     blocks = (counts + block_m - 1) // block_m
     block_end = torch.cumsum(blocks, 0)

@@ -113,7 +113,11 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
         **kwargs,
     ):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        indices = self.token_lora_indices
+        self._build_work_lists(self.token_lora_indices)
+
+    def _build_work_lists(self, indices: torch.Tensor) -> None:
+        """This step's work lists into the persistent buffers: device ops only, no value read
+        back to the host (tested under FakeTensorMode, where any such read fails)."""
         self._num_mapped[0] = indices.shape[0]
         for bm, work_buf, sorted_buf in zip(self._block_ms, self._works, self._sorted, strict=True):
             if indices.shape[0] == 0:
@@ -149,7 +153,12 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
 
     @staticmethod
     def _supported(y, x, lora_a, lora_b, output_slices, kwargs) -> bool:
-        """Only what the kernels implement; anything else goes to vLLM unchanged."""
+        """Only what the kernels implement; anything else goes to vLLM unchanged.
+
+        Traced by torch.compile (vLLM compiles with ``fullgraph=True``): dtypes, shapes and
+        layouts only. Data pointers cannot be traced; 16-byte alignment of the stacks is
+        asserted inside the opaque op (``build_slice_table``); torch's allocators give it.
+        """
         if not kwargs.get("add_inputs", True) or set(kwargs) - {"add_inputs"}:
             return False  # dual-stream writes, or arguments we do not know
         if x.dtype not in (torch.float16, torch.bfloat16) or y.dtype != x.dtype:
@@ -160,6 +169,6 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
             return False
         return all(
             a.dtype == x.dtype and b.dtype == x.dtype and b.shape[-2] == n and a.is_contiguous()
-            and b.is_contiguous() and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+            and b.is_contiguous()
             for a, b, n in zip(lora_a, lora_b, output_slices, strict=True)
         )  # fmt: skip

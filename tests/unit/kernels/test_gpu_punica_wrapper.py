@@ -32,7 +32,7 @@ def test_overrides_keep_vllms_signatures(name):
 
 def test_everything_else_is_vllms():
     own = {k for k, v in vars(LoraKernelsPunicaWrapperGPU).items() if inspect.isfunction(v)}
-    assert own - {"_supported"} == set(OVERRIDDEN)
+    assert own - {"_supported", "_build_work_lists"} == set(OVERRIDDEN)
     assert issubclass(LoraKernelsPunicaWrapperGPU, PunicaWrapperGPU)
 
 
@@ -91,3 +91,49 @@ def test_no_lora_batch_and_unsupported_calls(monkeypatch):
     w.add_lora_linear(p.y(), p.x, a, b, 1.0, (32,), add_inputs=False)  # dual-stream write
     w.add_lora_linear(p.y().float(), p.x.float(), a, b, 1.0, (32,))  # fp32 activations
     assert len(calls) == 2, "both went to vLLM's implementation"
+
+
+def test_work_lists_are_built_without_reading_the_device():
+    """Under FakeTensorMode no tensor has values: any op that must read one back to the host
+    (``.item()``, ``torch.bincount``'s data-dependent size, a ``nonzero``) raises. Our part of
+    ``update_metadata`` runs there whole, so it cannot sync a GPU or break a CUDA graph."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        FakeTensorMode,
+    )
+
+    w = make_wrapper(4, 64)
+    set_mapping(w, [0, 3, -1, 2, 2, 1, -1, 0, 3], 4)
+    real = w.token_lora_indices.clone()
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        w._works = [mode.from_tensor(t) for t in w._works]
+        w._sorted = [mode.from_tensor(t) for t in w._sorted]
+        w._num_mapped = mode.from_tensor(w._num_mapped)
+        w._build_work_lists(mode.from_tensor(real))
+        with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):
+            torch.bincount(mode.from_tensor(real.long()))  # the detector works
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_add_lora_linear_compiles_with_fullgraph(backend):
+    """vLLM compiles the model with ``fullgraph=True``: our wrapper's Python must trace without
+    a graph break, the kernel an opaque custom op (its fake impl used by aot_eager)."""
+    p = make_problem(torch.float16, 9, [16, 16], sizes=(32, 16), hidden=64, offset_start=0,
+                     tail=0)  # fmt: skip
+    slots = [0, 1, -1, 1, 0, 0, -1, 1, 1]
+    w = make_wrapper(2, 64)
+    set_mapping(w, slots, 2)
+    a = tuple(t.unsqueeze(1) for t in p.lora_a)
+    b = tuple(t.unsqueeze(1) for t in p.lora_b)
+
+    def apply(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        w.add_lora_linear(y, x, a, b, 0.5, (32, 16))
+        return y
+
+    torch._dynamo.reset()
+    compiled = torch.compile(apply, fullgraph=True, backend=backend)
+    y = compiled(p.y(), p.x)
+    ref = multi_lora_ref(p.y0, p.x, p.lora_a, p.lora_b, torch.tensor(slots), p.ranks,
+                         torch.full((2,), 0.5))  # fmt: skip
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float16])
