@@ -47,6 +47,7 @@ def register() -> None:
         select_cpu_punica_wrapper(type(current_platform))
     elif current_platform.is_cuda():
         select_gpu_punica_wrapper(type(current_platform))
+        patch_slot_ranks()
 
 
 OUR_CPU_PUNICA = "vllm_lora_ext.cpu_lora.punica_wrapper.GroupedPunicaWrapperCPU"
@@ -78,6 +79,33 @@ def _select_punica_wrapper(platform_cls: type, ours: str, wanted) -> None:
 
     get_punica_wrapper._vllm_lora_ext = True  # type: ignore[attr-defined]
     platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
+
+
+def patch_slot_ranks() -> None:
+    """Tell the punica wrapper the rank of the adapter each slot holds, when vLLM fills it.
+
+    vLLM pads every slot to ``max_lora_rank`` and its wrappers never learn the real ranks; ours
+    (``set_slot_rank``) then computes each slot with its own rank. ``activate_adapter`` is
+    where vLLM's LoRA manager writes an adapter into a slot (``lora_index_to_id[index]``).
+    """
+    from vllm.lora.model_manager import LoRAModelManager
+
+    original = LoRAModelManager.activate_adapter
+    if getattr(original, "_vllm_lora_ext", False):
+        return
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        result = original(self, lora_id)
+        rank = self._registered_adapters[lora_id].rank
+        index = self.lora_index_to_id.index(lora_id)
+        for wrapper in self.punica_wrapper_mapping.values():
+            if hasattr(wrapper, "set_slot_rank"):
+                wrapper.set_slot_rank(index, rank)
+        return result
+
+    activate_adapter._vllm_lora_ext = True  # type: ignore[attr-defined]
+    activate_adapter.__wrapped__ = original  # type: ignore[attr-defined]
+    LoRAModelManager.activate_adapter = activate_adapter
 
 
 def patch_cpu_lora_shrink() -> None:

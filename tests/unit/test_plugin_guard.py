@@ -217,3 +217,23 @@ def test_cpu_cache_pinning_we_use() -> None:
     cache.pin(1)
     cache.put(3, "c")  # evicts the least recently used unpinned entry
     assert 1 in cache and 2 not in cache and 3 in cache
+
+
+def test_slot_ranks_reach_the_wrapper_when_vllm_fills_a_slot() -> None:
+    """vLLM's own ``activate_adapter`` (patched, then run on a stand-in manager with no layers)
+    picks the first free slot; our wrapper hears which rank went there."""
+    from types import SimpleNamespace
+
+    from vllm.lora.model_manager import LoRAModelManager
+
+    plugin.patch_slot_ranks()
+    plugin.patch_slot_ranks()  # idempotent
+    heard: list[tuple[int, int]] = []
+    wrapper = SimpleNamespace(set_slot_rank=lambda i, r: heard.append((i, r)))
+    manager = SimpleNamespace(
+        _active_adapters={}, lora_index_to_id=[3, None, None], modules={},
+        _registered_adapters={7: SimpleNamespace(id=7, rank=4)},
+        punica_wrapper_mapping={"language_model": wrapper, "tower": SimpleNamespace()},
+    )  # fmt: skip
+    assert LoRAModelManager.activate_adapter(manager, 7) is True
+    assert manager.lora_index_to_id == [3, 7, None] and heard == [(1, 4)]

@@ -21,8 +21,9 @@ from lora_kernels.metadata import SliceTable, WorkList, build_slice_table, build
 from lora_kernels.metadata import max_work_items as _max_work
 from lora_kernels.multi_lora import launch_groups, r_block_for
 
+_UNKNOWN_RANK = 1 << 30  # clamped to the stack's rank in the op
 _TABLES: dict[tuple, SliceTable] = {}
-_RANKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_SCALES: dict[tuple, torch.Tensor] = {}
 
 
 def _slice_table(lora_a: list[torch.Tensor], lora_b: list[torch.Tensor]) -> SliceTable:
@@ -33,14 +34,12 @@ def _slice_table(lora_a: list[torch.Tensor], lora_b: list[torch.Tensor]) -> Slic
     return _TABLES[key]
 
 
-def _ranks_scales(table: SliceTable, scale: float, device: torch.device):
-    # vLLM zero-pads every slot to max_lora_rank and bakes alpha/r into B: rank = R_max.
-    key = (table.num_slots, table.r_max, scale, device)
-    if key not in _RANKS:
-        ranks = torch.full((table.num_slots,), table.r_max, dtype=torch.int32, device=device)
-        scales = torch.full((table.num_slots,), scale, dtype=torch.float32, device=device)
-        _RANKS[key] = (ranks, scales)
-    return _RANKS[key]
+def _scales(table: SliceTable, scale: float, device: torch.device) -> torch.Tensor:
+    # vLLM bakes alpha/r into B: one scale for every slot.
+    key = (table.num_slots, scale, device)
+    if key not in _SCALES:
+        _SCALES[key] = torch.full((table.num_slots,), scale, dtype=torch.float32, device=device)
+    return _SCALES[key]
 
 
 @torch.library.custom_op("vllm_lora_ext::multi_lora_linear", mutates_args=("y",))
@@ -55,12 +54,16 @@ def multi_lora_linear(
     block_ms: list[int],
     num_mapped: torch.Tensor,  # CPU int64 [1]: tokens the prebuilt lists describe
     no_lora: torch.Tensor,  # CPU bool [1]
+    slot_ranks: torch.Tensor,  # [slots] int32 rank of the adapter in each slot (device)
     scale: float,
 ) -> None:
     if no_lora.item() or x.shape[0] == 0:
         return
     table = _slice_table(lora_a, lora_b)
-    ranks, scales = _ranks_scales(table, scale, x.device)
+    # Each slot computes with its adapter's own rank: the columns vLLM zero-pads up to
+    # max_lora_rank are not loaded (the kernels mask by rank, rounded up to 8).
+    ranks = slot_ranks.clamp(max=table.r_max)
+    scales = _scales(table, scale, x.device)
     num_tokens = x.shape[0]
     cfg = select_config(num_tokens, 1, r_block_for(table.r_max))
     if num_tokens >= int(num_mapped.item()) and cfg.block_m in block_ms:
@@ -78,7 +81,7 @@ def multi_lora_linear(
 
 @multi_lora_linear.register_fake
 def _(y, x, lora_a, lora_b, token_mapping, works, sorted_tokens, block_ms, num_mapped, no_lora,
-      scale) -> None:  # fmt: skip
+      slot_ranks, scale) -> None:  # fmt: skip
     return None
 
 
@@ -103,6 +106,13 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
         ]
         # A CPU tensor, not an int: torch.compile would bake an int into the graph.
         self._num_mapped = torch.zeros(1, dtype=torch.int64)
+        self.slot_ranks: list[int] = [_UNKNOWN_RANK] * slots
+        """Rank of the adapter in each slot, told by the LoRA manager when it fills the slot
+        (``set_slot_rank``, patched in by ``plugin.py``); unknown: the stack's full rank."""
+        self._slot_ranks = torch.full((slots,), _UNKNOWN_RANK, dtype=torch.int32, device=device)
+
+    def set_slot_rank(self, index: int, rank: int) -> None:
+        self.slot_ranks[index] = int(rank)
 
     def update_metadata(
         self,
@@ -113,6 +123,9 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
         **kwargs,
     ):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        # Host to device, outside any graph, never a read back.
+        ranks = torch.tensor(self.slot_ranks, dtype=torch.int32)
+        self._slot_ranks.copy_(ranks, non_blocking=True)
         self._build_work_lists(self.token_lora_indices)
 
     def _build_work_lists(self, indices: torch.Tensor) -> None:
@@ -148,7 +161,8 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
         multi_lora_linear(
             y.view(-1, y.shape[-1]), x2, list(lora_a_stacked), list(lora_b_stacked),
             self._token_lora_indices, self._works, self._sorted, self._block_ms,
-            self._num_mapped, self.token_mapping_meta.no_lora_flag_cpu, float(scale),
+            self._num_mapped, self.token_mapping_meta.no_lora_flag_cpu, self._slot_ranks,
+            float(scale),
         )  # fmt: skip
 
     @staticmethod

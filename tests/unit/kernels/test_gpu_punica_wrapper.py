@@ -32,7 +32,7 @@ def test_overrides_keep_vllms_signatures(name):
 
 def test_everything_else_is_vllms():
     own = {k for k, v in vars(LoraKernelsPunicaWrapperGPU).items() if inspect.isfunction(v)}
-    assert own - {"_supported", "_build_work_lists"} == set(OVERRIDDEN)
+    assert own - {"_supported", "_build_work_lists", "set_slot_rank"} == set(OVERRIDDEN)
     assert issubclass(LoraKernelsPunicaWrapperGPU, PunicaWrapperGPU)
 
 
@@ -136,4 +136,33 @@ def test_add_lora_linear_compiles_with_fullgraph(backend):
     y = compiled(p.y(), p.x)
     ref = multi_lora_ref(p.y0, p.x, p.lora_a, p.lora_b, torch.tensor(slots), p.ranks,
                          torch.full((2,), 0.5))  # fmt: skip
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float16])
+
+
+def test_each_slot_computes_with_its_own_rank():
+    """Mixed ranks in one batch (told per slot, as vLLM's manager does when it fills a slot),
+    against the float64 reference; every column past a slot's rank rounded up to 8 is NaN, so
+    reading one would show. Between the rank and its round-up (rank 4 here) the kernels load
+    but weigh by zero: vLLM zero-pads there."""
+    ranks = [4, 16, 8]
+    p = make_problem(torch.float16, 11, ranks, sizes=(32, 16), hidden=64, offset_start=0, tail=0)
+    for a, b in zip(p.lora_a, p.lora_b, strict=True):
+        for slot, rank in enumerate(ranks):
+            rank8 = -(-rank // 8) * 8
+            a[slot, rank:rank8], b[slot, :, rank:rank8] = 0, 0
+            a[slot, rank8:], b[slot, :, rank8:] = float("nan"), float("nan")
+    slots = [0, 2, -1, 1, 1, 0, 2, 2, -1, 0, 1]
+    w = make_wrapper(3, 64)
+    for slot, rank in enumerate(ranks):
+        w.set_slot_rank(slot, rank)
+    set_mapping(w, slots, 3)
+    y = p.y()
+    a = tuple(t.unsqueeze(1) for t in p.lora_a)
+    b = tuple(t.unsqueeze(1) for t in p.lora_b)
+    w.add_lora_linear(y, p.x, a, b, 0.5, (32, 16))
+    assert torch.isfinite(y).all()
+    clean_a = [t.nan_to_num(0.0) for t in p.lora_a]
+    clean_b = [t.nan_to_num(0.0) for t in p.lora_b]
+    ref = multi_lora_ref(p.y0, p.x, clean_a, clean_b, torch.tensor(slots), p.ranks,
+                         torch.full((3,), 0.5))  # fmt: skip
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float16])
