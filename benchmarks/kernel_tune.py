@@ -1,4 +1,4 @@
-"""``benchmarks/kernels.py --tune``: search block configs per configs.json bucket on this GPU.
+"""``benchmarks/gpu_check.py --tune``: search block configs per configs.json bucket on this GPU.
 
 For every bucket (max_k, r_block, max_tokens) the current config and ``n`` random candidates
 are timed on the bucket's edge shapes (fewest and most tokens it serves; qkv and down
@@ -122,5 +122,5 @@ def tune(timer, make_case: Callable, n: int, seed: int = 0) -> None:
         print(f"  {best_score:.3f} of the old config's time; searched in {took:.0f} s", flush=True)
         tuned.append(replace(e, config=best))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
-    write_entries(tuned, f"tuned by `benchmarks/kernels.py --tune` ({n} candidates per bucket, "
+    write_entries(tuned, f"tuned by `benchmarks/gpu_check.py --tune` ({n} candidates per bucket, "
                   f"seed {seed}) on {device}", device)  # fmt: skip

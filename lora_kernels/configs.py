@@ -1,6 +1,6 @@
 """Kernel configurations per shape bucket, read from ``configs.json`` beside this module.
 
-The file is written by ``benchmarks/kernels.py --tune`` on the target GPU; each entry covers
+The file is written by ``benchmarks/gpu_check.py --tune`` on the target GPU; each entry covers
 the launches with ``K <= max_k``, ``R_BLOCK <= r_block`` and ``tokens <= max_tokens`` and
 says which path (fused shrink+expand, or shrink to an fp32 buffer then expand) to take and
 with which blocks. ``tests/unit/kernels/test_compile_hopper.py`` compiles every entry.

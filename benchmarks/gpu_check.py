@@ -1,0 +1,701 @@
+"""The one prepared check for a lent GPU: ceilings, correctness, CUDA graphs, timing.
+
+Made for the host we can borrow: one H200, Python 3.12, torch 2.11, triton 3.6, no vLLM, no
+network, 64 MiB of files, one command of at most 10 minutes. It needs torch, triton, this
+repository and vLLM's own ``lora_shrink`` / ``lora_expand`` copied beforehand into
+``benchmarks/_vendor`` (``python benchmarks/vllm_lora_ops.py`` here; the folder travels with the
+command). Parts, each written to ``OUT/gpu_check.json`` as soon as it ends, so a killed run keeps
+what it did:
+
+1. ``env``: versions, device, commit, arguments.
+2. ``ceilings``: device-to-device copy bandwidth (the practical HBM roofline) and bf16 matmul rate.
+3. ``correctness``: ours against a float64 reference on fresh random inputs, fp16 and bf16:
+   ragged ranks, -1 tokens, q/k/v slices, merged recipes; outputs poisoned beforehand (rows no
+   adapter touches must stay bit-identical); each case run twice (a moving result is a race).
+4. ``graph``: the wrapper's per-step work (work lists rebuilt into persistent buffers, then the
+   launch) captured in a CUDA graph and replayed after the batch's adapter mapping changed.
+5. ``timing``: ours vs vLLM's ops vs a grouped torch baseline, decode and prefill token counts,
+   1/8/64 adapters, ranks 16 and 64, Llama-3-8B and SmolLM2 projections; CUDA-event medians with
+   L2 flushed, each case twice; each as a fraction of the HBM roofline. Stops at ``--budget-s``.
+6. ``merged``: a merge of K = 4 rank-r adapters vs one adapter of rank 4r.
+
+It prints a short table last.
+
+    python benchmarks/gpu_check.py --out DIR             # on the GPU (about 6 minutes)
+    python benchmarks/gpu_check.py --dry-run --out DIR   # CPU, Triton interpreter, tiny shapes
+    python benchmarks/gpu_check.py --tune --out DIR      # also search configs.json on this GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+LLAMA3_8B = {
+    "qkv": (4096, (4096, 1024, 1024)),
+    "gate_up": (4096, (14336, 14336)),
+    "o": (4096, (4096,)),
+    "down": (14336, (4096,)),
+}
+SMOLLM2 = {
+    "qkv": (576, (576, 192, 192)),
+    "gate_up": (576, (1536, 1536)),
+    "o": (576, (576,)),
+    "down": (1536, (576,)),
+}
+TINY = {"qkv": (64, (32, 16, 16))}
+DECODE, PREFILL = (1, 16), (256, 4096)
+SLOTS = 64
+FLUSH_BYTES = 256 << 20  # > the H200's 60 MB L2
+TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
+
+
+class Plan:
+    """Shapes and repetitions: the real run, or the dry run's tiny version of the same path."""
+
+    def __init__(self, dry: bool) -> None:
+        self.dry = dry
+        self.device = "cpu" if dry else "cuda"
+        self.models = {"tiny": TINY} if dry else {"llama3-8b": LLAMA3_8B, "smollm2": SMOLLM2}
+        self.tokens = (1, 5) if dry else (*DECODE, *PREFILL)
+        self.active = (1, 2) if dry else (1, 8, 64)
+        self.ranks = (16,) if dry else (16, 64)
+        self.slots = 4 if dry else SLOTS
+        self.reps, self.warmup = (1, 0) if dry else (50, 5)
+
+
+class Timer:
+    """Median microseconds: CUDA events around graph replays, L2 flushed before each; on the dry
+    run, wall time of one call (the path is checked, not the number)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.flush = (
+            None if plan.dry else torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+        )
+
+    def __call__(self, fn: Callable[[], object], graph: bool = True) -> float:
+        if self.plan.dry:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e6
+        for _ in range(self.plan.warmup):
+            fn()
+        run = capture(fn).replay if graph else fn
+        times = []
+        for _ in range(self.plan.reps):
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+
+
+def capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+# -- cases and providers ----------------------------------------------------------------------
+
+
+def make_case(
+    plan: Plan,
+    model: str,
+    op: str,
+    tokens: int,
+    active: int,
+    rank: int,
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
+) -> dict:
+    hidden, sizes = plan.models[model][op]
+    g = torch.Generator(device=plan.device).manual_seed(seed)
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=plan.device) * scale).to(dtype)
+
+    a = tuple(randn(plan.slots, 1, rank, hidden, scale=hidden**-0.5) for _ in sizes)
+    b = tuple(randn(plan.slots, 1, n, rank, scale=rank**-0.5) for n in sizes)
+    slots = torch.randperm(plan.slots, generator=g, device=plan.device)[:active]
+    idx = slots[torch.arange(tokens, device=plan.device) % active].to(torch.int32)
+    x = randn(tokens, hidden, scale=1.0)
+    y = torch.zeros(tokens, sum(sizes), dtype=dtype, device=plan.device)
+    return dict(
+        a=a,
+        b=b,
+        idx=idx,
+        x=x,
+        y=y,
+        sizes=sizes,
+        hidden=hidden,
+        rank=rank,
+        slots=plan.slots,
+        model=model,
+        op=op,
+    )
+
+
+def min_bytes(c: dict, active: int, tokens: int, k: int = 1) -> int:
+    """x once, A and B of every active adapter once, y read and written (2-byte dtypes)."""
+    n, h, r = sum(c["sizes"]), c["hidden"], c["rank"]
+    weights = active * k * r * (len(c["sizes"]) * h + n)
+    return 2 * (tokens * h + weights + 2 * tokens * n)
+
+
+def ours_fn(c: dict, ranks: torch.Tensor | None = None) -> Callable[[], list]:
+    """What our wrapper does per layer: one launch over a work list built beforehand."""
+    from lora_kernels.configs import select_config
+    from lora_kernels.metadata import build_slice_table, build_work_list
+    from lora_kernels.multi_lora import launch_groups, r_block_for
+
+    table = build_slice_table(c["a"], c["b"])
+    device = c["x"].device
+    if ranks is None:
+        ranks = torch.full((c["slots"],), c["rank"], dtype=torch.int32, device=device)
+    scales = torch.ones(c["slots"], device=device)
+    cfg = c.get("config") or select_config(c["x"].shape[0], 1, r_block_for(c["rank"]))
+    work = build_work_list(c["idx"], c["slots"], cfg.block_m)
+    return lambda: launch_groups(
+        c["y"],
+        c["x"],
+        table,
+        c["idx"],
+        c["slots"],
+        ranks,
+        scales,
+        ranks,
+        scales,
+        recipes=False,
+        max_k=1,
+        max_rank=c["rank"],
+        work=work,
+        config=cfg,
+    )
+
+
+def vllm_fn(c: dict, ops) -> Callable[[], None]:
+    """What vLLM's ``PunicaWrapperGPU.add_lora_linear`` does: shrink, then expand."""
+    ops.utils._LORA_A_PTR_DICT.clear()  # keyed by data_ptr; fresh cases reuse addresses
+    ops.utils._LORA_B_PTR_DICT.clear()
+    tokens = c["x"].shape[0]
+    meta = ops.LoRAKernelMeta.make(c["slots"], tokens, device=c["x"].device)
+    meta.prepare_tensors(c["idx"])
+    args = meta.meta_args(tokens, True)
+    buf = torch.empty(len(c["sizes"]), tokens, c["rank"], dtype=torch.float32, device=c["x"].device)
+
+    def run() -> None:
+        ops.lora_shrink(c["x"], c["a"], buf, *args, 1.0)
+        ops.lora_expand(buf, c["b"], c["y"], *args, offset_start=0, add_inputs=True)
+
+    return run
+
+
+def agree(c: dict, ops) -> bool:
+    """Ours and vLLM's ops compute the same delta before either is timed."""
+    c["y"].zero_()
+    ours_fn(c)()
+    mine = c["y"].clone()
+    c["y"].zero_()
+    vllm_fn(c, ops)()
+    same = torch.allclose(mine.float(), c["y"].float(), atol=2e-2, rtol=2e-2)
+    c["y"].zero_()
+    return bool(same)
+
+
+def torch_fn(c: dict) -> Callable[[], None]:
+    """A plain grouped torch baseline: per active adapter, its rows' two matmuls (eager)."""
+    active = torch.unique(c["idx"]).tolist()
+    rows = {s: (c["idx"] == s).nonzero().squeeze(1) for s in active}
+
+    def run() -> None:
+        for s, r in rows.items():
+            xs, off = c["x"][r], 0
+            for a, b, n in zip(c["a"], c["b"], c["sizes"], strict=True):
+                c["y"][r, off : off + n] += (xs @ a[s, 0].T) @ b[s, 0].T
+                off += n
+
+    return run
+
+
+# -- parts ------------------------------------------------------------------------------------
+
+
+def part_env(plan: Plan, args: argparse.Namespace) -> dict:
+    import triton
+
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        or None
+    )
+    env = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        commit=commit,
+        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        dry_run=plan.dry,
+    )
+    if not plan.dry:
+        props = torch.cuda.get_device_properties(0)
+        env |= dict(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+    return env
+
+
+def part_ceilings(plan: Plan, timer: Timer) -> dict:
+    n = 1 << (20 if plan.dry else 30)
+    src = torch.empty(n, dtype=torch.uint8, device=plan.device)
+    dst = torch.empty_like(src)
+    copy_us = timer(lambda: dst.copy_(src), graph=False)
+    m = 256 if plan.dry else 8192
+    dtype = torch.float32 if plan.dry else torch.bfloat16
+    x = torch.randn(m, m, device=plan.device).to(dtype)
+    mm_us = timer(lambda: x @ x, graph=False)
+    return dict(
+        copy_bandwidth_gbs=round(2 * n / copy_us / 1e3, 1),
+        matmul_tflops=round(2 * m**3 / mm_us / 1e6, 1),
+        matmul_dtype=str(dtype),
+    )
+
+
+def part_correctness(plan: Plan) -> dict:
+    from lora_kernels.merged_delta import build_recipes, merged_delta, merged_delta_ref
+    from lora_kernels.multi_lora import multi_lora_ref
+
+    dtypes = (torch.float16,) if plan.dry else (torch.float16, torch.bfloat16)
+    hidden, sizes = (64, (32, 16, 16)) if plan.dry else (512, (256, 128, 128))
+    results = []
+    for dtype in dtypes:
+        for seed, tokens in enumerate((7, 33) if plan.dry else (1, 37, 300)):
+            g = torch.Generator(device=plan.device).manual_seed(seed)
+            ranks = torch.tensor([16, 8, 24, 4], dtype=torch.int32, device=plan.device)
+            slots, r_max = len(ranks), int(ranks.max())
+            a = [
+                (
+                    torch.randn(slots, r_max, hidden, generator=g, device=plan.device) / hidden**0.5
+                ).to(dtype)
+                for _ in sizes
+            ]
+            b = [
+                (torch.randn(slots, n, r_max, generator=g, device=plan.device) / r_max**0.5).to(
+                    dtype
+                )
+                for n in sizes
+            ]
+            x = torch.randn(tokens, hidden, generator=g, device=plan.device).to(dtype)
+            idx = torch.randint(-1, slots, (tokens,), generator=g, device=plan.device)
+            idx = idx.to(torch.int32)
+            scales = torch.rand(slots, generator=g, device=plan.device) + 0.5
+            y0 = torch.randn(tokens, sum(sizes), generator=g, device=plan.device).to(dtype)
+            case = dict(
+                a=tuple(a),
+                b=tuple(b),
+                idx=idx,
+                x=x,
+                sizes=sizes,
+                hidden=hidden,
+                rank=r_max,
+                slots=slots,
+            )
+            runs = []
+            for _ in range(2):
+                case["y"] = y0.clone()
+                launch_scaled(case, ranks, scales)
+                runs.append(case["y"])
+            ref = multi_lora_ref(
+                y0.cpu(),
+                x.cpu(),
+                [t.cpu() for t in a],
+                [t.cpu() for t in b],
+                idx.cpu(),
+                ranks.cpu(),
+                scales.cpu(),
+            )
+            results.append(_compare("multi_lora", dtype, tokens, runs, ref, idx))
+            recipes = [{0: 0.5, 2: -0.25}, {1: 1.0}, {0: 0.3, 1: 0.3, 2: 0.2, 3: 0.2}]
+            table = build_recipes(recipes, device=plan.device)
+            ridx = torch.randint(-1, len(recipes), (tokens,), generator=g, device=plan.device)
+            ridx = ridx.to(torch.int32)
+            runs = []
+            for _ in range(2):
+                y = y0.clone()
+                merged_delta(y, x, a, b, ridx, table, ranks, scales)
+                runs.append(y)
+            ref = merged_delta_ref(
+                y0.cpu(),
+                x.cpu(),
+                [t.cpu() for t in a],
+                [t.cpu() for t in b],
+                ridx.cpu(),
+                recipes,
+                ranks.cpu(),
+                scales.cpu(),
+            )
+            results.append(_compare("merged_delta", dtype, tokens, runs, ref, ridx))
+    return dict(cases=results, ok=all(r["ok"] for r in results))
+
+
+def launch_scaled(c: dict, ranks: torch.Tensor, scales: torch.Tensor) -> None:
+    from lora_kernels.metadata import build_slice_table
+    from lora_kernels.multi_lora import launch_groups
+
+    launch_groups(
+        c["y"],
+        c["x"],
+        build_slice_table(c["a"], c["b"]),
+        c["idx"],
+        c["slots"],
+        ranks,
+        scales,
+        ranks,
+        scales,
+        recipes=False,
+        max_k=1,
+        max_rank=int(ranks.max()),
+    )
+
+
+def _compare(kernel: str, dtype, tokens: int, runs: list, ref: torch.Tensor, idx) -> dict:
+    first, second = (r.cpu() for r in runs)
+    untouched = idx.cpu() < 0
+    poisoned_ok = bool(torch.equal(first[untouched], ref[untouched].to(first.dtype)))
+    err = (first.double() - ref).abs()
+    bound = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * ref.abs()
+    ok = bool((err <= bound).all()) and poisoned_ok and bool(torch.equal(first, second))
+    return dict(
+        kernel=kernel,
+        dtype=str(dtype),
+        tokens=tokens,
+        max_abs_err=float(err.max()),
+        untouched_rows_bit_identical=poisoned_ok,
+        repeat_identical=bool(torch.equal(first, second)),
+        ok=ok,
+    )
+
+
+def part_graph(plan: Plan) -> dict:
+    """Capture once, change the batch's mapping (work lists rebuilt into the same buffers, as
+    ``update_metadata`` does between steps), replay: the new mapping must be served."""
+    if plan.dry:
+        return dict(skipped="no CUDA on the dry run")
+    from lora_kernels.configs import select_config
+    from lora_kernels.metadata import (
+        WorkList,
+        build_slice_table,
+        build_work_list,
+        max_work_items,
+    )
+    from lora_kernels.multi_lora import launch_groups, multi_lora_ref, r_block_for
+
+    c = make_case(plan, "smollm2", "qkv", 64, 8, 16)
+    table = build_slice_table(c["a"], c["b"])
+    ranks = torch.full((c["slots"],), 16, dtype=torch.int32, device="cuda")
+    scales = torch.ones(c["slots"], device="cuda")
+    cfg = select_config(64, 1, r_block_for(16))
+    n = max_work_items(64, c["slots"], cfg.block_m)
+    work_buf = torch.full((n, 3), -1, dtype=torch.int32, device="cuda")
+    sorted_buf = torch.zeros(64, dtype=torch.int32, device="cuda")
+    idx_buf = c["idx"].clone()
+
+    def step_metadata(idx: torch.Tensor) -> None:
+        idx_buf.copy_(idx)
+        wl = build_work_list(idx_buf, c["slots"], cfg.block_m)
+        work_buf[: wl.max_work].copy_(wl.work)
+        sorted_buf.copy_(wl.sorted_tokens)
+
+    work = WorkList(work_buf, sorted_buf, cfg.block_m, 64)
+    step_metadata(c["idx"])
+    graph = capture(
+        lambda: launch_groups(
+            c["y"],
+            c["x"],
+            table,
+            idx_buf,
+            c["slots"],
+            ranks,
+            scales,
+            ranks,
+            scales,
+            recipes=False,
+            max_k=1,
+            max_rank=16,
+            work=work,
+            config=cfg,
+        )
+    )
+    new_idx = torch.randint(-1, c["slots"], (64,), device="cuda", dtype=torch.int32)
+    step_metadata(new_idx)  # outside the graph, between steps
+    c["y"].zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = multi_lora_ref(
+        torch.zeros_like(c["y"]).cpu(),
+        c["x"].cpu(),
+        [t.cpu() for t in c["a"]],
+        [t.cpu() for t in c["b"]],
+        new_idx.cpu(),
+        ranks.cpu(),
+        scales.cpu(),
+    )
+    err = float((c["y"].cpu().double() - ref).abs().max())
+    return dict(replayed_after_new_mapping=True, max_abs_err=err, ok=err < 2e-2)
+
+
+def part_timing(plan: Plan, timer: Timer, bw: float, deadline: float, ops) -> dict:
+    cases, stopped = [], False
+    for model, projections in plan.models.items():
+        for op in projections:
+            for tokens in plan.tokens:
+                for active in plan.active:
+                    for rank in plan.ranks:
+                        if active > tokens:
+                            continue
+                        if time.monotonic() > deadline:
+                            stopped = True
+                            break
+                        c = make_case(plan, model, op, tokens, active, rank)
+                        row = dict(
+                            model=model,
+                            op=op,
+                            tokens=tokens,
+                            active_adapters=active,
+                            rank=rank,
+                            phase="decode" if tokens <= 16 else "prefill",
+                        )
+                        row["agrees_with_vllm"] = agree(c, ops)
+                        for name, fn, graph in (
+                            ("ours", ours_fn(c), True),
+                            ("vllm", vllm_fn(c, ops), True),
+                            ("torch", torch_fn(c), False),
+                        ):
+                            twice = [timer(fn, graph) for _ in range(2)]
+                            row[f"{name}_us"] = round(min(twice), 2)
+                            row[f"{name}_us_runs"] = [round(t, 2) for t in twice]
+                        roof = min_bytes(c, active, tokens) / bw * 1e6
+                        row["vllm_over_ours"] = round(row["vllm_us"] / row["ours_us"], 3)
+                        row["roofline_fraction"] = round(roof / row["ours_us"], 3)
+                        cases.append(row)
+                        print(json.dumps(row), flush=True)
+    decode = [r["vllm_over_ours"] for r in cases if r["phase"] == "decode"]
+    return dict(
+        cases=cases,
+        stopped_at_budget=stopped,
+        median_decode_speedup_vs_vllm=statistics.median(decode) if decode else None,
+        median_roofline_fraction=statistics.median([r["roofline_fraction"] for r in cases])
+        if cases
+        else None,
+    )
+
+
+def part_merged(plan: Plan, timer: Timer) -> dict:
+    from lora_kernels.merged_delta import build_recipes, merged_delta
+
+    model = next(iter(plan.models))
+    rows = []
+    for tokens in plan.tokens:
+        for r in (8,) if plan.dry else (8, 16):
+            c = make_case(plan, model, "qkv", tokens, 1, r)
+            recipes = build_recipes([dict.fromkeys(range(4), 0.25)], device=plan.device)
+            ridx = torch.zeros(tokens, dtype=torch.int32, device=plan.device)
+            ranks = torch.full((plan.slots,), r, dtype=torch.int32, device=plan.device)
+            scales = torch.ones(plan.slots, device=plan.device)
+            merged = timer(
+                lambda c=c, ri=ridx, rec=recipes, rk=ranks, sc=scales: merged_delta(
+                    c["y"], c["x"], c["a"], c["b"], ri, rec, rk, sc
+                )
+            )
+            single = timer(ours_fn(make_case(plan, model, "qkv", tokens, 1, 4 * r)))
+            rows.append(
+                dict(
+                    tokens=tokens,
+                    rank=r,
+                    merged_k4_us=round(merged, 2),
+                    single_rank_4r_us=round(single, 2),
+                    merged_over_single=round(merged / single, 3),
+                )
+            )
+    return dict(cases=rows)
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+
+def small_vllm_grid(ops) -> None:
+    """Dry run only: one split and wide blocks for vLLM's kernels (the interpreter pays ~2 ms
+    per program); the code path is what the dry run checks, not the configs."""
+
+    def config(op_type: str, **shape: int) -> dict:
+        return dict(
+            block_m=16,
+            block_n=32,
+            block_k=64,
+            split_k=1,
+            num_warps=4,
+            num_ctas=1,
+            num_stages=1,
+            group_size_m=8,
+            max_nreg=None,
+        )
+
+    ops.lora_shrink_op.get_lora_op_configs = config
+    ops.lora_expand_op.get_lora_op_configs = config
+
+
+def write(doc: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".gpu_check.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out / "gpu_check.json")
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Speed-up over vLLM's ops and roofline fraction per timed case, by token count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = doc.get("timing", {}).get("cases", [])
+    if not cases:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({(c["model"], c["op"], c["rank"]) for c in cases}):
+        pts = [c for c in cases if (c["model"], c["op"], c["rank"]) == key]
+        label = f"{key[0]} {key[1]} r{key[2]}"
+        axes[0].plot(
+            [c["tokens"] for c in pts], [c["vllm_over_ours"] for c in pts], "o", ms=3, label=label
+        )
+        axes[1].plot([c["tokens"] for c in pts], [c["roofline_fraction"] for c in pts], "o", ms=3)
+    axes[0].axhline(1.3, color="k", ls="--", lw=0.8)
+    axes[1].axhline(0.7, color="k", ls="--", lw=0.8)
+    axes[0].set_title("vLLM time / ours (goal 1.3 at decode)")
+    axes[1].set_title("fraction of the HBM roofline (goal 0.7)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+    axes[0].legend(fontsize=6)
+    fig.suptitle(
+        f"lora_kernels on {doc['env'].get('device', 'CPU (dry run)')}, commit "
+        f"{str(doc['env'].get('commit'))[:10]}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(doc: dict) -> str:
+    lines = [f"{'part':<12} result"]
+    c = doc.get("ceilings", {})
+    lines.append(
+        f"{'ceilings':<12} copy {c.get('copy_bandwidth_gbs')} GB/s, matmul "
+        f"{c.get('matmul_tflops')} TFLOP/s ({c.get('matmul_dtype')})"
+    )
+    lines.append(f"{'correctness':<12} ok={doc.get('correctness', {}).get('ok')}")
+    lines.append(f"{'graph':<12} {doc.get('graph')}")
+    t = doc.get("timing", {})
+    lines.append(
+        f"{'timing':<12} {len(t.get('cases', []))} cases, median decode speed-up vs "
+        f"vLLM {t.get('median_decode_speedup_vs_vllm')}, median roofline fraction "
+        f"{t.get('median_roofline_fraction')}, stopped at budget "
+        f"{t.get('stopped_at_budget')}"
+    )
+    for m in doc.get("merged", {}).get("cases", []):
+        lines.append(
+            f"{'merged':<12} T={m['tokens']} r={m['rank']}: K=4 / rank-4r = "
+            f"{m['merged_over_single']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json")
+    p.add_argument("--dry-run", action="store_true", help="CPU, interpreter, tiny shapes")
+    p.add_argument("--budget-s", type=float, default=360.0, help="timing stops past this")
+    p.add_argument("--tune", action="store_true", help="search configs.json buckets first")
+    p.add_argument("--tune-candidates", type=int, default=24)
+    p.add_argument(
+        "--vendor",
+        type=Path,
+        default=ROOT / "benchmarks" / "_vendor",
+        help="where benchmarks/vllm_lora_ops.py put vLLM's ops",
+    )
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    plan = Plan(args.dry_run)
+    if plan.dry:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA device (or --dry-run)")
+    from vllm_lora_ops import load
+
+    ops = load(args.vendor)
+    if plan.dry:
+        small_vllm_grid(ops)
+    timer = Timer(plan)
+    doc: dict = {"env": part_env(plan, args)}
+    write(doc, args.out)
+    if args.tune and not plan.dry:
+        from kernel_tune import tune
+
+        tune(
+            lambda fn: timer(fn),
+            lambda *a, **k: make_case(plan, "llama3-8b", *a, **k),
+            args.tune_candidates,
+        )
+    doc["ceilings"] = part_ceilings(plan, timer)
+    write(doc, args.out)
+    bw = doc["ceilings"]["copy_bandwidth_gbs"] * 1e9
+    for name, run in (
+        ("correctness", lambda: part_correctness(plan)),
+        ("graph", lambda: part_graph(plan)),
+        ("timing", lambda: part_timing(plan, timer, bw, started + args.budget_s, ops)),
+        ("merged", lambda: part_merged(plan, timer)),
+    ):
+        if time.monotonic() > started + args.budget_s + 60:  # stays within ~8 minutes
+            doc[name] = {"skipped": "past the time budget"}
+            continue
+        try:
+            doc[name] = run()
+        except Exception as e:  # a broken part must not lose the others
+            doc[name] = {"error": f"{type(e).__name__}: {e}"}
+        doc["seconds"] = round(time.monotonic() - started, 1)
+        write(doc, args.out)
+    if not plan.dry:
+        plot(doc, args.out / "gpu_check.png")
+    print(table(doc))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
