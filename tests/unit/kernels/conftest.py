@@ -19,7 +19,21 @@ from triton.backends.nvidia.compiler import min_dot_size
 from triton.runtime.interpreter import interpreter_builder
 
 HOPPER = GPUTarget("cuda", 90, 32)
-interpreter_builder.codegen_fns["min_dot_size"] = min_dot_size(HOPPER)
+
+
+def strict_dot_sizes(target: GPUTarget):
+    """The NVIDIA backend's tl.dot minimums, and Triton 3.6's too (the GPU host's version):
+    3.6 refuses fp32 dots with K < 16 where 3.9 allows K >= 8."""
+    newest = min_dot_size(target)
+
+    def check(lhs_type, rhs_type) -> tuple[int, int, int]:
+        m, n, k = newest(lhs_type, rhs_type)
+        return (m, n, max(k, 16)) if lhs_type.scalar.primitive_bitwidth == 32 else (m, n, k)
+
+    return check
+
+
+interpreter_builder.codegen_fns["min_dot_size"] = strict_dot_sizes(HOPPER)
 
 
 @pytest.fixture(autouse=True)

@@ -54,3 +54,12 @@ def test_dry_run_writes_every_part(tmp_path):
     assert all(c["ours_us"] > 0 and c["vllm_us"] > 0 and c["torch_us"] > 0 for c in timing)
     assert doc["merged"]["cases"] and doc["graph"] == {"skipped": "no CUDA on the dry run"}
     assert "correctness  ok=True" in run.stdout  # the table printed last
+
+
+def test_the_tested_triton_is_the_pinned_one():
+    import triton
+    from lora_problem import TESTED_TRITON
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"triton=={TESTED_TRITON}"' in pyproject
+    assert triton.__version__ == TESTED_TRITON
