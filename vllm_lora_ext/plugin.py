@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from argparse import Namespace
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,10 +42,16 @@ def register() -> None:
         )
     from vllm.platforms import current_platform
 
+    from vllm_lora_ext.settings import Settings
+
     patch_lora_layer_capture()
     if current_platform.is_cpu():
         patch_cpu_lora_shrink()
         select_cpu_punica_wrapper(type(current_platform))
+        if Settings().cpu_punica == "lora_kernels":
+            # Before any module of lora_kernels is imported: @triton.jit reads it then.
+            os.environ["TRITON_INTERPRET"] = "1"
+            patch_slot_ranks()
     elif current_platform.is_cuda():
         select_gpu_punica_wrapper(type(current_platform))
         patch_slot_ranks()
@@ -52,20 +59,25 @@ def register() -> None:
 
 OUR_CPU_PUNICA = "vllm_lora_ext.cpu_lora.punica_wrapper.GroupedPunicaWrapperCPU"
 OUR_GPU_PUNICA = "vllm_lora_ext.gpu_lora.punica_wrapper.LoraKernelsPunicaWrapperGPU"
+OUR_INTERPRETED_PUNICA = "vllm_lora_ext.gpu_lora.interpreted.LoraKernelsPunicaWrapperInterpreted"
 
 
 def select_cpu_punica_wrapper(platform_cls: type) -> None:
-    """Serve LoRA on CPU with our grouped wrapper unless ``VLLM_LORA_EXT_CPU_PUNICA=vllm``."""
-    _select_punica_wrapper(platform_cls, OUR_CPU_PUNICA, lambda s: s.cpu_punica == "ours")
+    """Serve LoRA on CPU with our grouped wrapper unless ``VLLM_LORA_EXT_CPU_PUNICA=vllm``
+    (``=lora_kernels``: our GPU path, interpreted, for tests)."""
+    choices = {"ours": OUR_CPU_PUNICA, "lora_kernels": OUR_INTERPRETED_PUNICA}
+    _select_punica_wrapper(platform_cls, lambda s: choices.get(s.cpu_punica))
 
 
 def select_gpu_punica_wrapper(platform_cls: type) -> None:
     """On CUDA, ``VLLM_LORA_EXT_GPU_PUNICA=ours`` serves LoRA with :mod:`lora_kernels`; the
     default stays vLLM's Triton ops until our kernels have been measured on a GPU."""
-    _select_punica_wrapper(platform_cls, OUR_GPU_PUNICA, lambda s: s.gpu_punica == "ours")
+    _select_punica_wrapper(
+        platform_cls, lambda s: OUR_GPU_PUNICA if s.gpu_punica == "ours" else None
+    )
 
 
-def _select_punica_wrapper(platform_cls: type, ours: str, wanted) -> None:
+def _select_punica_wrapper(platform_cls: type, choose) -> None:
     """vLLM picks the wrapper by ``current_platform.get_punica_wrapper()`` (a qualname); the
     setting is read when the worker builds its LoRA manager, so one env var flips it."""
     original = platform_cls.get_punica_wrapper
@@ -75,7 +87,7 @@ def _select_punica_wrapper(platform_cls: type, ours: str, wanted) -> None:
     def get_punica_wrapper(cls) -> str:
         from vllm_lora_ext.settings import Settings
 
-        return ours if wanted(Settings()) else original()
+        return choose(Settings()) or original()
 
     get_punica_wrapper._vllm_lora_ext = True  # type: ignore[attr-defined]
     platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)

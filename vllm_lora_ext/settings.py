@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     """Disk budget of the inline-merge cache (``<store>/.merged``), least recently used evicted
     first; the merge being served is always kept."""
 
-    cpu_punica: Literal["ours", "vllm"] = "ours"
-    """LoRA ops on CPU: our grouped matmuls, or vLLM's per-token gather (the fallback)."""
+    cpu_punica: Literal["ours", "vllm", "lora_kernels"] = "ours"
+    """LoRA ops on CPU: our grouped matmuls, vLLM's per-token gather (the fallback), or our GPU
+    path with its Triton kernels interpreted (tests only: slow)."""
 
     gpu_punica: Literal["ours", "vllm"] = "vllm"
     """LoRA ops on CUDA: vLLM's Triton ops (default, until ours are timed on a GPU) or ours."""

@@ -85,31 +85,33 @@ def _(y, x, lora_a, lora_b, token_mapping, works, sorted_tokens, block_ms, num_m
     return None
 
 
-class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
-    """vLLM's GPU wrapper with ``add_lora_linear`` on our fused/two-pass kernels."""
+class KernelLinearPath:
+    """``add_lora_linear`` on :mod:`lora_kernels`, with its per-step metadata: mixed into a vLLM
+    punica wrapper (first in the MRO), which keeps everything else. On CUDA that is
+    :class:`LoraKernelsPunicaWrapperGPU`; on CPU (kernels interpreted) the same code runs inside
+    a real vLLM server, for tests (:class:`LoraKernelsPunicaWrapperInterpreted`)."""
 
-    def __init__(
-        self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs
-    ):
-        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+    def _init_kernel_buffers(
+        self, max_num_batched_tokens: int, device: torch.device | str, max_loras: int
+    ) -> None:
+        self.max_loras = max_loras
         self._block_ms = sorted({e.config.block_m for e in load_entries()})
-        slots = self.max_loras
         self._works = [
-            torch.full((_max_work(max_num_batched_tokens, slots, bm), 3), -1, dtype=torch.int32).to(
-                device
-            )
+            torch.full((_max_work(max_num_batched_tokens, max_loras, bm), 3), -1,
+                       dtype=torch.int32).to(device)
             for bm in self._block_ms
-        ]
+        ]  # fmt: skip
         self._sorted = [
             torch.zeros(max_num_batched_tokens, dtype=torch.int32, device=device)
             for _ in self._block_ms
         ]
-        # A CPU tensor, not an int: torch.compile would bake an int into the graph.
+        # CPU tensors, not Python values: torch.compile would bake those into the graph.
         self._num_mapped = torch.zeros(1, dtype=torch.int64)
-        self.slot_ranks: list[int] = [_UNKNOWN_RANK] * slots
+        self._no_lora = torch.ones(1, dtype=torch.bool)
+        self.slot_ranks: list[int] = [_UNKNOWN_RANK] * max_loras
         """Rank of the adapter in each slot, told by the LoRA manager when it fills the slot
         (``set_slot_rank``, patched in by ``plugin.py``); unknown: the stack's full rank."""
-        self._slot_ranks = torch.full((slots,), _UNKNOWN_RANK, dtype=torch.int32, device=device)
+        self._slot_ranks = torch.full((max_loras,), _UNKNOWN_RANK, dtype=torch.int32, device=device)
 
     def set_slot_rank(self, index: int, rank: int) -> None:
         self.slot_ranks[index] = int(rank)
@@ -123,6 +125,8 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
         **kwargs,
     ):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        # From the host-side mapping (LoRA id 0 = none): no device read.
+        self._no_lora[0] = not any(i > 0 for i in mapping.index_mapping)
         # Host to device, outside any graph, never a read back.
         ranks = torch.tensor(self.slot_ranks, dtype=torch.int32)
         self._slot_ranks.copy_(ranks, non_blocking=True)
@@ -161,7 +165,7 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
         multi_lora_linear(
             y.view(-1, y.shape[-1]), x2, list(lora_a_stacked), list(lora_b_stacked),
             self._token_lora_indices, self._works, self._sorted, self._block_ms,
-            self._num_mapped, self.token_mapping_meta.no_lora_flag_cpu, self._slot_ranks,
+            self._num_mapped, self._no_lora, self._slot_ranks,
             float(scale),
         )  # fmt: skip
 
@@ -175,7 +179,7 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
         """
         if not kwargs.get("add_inputs", True) or set(kwargs) - {"add_inputs"}:
             return False  # dual-stream writes, or arguments we do not know
-        if x.dtype not in (torch.float16, torch.bfloat16) or y.dtype != x.dtype:
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or y.dtype != x.dtype:
             return False
         if not (len(lora_a) == len(lora_b) == len(output_slices)) or not y.is_contiguous():
             return False
@@ -186,3 +190,13 @@ class LoraKernelsPunicaWrapperGPU(PunicaWrapperGPU):
             and b.is_contiguous()
             for a, b, n in zip(lora_a, lora_b, output_slices, strict=True)
         )  # fmt: skip
+
+
+class LoraKernelsPunicaWrapperGPU(KernelLinearPath, PunicaWrapperGPU):
+    """vLLM's GPU wrapper with ``add_lora_linear`` on our fused/two-pass kernels."""
+
+    def __init__(
+        self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs
+    ):
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        self._init_kernel_buffers(max_num_batched_tokens, device, self.max_loras)

@@ -31,8 +31,16 @@ def test_overrides_keep_vllms_signatures(name):
 
 
 def test_everything_else_is_vllms():
-    own = {k for k, v in vars(LoraKernelsPunicaWrapperGPU).items() if inspect.isfunction(v)}
-    assert own - {"_supported", "_build_work_lists", "set_slot_rank"} == set(OVERRIDDEN)
+    from vllm_lora_ext.gpu_lora.punica_wrapper import KernelLinearPath
+
+    own = {
+        k
+        for cls in (KernelLinearPath, LoraKernelsPunicaWrapperGPU)
+        for k, v in vars(cls).items()
+        if inspect.isfunction(v)
+    }
+    helpers = {"_supported", "_build_work_lists", "set_slot_rank", "_init_kernel_buffers"}
+    assert own - helpers == set(OVERRIDDEN)
     assert issubclass(LoraKernelsPunicaWrapperGPU, PunicaWrapperGPU)
 
 
