@@ -22,7 +22,7 @@ SUPPORTED_VLLM_VERSION = "0.32.0"
 PLUGIN_NAME = "lora_ext"
 UNLOAD_DRAIN_SECONDS = 120.0
 
-logger = logging.getLogger("vllm_lora_ext")
+logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 _registered = False
 
 

@@ -45,8 +45,11 @@ def test_base_two_ranks_and_a_merge_in_one_batch_equal_peft(tiny_model_dir, tmp_
             with ThreadPoolExecutor(len(models)) as pool:
                 served = dict(zip(models, pool.map(lambda m: vllm_greedy(c, m, PROMPT), models),
                                   strict=True))  # fmt: skip
+        log = srv.log.read_text(errors="replace")
     finally:
         srv.stop()
+    assert "LoRA linear layers run on lora_kernels" in log  # the kernels served, not a fallback
+    assert "not one lora_kernels implements" not in log
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     assert served[srv.base] == peft_greedy(base, PROMPT)
     peft = PeftModel.from_pretrained(base, dirs["gp-a"], adapter_name="gp-a")

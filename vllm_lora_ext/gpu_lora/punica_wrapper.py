@@ -11,6 +11,7 @@ registered torch custom op so ``torch.compile`` treats them as opaque, as vLLM's
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -22,6 +23,9 @@ from lora_kernels.metadata import max_work_items as _max_work
 from lora_kernels.multi_lora import launch_groups, r_block_for
 
 _UNKNOWN_RANK = 1 << 30  # clamped to the stack's rank in the op
+_LAUNCHED: list[bool] = []  # logged once per process: what serves LoRA is worth one line
+_FELL_BACK: list[bool] = []
+logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 _TABLES: dict[tuple, SliceTable] = {}
 _SCALES: dict[tuple, torch.Tensor] = {}
 
@@ -77,6 +81,10 @@ def multi_lora_linear(
         y, x, table, token_mapping[:num_tokens], table.num_slots, ranks, scales, ranks, scales,
         recipes=False, max_k=1, max_rank=table.r_max, work=work, config=cfg,
     )  # fmt: skip
+    if not _LAUNCHED:
+        _LAUNCHED.append(True)
+        logger.info("vllm-lora-ext: LoRA linear layers run on lora_kernels (%d slots, rank "
+                    "<= %d)", table.num_slots, table.r_max)  # fmt: skip
 
 
 @multi_lora_linear.register_fake
@@ -158,6 +166,11 @@ class KernelLinearPath:
     ) -> None:
         """y[t, slice s] += scale · (x[t] @ A_s[i]ᵀ) @ B_s[i]ᵀ, i = slot of t (-1: untouched)."""
         if not self._supported(y, x, lora_a_stacked, lora_b_stacked, output_slices, kwargs):
+            if not _FELL_BACK:
+                _FELL_BACK.append(True)
+                logger.warning("vllm-lora-ext: a LoRA linear call (dtype %s, %d slices, %s) is "
+                               "not one lora_kernels implements: vLLM's ops serve it",
+                               x.dtype, len(output_slices), sorted(kwargs))  # fmt: skip
             return super().add_lora_linear(
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
             )

@@ -33,7 +33,7 @@ from vllm_lora_ext.merge.spec import MergeSpec
 from vllm_lora_ext.server import metrics
 
 VERSIONS_DIR = ".versions"
-logger = logging.getLogger("vllm_lora_ext")
+logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 
 
 class EngineAdapters(Protocol):

@@ -37,7 +37,7 @@ from vllm_lora_ext.server.adapter_service import AdapterService
 from vllm_lora_ext.server.forwarding import ForwardTable, forward_request, list_forwarded
 from vllm_lora_ext.server.routes import count_request, error, model_of_body
 
-logger = logging.getLogger("vllm_lora_ext")
+logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _MAX_BODY = 64 << 20  # larger bodies go to vLLM unparsed (it refuses them)

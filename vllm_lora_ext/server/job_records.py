@@ -19,7 +19,7 @@ JOBS_DIR = ".jobs"
 MAX_RECORDS = 1000
 """Records kept per kind; the oldest go first (a long-lived server must not grow without end)."""
 INTERRUPTED = "interrupted"
-logger = logging.getLogger("vllm_lora_ext")
+logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 
 
 class JobRecords:

@@ -46,7 +46,7 @@ AdapterState = Literal[
 ]  # fmt: skip
 JobState = Literal["running", "done", "cancelled", "rolling_back", "rolled_back", "interrupted"]
 WORK_DIR = ".migrations"
-logger = logging.getLogger("vllm_lora_ext")
+logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 _POLL_SECONDS = 0.5
 _BUSY = frozenset({"running", "rolling_back"})
 

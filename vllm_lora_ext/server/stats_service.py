@@ -27,7 +27,7 @@ from vllm_lora_ext.stats.reservoir import Reservoir, prompt_of_body
 
 STATS_DIR = ".stats"
 PROMPTS_SUFFIX = ".prompts.json"
-logger = logging.getLogger("vllm_lora_ext")
+logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 
 
 class CaptureEngine(Protocol):
