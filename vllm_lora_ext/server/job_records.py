@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,15 @@ class JobRecords:
         self.live_states = live_states
         """States that mean "still running": read back as ``interrupted``."""
         self.restored: dict[str, dict[str, Any]] = self._load()
+
+    def views(self, live: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every job: earlier runs' records, then this run's jobs (``live``, by id)."""
+        restored = [r for i, r in self.restored.items() if i not in live]
+        return [*restored, *(job.view() for job in live.values())]
+
+    def view(self, job_id: str, live: Mapping[str, Any]) -> dict[str, Any] | None:
+        job = live.get(job_id)
+        return job.view() if job is not None else self.restored.get(job_id)
 
     def save(self, job_id: str, record: dict[str, Any]) -> None:
         """Logged, not raised, on failure: bookkeeping must not fail the job it records."""

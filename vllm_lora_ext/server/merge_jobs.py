@@ -167,13 +167,10 @@ class MergeJobs:
         """Jobs of earlier runs of this server (finished, or ``interrupted`` by its stop)."""
 
     def views(self) -> list[dict[str, Any]]:
-        """Every job: this run's, and earlier runs' from their records."""
-        restored = [r for i, r in self.records.restored.items() if i not in self.jobs]
-        return [*restored, *(j.view() for j in self.jobs.values())]
+        return self.records.views(self.jobs)
 
     def view(self, job_id: str) -> dict[str, Any] | None:
-        job = self.jobs.get(job_id)
-        return job.view() if job is not None else self.records.restored.get(job_id)
+        return self.records.view(job_id, self.jobs)
 
     def _start(self, job: MergeJob) -> MergeJob:
         self.jobs[job.id] = job

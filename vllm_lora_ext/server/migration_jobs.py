@@ -176,12 +176,10 @@ class MigrationJobs:
         the same request again to resume from their checkpoints)."""
 
     def views(self) -> list[dict[str, Any]]:
-        restored = [r for i, r in self.records.restored.items() if i not in self.jobs]
-        return [*restored, *(j.view() for j in self.jobs.values())]
+        return self.records.views(self.jobs)
 
     def view(self, job_id: str) -> dict[str, Any] | None:
-        job = self.jobs.get(job_id)
-        return job.view() if job is not None else self.records.restored.get(job_id)
+        return self.records.view(job_id, self.jobs)
 
     def _record(self, job: MigrationJob) -> None:
         request = job.request.model_dump(mode="json", exclude={"source_api_key"})

@@ -52,7 +52,8 @@ def test_dry_run_writes_every_part(tmp_path):
     timing = doc["timing"]["cases"]
     assert timing and all(c["agrees_with_vllm"] for c in timing), timing
     assert all(c["ours_us"] > 0 and c["vllm_us"] > 0 and c["torch_us"] > 0 for c in timing)
-    assert doc["merged"]["cases"] and doc["graph"] == {"skipped": "no CUDA on the dry run"}
+    assert doc["merged"]["cases"] and doc["graph"]["ok"], doc["graph"]
+    assert doc["graph"]["cuda_graph"] is False  # the logic ran; the capture needs the GPU
     assert "correctness  ok=True" in run.stdout  # the table printed last
 
 
