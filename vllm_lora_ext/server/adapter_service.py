@@ -355,7 +355,8 @@ class AdapterService:
 
     def note_merge_used(self, merge_name: str) -> None:
         """A request for an inline merge vLLM holds: it is the most recently used entry."""
-        for key, names in self._merge_names.items():
+        # A copy: the resolver adds entries from its thread (materialise_merge).
+        for key, names in list(self._merge_names.items()):
             if merge_name in names:
                 self.merged.touch(key)
                 return
