@@ -102,6 +102,81 @@ def test_fetch_refuses_an_sdist_with_the_wrong_checksum(tmp_path: Path) -> None:
     assert not (tmp_path / "tasks" / MANIFEST).exists()
 
 
+@pytest.fixture
+def local_index(tmp_path: Path):
+    """A package index on loopback serving the fake sdist: PEP 691 JSON or PEP 503 HTML by the
+    request's Accept header, as PyPI does (and ``html_only`` like a plain file index)."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sdist = make_sdist(tmp_path / "served.tar.gz").read_bytes()
+    sha = hashlib.sha256(sdist).hexdigest()
+    state = {"html_only": False, "listed_sha": sha}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/simple/bigbench/":
+                name, url = "bigbench-1.0.0.tar.gz", "/files/bigbench-1.0.0.tar.gz"
+                if "json" in self.headers.get("Accept", "") and not state["html_only"]:
+                    body = json.dumps({"files": [
+                        {"filename": "bigbench-0.0.1.tar.gz", "url": "/files/old.tar.gz",
+                         "hashes": {"sha256": "0" * 64}},
+                        {"filename": name, "url": url,
+                         "hashes": {"sha256": state["listed_sha"]}},
+                    ]}).encode()  # fmt: skip
+                    kind = "application/vnd.pypi.simple.v1+json"
+                else:
+                    body = (f'<a href="{url}#sha256={state["listed_sha"]}">{name}</a>').encode()
+                    kind = "text/html"
+            elif self.path == "/files/bigbench-1.0.0.tar.gz":
+                body, kind = sdist, "application/gzip"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/simple", sha, state
+    server.shutdown()
+
+
+@pytest.mark.parametrize("html_only", [False, True])
+def test_fetch_downloads_the_file_from_the_index_without_pip(
+    tmp_path: Path, local_index, html_only: bool
+) -> None:
+    """No pip release can break it: the file is taken from the index's listing (JSON or HTML)
+    and checked against the recorded sha256 while it streams."""
+    index, sha, state = local_index
+    state["html_only"] = html_only
+    cache = fetch_tasks(tmp_path / "tasks", expected_sha256=sha, index=index)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    assert manifest["sdist_sha256"] == sha
+    assert sorted(manifest["files"]) == sorted(r for f in TASK_SOURCES.values() for r in f)
+    assert not list((tmp_path / "tasks").glob(".download-*"))  # the 358 MB file is not kept
+
+
+def test_fetch_refuses_a_download_or_a_listing_with_another_checksum(
+    tmp_path: Path, local_index
+) -> None:
+    index, sha, state = local_index
+    with pytest.raises(ChecksumError, match="expected"):  # the bytes do not match
+        fetch_tasks(tmp_path / "a", expected_sha256="1" * 64, index=index)
+    state["listed_sha"] = "2" * 64
+    with pytest.raises(ChecksumError, match="index lists"):  # the listing does not match
+        fetch_tasks(tmp_path / "b", expected_sha256=sha, index=index)
+    for d in (tmp_path / "a", tmp_path / "b"):
+        assert not (d / MANIFEST).exists() and not list(d.rglob("*.tar.gz*"))
+
+
 def test_tampered_task_file_fails_its_checksum(cache: Path) -> None:
     load_task("snarks", cache)
     path = cache / "snarks" / "task.json"

@@ -1,24 +1,34 @@
 """BIG-bench task files from the PyPI sdist ``bigbench==1.0.0``, cached with sha256 checksums.
 
-The sdist (358 MB) holds every ``bigbench/benchmark_tasks/<task>/task.json``. We stream it once,
-write only the development tasks' files into the cache (each through a temporary file and a
-rename, the manifest last), and check every file against the manifest when it is read, so a
-truncated or edited file never reaches an evaluation silently.
+The sdist (358 MB) holds every ``bigbench/benchmark_tasks/<task>/task.json``. We fetch the file
+itself from the package index's listing (the simple API, PEP 691 JSON or PEP 503 HTML), never
+through ``pip download``: pip prepares an sdist's metadata, which pip >= 26.3 refuses for this
+one ("Distributions from PyPI cannot declare direct URL dependencies"). The download is checked
+against the recorded sha256 as it streams. We then write only the development tasks' files into
+the cache (each through a temporary file and a rename, the manifest last), and check every file
+against the manifest when it is read, so a truncated or edited file never reaches an evaluation
+silently.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
+import os
+import re
 import tarfile
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import urldefrag, urljoin
+
+import httpx
 
 from vllm_lora_ext.files import sha256_file, write_atomic
 
 SDIST_REQUIREMENT = "bigbench==1.0.0"
+SDIST_FILENAME = "bigbench-1.0.0.tar.gz"
+DEFAULT_INDEX = "https://pypi.org/simple"
 # sha256 of bigbench-1.0.0.tar.gz as served by PyPI (checked when the sdist is read).
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 _MEMBER_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
@@ -57,33 +67,94 @@ def default_task_dir() -> Path:
     return Settings().cache_dir / "tasks"
 
 
-def download_sdist(dest: Path) -> Path:
-    """``pip download`` the sdist into ``dest`` (pip checks PyPI's hash on the way)."""
+def index_url() -> str:
+    """pip's own ``PIP_INDEX_URL`` if set, else PyPI's simple API."""
+    return os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX).rstrip("/")
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        href = dict(attrs).get("href")
+        if tag == "a" and href:
+            self.hrefs.append(href)
+
+
+def sdist_location(index: str, client: httpx.Client) -> tuple[str, str | None]:
+    """(URL, the sha256 the index lists or None) of ``SDIST_FILENAME`` in the index's listing."""
+    page = f"{index}/bigbench/"
+    accept = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
+    response = client.get(page, headers={"Accept": accept}, follow_redirects=True)
+    response.raise_for_status()
+    if "json" in response.headers.get("content-type", ""):
+        for entry in response.json().get("files", []):
+            if entry.get("filename") == SDIST_FILENAME:
+                return urljoin(page, entry["url"]), entry.get("hashes", {}).get("sha256")
+    else:
+        links = _Links()
+        links.feed(response.text)
+        for href in links.hrefs:
+            url, fragment = urldefrag(urljoin(page, href))
+            if url.rsplit("/", 1)[-1] == SDIST_FILENAME:
+                listed = re.fullmatch(r"sha256=([0-9a-f]{64})", fragment)
+                return url, listed.group(1) if listed else None
+    raise FileNotFoundError(f"{page} does not list {SDIST_FILENAME}")
+
+
+def download_sdist(
+    dest: Path, index: str | None = None, expected_sha256: str | None = SDIST_SHA256
+) -> Path:
+    """Stream the sdist from the index into ``dest`` (a progress bar on stderr), checking it
+    against ``expected_sha256`` before it is renamed into place."""
+    from tqdm import tqdm
+
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    subprocess.run([*cmd, SDIST_REQUIREMENT, "-d", str(dest)], check=True)
-    found = sorted(dest.glob("bigbench-*.tar.gz"))
-    if not found:
-        raise FileNotFoundError(f"pip download left no bigbench sdist in {dest}")
-    return found[0]
+    target = dest / SDIST_FILENAME
+    with httpx.Client(timeout=httpx.Timeout(60.0, read=300.0)) as client:
+        url, listed = sdist_location(index or index_url(), client)
+        if expected_sha256 is not None and listed not in (None, expected_sha256):
+            raise ChecksumError(f"the index lists sha256 {listed} for {url}, expected "
+                                f"{expected_sha256}")  # fmt: skip
+        digest = hashlib.sha256()
+        part = dest / f".{SDIST_FILENAME}.part"
+        with client.stream("GET", url, follow_redirects=True) as response:
+            response.raise_for_status()
+            total = int(response.headers.get("content-length", 0)) or None
+            with part.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                               desc=SDIST_FILENAME) as bar:  # fmt: skip
+                for chunk in response.iter_bytes(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{url} has sha256 {digest.hexdigest()}, expected {expected_sha256}")
+    part.replace(target)
+    return target
 
 
 def fetch_tasks(
     cache_dir: Path | None = None,
     sdist: Path | None = None,
     expected_sha256: str | None = SDIST_SHA256,
+    index: str | None = None,
 ) -> Path:
     """Extract the development tasks into ``cache_dir`` and write its manifest; return the dir.
 
     ``sdist``: an already downloaded ``bigbench-1.0.0.tar.gz``; without it the sdist is
-    downloaded into a temporary directory and removed afterwards. ``expected_sha256=None``
+    downloaded from ``index`` (default: :func:`index_url`) into a temporary directory and
+    removed afterwards. ``expected_sha256=None``
     skips the sdist check (tests build small fake sdists).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_task_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     if sdist is None:
         with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
-            return _extract(download_sdist(Path(tmp)), cache_dir, expected_sha256)
+            downloaded = download_sdist(Path(tmp), index, expected_sha256)
+            return _extract(downloaded, cache_dir, expected_sha256)
     return _extract(Path(sdist), cache_dir, expected_sha256)
 
 
@@ -142,8 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="fetch the BIG-bench development tasks")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--sdist", type=Path, default=None, help="an already downloaded sdist")
+    parser.add_argument("--index", default=None, help=f"simple index (default {index_url()})")
     args = parser.parse_args(argv)
-    out = fetch_tasks(args.cache_dir, args.sdist)
+    out = fetch_tasks(args.cache_dir, args.sdist, index=args.index)
     print(f"BIG-bench tasks cached in {out}")
 
 
