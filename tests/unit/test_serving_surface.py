@@ -251,8 +251,14 @@ def test_inline_merges_can_be_turned_off():
         r = client.post("/v1/completions", json={"model": "merge:a=1", "prompt": "x"})
         assert r.status_code == 400 and r.json()["error"]["reason"] == "inline_merges_off"
         assert client.post("/v1/completions", json={"model": "a", "prompt": "x"}).json()["ok"]
+        from vllm_lora_ext.server import metrics
+
+        refused = metrics.REFUSED_ROUTES.labels(path="/adapters/{name}")
+        before = refused._value.get()
         r = client.post("/adapters", json={"name": "x", "src": "/"})
         assert r.status_code == 403 and r.json()["error"]["reason"] == "use_adapters_api"
+        assert client.delete("/adapters/some-name").status_code == 403
+        assert refused._value.get() == before + 1  # bounded labels: one per route
     assert reached == ["a"]
 
 

@@ -33,6 +33,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
+from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapter_service import AdapterService
 from vllm_lora_ext.server.forwarding import ForwardTable, forward_request, list_forwarded
 from vllm_lora_ext.server.routes import count_request, error, model_of_body
@@ -63,6 +64,8 @@ class GenerationGateway:
                 "{name, path} or an upload; DELETE /v1/adapters/{name})",
                 "use_adapters_api",
             )
+            label = "/adapters/{name}" if scope["path"].startswith("/adapters/") else scope["path"]
+            metrics.REFUSED_ROUTES.labels(path=label.rstrip("/")).inc()
             await refusal(scope, receive, send)
             return
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/v1/models":
