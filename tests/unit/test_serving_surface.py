@@ -206,12 +206,16 @@ def test_migrations_of_an_earlier_run_are_listed_interrupted(tmp_path):
     from vllm_lora_ext.server.job_records import JOBS_DIR
     from vllm_lora_ext.server.migration_jobs import MigrationJobs
 
+    table = ForwardTable()
+
     def jobs() -> MigrationJobs:
-        adapters = SimpleNamespace(store=SimpleNamespace(root=tmp_path))
-        return MigrationJobs(adapters, ForwardTable(), tmp_path, lambda _: None, "http://x", "b")
+        adapters = SimpleNamespace(store=SimpleNamespace(root=tmp_path), get=lambda name: None)
+        return MigrationJobs(adapters, table, tmp_path, lambda _: None, "http://x", "b",
+                             api_key="k")  # fmt: skip
 
     earlier = JobRecords(tmp_path / JOBS_DIR / "migrations", frozenset())
-    earlier.save("m1", {"id": "m1", "state": "running", "request": {"source_url": "http://old"},
+    earlier.save("m1", {"id": "m1", "state": "running", "source_url": "http://old",
+                        "request": {"source_url": "http://old"},
                         "adapters": [{"name": "a", "state": "switched"},
                                      {"name": "b", "state": "running"}]})  # fmt: skip
     restarted = jobs()
@@ -219,6 +223,9 @@ def test_migrations_of_an_earlier_run_are_listed_interrupted(tmp_path):
     assert view["state"] == "interrupted" and view["request"]["source_url"] == "http://old"
     assert [a["state"] for a in view["adapters"]] == ["switched", "interrupted"]
     assert restarted.view("m1") == view and restarted.rollback("m1") is None
+    # Not switched: forwarded to the old server again (with this server's key), not a 404.
+    assert table.routes == {"b": "http://old"}
+    assert table.auth["http://old"] == {"Authorization": "Bearer k"}
 
 
 def test_inline_merges_can_be_turned_off():

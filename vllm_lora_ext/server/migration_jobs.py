@@ -174,6 +174,23 @@ class MigrationJobs:
         )
         """Migrations of earlier runs (finished, or ``interrupted`` by the server's stop: post
         the same request again to resume from their checkpoints)."""
+        self._restore_forwarding()
+
+    def _restore_forwarding(self) -> None:
+        """Adapters an earlier run forwarded to an old server (every one not switched: pending,
+        interrupted, kept on the old server, rolled back) are forwarded again, so a restart
+        does not turn their requests into 404s. Later records win; an adapter served here now
+        is not forwarded."""
+        for record in self.records.restored.values():
+            url = record.get("source_url")
+            for adapter in record.get("adapters") or []:
+                name = adapter.get("name") if isinstance(adapter, dict) else None
+                if not isinstance(url, str) or not isinstance(name, str):
+                    continue
+                if adapter.get("state") == "switched" or self.adapters.get(name) is not None:
+                    self.forward.stop_forwarding(name)
+                else:
+                    self.forward.forward(name, url, bearer(self.api_key))
 
     def views(self) -> list[dict[str, Any]]:
         return self.records.views(self.jobs)
