@@ -156,6 +156,30 @@ def upgrade(old: Server, tmp_path_factory: pytest.TempPathFactory):
     new.stop()
 
 
+def more_records(
+    hammer: Hammer, mark: int, n: int, enough=lambda new: True, timeout: float = 300
+) -> int:
+    """Wait until the hammer has answered ``n`` more requests after ``mark`` and the records
+    since ``mark`` are ``enough``; the new count."""
+    deadline = time.monotonic() + timeout
+    while len(hammer.records) < mark + n or not enough(hammer.since(mark)):
+        assert time.monotonic() < deadline, f"the hammer stalled at {len(hammer.records)}"
+        time.sleep(0.1)
+    return len(hammer.records)
+
+
+def wait_until_training(c: httpx.Client, job_id: str, timeout: float = 300) -> None:
+    """Until the job's adapter is in its student's training steps (a cancel then has work to
+    stop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (a,) = c.get(f"/v1/migrations/{job_id}").json()["adapters"]
+        if a["state"] == "running" and (a["progress"] or {}).get("train_step", 0) > 0:
+            return
+        assert a["state"] in ("pending", "running") and time.monotonic() < deadline, a
+        time.sleep(0.2)
+
+
 def wait_job(c: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -203,9 +227,9 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         listed = {a["name"]: a for a in c.get("/v1/adapters").json()["adapters"]}
         assert set(TEACHERS) <= set(listed)
         assert all(listed[n]["source"] == f"migrated from {old.url}" for n in TEACHERS)
-        time.sleep(3)
-        mark = len(hammer.records)
-        time.sleep(3)
+        mark = more_records(hammer, len(hammer.records), 5)  # past any request in flight
+        more_records(hammer, mark, 0, enough=lambda new: all(
+            sum(r[0] == n and r[2] is None for r in new) >= 25 for n in TEACHERS))  # fmt: skip
         after_switch = hammer.since(mark)
         assert after_switch and all(r[2] is None for r in after_switch)
 
@@ -213,10 +237,8 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         rolled = roll_back(c, first["id"])
         assert {a["state"] for a in rolled["adapters"]} == {"rolled_back"}
         assert not set(TEACHERS) & {a["name"] for a in c.get("/v1/adapters").json()["adapters"]}
-        time.sleep(1)
-        mark = len(hammer.records)
-        time.sleep(4)
-        forwarded = hammer.since(mark)[1:]  # one may have been in flight across the flip
+        mark = more_records(hammer, len(hammer.records), 2)
+        forwarded = hammer.since(more_records(hammer, mark, 10) - 10)
         assert forwarded and all(r[2] == old.url for r in forwarded)
         models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
         assert all(models[n]["forwarded_to"] == old.url for n in TEACHERS), models
@@ -242,7 +264,7 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         assert "gate refused" in verdict["error"] and "student exact match" in verdict["error"]
         assert c.get("/v1/migrations").json()["forwarded"]["hu-kind"] == old.url
         assert "hu-kind" not in {a["name"] for a in c.get("/v1/adapters").json()["adapters"]}
-        time.sleep(2)
+        more_records(hammer, len(hammer.records), 5)  # hu-kind forwarded again, under traffic
 
     hammer.halt.set()
     hammer.join(timeout=120)
@@ -322,7 +344,7 @@ def test_bad_migration_requests_are_refused_clearly(old: Server, upgrade) -> Non
         r = c.post("/v1/migrations", json=request_body(old, adapters=["hu-flag"],
                    tasks={"hu-flag": {"seeds": seeds("hu-flag")}}, options=slow))  # fmt: skip
         assert r.status_code == 202, r.text
-        time.sleep(3)
+        wait_until_training(c, r.json()["id"])
         job = roll_back(c, r.json()["id"])
         (a,) = job["adapters"]
         assert a["state"] == "cancelled", job

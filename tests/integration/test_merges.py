@@ -184,9 +184,13 @@ def test_bad_merges_are_refused_and_leave_nothing(server, merge_adapters):
             },
         )
         assert r.status_code == 202, r.text
-        time.sleep(1.0)
-        assert c.delete(f"/v1/merges/{r.json()['id']}").status_code == 200
-        job = wait(c, r.json()["id"])
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 120
+        while c.get(f"/v1/merges/{job_id}").json()["phase"] != "replaying":  # mid-run
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert c.delete(f"/v1/merges/{job_id}").status_code == 200
+        job = wait(c, job_id)
         assert job["state"] == "cancelled", job
         assert c.get("/v1/adapters/mg-cancel").status_code == 404
         assert "iteris-tmp" not in str(c.get("/v1/models").json())
