@@ -448,6 +448,10 @@ class LoraExtEndpointPlugin:
         await state.lora_ext.evict_merged()  # the budget may have shrunk since last start
         host = args.host if args.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
         self_url, api_key = f"http://{host}:{args.port}", served_api_key(args)
+
+        def stopping() -> bool:  # the engine is gone: jobs failing now were interrupted
+            return bool(engine_client.errored)
+
         replayer = HttpReplayer(
             self_url, capture, state.lora_ext, Path(model_config.model), api_key=api_key
         )
@@ -455,7 +459,7 @@ class LoraExtEndpointPlugin:
             state.lora_ext,
             state.lora_ext_stats,
             replayer,
-            server_stopping=lambda: bool(engine_client.errored),
+            server_stopping=stopping,
         )
         await _init_migrations(
             state,
@@ -464,7 +468,7 @@ class LoraExtEndpointPlugin:
             self_url,
             base.name,
             api_key,
-            lambda: bool(engine_client.errored),
+            stopping,
         )
         logger.info(
             "vllm-lora-ext: store %s, %d adapters for base %s",

@@ -86,11 +86,18 @@ class StatsService:
 
     def forget(self, name: str) -> None:
         """The adapter was deleted or replaced: its statistics and prompts no longer apply."""
-        self.reservoirs.pop(name, None)
-        (self.dir / f"{name}.safetensors").unlink(missing_ok=True)
-        (self.dir / f"{name}{PROMPTS_SUFFIX}").unlink(missing_ok=True)
+        self._drop_held(name)
         with contextlib.suppress(KeyError):  # no gauge for an adapter never captured
             metrics.STATS_HELD_TOKENS.remove(name)
+
+    def _drop_held(self, name: str) -> bool:
+        """Delete the statistics and prompts held for ``name``; whether there were any."""
+        had_prompts = self.reservoirs.pop(name, None) is not None
+        (self.dir / f"{name}{PROMPTS_SUFFIX}").unlink(missing_ok=True)
+        stats = self.dir / f"{name}.safetensors"
+        had_stats = stats.exists()
+        stats.unlink(missing_ok=True)
+        return had_prompts or had_stats
 
     # -- captures ---------------------------------------------------------------------------
 
@@ -191,13 +198,7 @@ class StatsService:
         self._adapter(name)
         if name in self.capturing:
             raise AdapterRejected("capturing", f"stop the capture of {name!r} first", 409)
-        path = self.dir / f"{name}.safetensors"
-        had_prompts = self.reservoirs.pop(name, None) is not None
-        (self.dir / f"{name}{PROMPTS_SUFFIX}").unlink(missing_ok=True)
-        if not path.exists():
-            return had_prompts
-        path.unlink()
-        return True
+        return self._drop_held(name)
 
     def _save(self, name: str, stats: IterisStats) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
