@@ -36,7 +36,7 @@ ARCHS = (90, 80)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # Element types of the pointer arguments at serving time (fp16 shown; bf16 compiles alike).
 POINTERS = {
-    "x_ptr": "*fp16", "y_ptr": "*fp16", "buf_ptr": "*fp32", "grp_w_ptr": "*fp32",
+    "x_ptr": "*fp16", "y_ptr": "*fp16", "buf_ptr": "*fp32",
     "scales_ptr": "*fp32", "a_ptrs": "*i64", "b_ptrs": "*i64", "b_s0_ptr": "*i64",
 }  # fmt: skip
 RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -46,7 +46,7 @@ def constexprs(entry: ConfigEntry, kernel: triton.JITFunction) -> dict[str, obje
     """The launch's constexprs at the bucket's upper bounds (its worst case for registers)."""
     c = entry.config
     every = dict(
-        RECIPES=entry.max_k > 1, MAX_K=entry.max_k, R_BLOCK=entry.r_block, BLOCK_M=c.block_m,
+        R_BLOCK=entry.r_block, BLOCK_M=c.block_m,
         BLOCK_N=c.block_n, BLOCK_K=c.block_k, N_PER_PROG=c.n_per_prog, SPLIT_K=c.split_k,
         ALIGN=16,
     )  # fmt: skip
@@ -92,7 +92,7 @@ def report(config_path: Path = CONFIG_PATH) -> list[dict]:
             for arch in ARCHS:
                 t0 = time.perf_counter()
                 row = dict(
-                    kernel=kernel.__name__, arch=f"sm_{arch}", max_k=entry.max_k,
+                    kernel=kernel.__name__, arch=f"sm_{arch}",
                     r_block=entry.r_block, max_tokens=entry.max_tokens, **c.to_dict(),
                 )  # fmt: skip
                 try:
@@ -110,7 +110,7 @@ def report(config_path: Path = CONFIG_PATH) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kernel':26} {'arch':6} {'K':>2} {'R':>4} {'tok<=':>7} {'path':8} "
+    head = f"{'kernel':26} {'arch':6} {'R':>4} {'tok<=':>7} {'path':8} "
     head += f"{'bm/bn/bk/npp/sk/w/s':22} {'reg':>4} {'smem':>7} {'spill':>5}"
     lines = [head]
     for r in rows:
@@ -127,7 +127,7 @@ def table(rows: list[dict]) -> str:
         )
         tok = "inf" if r["max_tokens"] >= 1 << 20 else str(r["max_tokens"])
         lines.append(
-            f"{r['kernel'][1:-7]:26} {r['arch']:6} {r['max_k']:>2} {r['r_block']:>4} {tok:>7} "
+            f"{r['kernel'][1:-7]:26} {r['arch']:6} {r['r_block']:>4} {tok:>7} "
             f"{r['path']:8} {blocks:22} {tail}"
         )
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """``benchmarks/gpu_check.py --tune``: search block configs per configs.json bucket on this GPU.
 
-For every bucket (max_k, r_block, max_tokens) the current config and ``n`` random candidates
-are timed on the bucket's edge shapes (fewest and most tokens it serves; qkv and down
-projections; min(T, 8) adapters; K = max_k recipes for merge buckets). A candidate that fails
+For every bucket (r_block, max_tokens) the current config and ``n`` random candidates are
+timed on the bucket's edge shapes (fewest and most tokens it serves; qkv and down
+projections; min(T, 8) adapters). A candidate that fails
 to build or spills registers is dropped. The winner minimises the geometric mean of its time
 relative to the current config. The file is rewritten with the device name as provenance;
 ``tests/unit/kernels/test_compile_hopper.py`` then checks the new entries offline.
@@ -19,9 +19,8 @@ from dataclasses import replace
 import torch
 
 from lora_kernels.configs import ConfigEntry, KernelConfig, load_entries, write_entries
-from lora_kernels.merged_delta import build_recipes
 from lora_kernels.metadata import build_slice_table, build_work_list
-from lora_kernels.multi_lora import launch_groups
+from lora_kernels.multi_lora import launch
 
 SPACE = dict(
     path=("fused", "two_pass"), block_m=(16, 32, 64), block_n=(32, 64, 128),
@@ -57,27 +56,17 @@ def edge_tokens(entry: ConfigEntry, lower: int) -> tuple[int, ...]:
 def shape_runner(make_case: Callable, op: str, tokens: int, entry: ConfigEntry):
     """A function cfg -> (launch closure, compiled kernels) for one representative shape."""
     active = min(tokens, 8)
-    c = make_case(op, tokens, active * entry.max_k, entry.r_block)
+    c = make_case(op, tokens, active, entry.r_block)
     table, dev = build_slice_table(c["a"], c["b"]), c["x"].device
     slots = c["a"][0].shape[0]
     ranks = torch.full((slots,), entry.r_block, dtype=torch.int32, device=dev)
     scales = torch.ones(slots, device=dev)
-    if entry.max_k == 1:
-        group_idx, num_groups, ids, w = c["idx"], slots, ranks, scales
-    else:  # recipes of max_k distinct adapters, `active` of them
-        k = entry.max_k
-        recipes = build_recipes([{g * k + j: 1.0 / k for j in range(k)} for g in range(active)],
-                                device=dev)  # fmt: skip
-        group_idx = torch.arange(tokens, device=dev, dtype=torch.int32) % active
-        num_groups, ids, w = active, recipes.ids, recipes.weights
 
     def run(cfg: KernelConfig):
-        work = build_work_list(group_idx, num_groups, cfg.block_m)
-        return lambda: launch_groups(
-            c["y"], c["x"], table, group_idx, num_groups, ids, w, ranks, scales,
-            recipes=entry.max_k > 1, max_k=entry.max_k, max_rank=entry.r_block,
-            work=work, config=cfg,
-        )  # fmt: skip
+        work = build_work_list(c["idx"], slots, cfg.block_m)
+        return lambda: launch(
+            c["y"], c["x"], table, c["idx"], ranks, scales, entry.r_block, work=work, config=cfg
+        )
 
     return run
 
@@ -95,7 +84,7 @@ def tune(timer, make_case: Callable, n: int, seed: int = 0) -> None:
     tuned = []
     lower = {}
     for e in entries:
-        key = (e.max_k, e.r_block)
+        key = e.r_block
         shapes = [
             shape_runner(make_case, op, t, e)
             for op in ("qkv", "down")
@@ -118,7 +107,7 @@ def tune(timer, make_case: Callable, n: int, seed: int = 0) -> None:
             if score < best_score:
                 best, best_score = cfg, score
         took = time.time() - t0
-        print(f"K={e.max_k} R={e.r_block} T<={e.max_tokens}: {best}", flush=True)
+        print(f"R={e.r_block} T<={e.max_tokens}: {best}", flush=True)
         print(f"  {best_score:.3f} of the old config's time; searched in {took:.0f} s", flush=True)
         tuned.append(replace(e, config=best))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"

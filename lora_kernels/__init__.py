@@ -1,1 +1,1 @@
-"""Triton kernels for batched multi-LoRA and merged-delta application (no vLLM imports)."""
+"""Triton kernels for batched multi-LoRA, rank-exact per slot (no vLLM imports)."""

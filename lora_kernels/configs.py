@@ -1,7 +1,7 @@
 """Kernel configurations per shape bucket, read from ``configs.json`` beside this module.
 
 The file is written by ``benchmarks/gpu_check.py --tune`` on the target GPU; each entry covers
-the launches with ``K <= max_k``, ``R_BLOCK <= r_block`` and ``tokens <= max_tokens`` and
+the launches with ``R_BLOCK <= r_block`` and ``tokens <= max_tokens`` and
 says which path (fused shrink+expand, or shrink to an fp32 buffer then expand) to take and
 with which blocks. ``tests/unit/kernels/test_compile_hopper.py`` compiles every entry.
 """
@@ -43,7 +43,6 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class ConfigEntry:
-    max_k: int  # largest recipe size served (1 = plain multi-LoRA)
     r_block: int  # largest padded rank served
     max_tokens: int
     config: KernelConfig
@@ -53,9 +52,9 @@ def _parse(raw: dict) -> list[ConfigEntry]:
     entries = []
     for e in raw["entries"]:
         e = dict(e)
-        key = (e.pop("max_k"), e.pop("r_block"), e.pop("max_tokens"))
+        key = (e.pop("r_block"), e.pop("max_tokens"))
         entries.append(ConfigEntry(*key, KernelConfig(**e)))
-    return sorted(entries, key=lambda e: (e.max_k, e.r_block, e.max_tokens))
+    return sorted(entries, key=lambda e: (e.r_block, e.max_tokens))
 
 
 def write_entries(
@@ -63,8 +62,8 @@ def write_entries(
 ) -> None:
     """One entry per line, so a re-tune shows up as a readable diff."""
     rows = []
-    for e in sorted(entries, key=lambda e: (e.max_k, e.r_block, e.max_tokens)):
-        keys = dict(max_k=e.max_k, r_block=e.r_block, max_tokens=e.max_tokens)
+    for e in sorted(entries, key=lambda e: (e.r_block, e.max_tokens)):
+        keys = dict(r_block=e.r_block, max_tokens=e.max_tokens)
         rows.append("  " + json.dumps(keys | e.config.to_dict()))
     head = f'{{\n "provenance": {json.dumps(provenance)},\n "device": {json.dumps(device)},\n'
     path.write_text(head + ' "entries": [\n' + ",\n".join(rows) + "\n ]\n}\n")
@@ -76,15 +75,12 @@ def load_entries(path: Path = CONFIG_PATH) -> tuple[ConfigEntry, ...]:
     return tuple(_parse(json.loads(path.read_text())))
 
 
-def select_config(
-    num_tokens: int, max_k: int, r_block: int, path: Path = CONFIG_PATH
-) -> KernelConfig:
+def select_config(num_tokens: int, r_block: int, path: Path = CONFIG_PATH) -> KernelConfig:
     """The smallest bucket covering the launch; past the largest token bucket, the largest."""
-    fits = [e for e in load_entries(path) if e.max_k >= max_k and e.r_block >= r_block]
+    fits = [e for e in load_entries(path) if e.r_block >= r_block]
     if not fits:
-        raise ValueError(f"no kernel config covers K={max_k}, R_BLOCK={r_block} in {path}")
-    k, r = fits[0].max_k, fits[0].r_block
-    bucket = [e for e in fits if (e.max_k, e.r_block) == (k, r)]
+        raise ValueError(f"no kernel config covers R_BLOCK={r_block} in {path}")
+    bucket = [e for e in fits if e.r_block == fits[0].r_block]
     for e in bucket:
         if e.max_tokens >= num_tokens:
             return e.config

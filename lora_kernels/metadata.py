@@ -21,7 +21,7 @@ def cdiv(a: int, b: int) -> int:
 class WorkList:
     """Which (group, token-block) pairs have tokens; a kernel program takes one row.
 
-    A *group* is an adapter slot for plain multi-LoRA and a recipe row for merged deltas.
+    A *group* is an adapter slot: the tokens of one group share A and B.
     """
 
     work: torch.Tensor  # [max_work, 3] int32: (group or -1, start in sorted_tokens, length)

@@ -1,11 +1,10 @@
 """Batched multi-LoRA: every token carries its own adapter slot (-1 = base model only).
 
-Kernels work on *groups* of tokens. For plain multi-LoRA a group is an adapter slot; for a
-merged delta (:mod:`lora_kernels.merged_delta`) a group is a recipe of ``K`` adapters with
-weights, applied as the "cat" merge: the group's A factors are stacked along the rank axis
-(``K * R_BLOCK`` columns), so one dot computes all ``x A_kᵀ`` and one dot expands them all.
-Columns beyond an adapter's own rank are masked, so a rank-8 adapter in a rank-64 stack
-reads 8 rows of A and B, not 64.
+Tokens are grouped by adapter slot (a work list of token blocks, built on the device). Each
+program computes with its slot's own rank: columns past it are masked, so a rank-8 adapter in
+a rank-64 launch reads 8 rows of A and B, not 64. A merge of K adapters is served as one
+adapter (the "cat" merge: stacked factors of rank Σ r_k), so it costs what one adapter of
+that rank costs.
 
 Two paths, chosen per shape by :mod:`lora_kernels.configs`:
 
@@ -36,82 +35,39 @@ from lora_kernels.metadata import (
 
 @triton.jit
 def _block_rows(work_ptr, sorted_ptr, w, BLOCK_M: tl.constexpr):
-    """Group, first sorted position and token ids of work item ``w`` (group -1: nothing)."""
-    group = tl.load(work_ptr + 3 * w)
+    """Slot, first sorted position and token ids of work item ``w`` (slot -1: nothing)."""
+    slot = tl.load(work_ptr + 3 * w)
     start = tl.load(work_ptr + 3 * w + 1)
     length = tl.load(work_ptr + 3 * w + 2)
     offs = tl.arange(0, BLOCK_M)
     m_mask = offs < length
     rows = tl.load(sorted_ptr + start + offs, mask=m_mask, other=0)
-    return group, start, rows, m_mask
+    return slot, start, rows, m_mask
 
 
 @triton.jit
-def _cat_columns(
-    group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
-    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, RECIPES: tl.constexpr,
-):  # fmt: skip
-    """Per stacked rank column (``K * R_BLOCK``): adapter, rank row, memory mask, coefficient;
-    and per recipe entry (``K``): adapter and rank rounded up to 8, for the B loads.
+def _rank_columns(slot, ranks_ptr, scales_ptr, R_BLOCK: tl.constexpr):
+    """Per rank column (``R_BLOCK``): rank row, memory mask and coefficient of ``slot``.
 
     Memory is masked in runs of 8 columns (16-byte vectors); the coefficient zeroes the columns
-    between a rank and its round-up, so finite padding there adds nothing. Without RECIPES a
-    group is an adapter slot (K == 1, weight 1) and the table is not read.
+    between the rank and its round-up, so finite padding there adds nothing.
     """
-    j = tl.arange(0, MAX_K * R_BLOCK)
-    r = j % R_BLOCK
-    if not RECIPES:
-        rank = tl.load(ranks_ptr + group)
-        rank8 = tl.multiple_of((rank + 7) // 8 * 8, 8)
-        adapter = tl.zeros_like(j) + group
-        mask = r < rank8
-        coef = tl.where(r < rank, tl.load(scales_ptr + group), 0.0)
-        k_adapter = tl.zeros([MAX_K], tl.int32) + group
-        k_rank8 = tl.zeros([MAX_K], tl.int32) + rank8
-    else:
-        k = tl.arange(0, MAX_K)
-        k_adapter = tl.load(grp_ids_ptr + group * MAX_K + k)
-        valid = k_adapter >= 0
-        k_adapter = tl.where(valid, k_adapter, 0)
-        k_rank = tl.where(valid, tl.load(ranks_ptr + k_adapter), 0)
-        k_rank8 = tl.multiple_of((k_rank + 7) // 8 * 8, 8)
-        k_coef = tl.load(grp_w_ptr + group * MAX_K + k) * tl.load(scales_ptr + k_adapter)
-        r2 = tl.arange(0, R_BLOCK)[None, :]
-        shape: tl.constexpr = (MAX_K * R_BLOCK,)
-        adapter = tl.reshape(tl.broadcast_to(k_adapter[:, None], (MAX_K, R_BLOCK)), shape)
-        mask = tl.reshape(r2 < k_rank8[:, None], shape)
-        coef = tl.reshape(tl.where(r2 < k_rank[:, None], k_coef[:, None], 0.0), shape)
-    return adapter, r, mask, coef, k_adapter, k_rank8
-
-
-@triton.jit
-def _b_tile(
-    b_ptr, b_s0, b_s1, col_adapter, col_r, col_mask, k_adapter, k_rank8, nn, n_mask,
-    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """B_cat[nn, :]ᵀ -> [K * R_BLOCK, BLOCK_N]. With K > 1 it is loaded as [K, R_BLOCK, N] so
-    that the rank mask is visibly constant over each 8-column vector (else: scalar loads)."""
-    if MAX_K == 1:
-        ptr = b_ptr + col_adapter[:, None].to(tl.int64) * b_s0 + col_r[:, None]
-        mask = col_mask[:, None] & n_mask[None, :]
-        return tl.load(ptr + nn[None, :] * b_s1, mask=mask, other=0.0)
-    r3 = tl.arange(0, R_BLOCK)[None, :, None]
-    ptr = b_ptr + k_adapter[:, None, None].to(tl.int64) * b_s0 + r3 + nn[None, None, :] * b_s1
-    mask = (r3 < k_rank8[:, None, None]) & n_mask[None, None, :]
-    bt = tl.load(ptr, mask=mask, other=0.0)
-    return tl.reshape(bt, (MAX_K * R_BLOCK, BLOCK_N))
+    r = tl.arange(0, R_BLOCK)
+    rank = tl.load(ranks_ptr + slot)
+    rank8 = tl.multiple_of((rank + 7) // 8 * 8, 8)
+    return r, r < rank8, tl.where(r < rank, tl.load(scales_ptr + slot), 0.0)
 
 
 @triton.jit
 def _shrink_tile(
-    x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, col_adapter, col_r, col_mask, k_lo, k_hi,
-    BLOCK_M: tl.constexpr, KR: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, slot, col_r, col_mask, k_lo, k_hi,
+    BLOCK_M: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """fp32 ``x[rows, k_lo:k_hi] @ A_cat[:, k_lo:k_hi]ᵀ`` -> [BLOCK_M, KR]."""
-    acc = tl.zeros((BLOCK_M, KR), dtype=tl.float32)
+    """fp32 ``x[rows, k_lo:k_hi] @ A[slot, :, k_lo:k_hi]ᵀ`` -> [BLOCK_M, R_BLOCK]."""
+    acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None].to(tl.int64) * x_s0
-    a_cols = a_ptr + col_adapter[None, :].to(tl.int64) * a_s0 + col_r[None, :] * a_s1
+    a_cols = a_ptr + slot.to(tl.int64) * a_s0 + col_r[None, :] * a_s1
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < k_hi
@@ -123,20 +79,19 @@ def _shrink_tile(
 
 @triton.jit
 def _expand_chunk(
-    t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, col_adapter, col_r, col_mask,
-    k_adapter, k_rank8, y_off, n_lo, n_hi,
-    MAX_K: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, slot, col_r, col_mask, y_off, n_lo, n_hi,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """``y[rows, y_off + n] += t @ B_cat[n, :]ᵀ`` for n in [n_lo, n_hi)."""
+    """``y[rows, y_off + n] += t @ B[slot, n, :]ᵀ`` for n in [n_lo, n_hi)."""
     offs_n = tl.arange(0, BLOCK_N)
     y_rows = y_ptr + rows[:, None].to(tl.int64) * y_s0 + y_off
+    b_cols = b_ptr + slot.to(tl.int64) * b_s0 + col_r[:, None]
     for n0 in range(n_lo, n_hi, BLOCK_N):
         nn = n0 + offs_n
         n_mask = nn < n_hi
-        bt = _b_tile(
-            b_ptr, b_s0, b_s1, col_adapter, col_r, col_mask, k_adapter, k_rank8, nn, n_mask,
-            MAX_K, R_BLOCK, BLOCK_N,
-        )  # fmt: skip
+        bt = tl.load(
+            b_cols + nn[None, :] * b_s1, mask=col_mask[:, None] & n_mask[None, :], other=0.0
+        )
         delta = tl.dot(t, bt)
         ym = m_mask[:, None] & n_mask[None, :]
         yv = tl.load(y_rows + nn[None, :], mask=ym, other=0.0)
@@ -146,28 +101,25 @@ def _expand_chunk(
 @triton.jit
 def _multi_lora_fused_kernel(
     x_ptr, y_ptr, a_ptrs, b_ptrs, b_s0_ptr, slice_off_ptr, slice_n_ptr,
-    work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
+    work_ptr, sorted_ptr, ranks_ptr, scales_ptr,
     H, x_s0, y_s0, a_s0, a_s1, b_s1,
-    RECIPES: tl.constexpr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, N_PER_PROG: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉)."""
     w = tl.program_id(0)
     s = tl.program_id(1)
     n_lo = tl.program_id(2) * N_PER_PROG
-    group, _, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
+    slot, _, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
     n_s = tl.multiple_of(tl.load(slice_n_ptr + s), ALIGN)
-    if group < 0 or n_lo >= n_s:
+    if slot < 0 or n_lo >= n_s:
         return
     dt = x_ptr.dtype.element_ty
-    cols, col_r, col_mask, coef, k_adapter, k_rank8 = _cat_columns(
-        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
-    )
+    col_r, col_mask, coef = _rank_columns(slot, ranks_ptr, scales_ptr, R_BLOCK)
     a_ptr = tl.multiple_of(tl.load(a_ptrs + s).to(tl.pointer_type(dt)), 16)
     acc = _shrink_tile(
-        x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, cols, col_r, col_mask, 0, H,
-        BLOCK_M, MAX_K * R_BLOCK, BLOCK_K,
+        x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, slot, col_r, col_mask, 0, H,
+        BLOCK_M, R_BLOCK, BLOCK_K,
     )  # fmt: skip
     t = (acc * coef[None, :]).to(dt)
     b_ptr = tl.multiple_of(tl.load(b_ptrs + s).to(tl.pointer_type(dt)), 16)
@@ -175,38 +127,34 @@ def _multi_lora_fused_kernel(
     b_s0 = tl.multiple_of(tl.load(b_s0_ptr + s), ALIGN)
     y_off = tl.multiple_of(tl.load(slice_off_ptr + s), ALIGN)
     _expand_chunk(
-        t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, cols, col_r, col_mask,
-        k_adapter, k_rank8, y_off, n_lo, n_hi, MAX_K, R_BLOCK, BLOCK_N,
+        t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, slot, col_r, col_mask, y_off,
+        n_lo, n_hi, BLOCK_N,
     )  # fmt: skip
 
 
 @triton.jit
 def _multi_lora_shrink_kernel(
-    x_ptr, buf_ptr, a_ptrs, work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
+    x_ptr, buf_ptr, a_ptrs, work_ptr, sorted_ptr, ranks_ptr, scales_ptr,
     H, k_per_split, x_s0, a_s0, a_s1, buf_s0, buf_s1,
-    RECIPES: tl.constexpr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    """grid = (work items, slices, SPLIT_K); buf[s, sorted position, :] = coef · x A_catᵀ."""
+    """grid = (work items, slices, SPLIT_K); buf[s, sorted position, :] = coef · x Aᵀ."""
     w = tl.program_id(0)
     s = tl.program_id(1)
     k_lo = tl.program_id(2) * k_per_split
-    group, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
-    if group < 0 or k_lo >= H:
+    slot, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
+    if slot < 0 or k_lo >= H:
         return
-    cols, col_r, col_mask, coef, _, _ = _cat_columns(
-        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
-    )
+    col_r, col_mask, coef = _rank_columns(slot, ranks_ptr, scales_ptr, R_BLOCK)
     a_ptr = tl.multiple_of(tl.load(a_ptrs + s).to(tl.pointer_type(x_ptr.dtype.element_ty)), 16)
     acc = _shrink_tile(
-        x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, cols, col_r, col_mask,
-        k_lo, tl.minimum(k_lo + k_per_split, H), BLOCK_M, MAX_K * R_BLOCK, BLOCK_K,
+        x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, slot, col_r, col_mask,
+        k_lo, tl.minimum(k_lo + k_per_split, H), BLOCK_M, R_BLOCK, BLOCK_K,
     )  # fmt: skip
     acc = acc * coef[None, :]
     pos = start + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, MAX_K * R_BLOCK)
-    out = buf_ptr + s * buf_s0 + pos[:, None].to(tl.int64) * buf_s1 + offs_c[None, :]
+    out = buf_ptr + s * buf_s0 + pos[:, None].to(tl.int64) * buf_s1 + col_r[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc, mask=m_mask[:, None])
     else:
@@ -216,35 +164,31 @@ def _multi_lora_shrink_kernel(
 @triton.jit
 def _multi_lora_expand_kernel(
     y_ptr, buf_ptr, b_ptrs, b_s0_ptr, slice_off_ptr, slice_n_ptr,
-    work_ptr, sorted_ptr, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr,
+    work_ptr, sorted_ptr, ranks_ptr, scales_ptr,
     y_s0, buf_s0, buf_s1, b_s1,
-    RECIPES: tl.constexpr, MAX_K: tl.constexpr, R_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_PER_PROG: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉); y += buf @ B_catᵀ."""
+    """grid = (work items, slices, ⌈max N_s / N_PER_PROG⌉); y += buf @ Bᵀ."""
     w = tl.program_id(0)
     s = tl.program_id(1)
     n_lo = tl.program_id(2) * N_PER_PROG
-    group, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
+    slot, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
     n_s = tl.multiple_of(tl.load(slice_n_ptr + s), ALIGN)
-    if group < 0 or n_lo >= n_s:
+    if slot < 0 or n_lo >= n_s:
         return
     dt = y_ptr.dtype.element_ty
-    cols, col_r, col_mask, _, k_adapter, k_rank8 = _cat_columns(
-        group, grp_ids_ptr, grp_w_ptr, ranks_ptr, scales_ptr, MAX_K, R_BLOCK, RECIPES
-    )
+    col_r, col_mask, _ = _rank_columns(slot, ranks_ptr, scales_ptr, R_BLOCK)
     pos = start + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, MAX_K * R_BLOCK)
-    src = buf_ptr + s * buf_s0 + pos[:, None].to(tl.int64) * buf_s1 + offs_c[None, :]
+    src = buf_ptr + s * buf_s0 + pos[:, None].to(tl.int64) * buf_s1 + col_r[None, :]
     t = tl.load(src, mask=m_mask[:, None], other=0.0).to(dt)
     b_ptr = tl.multiple_of(tl.load(b_ptrs + s).to(tl.pointer_type(dt)), 16)
     n_hi = tl.minimum(n_lo + N_PER_PROG, n_s)
     b_s0 = tl.multiple_of(tl.load(b_s0_ptr + s), ALIGN)
     y_off = tl.multiple_of(tl.load(slice_off_ptr + s), ALIGN)
     _expand_chunk(
-        t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, cols, col_r, col_mask,
-        k_adapter, k_rank8, y_off, n_lo, n_hi, MAX_K, R_BLOCK, BLOCK_N,
+        t, y_ptr, y_s0, rows, m_mask, b_ptr, b_s0, b_s1, slot, col_r, col_mask, y_off,
+        n_lo, n_hi, BLOCK_N,
     )  # fmt: skip
 
 
@@ -259,23 +203,18 @@ def r_block_for(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def launch_groups(
+def launch(
     y: torch.Tensor,  # [T, N_y] updated in place
     x: torch.Tensor,  # [T, H]
     table: SliceTable,
-    group_idx: torch.Tensor,  # [T] int, -1 = untouched
-    num_groups: int,
-    grp_ids: torch.Tensor,  # [G, K] int32 adapter slots, -1 padded (unread without recipes)
-    grp_w: torch.Tensor,  # [G, K] fp32 weights (unread without recipes)
+    adapter_idx: torch.Tensor,  # [T] int, -1 = untouched
     ranks: torch.Tensor,  # [slots] int32
     scales: torch.Tensor,  # [slots] fp32
-    recipes: bool,
-    max_k: int,
     max_rank: int,
     work: WorkList | None = None,
     config: KernelConfig | None = None,
 ) -> list:
-    """Shared launcher of the multi-LoRA and merged-delta entry points (see module doc).
+    """Launch the kernels of one multi-LoRA application (see module doc).
 
     Returns what the launches return (compiled kernels on a GPU: the tuner reads their spills).
     """
@@ -284,22 +223,20 @@ def launch_groups(
     assert x.stride(1) == 1 and y.stride(1) == 1, "x and y must be contiguous in their last dim"
     assert x.shape[1] == table.hidden, f"x has {x.shape[1]} features, A has {table.hidden}"
     assert x.dtype == y.dtype == table.keepalive[0].dtype, "x, y and weights share one dtype"
-    assert group_idx.shape == (num_tokens,), "one group index per token"
+    assert adapter_idx.shape == (num_tokens,), "one adapter index per token"
     assert ranks.shape == scales.shape == (table.num_slots,), "one rank and scale per slot"
     assert ranks.dtype == torch.int32 and scales.dtype == torch.float32
-    assert max_k & (max_k - 1) == 0, "K must be a power of two (pad recipes with -1)"
-    assert recipes or max_k == 1, "without a recipe table a group is one adapter"
     assert y.shape[1] >= table.col_end, f"y has {y.shape[1]} columns, slices end at {table.col_end}"
     if num_tokens == 0:
         return []
     r_block = r_block_for(min(max_rank, table.r_max))
-    cfg = config or select_config(num_tokens, max_k, r_block)
+    cfg = config or select_config(num_tokens, r_block)
     if work is None:
-        work = build_work_list(group_idx, num_groups, cfg.block_m)
+        work = build_work_list(adapter_idx, table.num_slots, cfg.block_m)
     assert work.block_m == cfg.block_m and work.num_tokens == num_tokens, "stale work list"
-    common = dict(RECIPES=recipes, MAX_K=max_k, R_BLOCK=r_block, BLOCK_M=cfg.block_m)
-    meta = (work.work, work.sorted_tokens, grp_ids, grp_w, ranks, scales)
-    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(R_BLOCK=r_block, BLOCK_M=cfg.block_m)
+    meta = (work.work, work.sorted_tokens, ranks, scales)
+    warps = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     n_grid = cdiv(table.max_n, cfg.n_per_prog)
     slices = table.a_ptrs.shape[0]
     if cfg.path == "fused":
@@ -308,23 +245,22 @@ def launch_groups(
             *meta, table.hidden, x.stride(0), y.stride(0),
             table.a_stride0, table.a_stride1, table.b_stride1,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, N_PER_PROG=cfg.n_per_prog,
-            ALIGN=table.align, **common, **launch,
+            ALIGN=table.align, **common, **warps,
         )  # fmt: skip
         return [fused]
-    kr = max_k * r_block
     alloc = torch.zeros if cfg.split_k > 1 else torch.empty
-    buf = alloc((slices, num_tokens, kr), dtype=torch.float32, device=x.device)
+    buf = alloc((slices, num_tokens, r_block), dtype=torch.float32, device=x.device)
     k_per_split = cdiv(cdiv(table.hidden, cfg.split_k), cfg.block_k) * cfg.block_k
     shrink = _multi_lora_shrink_kernel[(work.max_work, slices, cfg.split_k)](
         x, buf, table.a_ptrs, *meta, table.hidden, k_per_split, x.stride(0),
         table.a_stride0, table.a_stride1, buf.stride(0), buf.stride(1),
-        BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, **common, **launch,
+        BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, **common, **warps,
     )  # fmt: skip
     expand = _multi_lora_expand_kernel[(work.max_work, slices, n_grid)](
         y, buf, table.b_ptrs, table.b_stride0, table.offsets, table.sizes, *meta,
         y.stride(0), buf.stride(0), buf.stride(1), table.b_stride1,
         BLOCK_N=cfg.block_n, N_PER_PROG=cfg.n_per_prog, ALIGN=table.align,
-        **common, **launch,
+        **common, **warps,
     )  # fmt: skip
     return [shrink, expand]
 
@@ -349,10 +285,9 @@ def multi_lora(
     ``off_s = offset_start + Σ_{s'<s} N_s'``; tokens with ``idx[t] == -1`` are untouched.
     """
     table = table or build_slice_table(lora_a, lora_b, offset_start)
-    launch_groups(
-        y, x, table, adapter_idx, table.num_slots, ranks, scales, ranks, scales,
-        recipes=False, max_k=1, max_rank=max_rank or table.r_max, work=work, config=config,
-    )  # fmt: skip
+    launch(
+        y, x, table, adapter_idx, ranks, scales, max_rank or table.r_max, work=work, config=config
+    )
 
 
 def multi_lora_ref(

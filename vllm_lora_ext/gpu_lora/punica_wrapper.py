@@ -20,7 +20,7 @@ from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 from lora_kernels.configs import load_entries, select_config
 from lora_kernels.metadata import SliceTable, WorkList, build_slice_table, build_work_list
 from lora_kernels.metadata import max_work_items as _max_work
-from lora_kernels.multi_lora import launch_groups, r_block_for
+from lora_kernels.multi_lora import launch, r_block_for
 
 _UNKNOWN_RANK = 1 << 30  # clamped to the stack's rank in the op
 _LAUNCHED: list[bool] = []  # logged once per process: what serves LoRA is worth one line
@@ -69,7 +69,7 @@ def multi_lora_linear(
     ranks = slot_ranks.clamp(max=table.r_max)
     scales = _scales(table, scale, x.device)
     num_tokens = x.shape[0]
-    cfg = select_config(num_tokens, 1, r_block_for(table.r_max))
+    cfg = select_config(num_tokens, r_block_for(table.r_max))
     if num_tokens >= int(num_mapped.item()) and cfg.block_m in block_ms:
         # Padding tokens past num_mapped (CUDA-graph sizes) are in no work item: untouched.
         i = block_ms.index(cfg.block_m)
@@ -77,10 +77,7 @@ def multi_lora_linear(
         work = WorkList(works[i][:n], sorted_tokens[i][:num_tokens], cfg.block_m, num_tokens)
     else:  # fewer rows than mapped (dummy runs): build a list for exactly these rows
         work = build_work_list(token_mapping[:num_tokens], table.num_slots, cfg.block_m)
-    launch_groups(
-        y, x, table, token_mapping[:num_tokens], table.num_slots, ranks, scales, ranks, scales,
-        recipes=False, max_k=1, max_rank=table.r_max, work=work, config=cfg,
-    )  # fmt: skip
+    launch(y, x, table, token_mapping[:num_tokens], ranks, scales, table.r_max, work, cfg)
     if not _LAUNCHED:
         _LAUNCHED.append(True)
         logger.info("vllm-lora-ext: LoRA linear layers run on lora_kernels (%d slots, rank "

@@ -36,7 +36,7 @@ def compile_report(out_dir: Path, configs: Path | None = None) -> dict:
 def problems(report: dict) -> list[str]:
     failures = []
     for r in report["rows"]:
-        where = f"{r['kernel']} {r['arch']} K={r['max_k']} R={r['r_block']} T<={r['max_tokens']}"
+        where = f"{r['kernel']} {r['arch']} R={r['r_block']} T<={r['max_tokens']}"
         if not r["built"]:
             failures.append(f"{where}: does not build: {r['error']}")
             continue
@@ -58,14 +58,12 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_every_entry_kernel_and_arch_was_compiled(report):
     expected = {
-        (k.__name__, arch, e.max_k, e.r_block, e.max_tokens)
+        (k.__name__, arch, e.r_block, e.max_tokens)
         for e in load_entries()
         for k in KERNELS[e.config.path]
         for arch in ("sm_90", "sm_80")
     }
-    got = {
-        (r["kernel"], r["arch"], r["max_k"], r["r_block"], r["max_tokens"]) for r in report["rows"]
-    }
+    got = {(r["kernel"], r["arch"], r["r_block"], r["max_tokens"]) for r in report["rows"]}
     assert got == expected
 
 
@@ -75,9 +73,9 @@ def test_all_build_without_spills_within_hardware_limits(report):
 
 
 def test_an_oversized_config_is_caught(tmp_path):
-    """The check can fail: a 128-token block over a K=4 x rank-128 tile spills on sm_90."""
+    """The check can fail: a 128-token block over a rank-128 tile spills on sm_90."""
     bad = dict(
-        max_k=4, r_block=128, max_tokens=64, path="fused", block_m=128, block_n=128,
+        r_block=128, max_tokens=64, path="fused", block_m=128, block_n=128,
         block_k=64, n_per_prog=256, split_k=1, num_warps=4, num_stages=2,
     )  # fmt: skip
     configs = tmp_path / "configs.json"
