@@ -209,34 +209,24 @@ def gemma_backend(model_dir: Path, adapter_dir: Path | None = None) -> StopAtNew
     return StopAtNewline(TransformersBackend.from_pretrained(model_dir, adapter_dir))
 
 
-def framed_score(task: Any, backend: Any, limit: int) -> dict:
+def framed_score(task: Any, backend: Any, limit: int, shots: str = "") -> dict:
     """Accuracy on the first ``limit`` held-out examples, each framed by ``query_prompt``
-    around the chat-style user message (what teacher, student and gate all see)."""
+    around the chat-style user message (what teacher, student and gate all see); ``shots``
+    (solved examples in the same framing) goes before the question."""
     from vllm_lora_ext.evaluation.evaluate import generation_budget
-    from vllm_lora_ext.evaluation.prompts import answer_ids, user_message
-    from vllm_lora_ext.evaluation.scoring import choose_option, exact_match, wilson_interval
-    from vllm_lora_ext.migrate.labelling import answer_all
-    from vllm_lora_ext.migrate.queries import query_prompt
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.evaluation.scoring import exact_match, wilson_interval
+    from vllm_lora_ext.migrate.labelling import answer_all, choose_all
 
-    tok = backend.tokenizer
     examples = task.heldout[:limit]
-    inputs = [user_message(task, e, chat=True) for e in examples]
+    inputs = [shots + user_message(task, e, chat=True) for e in examples]
     if task.mode == "generate":
-        predictions = answer_all(backend, inputs, generation_budget(task, tok))
+        predictions = answer_all(backend, inputs, generation_budget(task, backend.tokenizer))
         hits = [exact_match(p, e.targets) for p, e in zip(predictions, examples, strict=True)]
     else:
-        prompts = [query_prompt(tok, x) for x in inputs]
-        requests = [
-            (p.ids, answer_ids(tok, p, o)) for p, e in zip(prompts, examples, strict=True)
-            for o in e.options
-        ]  # fmt: skip
-        logprobs = backend.continuation_logprobs(requests)
-        predictions, hits, at = [], [], 0
-        for e in examples:
-            choice = choose_option(logprobs[at : at + len(e.options)])
-            at += len(e.options)
-            predictions.append(e.options[choice])
-            hits.append(choice in e.correct)
+        choices = choose_all(backend, inputs, [e.options for e in examples])
+        predictions = [e.options[c] for c, e in zip(choices, examples, strict=True)]
+        hits = [c in e.correct for c, e in zip(choices, examples, strict=True)]
     k, n = sum(hits), len(hits)
     return {"acc": k / n, "n": n, "correct": k, "ci95": wilson_interval(k, n),
             "predictions": predictions}  # fmt: skip

@@ -1,7 +1,10 @@
-"""Step 3: the teacher (old base + old adapter) answers every kept input, greedily.
+"""Step 3: the teacher (old base + old adapter) answers every kept input.
 
-The answers are text, not token ids, so a student with another tokenizer can learn them. Inputs
-go to the backend in chunks, so a cancelled job stops between chunks, not after all of them.
+Free-form answers are generated greedily; where an input comes with answer options, the teacher
+picks the option it finds most likely (log-likelihood of each option's tokens, the way
+multiple-choice tasks are scored), so its label is always a valid option. The answers are text,
+not token ids, so a student with another tokenizer can learn them. Inputs go to the backend in
+chunks, so a cancelled job stops between chunks, not after all of them.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from vllm_lora_ext.evaluation.backends import Backend
-from vllm_lora_ext.evaluation.prompts import stop_token_ids
+from vllm_lora_ext.evaluation.prompts import answer_ids, stop_token_ids
+from vllm_lora_ext.evaluation.scoring import choose_option
 from vllm_lora_ext.migrate.queries import query_prompt, read_answer
 
 
@@ -42,3 +46,24 @@ def answer_all(
         if on_chunk is not None:
             on_chunk(len(answers))
     return answers
+
+
+def choose_all(
+    backend: Backend, inputs: Sequence[str], options: Sequence[Sequence[str]]
+) -> list[int]:
+    """Index of the option the backend finds most likely for each input (framed by
+    :func:`query_prompt`, options scored as continuations of the answer cue)."""
+    tok = backend.tokenizer
+    requests, counts = [], []
+    for text, opts in zip(inputs, options, strict=True):
+        if not opts:
+            raise ValueError(f"no options for input {text[:60]!r}")
+        prompt = query_prompt(tok, text)
+        requests += [(prompt.ids, answer_ids(tok, prompt, o)) for o in opts]
+        counts.append(len(opts))
+    logprobs = backend.continuation_logprobs(requests)
+    choices, at = [], 0
+    for n in counts:
+        choices.append(choose_option(logprobs[at : at + n]))
+        at += n
+    return choices

