@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -171,18 +169,10 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
     return row
 
 
-def commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
-    import transformers
+    from run_record import run_record
 
     from vllm_lora_ext.base_models import (
         GEMMA3_270M_REQUIREMENTS,
@@ -204,16 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {"smol_dir": ensure_default_model(settings.cache_dir), "gemma_dir": gemma_dir}
     root = args.cache or settings.cache_dir / "migration_ceilings"
     result: dict[str, Any] = {
-        "run": {
-            "commit": commit(),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
-            "machine": f"{platform.machine()}, 2-core CPU, no GPU",
-        },
+        "run": {**run_record(args), "machine": "x86_64, 2-core CPU, no GPU"},
         "target_base": f"gemma-3-270m ({GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M dequantised to "
         "float32)",
         "tasks": [],

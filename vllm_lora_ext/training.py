@@ -45,6 +45,24 @@ class LoraHyperparameters:
     batch: int = 8
     lr: float = 1e-3
     seed: int = 0
+    warmup: float = 0.0
+    """Fraction of ``steps`` over which the learning rate rises linearly from 0."""
+    decay: bool = False
+    """After warmup, cosine decay of the learning rate to :data:`FINAL_LR_FRACTION` of ``lr``."""
+
+
+FINAL_LR_FRACTION = 0.1
+
+
+def lr_factor(step: int, hp: LoraHyperparameters) -> float:
+    """Multiplier of ``hp.lr`` at 0-based ``step``: linear warmup, then constant or cosine."""
+    warm = math.ceil(hp.warmup * hp.steps)
+    if step < warm:
+        return (step + 1) / warm
+    if not hp.decay or hp.steps - warm <= 1:
+        return 1.0
+    progress = (step - warm) / (hp.steps - warm - 1)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def answer_end_ids(tokenizer: Any) -> list[int]:
@@ -183,6 +201,31 @@ def distribution_loss(
     return (p * torch.where(p > 0, teacher - student, torch.zeros_like(student))).sum(-1).mean()
 
 
+@torch.no_grad()
+def fitted_rows(model: Any, rows: Sequence[Row], pad: int, batch: int = 16) -> list[bool]:
+    """Per row: is every answer token the model's most likely next token given the row so far?
+
+    Then greedy decoding of the prompt yields exactly the row's answer (and its end token), so
+    this is the greedy agreement with the labels, measured with one forward pass per batch
+    instead of a generation.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    fitted: list[bool] = []
+    try:
+        for at in range(0, len(rows), batch):
+            ids, mask, labels = pad_rows(rows[at : at + batch], pad)
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            logits, keep = answer_logits(model, ids, mask, labels != -100)
+            targets = labels[:, keep + 1]
+            hit = (logits.argmax(-1) == targets) | (targets == -100)
+            fitted += hit.all(dim=1).tolist()
+    finally:
+        model.train(was_training)
+    return fitted
+
+
 def train_lora(
     model: Any,
     rows: Sequence[Row],
@@ -192,11 +235,17 @@ def train_lora(
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     teacher: Sequence[TopLogprobs] | None = None,
+    fit_target: float | None = None,
+    fit_every: int = 10,
+    on_fit: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """AdamW on the trainable (LoRA) parameters of ``model``; returns the loss per step.
 
     The loss is cross-entropy on each row's answer tokens, or, given ``teacher`` (one entry per
-    row: a distribution per answer token), :func:`distribution_loss` against it.
+    row: a distribution per answer token), :func:`distribution_loss` against it. The learning
+    rate follows :func:`lr_factor`. With ``fit_target``, every ``fit_every`` steps the fraction
+    of :func:`fitted_rows` is measured (``on_fit(step, fraction)``) and training ends once it
+    reaches the target: ``hp.steps`` is then a budget, not a prescription.
     ``on_step(step, loss)`` reports progress (1-based step); ``should_stop()`` is checked before
     every step and raises :class:`TrainingStopped`. ``desc`` shows a tqdm bar.
     """
@@ -205,6 +254,7 @@ def train_lora(
     if teacher is not None and len(teacher) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(teacher)} teacher entries")
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: lr_factor(step, hp))
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
@@ -236,11 +286,19 @@ def train_lora(
             loss.backward()
             optim.step()
             optim.zero_grad()
+            schedule.step()
             losses.append(value)
             if desc is not None:
                 stream.set_postfix(loss=f"{value:.3f}")
             if on_step is not None:
                 on_step(step, value)
+            if fit_target is not None and (step % fit_every == 0 or step == hp.steps):
+                fitted = fitted_rows(model, rows, pad)
+                fraction = sum(fitted) / len(fitted)
+                if on_fit is not None:
+                    on_fit(step, fraction)
+                if fraction >= fit_target:
+                    break
     finally:
         model.eval()
     return losses

@@ -37,6 +37,8 @@ class Distillation:
     rows: int
     too_long: int
     """Pairs dropped because prompt + answer exceeded ``max_len`` tokens."""
+    fit: list[tuple[int, float]]
+    """(step, fraction of training rows the student answers exactly as labelled), as measured."""
 
 
 def distillation_rows(
@@ -63,13 +65,17 @@ def distil(
     should_stop: Callable[[], bool] | None = None,
     teacher: Backend | None = None,
     top_k: int = 20,
+    fit_target: float | None = None,
+    fit_every: int = 10,
 ) -> Distillation:
     """Train the student on the new base (float32, in process) and save it atomically as a
     PEFT directory at ``out_dir``. A NaN/inf loss raises ``TrainingDiverged`` before saving.
 
     With ``teacher`` (a backend with the new base's tokenizer) the loss is token-level KL to
     its top-``top_k`` distributions over each row's answer tokens; a teacher with another
-    tokenizer raises ``ValueError`` before any work."""
+    tokenizer raises ``ValueError`` before any work. With ``fit_target`` training ends once
+    the student's greedy answer equals the label on that fraction of rows (checked every
+    ``fit_every`` steps), or when ``hp.steps`` run out."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,15 +92,19 @@ def distil(
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = attach_lora(base, hp)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    fit: list[tuple[int, float]] = []
     losses = train_lora(
-        model, rows, hp, pad, on_step=on_step, should_stop=should_stop, teacher=distributions
-    )
+        model, rows, hp, pad, on_step=on_step, should_stop=should_stop, teacher=distributions,
+        fit_target=fit_target, fit_every=fit_every, on_fit=lambda *f: fit.append(f),
+    )  # fmt: skip
     card = {
         "hyperparameters": asdict(hp),
         "rows": len(rows),
         "too_long": too_long,
         "loss": "token-level KL" if teacher is not None else "sequence-level cross-entropy",
+        "steps_run": len(losses),
+        "fit": fit,
     }
     card["final_loss"] = losses[-1]
     save_adapter_atomically(model, out_dir, {CARD_FILE: json.dumps(card, indent=2)})
-    return Distillation(Path(out_dir), losses, len(rows), too_long)
+    return Distillation(Path(out_dir), losses, len(rows), too_long, fit)

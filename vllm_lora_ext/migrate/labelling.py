@@ -67,3 +67,39 @@ def choose_all(
         choices.append(choose_option(logprobs[at : at + n]))
         at += n
     return choices
+
+
+def parse_options(text: str, choice_prefix: str) -> list[str]:
+    """The options an input lists: what follows each ``choice_prefix``, up to the line's end."""
+    parts = text.split(choice_prefix)[1:]
+    return [o for p in parts if (o := p.split("\n", 1)[0].strip())]
+
+
+def label_all(
+    backend: Backend,
+    inputs: Sequence[str],
+    max_tokens: int = 64,
+    choice_prefix: str | None = None,
+    chunk: int = 32,
+    on_chunk: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[str | None]:
+    """The teacher's label for each input: its greedy answer, or with ``choice_prefix`` the
+    option it finds most likely (``None`` for an input that lists fewer than two options)."""
+    if choice_prefix is None:
+        return list(answer_all(backend, inputs, max_tokens, chunk, on_chunk, should_stop))
+    labels: list[str | None] = []
+    for start in range(0, len(inputs), chunk):
+        if should_stop is not None and should_stop():
+            raise LabellingStopped(f"stopped after {len(labels)} of {len(inputs)} labels")
+        part = inputs[start : start + chunk]
+        options = [parse_options(x, choice_prefix) for x in part]
+        ok = [i for i, o in enumerate(options) if len(o) >= 2]
+        chosen = choose_all(backend, [part[i] for i in ok], [options[i] for i in ok]) if ok else []
+        picked: list[str | None] = [None] * len(part)
+        for i, c in zip(ok, chosen, strict=True):
+            picked[i] = options[i][c]
+        labels += picked
+        if on_chunk is not None:
+            on_chunk(len(labels))
+    return labels

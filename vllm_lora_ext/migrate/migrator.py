@@ -28,9 +28,9 @@ from vllm_lora_ext.migrate.discriminator import (
 )
 from vllm_lora_ext.migrate.distill import distil
 from vllm_lora_ext.migrate.gate import GateResult, decide
-from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all
+from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all, label_all
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
-from vllm_lora_ext.migrate.spec import MigrationSpec, split_real
+from vllm_lora_ext.migrate.spec import MigrationSpec, real_inputs, split_real
 from vllm_lora_ext.migrate.synthesis import SynthesisCounts, synthesise
 from vllm_lora_ext.training import TrainingDiverged, TrainingStopped
 
@@ -230,20 +230,36 @@ class Migrator:
         return {"inputs": result.inputs, "counts": asdict(result.counts)}
 
     def _label(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """Labels for training and gate. A seed's known answer is its label; everything else
+        is labelled by the teacher. Some synthetic inputs are held out for the gate."""
         gate, real = split_real(self.spec)
-        inputs = real + outputs["synthesise"]["inputs"]
-        gate_inputs = [x for x, _ in gate]
-        answers = answer_all(
-            self.teacher,
-            inputs + gate_inputs,
-            self.spec.answer_max_tokens,
-            on_chunk=lambda done: self._update(labelled=done),
-            should_stop=self._cancel.is_set,
+        known = {x: y for x, y in real_inputs(self.spec) if y is not None}
+        synthetic = outputs["synthesise"]["inputs"]
+        n_held = min(self.spec.gate_synthetic, len(synthetic) // 2)
+        inputs = real + synthetic[: len(synthetic) - n_held]
+        gate = [*gate, *((x, None) for x in synthetic[len(synthetic) - n_held :])]
+        asked = [x for x in inputs if x not in known] + [x for x, _ in gate]
+        answers = dict(
+            zip(
+                asked,
+                label_all(
+                    self.teacher,
+                    asked,
+                    self.spec.answer_max_tokens,
+                    self.spec.choice_prefix,
+                    on_chunk=lambda done: self._update(labelled=done),
+                    should_stop=self._cancel.is_set,
+                ),
+                strict=True,
+            )
         )
-        train = answers[: len(inputs)]
+        train = [(x, known[x] if x in known else answers[x]) for x in inputs]
         return {
-            "train": [list(p) for p in zip(inputs, train, strict=True)],
-            "gate": [[x, a, y] for (x, y), a in zip(gate, answers[len(inputs) :], strict=True)],
+            "train": [[x, y] for x, y in train if y is not None],
+            "gate": [[x, answers[x], y] for x, y in gate if answers[x] is not None],
+            "seed_answers": sum(x in known for x in inputs),
+            "unlabelled": sum(y is None for _, y in train),
+            "gate_synthetic": n_held,
         }
 
     def _distil(self, outputs: dict[str, Any]) -> dict[str, Any]:
@@ -259,12 +275,15 @@ class Migrator:
             should_stop=self._cancel.is_set,
             teacher=self.teacher if self.spec.distillation == "token_kl" else None,
             top_k=self.spec.teacher_top_k,
+            fit_target=self.spec.student_fit or None,
         )
         return {
             "rows": result.rows,
             "too_long": result.too_long,
             "final_loss": result.losses[-1],
             "distillation": self.spec.distillation,
+            "steps_run": len(result.losses),
+            "fit": result.fit,
         }
 
     def _gate(self, outputs: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +301,7 @@ class Migrator:
             [y for _, _, y in held],
             self.spec.gate_tolerance,
             self.spec.gate_min_agreement,
+            self.spec.gate_min_known,
         )
         self._update(gate=result)
         return asdict(result)

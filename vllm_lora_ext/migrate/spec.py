@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vllm_lora_ext.migrate.gate import MIN_KNOWN
 from vllm_lora_ext.migrate.synthesis import dedupe_key
 from vllm_lora_ext.training import LoraHyperparameters
 
@@ -36,11 +37,21 @@ class TrainParams(BaseModel):
     steps: int = Field(60, ge=1)
     batch: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
+    warmup: float = Field(0.0, ge=0, lt=1)
+    """Fraction of ``steps`` with a linear learning-rate warmup."""
+    decay: bool = False
+    """Cosine decay of the learning rate after warmup (to a tenth)."""
 
     def hyperparameters(self, seed: int) -> LoraHyperparameters:
         return LoraHyperparameters(
-            self.rank, self.alpha, tuple(self.targets), self.steps, self.batch, self.lr, seed
-        )
+            self.rank, self.alpha, tuple(self.targets), self.steps, self.batch, self.lr, seed,
+            self.warmup, self.decay,
+        )  # fmt: skip
+
+
+def _student() -> TrainParams:
+    """A budget, not a prescription: training ends once the student fits (``student_fit``)."""
+    return TrainParams(steps=200, warmup=0.1, decay=True)
 
 
 class SynthesisParams(BaseModel):
@@ -64,11 +75,19 @@ class MigrationOptions(BaseModel):
     """``filtered``: real + discriminator-kept synthetic inputs (Trans-LoRA); ``unfiltered``:
     real + all synthetic; ``seeds_only``: the real inputs alone (the ablations)."""
     gate_fraction: float = Field(0.25, gt=0, lt=1)
+    gate_synthetic: int = Field(20, ge=0)
+    """Synthetic inputs kept out of the student's training and checked at the gate (agreement
+    with the teacher), at most half of those kept: a handful of real inputs tells little."""
     gate_tolerance: float = Field(0.05, ge=0, le=1)
     gate_min_agreement: float = Field(0.8, ge=0, le=1)
+    gate_min_known: int = Field(MIN_KNOWN, ge=1)
+    """Known answers needed before the task metric decides instead of agreement."""
     synthesis: SynthesisParams = Field(default_factory=SynthesisParams)
     discriminator: TrainParams = Field(default_factory=lambda: TrainParams(lr=5e-3))
-    student: TrainParams = Field(default_factory=TrainParams)
+    student: TrainParams = Field(default_factory=_student)
+    student_fit: float = Field(0.9, ge=0, le=1)
+    """Training ends once the student's greedy answer equals its label on this fraction of its
+    training rows (checked every 10 steps), or when ``student.steps`` run out; 0: all steps."""
     distillation: Literal["sequence", "token_kl"] = "sequence"
     """``sequence``: cross-entropy on the teacher's answer text (works across tokenizers);
     ``token_kl``: KL to the teacher's top-``teacher_top_k`` distribution at every answer token
@@ -89,6 +108,10 @@ class MigrationSpec(MigrationOptions):
     seeds: list[Seed] = Field(default_factory=list)
     reservoir: list[str] = Field(default_factory=list)
     """Prompts the adapter was observed to serve (user-turn text)."""
+    choice_prefix: str | None = Field(None, min_length=1)
+    """Set for multiple-choice tasks whose inputs list their options, each after this marker
+    (BIG-bench's ``"\n  choice: "``): the teacher then labels an input with the option it finds
+    most likely, and an input without two options is not used."""
 
     @model_validator(mode="after")
     def _enough_examples(self) -> MigrationSpec:

@@ -60,6 +60,12 @@ class AdapterTask(BaseModel):
         None, min_length=1, description="What the adapter does, e.g. 'two-digit arithmetic'"
     )
     seeds: list[Seed] = Field(default_factory=list, description="Example inputs (+ answers)")
+    choice_prefix: str | None = Field(
+        None,
+        min_length=1,
+        description="Multiple choice: the marker before each option in an input (e.g. "
+        "'\\n  choice: '); the teacher then labels by its most likely option",
+    )
 
 
 class MigrationRequest(BaseModel):
@@ -294,6 +300,7 @@ class MigrationJobs:
                 task_description=task.task_description or f"{name.replace('_', ' ')} questions",
                 seeds=task.seeds,
                 reservoir=reservoir,
+                choice_prefix=task.choice_prefix,
             )
         except ValidationError as e:
             detail = "; ".join(err["msg"] for err in e.errors())

@@ -54,6 +54,8 @@ def make_spec(data: str = "filtered", student_lr: float = 1e-2) -> MigrationSpec
         data=data,
         discriminator=TrainParams(targets=TARGETS, steps=100, batch=16, lr=5e-3),
         student=TrainParams(targets=TARGETS, steps=40, batch=16, lr=student_lr),
+        student_fit=0.0,  # all 40 steps: the tests below count them
+        gate_min_known=1,  # the few held-out seeds decide by the task metric
         answer_max_tokens=6,
         synthesis={"batch": 8, "max_tokens": 16},
     )
@@ -179,3 +181,27 @@ def test_spec_needs_three_distinct_examples() -> None:
         )
     spec = MigrationSpec(adapter="a", task_description="t", reservoir=["x", "y", "z"])
     assert MigrationSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_seeds_keep_their_answers_and_held_out_synthetic_inputs_reach_the_gate(parts, tmp_path):
+    """A teacher wrong on everything: seeds still train on their known answers; the gate sees
+    the held-out seeds and ``gate_synthetic`` synthetic inputs the student never trained on."""
+    spec = make_spec("unfiltered").model_copy(
+        update={"gate_synthetic": 6, "student": TrainParams(targets=TARGETS, steps=2, batch=16)}
+    )
+    parts["teacher"] = FunctionBackend(parts["teacher"].tokenizer, lambda p, _: "wrong")
+    result = Migrator(spec, tmp_path, **parts).run()
+    label = json.loads((tmp_path / "label.json").read_text())
+    seeds = {s.input: s.output for s in spec.seeds}
+    train = dict(label["train"])
+    assert label["seed_answers"] == sum(x in seeds for x in train) > 0
+    assert all(y == seeds.get(x, "wrong") for x, y in train.items())
+    synthetic = json.loads((tmp_path / "synthesise.json").read_text())["inputs"]
+    held = [x for x, _, _ in label["gate"] if x in synthetic]
+    assert label["gate_synthetic"] == len(held) == 6 and not set(held) & set(train)
+    assert (
+        result.gate.n
+        == len(label["gate"])
+        == len(held) + sum(x not in synthetic for x, _, _ in label["gate"])
+    )
+    assert all(t == "wrong" for _, t, _ in label["gate"])  # the teacher answered the gate

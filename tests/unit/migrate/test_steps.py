@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from migrate_fakes import DIGITS, LETTERS, FunctionBackend, strings
+from hypothesis import given
+from hypothesis import strategies as st
+from migrate_fakes import DIGITS, LETTERS, FunctionBackend, number_or_word, strings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_lora_ext.evaluation.backends import TransformersBackend
@@ -140,11 +143,22 @@ def test_query_prompt_chat(llama_tok) -> None:
 def test_gate_uses_the_task_metric_when_answers_are_known() -> None:
     teacher = ["a", "b", "c", "x"]
     targets = ["a", "b", "c", "d"]  # teacher 0.75
-    ok = decide(teacher, ["A.", "b", "c", "y"], targets, tolerance=0.0)
+    ok = decide(teacher, ["A.", "b", "c", "y"], targets, tolerance=0.0, min_known=4)
     assert ok.passed and ok.student_accuracy == 0.75 and ok.teacher_accuracy == 0.75
-    bad = decide(teacher, ["a", "b", "z", "z"], targets, tolerance=0.2)
-    assert not bad.passed and "0.500 < teacher 0.750" in bad.reason
-    assert decide(teacher, ["a", "b", "z", "z"], targets, tolerance=0.25).passed
+    bad = decide(teacher, ["a", "b", "z", "z"], targets, tolerance=0.2, min_known=4)
+    assert not bad.passed and "0.500 (95% interval [0.15, 0.85]) < teacher 0.750" in bad.reason
+    assert decide(teacher, ["a", "b", "z", "z"], targets, tolerance=0.25, min_known=4).passed
+
+
+def test_gate_needs_min_known_answers_before_the_metric_decides() -> None:
+    """One known answer decides nothing: agreement on every held-out input does."""
+    teacher, student = list("abcdefghij"), list("abcdefghiz")
+    one_known = ["a"] + [None] * 9
+    r = decide(teacher, student, one_known, min_agreement=0.8)
+    assert r.passed and r.student_accuracy is None and r.n_with_targets == 1
+    assert "9/10" in r.reason and "95% interval [0.60, 0.98]" in r.reason
+    lo, hi = r.interval
+    assert lo < 0.9 < hi
 
 
 def test_gate_uses_agreement_without_known_answers() -> None:
@@ -153,6 +167,7 @@ def test_gate_uses_agreement_without_known_answers() -> None:
     result = decide(list("abcde"), list("abczz"), none, min_agreement=0.8)
     assert not result.passed and result.agreement == 0.6
     assert "3/5" in result.reason and "0.8 required" in result.reason
+    assert result.interval is not None and result.interval[0] < 0.6 < result.interval[1]
     assert not decide([], [], []).passed
 
 
@@ -202,3 +217,101 @@ def test_training_should_stop_is_checked_each_step(tiny_model_dir: Path, llama_t
             should_stop=lambda: len(done) >= 2,
         )
     assert done == [1, 2]
+
+
+# -- a student that fits, labels from options ------------------------------------------------
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth() -> None:
+    from vllm_lora_ext.training import FINAL_LR_FRACTION, lr_factor
+
+    hp = LoraHyperparameters(steps=100, warmup=0.1, decay=True)
+    factors = [lr_factor(s, hp) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(factors[:10]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    assert factors[-1] == pytest.approx(FINAL_LR_FRACTION)
+    flat = LoraHyperparameters(steps=50)
+    assert {lr_factor(s, flat) for s in range(50)} == {1.0}
+
+
+def test_fitted_rows_is_greedy_agreement_and_training_stops_once_rows_fit(
+    tiny_model_dir: Path, llama_tok
+) -> None:
+    """Oracle: the model's own greedy generation. Training with a fit target stops early."""
+    from vllm_lora_ext.migrate.distill import distillation_rows
+    from vllm_lora_ext.training import answer_end_ids, fitted_rows
+
+    pairs = [(x, number_or_word(x)) for x in strings(random.Random(3), DIGITS + LETTERS, 12)]
+    rows, _ = distillation_rows(llama_tok, pairs)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    hp = LoraHyperparameters(steps=120, batch=12, lr=1e-2, targets=("q_proj", "v_proj", "o_proj"))
+    model = attach_lora(base, hp)
+    fits: list[tuple[int, float]] = []
+    losses = train_lora(model, rows, hp, pad=0, fit_target=0.9, fit_every=5,
+                        on_fit=lambda *f: fits.append(f))  # fmt: skip
+    assert fits and fits[-1][1] >= 0.9 and len(losses) == fits[-1][0] < hp.steps
+    assert all(f < 0.9 for _, f in fits[:-1])
+    fitted = fitted_rows(model, rows, pad=0, batch=5)
+    backend = TransformersBackend(model, llama_tok)
+    gens = backend.generate([ids[:start] for ids, start in rows], 8, answer_end_ids(llama_tok))
+    # a generation ends at the stop token (not included): the answer, then the end token
+    greedy = [g.token_ids == tuple(ids[start:-1]) for g, (ids, start) in
+              zip(gens, rows, strict=True)]  # fmt: skip
+    assert fitted == greedy and sum(fitted) / len(fitted) == fits[-1][1]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Sentence: x\n  choice: A cook\n  choice: Ambiguous\nPronoun:", ["A cook", "Ambiguous"]),
+        ("no options here", []),
+        ("  choice: only", ["only"]),
+        ("  choice: \n  choice: b", ["b"]),  # an empty option is no option
+    ],
+)
+def test_parse_options(text: str, expected: list[str]) -> None:
+    from vllm_lora_ext.migrate.labelling import parse_options
+
+    assert parse_options(text, "\n  choice: " if "\n" in text else "  choice: ") == expected
+
+
+@given(st.text(max_size=200), st.lists(st.text(max_size=20), max_size=5))
+def test_parse_options_returns_what_follows_each_marker(head: str, options: list[str]) -> None:
+    from vllm_lora_ext.migrate.labelling import parse_options
+
+    marker = "\n  choice: "
+    head = head.replace("choice:", "")
+    text = head + "".join(marker + o for o in options)
+    expected = [o.split("\n", 1)[0].strip() for o in options]
+    assert parse_options(text, marker) == [o for o in expected if o]
+
+
+class OptionScorer(FunctionBackend):
+    """Scores an option by a known function of its text: the teacher's preference."""
+
+    def __init__(self, tokenizer, prefer: str) -> None:
+        super().__init__(tokenizer, lambda p, _: "free text")
+        self.prefer = prefer
+
+    def continuation_logprobs(self, requests):
+        out = []
+        for _, answer in requests:
+            text = self.tokenizer.decode(list(answer))
+            out.append((0.0,) if self.prefer in text else (-1.0, -1.0))
+        return out
+
+
+def test_label_all_picks_the_teachers_option_and_skips_inputs_without_options(llama_tok):
+    from vllm_lora_ext.migrate.labelling import label_all
+
+    marker = "\n  choice: "
+    inputs = [
+        f"Who teaches?{marker}The assistant{marker}The cook{marker}Ambiguous",
+        "Who teaches? (no options were written)",
+        f"Who cooks?{marker}Ambiguous{marker}The cook",
+    ]
+    labels = label_all(OptionScorer(llama_tok, "cook"), inputs, choice_prefix=marker, chunk=2)
+    assert labels == ["The cook", None, "The cook"]
+    free = label_all(OptionScorer(llama_tok, "cook"), inputs[:1], max_tokens=16)
+    assert free == ["free text"]
