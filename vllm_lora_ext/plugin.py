@@ -1,8 +1,11 @@
-"""The one module that touches vLLM: entry points, the engine bridge and the store resolver.
+"""vLLM's entry points into this package: the engine bridge, the store resolver, the patches.
 
-Everything vLLM-specific (``OpenAIServingModels``, ``LoRARequest``, resolvers, engine args)
-is used here and nowhere else, against the pinned version below; ``tests/unit/test_plugin_guard``
-fails loudly if a vLLM upgrade moves any of it.
+vLLM is imported here and in the punica wrappers that vLLM instantiates by name
+(``cpu_lora/punica_wrapper.py``, ``gpu_lora/``), nowhere else: ruff's banned-import rule
+(``TID251``, ``pyproject.toml``) enforces it. Everything vLLM-specific (``LoRARequest``,
+resolvers, engine args, the LoRA manager) is used against the pinned version below;
+``tests/unit/test_plugin_guard`` fails loudly if a vLLM upgrade moves any of it. ``cli.py``
+starts vLLM's server module by name, as a subprocess, and imports nothing of it.
 """
 
 from __future__ import annotations
