@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from migration_quality import build_spec  # noqa: E402
 
 from vllm_lora_ext.files import write_atomic  # noqa: E402
-from vllm_lora_ext.server.forwarding import ROUTED_HEADER  # noqa: E402
+from vllm_lora_ext.server.migrations.forwarding import ROUTED_HEADER  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

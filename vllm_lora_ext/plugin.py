@@ -349,7 +349,7 @@ def _store_resolver(service: Any) -> Any:
 
     class StoreResolver(LoRAResolver):
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-            from vllm_lora_ext.adapters.validation import AdapterRejected
+            from vllm_lora_ext.errors import Refused
             from vllm_lora_ext.merge.spec import PREFIX
             from vllm_lora_ext.server import metrics
 
@@ -363,7 +363,7 @@ def _store_resolver(service: Any) -> Any:
                         return None
                     path = service.serving_path(record)
                     service.note_loaded(record)
-            except AdapterRejected as e:
+            except Refused as e:
                 metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
                 logger.warning("vllm-lora-ext: cannot serve %r: %s", lora_name, e.message)
                 return None
@@ -381,26 +381,29 @@ class LoraExtEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        from vllm_lora_ext.errors import Refused
+        from vllm_lora_ext.server.adapters.routes import router
         from vllm_lora_ext.server.gateway import GenerationGateway
-        from vllm_lora_ext.server.merge_routes import router as merge_router
-        from vllm_lora_ext.server.migration_routes import router as migration_router
-        from vllm_lora_ext.server.routes import router
-        from vllm_lora_ext.server.stats_routes import router as stats_router
+        from vllm_lora_ext.server.http import refused_handler
+        from vllm_lora_ext.server.merges.routes import router as merge_router
+        from vllm_lora_ext.server.migrations.routes import router as migration_router
+        from vllm_lora_ext.server.stats.routes import router as stats_router
 
         app.include_router(router)
         app.include_router(stats_router)
         app.include_router(merge_router)
         app.include_router(migration_router)
+        app.add_exception_handler(Refused, refused_handler)
         app.add_middleware(GenerationGateway)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from vllm_lora_ext.adapters.base_model import BaseModelInfo
         from vllm_lora_ext.adapters.store import AdapterStore
-        from vllm_lora_ext.server.adapter_service import AdapterService
-        from vllm_lora_ext.server.forwarding import ForwardTable
-        from vllm_lora_ext.server.merge_jobs import MergeJobs
-        from vllm_lora_ext.server.replay import HttpReplayer
-        from vllm_lora_ext.server.stats_service import StatsService
+        from vllm_lora_ext.server.adapters.service import AdapterService
+        from vllm_lora_ext.server.merges.jobs import MergeJobs
+        from vllm_lora_ext.server.merges.replay import HttpReplayer
+        from vllm_lora_ext.server.migrations.forwarding import ForwardTable
+        from vllm_lora_ext.server.stats.service import StatsService
         from vllm_lora_ext.settings import Settings
 
         state.lora_ext = None
@@ -500,9 +503,9 @@ async def _init_migrations(
 ) -> None:
     """The migration service; with ``serve --migrate-from`` its job starts before serving, and a
     refused one stops the server with the reason (an operator asked for it explicitly)."""
-    from vllm_lora_ext.server.migration_jobs import (
+    from vllm_lora_ext.errors import Refused
+    from vllm_lora_ext.server.migrations.jobs import (
         MigrationJobs,
-        MigrationRefused,
         MigrationRequest,
         known_model_finder,
     )
@@ -526,7 +529,7 @@ async def _init_migrations(
         body["source_model_path"] = str(settings.migrate_source_model)
     try:
         job = await jobs.submit(MigrationRequest.model_validate(body))
-    except MigrationRefused as e:
+    except Refused as e:
         raise RuntimeError(f"vllm-lora-ext: --migrate-from {settings.migrate_from}: {e}") from e
     logger.info("vllm-lora-ext: migration %s of %d adapters started from %s", job.id,
                 len(job.adapters), settings.migrate_from)  # fmt: skip

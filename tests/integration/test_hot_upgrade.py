@@ -29,7 +29,7 @@ from tiny_model import build_tiny_gemma3, tiny_serve_args
 
 from vllm_lora_ext.migrate.distill import distil
 from vllm_lora_ext.migrate.migrator import STEPS
-from vllm_lora_ext.server.forwarding import ROUTED_HEADER
+from vllm_lora_ext.server.migrations.forwarding import ROUTED_HEADER
 from vllm_lora_ext.server_process import Server, start_server
 from vllm_lora_ext.training import LoraHyperparameters
 

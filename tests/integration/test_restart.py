@@ -19,7 +19,7 @@ from test_stats_capture import complete, prompts
 from tiny_model import random_lora_tensors, tiny_serve_args, write_adapter
 
 from vllm_lora_ext.adapters.merged_cache import MERGED_DIR
-from vllm_lora_ext.server.stats_service import PROMPTS_SUFFIX, STATS_DIR
+from vllm_lora_ext.server.stats.service import PROMPTS_SUFFIX, STATS_DIR
 from vllm_lora_ext.server_process import Server, start_server
 
 ADAPTERS = ("rs-a", "rs-b")

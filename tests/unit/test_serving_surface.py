@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_lora_ext.adapters.merged_cache import MergedCache
-from vllm_lora_ext.adapters.validation import AdapterRejected, check_allowed_path
+from vllm_lora_ext.adapters.validation import check_allowed_path
 from vllm_lora_ext.client import CliError, Exit, checked, run_command, server_message
+from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.server.gateway import is_raw_lora_route, list_registered
 from vllm_lora_ext.server.job_records import MAX_RECORDS, JobRecords
 
@@ -33,16 +34,16 @@ def test_paths_only_under_allowed_roots_after_resolving_links(tmp_path):
     roots = [root.resolve()]
     assert check_allowed_path(root / "ok", roots) == (root / "ok").resolve()
     for bad in (outside, root / "escape", root / "ok" / ".." / ".." / "outside"):
-        with pytest.raises(AdapterRejected) as e:
+        with pytest.raises(Refused) as e:
             check_allowed_path(bad, roots)
         assert e.value.reason == "path_not_allowed" and e.value.status == 403
-    with pytest.raises(AdapterRejected) as e:
+    with pytest.raises(Refused) as e:
         check_allowed_path(root / "ok" / "weights", roots, "file")
     assert e.value.reason == "path_not_allowed"
-    with pytest.raises(AdapterRejected) as e:  # no roots: registration by path is off
+    with pytest.raises(Refused) as e:  # no roots: registration by path is off
         check_allowed_path(root / "ok", [])
     assert e.value.reason == "path_not_allowed" and "upload" in e.value.message
-    with pytest.raises(AdapterRejected) as e:
+    with pytest.raises(Refused) as e:
         check_allowed_path(root / "missing", roots)
     assert e.value.reason == "missing_file"
 
@@ -202,9 +203,9 @@ def test_connection_refused_is_unreachable(capsys):
 def test_migrations_of_an_earlier_run_are_listed_interrupted(tmp_path):
     from types import SimpleNamespace
 
-    from vllm_lora_ext.server.forwarding import ForwardTable
     from vllm_lora_ext.server.job_records import JOBS_DIR
-    from vllm_lora_ext.server.migration_jobs import MigrationJobs
+    from vllm_lora_ext.server.migrations.forwarding import ForwardTable
+    from vllm_lora_ext.server.migrations.jobs import MigrationJobs
 
     table = ForwardTable()
 

@@ -12,7 +12,7 @@ from tiny_model import random_lora_tensors, write_adapter
 
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from vllm_lora_ext.adapters.store import LINEAGE_FILE, STALE_STAGING_S, AdapterStore
-from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.errors import Refused
 
 
 def add(store: AdapterStore, name: str, seed: int = 0, **kw) -> None:
@@ -36,7 +36,7 @@ def test_commit_records_lineage(tmp_path: Path) -> None:
 
 def test_rejected_commit_leaves_nothing(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path)
-    with pytest.raises(AdapterRejected), store.staging() as staged:
+    with pytest.raises(Refused), store.staging() as staged:
         write_adapter(staged, random_lora_tensors(0, rank=32), base="tiny", rank=32)
         store.commit(staged, "big", BASE, max_rank=16, source="test")
     assert list(tmp_path.iterdir()) == []
@@ -46,7 +46,7 @@ def test_duplicate_refused_and_original_kept(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path)
     add(store, "a", seed=1)
     sha = store.get("a").weights_sha256
-    with pytest.raises(AdapterRejected) as e:
+    with pytest.raises(Refused) as e:
         add(store, "a", seed=2)
     assert e.value.reason == "duplicate_name" and e.value.status == 409
     assert store.get("a").weights_sha256 == sha
@@ -75,5 +75,5 @@ def test_remove(tmp_path: Path) -> None:
 
 
 def test_path_refuses_traversal(tmp_path: Path) -> None:
-    with pytest.raises(AdapterRejected):
+    with pytest.raises(Refused):
         AdapterStore(tmp_path).path("../etc")

@@ -13,7 +13,7 @@ from tiny_model import TINY, random_lora_tensors, write_adapter
 from vllm_lora_ext.adapters.base_model import BaseModelInfo
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, tensor_key
 from vllm_lora_ext.adapters.validation import (
-    AdapterRejected,
+    Refused,
     inspect_adapter_dir,
     validate_name,
 )
@@ -36,7 +36,7 @@ def good(tmp_path: Path, **overrides) -> Path:
 
 
 def reason(directory: Path, max_rank: int = 16) -> str:
-    with pytest.raises(AdapterRejected) as e:
+    with pytest.raises(Refused) as e:
         inspect_adapter_dir(directory, BASE, max_rank)
     return e.value.reason
 
@@ -60,13 +60,13 @@ def test_declared_base_aliases_accepted(tmp_path: Path, declared: str) -> None:
     "name", ["a/b", "..", "a..b", "../x", "", "-lead", "x" * 65, "sp ace", "ü", "a\x00"]
 )
 def test_bad_names(name: str) -> None:
-    with pytest.raises(AdapterRejected) as e:
+    with pytest.raises(Refused) as e:
         validate_name(name)
     assert e.value.reason == "invalid_name"
 
 
 def test_name_of_base_is_reserved() -> None:
-    with pytest.raises(AdapterRejected):
+    with pytest.raises(Refused):
         validate_name("tiny", reserved=BASE.aliases)
     assert validate_name("math-v2.1_x") == "math-v2.1_x"
 

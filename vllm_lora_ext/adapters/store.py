@@ -20,8 +20,8 @@ from pathlib import Path
 from vllm_lora_ext.adapters.base_model import BaseModelInfo
 from vllm_lora_ext.adapters.peft_format import WEIGHTS_FILE
 from vllm_lora_ext.adapters.validation import (
-    AdapterRejected,
     AdapterSummary,
+    Refused,
     inspect_adapter_dir,
     validate_name,
 )
@@ -84,7 +84,7 @@ class AdapterStore:
         """Validate ``staged`` against ``base`` and move it into the store as ``name``."""
         target = self.path(name)
         if target.exists():
-            raise AdapterRejected("duplicate_name", f"adapter {name!r} already exists", 409)
+            raise Refused("duplicate_name", f"adapter {name!r} already exists", 409)
         summary = inspect_adapter_dir(staged, base, max_rank)
         record = StoredAdapter(
             **summary.model_dump(),
@@ -98,7 +98,7 @@ class AdapterStore:
         try:
             os.rename(staged, target)  # atomic; fails if a racing writer got there first
         except OSError as e:
-            raise AdapterRejected("duplicate_name", f"adapter {name!r} already exists", 409) from e
+            raise Refused("duplicate_name", f"adapter {name!r} already exists", 409) from e
         _fsync_dir(self.root)
         return record
 

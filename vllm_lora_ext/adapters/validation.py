@@ -25,48 +25,9 @@ from vllm_lora_ext.adapters.peft_format import (
     PeftLoraConfig,
     parse_key,
 )
-
-REASONS = (
-    "invalid_name",
-    "duplicate_name",
-    "missing_file",
-    "pickle_file",
-    "unexpected_file",
-    "malformed_config",
-    "malformed_weights",
-    "unsupported_module",
-    "shape_mismatch",
-    "rank_too_high",
-    "non_finite",
-    "wrong_base",
-    "too_large",
-    "engine_rejected",
-    "invalid_merge",
-    "unknown_adapter",
-    "stats_budget",
-    "not_capturing",
-    "capturing",
-    "invalid_stats",
-    "too_many_pinned",
-    "too_many_files",
-    "malformed_upload",
-    "path_not_allowed",
-    "use_adapters_api",
-    "inline_merges_off",
-)
+from vllm_lora_ext.errors import Refused
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class AdapterRejected(Exception):
-    """An adapter (or its name) that must not be registered; ``reason`` is one of REASONS."""
-
-    def __init__(self, reason: str, message: str, status: int = 400) -> None:
-        assert reason in REASONS, reason
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.status = status
 
 
 class AdapterSummary(BaseModel):
@@ -82,26 +43,26 @@ class AdapterSummary(BaseModel):
 def validate_name(name: str, reserved: Iterable[str] = ()) -> str:
     """Names become directory names and model ids: a conservative charset, no ``..``."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise AdapterRejected(
+        raise Refused(
             "invalid_name",
             f"invalid adapter name {name!r}: use 1-64 characters from [A-Za-z0-9._-], "
             "starting with a letter or digit, without '..'",
         )
     if name in set(reserved):
-        raise AdapterRejected("invalid_name", f"adapter name {name!r} is the base model's name")
+        raise Refused("invalid_name", f"adapter name {name!r} is the base model's name")
     return name
 
 
 def check_file_name(name: str) -> None:
     """Refuse pickles (they run code when loaded) and files PEFT adapters do not carry."""
     if name.lower().endswith(PICKLE_SUFFIXES):
-        raise AdapterRejected(
+        raise Refused(
             "pickle_file",
             f"{name!r} is a pickle checkpoint, which can run code when loaded; "
             f"convert it to {WEIGHTS_FILE}",
         )
     if name not in ALLOWED_FILES:
-        raise AdapterRejected(
+        raise Refused(
             "unexpected_file",
             f"unexpected file {name!r}; allowed: {', '.join(sorted(ALLOWED_FILES))}",
         )
@@ -112,7 +73,7 @@ def check_allowed_path(path: Path, roots: Iterable[Path], kind: str = "directory
     refused otherwise. No roots: registration by server path is off."""
     roots = list(roots)
     if not roots:
-        raise AdapterRejected(
+        raise Refused(
             "path_not_allowed",
             "registration from a server path is off on this server: upload the files "
             "(multipart POST /v1/adapters), or start it with --allowed-adapter-path DIR",
@@ -121,9 +82,9 @@ def check_allowed_path(path: Path, roots: Iterable[Path], kind: str = "directory
     try:
         resolved = Path(path).resolve(strict=True)
     except (OSError, RuntimeError):
-        raise AdapterRejected("missing_file", f"{str(path)!r} does not exist") from None
+        raise Refused("missing_file", f"{str(path)!r} does not exist") from None
     if not any(resolved.is_relative_to(root) for root in roots):
-        raise AdapterRejected(
+        raise Refused(
             "path_not_allowed",
             f"the {kind} {str(path)!r} is outside the allowed adapter paths "
             f"({', '.join(map(str, roots))})",
@@ -139,7 +100,7 @@ def check_file_names(names: Iterable[str]) -> None:
         check_file_name(n)
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if required not in names:
-            raise AdapterRejected("missing_file", f"missing {required}")
+            raise Refused("missing_file", f"missing {required}")
 
 
 def read_config(path: Path) -> PeftLoraConfig:
@@ -149,19 +110,19 @@ def read_config(path: Path) -> PeftLoraConfig:
             raise ValueError("the top level must be a JSON object")
         return PeftLoraConfig.model_validate(raw)
     except (ValueError, ValidationError, UnicodeDecodeError) as e:
-        raise AdapterRejected("malformed_config", f"{CONFIG_FILE} is not valid: {e}") from e
+        raise Refused("malformed_config", f"{CONFIG_FILE} is not valid: {e}") from e
 
 
 def inspect_adapter_dir(directory: Path, base: BaseModelInfo, max_rank: int) -> AdapterSummary:
-    """Validate a PEFT LoRA directory against ``base``; raise AdapterRejected on the first fault."""
+    """Validate a PEFT LoRA directory against ``base``; raise Refused on the first fault."""
     check_file_names(p.name for p in directory.iterdir())
     config = read_config(directory / CONFIG_FILE)
     if unsupported := config.unsupported_features():
-        raise AdapterRejected(
+        raise Refused(
             "malformed_config", f"vLLM cannot serve adapters with {', '.join(unsupported)}"
         )
     if not base.accepts_declared_base(config.base_model_name_or_path):
-        raise AdapterRejected(
+        raise Refused(
             "wrong_base",
             f"adapter was trained on {config.base_model_name_or_path!r}; this server serves "
             f"{base.name!r} (known as {sorted(base.aliases)})",
@@ -172,40 +133,38 @@ def inspect_adapter_dir(directory: Path, base: BaseModelInfo, max_rank: int) -> 
     for (layer, module), pair in sorted(factors.items()):
         where = f"layer {layer} {module}"
         if set(pair) != {"A", "B"}:
-            raise AdapterRejected("malformed_weights", f"{where}: lora_A and lora_B must pair")
+            raise Refused("malformed_weights", f"{where}: lora_A and lora_B must pair")
         if module not in base.module_shapes:
-            raise AdapterRejected(
+            raise Refused(
                 "unsupported_module",
                 f"{where}: module {module!r} is not one of {sorted(base.module_shapes)}",
             )
         if layer >= base.num_layers:
-            raise AdapterRejected(
-                "shape_mismatch", f"{where}: the base has only {base.num_layers} layers"
-            )
+            raise Refused("shape_mismatch", f"{where}: the base has only {base.num_layers} layers")
         a, b = pair["A"], pair["B"]
         fan_in, fan_out = base.module_shapes[module]
         rank = a.shape[0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape != (fan_out, rank):
-            raise AdapterRejected(
+            raise Refused(
                 "shape_mismatch",
                 f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the "
                 f"base, which needs [r, {fan_in}] / [{fan_out}, r]",
             )
         if rank > max_rank:
-            raise AdapterRejected(
+            raise Refused(
                 "rank_too_high", f"{where}: rank {rank} exceeds the server's max {max_rank}"
             )
         for name, t in (("lora_A", a), ("lora_B", b)):
             if not t.dtype.is_floating_point:
-                raise AdapterRejected("malformed_weights", f"{where}: {name} is {t.dtype}")
+                raise Refused("malformed_weights", f"{where}: {name} is {t.dtype}")
             if not bool(torch.isfinite(t).all()):
-                raise AdapterRejected("non_finite", f"{where}: {name} holds NaN or Inf")
+                raise Refused("non_finite", f"{where}: {name} holds NaN or Inf")
         modules.add(module)
         ranks.add(rank)
     if not factors:
-        raise AdapterRejected("malformed_weights", f"{WEIGHTS_FILE} holds no LoRA factors")
+        raise Refused("malformed_weights", f"{WEIGHTS_FILE} holds no LoRA factors")
     if not math.isfinite(config.lora_alpha):
-        raise AdapterRejected("non_finite", "lora_alpha is not finite")
+        raise Refused("non_finite", "lora_alpha is not finite")
     return AdapterSummary(
         rank=max(ranks),
         lora_alpha=config.lora_alpha,
@@ -222,11 +181,11 @@ def _read_factors(path: Path) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 parsed = parse_key(key)
                 if parsed is None:
-                    raise AdapterRejected(
+                    raise Refused(
                         "unsupported_module", f"tensor {key!r} is not a LoRA factor we serve"
                     )
                 layer, module, factor = parsed
                 factors.setdefault((layer, module), {})[factor] = f.get_tensor(key)
     except SafetensorError as e:
-        raise AdapterRejected("malformed_weights", f"{WEIGHTS_FILE} is unreadable: {e}") from e
+        raise Refused("malformed_weights", f"{WEIGHTS_FILE} is unreadable: {e}") from e
     return factors

@@ -19,7 +19,8 @@ import torch
 
 from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, PeftLoraConfig
-from vllm_lora_ext.adapters.validation import AdapterRejected, validate_name
+from vllm_lora_ext.adapters.validation import validate_name
+from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.files import sha256_file
 from vllm_lora_ext.merge.methods import merge_adapters, validate_params
 from vllm_lora_ext.merge.params import MergeParams
@@ -59,7 +60,7 @@ def merge_folders(
     """
     try:
         validate_name(name)
-    except AdapterRejected as e:
+    except Refused as e:
         raise ValueError(e.message) from None
     paths = [Path(p) for p in paths]
     if not paths or len(paths) != len(weights):

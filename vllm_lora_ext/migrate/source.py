@@ -16,11 +16,12 @@ import httpx
 
 
 class SourceError(RuntimeError):
-    """The source server cannot be used; ``status`` is the HTTP status to answer with."""
+    """The source server cannot be used; ``status`` and ``reason`` are what to answer with."""
 
-    def __init__(self, message: str, status: int = 502) -> None:
+    def __init__(self, message: str, status: int = 502, reason: str = "source_unavailable"):
         super().__init__(message)
         self.status = status
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def describe_source(
             f"the source server {url} serves base model {base!r}, not {expected_base!r} "
             f"as claimed (it answers to {', '.join(served) or 'nothing'})",
             409,
+            "wrong_source_base",
         )
     names = tuple(a["name"] for a in adapters.get("adapters", []))
     return SourceInfo(url, base, served, names)
@@ -117,12 +119,15 @@ def _get_json(client: httpx.Client, path: str, url: str) -> dict[str, Any]:
     except httpx.HTTPError as e:
         raise SourceError(f"cannot reach the source server {url}: {e}") from e
     if response.status_code == 404 and path == "/v1/adapters":
-        raise SourceError(f"{url} is not a vllm-lora-ext server (no /v1/adapters)", 400)
+        raise SourceError(
+            f"{url} is not a vllm-lora-ext server (no /v1/adapters)", 400, "not_a_source"
+        )
     if response.status_code == 401:
         raise SourceError(
             f"{url}{path} answered 401: give the old server's key as source_api_key "
             "(default: this server's own --api-key)",
             400,
+            "source_unauthorized",
         )
     if response.status_code != 200:
         raise SourceError(f"{url}{path} answered {response.status_code}: {response.text[:200]}")

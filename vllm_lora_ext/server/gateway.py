@@ -34,9 +34,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
 from vllm_lora_ext.server import metrics
-from vllm_lora_ext.server.adapter_service import AdapterService
-from vllm_lora_ext.server.forwarding import ForwardTable, forward_request, list_forwarded
-from vllm_lora_ext.server.routes import count_request, error, model_of_body
+from vllm_lora_ext.server.adapters.service import AdapterService
+from vllm_lora_ext.server.http import error
+from vllm_lora_ext.server.migrations.forwarding import ForwardTable, forward_request, list_forwarded
 
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 
@@ -203,3 +203,22 @@ async def _sync_with_store(service: AdapterService | None, model: object) -> Non
         await service.sync_with_store(model)
     except Exception:  # the request goes on with what vLLM holds
         logger.exception("vllm-lora-ext: cannot check %r against the store", model)
+
+
+def count_request(model: object, service: AdapterService | None) -> None:
+    """Count a generation request by the model it names (bounded labels: known names only)."""
+    if service is None or not isinstance(model, str):
+        return
+    if model in service.names:
+        metrics.REQUESTS.labels(adapter=model).inc()
+    elif model in service.base.aliases:
+        metrics.REQUESTS.labels(adapter="base").inc()
+    elif model.startswith("merge:"):
+        metrics.REQUESTS.labels(adapter="merge").inc()
+
+
+def model_of_body(body: bytes) -> object:
+    try:
+        return json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None

@@ -14,8 +14,13 @@ REQUESTS = Counter(
 )
 VALIDATION_FAILURES = Counter(
     "vllm_lora_ext_validation_failures",
-    "Adapter registrations refused, by reason",
+    "Adapters refused by validation (registrations and inline merges), by reason",
     ["reason"],
+)
+REFUSALS = Counter(
+    "vllm_lora_ext_refusals",
+    "Requests refused by the plugin's APIs (4xx/502 with a reason), by API and reason",
+    ["api", "reason"],
 )
 STATS_HELD_TOKENS = Gauge(
     "vllm_lora_ext_stats_held_tokens",

@@ -20,7 +20,7 @@ from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
 from vllm_lora_ext.adapters.merged_cache import MergedCache
 from vllm_lora_ext.adapters.store import AdapterStore, StoredAdapter
 from vllm_lora_ext.adapters.validation import (
-    AdapterRejected,
+    Refused,
     check_allowed_path,
     check_file_name,
     check_file_names,
@@ -113,7 +113,7 @@ class AdapterService:
         (``confined``: every file must resolve under ``allowed_paths``)."""
         validate_name(name, reserved=self.base.aliases)
         if not source.is_dir():
-            raise AdapterRejected("missing_file", f"{str(source)!r} is not a directory")
+            raise Refused("missing_file", f"{str(source)!r} is not a directory")
         check_file_names(p.name for p in source.iterdir())
 
         async def files() -> AsyncIterator[tuple[str, Iterable[bytes]]]:
@@ -131,7 +131,7 @@ class AdapterService:
         validate_name(name, reserved=self.base.aliases)
         async with self._lock:
             if self.store.get(name) is not None:
-                raise AdapterRejected("duplicate_name", f"adapter {name!r} already exists", 409)
+                raise Refused("duplicate_name", f"adapter {name!r} already exists", 409)
             with self.store.staging() as staged:
                 await self._write_files(staged, files)
                 record = await asyncio.to_thread(
@@ -142,7 +142,7 @@ class AdapterService:
             except Exception as e:
                 self.serving_path(record).unlink()
                 self.store.remove(name)
-                raise AdapterRejected(
+                raise Refused(
                     "engine_rejected", f"vLLM could not load the adapter: {e}", 422
                 ) from e
         metrics.ADAPTER_LOADS.inc()
@@ -176,13 +176,11 @@ class AdapterService:
             return
         record = self.get(name)
         if record is None:
-            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+            raise Refused("unknown_adapter", f"adapter {name!r} not found", 404)
         try:
             await self.engine.load(name, self.serving_path(record))
         except Exception as e:
-            raise AdapterRejected(
-                "engine_rejected", f"vLLM could not load the adapter: {e}", 422
-            ) from e
+            raise Refused("engine_rejected", f"vLLM could not load the adapter: {e}", 422) from e
         metrics.ADAPTER_LOADS.inc()
         self.note_loaded(record)
 
@@ -191,14 +189,12 @@ class AdapterService:
         for the disk (a hint: the LRU may still evict it later, unless it is pinned)."""
         record = self.get(name)
         if record is None:
-            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+            raise Refused("unknown_adapter", f"adapter {name!r} not found", 404)
         newly = name not in self.engine.loaded_names()
         try:
             await self.engine.prefetch(name, self.serving_path(record))
         except Exception as e:
-            raise AdapterRejected(
-                "engine_rejected", f"vLLM could not load the adapter: {e}", 422
-            ) from e
+            raise Refused("engine_rejected", f"vLLM could not load the adapter: {e}", 422) from e
         if newly:
             metrics.ADAPTER_LOADS.inc()
             self.note_loaded(record)
@@ -212,9 +208,9 @@ class AdapterService:
         if name in self.pinned:
             return
         if self.get(name) is None:
-            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+            raise Refused("unknown_adapter", f"adapter {name!r} not found", 404)
         if len(self.pinned) >= self.max_pinned:
-            raise AdapterRejected(
+            raise Refused(
                 "too_many_pinned",
                 f"{len(self.pinned)} adapters are pinned, the most this server allows "
                 f"(--max-cpu-loras minus --max-loras = {self.max_pinned})",
@@ -224,7 +220,7 @@ class AdapterService:
         try:
             await self.engine.pin(name)
         except Exception as e:
-            raise AdapterRejected("engine_rejected", f"vLLM could not pin it: {e}", 422) from e
+            raise Refused("engine_rejected", f"vLLM could not pin it: {e}", 422) from e
         self.pinned.add(name)
 
     async def pin_at_start(self, names: Iterable[str]) -> None:
@@ -233,7 +229,7 @@ class AdapterService:
         for name in names:
             try:
                 await self.pin(name)
-            except AdapterRejected as e:
+            except Refused as e:
                 logger.error("vllm-lora-ext: cannot pin %r: %s", name, e.message)
 
     async def remove(self, name: str) -> bool:
@@ -319,20 +315,20 @@ class AdapterService:
         brought back under its byte budget afterwards (:meth:`evict_merged`).
         """
         if not self.inline_merges:
-            raise AdapterRejected("inline_merges_off", "inline merges are turned off")
+            raise Refused("inline_merges_off", "inline merges are turned off")
         try:
             spec = MergeSpec.parse(merge_name)
         except ValueError as e:
-            raise AdapterRejected("invalid_merge", f"{merge_name!r}: {e}") from e
+            raise Refused("invalid_merge", f"{merge_name!r}: {e}") from e
         records = []
         for name, _ in spec.terms:
             record = self.get(name)
             if record is None:
-                raise AdapterRejected("unknown_adapter", f"merge names unknown adapter {name!r}")
+                raise Refused("unknown_adapter", f"merge names unknown adapter {name!r}")
             records.append(record)
         total_rank = sum(r.rank for r in records)
         if total_rank > self.max_rank:
-            raise AdapterRejected(
+            raise Refused(
                 "rank_too_high",
                 f"the merge has rank {total_rank} (sum of ranks); the server's max is "
                 f"{self.max_rank}",
@@ -391,13 +387,13 @@ class AdapterService:
         async for file_name, chunks in files:
             check_file_name(file_name)
             if file_name in names:
-                raise AdapterRejected("unexpected_file", f"{file_name!r} given twice")
+                raise Refused("unexpected_file", f"{file_name!r} given twice")
             names.append(file_name)
             with (staged / file_name).open("wb") as out:
                 for chunk in chunks:
                     total += len(chunk)
                     if total > self.max_upload_bytes:
-                        raise AdapterRejected(
+                        raise Refused(
                             "too_large",
                             f"adapter exceeds the {self.max_upload_bytes}-byte limit",
                             413,

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.files import write_atomic
 from vllm_lora_ext.server import metrics
-from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.stats.accumulators import IterisStats
 from vllm_lora_ext.stats.reservoir import Reservoir, prompt_of_body
 
@@ -116,7 +116,7 @@ class StatsService:
             try:
                 await self.engine.start(request, self.memory_budget_bytes)
             except ValueError as e:  # the worker's budget refusal, re-raised by collective_rpc
-                raise AdapterRejected("stats_budget", str(e), status=409) from e
+                raise Refused("stats_budget", str(e), status=409) from e
             self.capturing[name] = lora_id
             metrics.CAPTURES_RUNNING.set(len(self.capturing))
             self.reservoirs.setdefault(name, Reservoir(self.reservoir_size, settings.seed))
@@ -127,7 +127,7 @@ class StatsService:
         async with self._lock:
             lora_id = self.capturing.pop(name, None)
             if lora_id is None:
-                raise AdapterRejected("not_capturing", f"no capture runs for {name!r}", 409)
+                raise Refused("not_capturing", f"no capture runs for {name!r}", 409)
             metrics.CAPTURES_RUNNING.set(len(self.capturing))
             data = await self.engine.export(lora_id, name)
             await self.engine.stop(lora_id)
@@ -179,10 +179,10 @@ class StatsService:
         try:
             incoming = IterisStats.from_bytes(data)
         except ValueError as e:
-            raise AdapterRejected("invalid_stats", f"not a statistics export: {e}") from e
+            raise Refused("invalid_stats", f"not a statistics export: {e}") from e
         others = sorted({a for a, _ in incoming.entries} - {name})
         if others:
-            raise AdapterRejected(
+            raise Refused(
                 "invalid_stats", f"the export holds statistics of {others}, not of {name!r}"
             )
         async with self._lock:
@@ -190,14 +190,14 @@ class StatsService:
             try:
                 total = incoming if held is None else held + incoming
             except ValueError as e:
-                raise AdapterRejected("invalid_stats", str(e)) from e
+                raise Refused("invalid_stats", str(e)) from e
             await asyncio.to_thread(self._save, name, total)
         return await self.describe(name)
 
     async def clear(self, name: str) -> bool:
         self._adapter(name)
         if name in self.capturing:
-            raise AdapterRejected("capturing", f"stop the capture of {name!r} first", 409)
+            raise Refused("capturing", f"stop the capture of {name!r} first", 409)
         return self._drop_held(name)
 
     def _save(self, name: str, stats: IterisStats) -> None:
@@ -236,5 +236,5 @@ class StatsService:
     def _adapter(self, name: str) -> Any:
         record = self.adapters.get(name)
         if record is None:
-            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+            raise Refused("unknown_adapter", f"adapter {name!r} not found", 404)
         return record

@@ -25,15 +25,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora, save_lora
-from vllm_lora_ext.adapters.validation import AdapterRejected, validate_name
+from vllm_lora_ext.adapters.validation import validate_name
+from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.merge.iteris import IterisParams
 from vllm_lora_ext.merge.methods import MERGE_METHODS, merge_adapters, validate_params
 from vllm_lora_ext.merge.offline import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
 from vllm_lora_ext.server import metrics
-from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.job_records import JOBS_DIR, JobRecords
-from vllm_lora_ext.server.pool_merge_jobs import POOL_METHODS, check_pool_request, run_pool_job
-from vllm_lora_ext.server.stats_service import StatsService
+from vllm_lora_ext.server.merges.pool import POOL_METHODS, check_pool_request, run_pool_job
+from vllm_lora_ext.server.stats.service import StatsService
 
 State = Literal["running", "succeeded", "failed", "cancelled", "interrupted"]
 METHODS = (*sorted(MERGE_METHODS), "iteris", *POOL_METHODS)
@@ -184,18 +185,18 @@ class MergeJobs:
         """Validate everything that can be checked up front (4xx), then start the job."""
         validate_name(request.name, reserved=self.adapters.base.aliases)
         if self.adapters.get(request.name) is not None or self._pending(request.name):
-            raise AdapterRejected("duplicate_name", f"{request.name!r} already exists", 409)
+            raise Refused("duplicate_name", f"{request.name!r} already exists", 409)
         if request.method in POOL_METHODS:
             job = MergeJob(uuid.uuid4().hex[:12], request, pool=check_pool_request(self, request))
             return self._start(job)
         if request.adapters == "all":
-            raise AdapterRejected("invalid_merge", '"adapters": "all" is for adaptive / lorahub')
+            raise Refused("invalid_merge", '"adapters": "all" is for adaptive / lorahub')
         names = [t.name for t in request.adapters]
         if len(set(names)) != len(names):
-            raise AdapterRejected("invalid_merge", "an adapter is named twice")
+            raise Refused("invalid_merge", "an adapter is named twice")
         for name in names:
             if self.adapters.get(name) is None:
-                raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+                raise Refused("unknown_adapter", f"adapter {name!r} not found", 404)
         job = MergeJob(uuid.uuid4().hex[:12], request)
         if request.method == "iteris":
             params = _iteris_params(request.params)
@@ -205,11 +206,9 @@ class MergeJobs:
             try:
                 validate_params(request.method, request.params)
             except (ValueError, ValidationError) as e:
-                raise AdapterRejected(
-                    "invalid_merge", f"bad params for {request.method}: {e}"
-                ) from e
+                raise Refused("invalid_merge", f"bad params for {request.method}: {e}") from e
         else:
-            raise AdapterRejected(
+            raise Refused(
                 "invalid_merge", f"unknown method {request.method!r}; one of {', '.join(METHODS)}"
             )
         return self._start(job)
@@ -220,12 +219,12 @@ class MergeJobs:
     async def _check_iteris_inputs(self, names: list[str], params: IterisJobParams) -> None:
         for name in names:
             if name in self.stats.capturing:
-                raise AdapterRejected(
+                raise Refused(
                     "capturing", f"stop the capture of {name!r} before merging with it", 409
                 )
             have = self.stats.held_tokens(name)
             if have < params.min_tokens:
-                raise AdapterRejected(
+                raise Refused(
                     "invalid_merge",
                     f"IterIS needs {params.min_tokens} captured tokens per adapter; {name!r} has "
                     f"{have}. Capture traffic first: POST /v1/stats/{name}/start, serve "
@@ -234,7 +233,7 @@ class MergeJobs:
                 )
             reservoir = self.stats.reservoirs.get(name)
             if params.iterations > 1 and (reservoir is None or not reservoir.items):
-                raise AdapterRejected(
+                raise Refused(
                     "invalid_merge",
                     f"IterIS iterations > 1 replay captured prompts; none are held for {name!r}",
                     409,
@@ -258,7 +257,7 @@ class MergeJobs:
             else:
                 merged, params = await self._merge_terms(job, work)
             if merged.rank > self.adapters.max_rank:
-                raise AdapterRejected(
+                raise Refused(
                     "rank_too_high",
                     f"the merge has rank {merged.rank}; the server's max is "
                     f"{self.adapters.max_rank} (ask for a smaller params.rank)",
@@ -271,7 +270,7 @@ class MergeJobs:
             job.state, job.phase = "succeeded", "done"
         except asyncio.CancelledError:
             job.state, job.phase = "cancelled", "cancelled"
-        except AdapterRejected as e:
+        except Refused as e:
             job.state, job.error = "failed", e.message
         except Exception as e:  # a job must end in a state, whatever went wrong
             job.state, job.error = "failed", f"{type(e).__name__}: {e}"
@@ -374,7 +373,7 @@ def _iteris_params(raw: dict[str, Any]) -> IterisJobParams:
     try:
         return IterisJobParams.model_validate(raw)
     except ValidationError as e:
-        raise AdapterRejected("invalid_merge", f"bad params for iteris: {e}") from e
+        raise Refused("invalid_merge", f"bad params for iteris: {e}") from e
 
 
 def _solver_params(params: IterisJobParams) -> IterisParams:

@@ -18,7 +18,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora
-from vllm_lora_ext.adapters.validation import AdapterRejected
+from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.merge.params import MergeParams
 from vllm_lora_ext.merge.pool_merge import (
     MIN_EXAMPLES,
@@ -30,7 +30,7 @@ from vllm_lora_ext.merge.pool_merge import (
 )
 
 if TYPE_CHECKING:
-    from vllm_lora_ext.server.merge_jobs import MergeJob, MergeJobs, MergeRequest
+    from vllm_lora_ext.server.merges.jobs import MergeJob, MergeJobs, MergeRequest
 
 POOL_METHODS = tuple(PARAMS)
 
@@ -68,7 +68,7 @@ def job_params(method: str, raw: dict[str, Any]) -> _Target:
     try:
         return _JOB_PARAMS[method].model_validate(raw)
     except ValidationError as e:
-        raise AdapterRejected("invalid_merge", f"bad params for {method}: {e}") from e
+        raise Refused("invalid_merge", f"bad params for {method}: {e}") from e
 
 
 def method_params(method: str, params: _Target) -> PoolMergeParams:
@@ -77,7 +77,7 @@ def method_params(method: str, params: _Target) -> PoolMergeParams:
 
 
 def check_pool_request(jobs: MergeJobs, request: MergeRequest) -> list[str]:
-    """The pool's adapter names; AdapterRejected (4xx) for anything wrong up front."""
+    """The pool's adapter names; Refused (4xx) for anything wrong up front."""
     params = job_params(request.method, request.params)
     service = jobs.adapters
     if request.adapters == "all":
@@ -85,42 +85,40 @@ def check_pool_request(jobs: MergeJobs, request: MergeRequest) -> list[str]:
     else:
         pool = [t.name for t in request.adapters]
         if len(set(pool)) != len(pool):
-            raise AdapterRejected("invalid_merge", "an adapter is named twice")
+            raise Refused("invalid_merge", "an adapter is named twice")
         for name in pool:
             if service.get(name) is not None:
                 continue
             other = service.store.get(name)
             if other is not None:
-                raise AdapterRejected(
+                raise Refused(
                     "wrong_base",
                     f"adapter {name!r} belongs to base {other.base!r}, not to the served "
                     f"{service.base.name!r}: a pool must hold adapters of this base",
                 )
-            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+            raise Refused("unknown_adapter", f"adapter {name!r} not found", 404)
     if params.k > len(pool):
-        raise AdapterRejected(
-            "invalid_merge", f"k={params.k} but the pool holds {len(pool)} adapters"
-        )
+        raise Refused("invalid_merge", f"k={params.k} but the pool holds {len(pool)} adapters")
     smallest = sum(sorted(service.get(n).rank for n in pool)[: params.k])
     if smallest > service.max_rank:
-        raise AdapterRejected(
+        raise Refused(
             "rank_too_high",
             f"the merge of k={params.k} adapters has rank >= {smallest} (the sum of their "
             f"ranks); the server's max is {service.max_rank}: ask for a smaller k",
         )
     if params.examples is not None and len(params.examples) < MIN_EXAMPLES:
-        raise AdapterRejected(
+        raise Refused(
             "invalid_merge",
             f"{len(params.examples)} target examples; at least {MIN_EXAMPLES} are needed",
         )
     if params.from_reservoir is not None:
         name = params.from_reservoir
         if service.get(name) is None:
-            raise AdapterRejected("unknown_adapter", f"adapter {name!r} not found", 404)
+            raise Refused("unknown_adapter", f"adapter {name!r} not found", 404)
         reservoir = jobs.stats.reservoirs.get(name)
         held = sum(1 for p in reservoir.items if _text_of(p)) if reservoir is not None else 0
         if held < MIN_EXAMPLES:
-            raise AdapterRejected(
+            raise Refused(
                 "invalid_merge",
                 f"the reservoir of {name!r} holds {held} text prompts; at least {MIN_EXAMPLES} "
                 f"are needed (capture traffic: POST /v1/stats/{name}/start, serve requests)",

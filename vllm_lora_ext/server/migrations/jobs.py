@@ -29,16 +29,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from vllm_lora_ext.adapters.validation import AdapterRejected
 from vllm_lora_ext.auth import bearer
+from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.migrate.migrator import MigrationCancelled, MigrationResult, Migrator
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.source import SourceError, SourceInfo, describe_source, observed_inputs
 from vllm_lora_ext.migrate.spec import MigrationOptions, MigrationSpec, Seed
 from vllm_lora_ext.server import metrics
-from vllm_lora_ext.server.adapter_service import AdapterService
-from vllm_lora_ext.server.forwarding import ForwardTable
+from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.job_records import JOBS_DIR, JobRecords
+from vllm_lora_ext.server.migrations.forwarding import ForwardTable
 
 AdapterState = Literal[
     "pending", "running", "switched", "kept_old", "failed", "cancelled", "rolled_back",
@@ -88,13 +88,6 @@ class MigrationRequest(BaseModel):
         description="The old server's --api-key (default: this server's own); never shown "
         "or stored",
     )
-
-
-class MigrationRefused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -224,32 +217,38 @@ class MigrationJobs:
 
     async def _submit(self, request: MigrationRequest) -> MigrationJob:
         if (running := self.active()) is not None:
-            raise MigrationRefused(409, f"migration {running.id} is still running")
+            raise Refused("job_conflict", f"migration {running.id} is still running", 409)
         source_headers = self._source_headers(request)
         try:
             source = await asyncio.to_thread(
                 describe_source, request.source_url, request.source_model, 10.0, source_headers
             )
         except SourceError as e:
-            raise MigrationRefused(e.status, str(e)) from e
+            raise Refused(e.reason, str(e), e.status) from e
         names = request.adapters or list(source.adapters)
         if not names:
-            raise MigrationRefused(409, f"the source server {source.url} serves no adapters")
+            raise Refused("not_found", f"the source server {source.url} serves no adapters", 409)
         for name in names:
             if name not in source.adapters:
-                raise MigrationRefused(404, f"adapter {name!r} is not served by {source.url}")
+                raise Refused(
+                    "unknown_adapter", f"adapter {name!r} is not served by {source.url}", 404
+                )
             if self.adapters.get(name) is not None:
-                raise MigrationRefused(409, f"adapter {name!r} is already served here")
+                raise Refused("already_served", f"adapter {name!r} is already served here", 409)
         unknown = set(request.tasks) - set(names)
         if unknown:
-            raise MigrationRefused(400, f"tasks given for adapters not migrated: {sorted(unknown)}")
+            raise Refused(
+                "invalid_body", f"tasks given for adapters not migrated: {sorted(unknown)}"
+            )
         # May convert the embedded default model once (~25 s): off the event loop.
         old_base = await asyncio.to_thread(self._old_base, request, source)
         tokenizer = await asyncio.to_thread(_tokenizer, old_base)
         if request.options.distillation == "token_kl":
             own_tokenizer = await asyncio.to_thread(_tokenizer, self.new_base)
             if (why := tokenizer_mismatch(tokenizer, own_tokenizer)) is not None:
-                raise MigrationRefused(400, f"token-level distillation is not possible: {why}")
+                raise Refused(
+                    "tokenizer_mismatch", f"token-level distillation is not possible: {why}"
+                )
         migrations = []
         for name in names:
             try:
@@ -257,7 +256,7 @@ class MigrationJobs:
                     observed_inputs, source.url, name, tokenizer, 30.0, source_headers
                 )
             except SourceError as e:
-                raise MigrationRefused(e.status, str(e)) from e
+                raise Refused(e.reason, str(e), e.status) from e
             migrations.append(self._adapter_migration(request, source, name, reservoir))
         job = MigrationJob(uuid.uuid4().hex[:12], request, source, old_base, migrations)
         for migration in migrations:
@@ -278,15 +277,17 @@ class MigrationJobs:
         else:
             found = self.find_source_model(source.base)
             if found is None:
-                raise MigrationRefused(
-                    400,
+                raise Refused(
+                    "no_source_model",
                     f"give source_model_path: a local folder of the old base {source.base!r} "
                     "(its tokenizer frames the old server's prompts; the discriminator trains "
                     "on it)",
                 )
             path = found
         if not (path / "config.json").is_file():
-            raise MigrationRefused(400, f"{str(path)!r} is not a model folder (no config.json)")
+            raise Refused(
+                "no_source_model", f"{str(path)!r} is not a model folder (no config.json)"
+            )
         return path
 
     def _adapter_migration(
@@ -304,10 +305,11 @@ class MigrationJobs:
             )
         except ValidationError as e:
             detail = "; ".join(err["msg"] for err in e.errors())
-            raise MigrationRefused(
-                409,
+            raise Refused(
+                "too_few_examples",
                 f"{detail}. Give seeds in tasks[{name!r}].seeds, or capture traffic on the "
                 f"source (POST /v1/stats/{name}/start) so that its reservoir fills",
+                409,
             ) from e
         identity = json.dumps(
             [source.base, str(self.new_base), request.generator, spec.model_dump(mode="json")],
@@ -393,7 +395,7 @@ class MigrationJobs:
             await self.adapters.register_from_path(
                 migration.name, adapter, origin=f"migrated from {job.source.url}"
             )
-        except AdapterRejected as e:
+        except Refused as e:
             migration.state = "failed"
             migration.error = f"the migrated adapter was refused by the store: {e.message}"
             return

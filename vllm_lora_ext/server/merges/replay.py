@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load
 
 from vllm_lora_ext.auth import bearer
-from vllm_lora_ext.server.adapter_service import AdapterService
+from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.stats.accumulators import InputStats, IterisStats
 
 

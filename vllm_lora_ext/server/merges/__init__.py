@@ -1,0 +1,1 @@
+"""/v1/merges: its routes and the merge jobs (PEFT methods, IterIS, pool merges)."""
