@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,9 +28,7 @@ from vllm_lora_ext.merge.pool_merge import (
     PoolMergeParams,
     pool_merge,
 )
-
-if TYPE_CHECKING:
-    from vllm_lora_ext.server.merges.jobs import MergeJob, MergeJobs, MergeRequest
+from vllm_lora_ext.server.merges.job import MergeContext, MergeJob, MergeRequest
 
 POOL_METHODS = tuple(PARAMS)
 
@@ -76,10 +74,24 @@ def method_params(method: str, params: _Target) -> PoolMergeParams:
     return cls.model_validate(params.model_dump(include=set(cls.model_fields)))
 
 
-def check_pool_request(jobs: MergeJobs, request: MergeRequest) -> list[str]:
+class PoolFamily:
+    """adaptive / lorahub: a merge from a pool for a new task, with its controls."""
+
+    methods = POOL_METHODS
+
+    async def check(self, ctx: MergeContext, request: MergeRequest) -> dict[str, Any]:
+        return {"pool": check_pool_request(ctx, request)}
+
+    async def run(
+        self, ctx: MergeContext, job: MergeJob, work: Path
+    ) -> tuple[LoraWeights, dict[str, Any]]:
+        return await run_pool_job(ctx, job, job.pool)
+
+
+def check_pool_request(ctx: MergeContext, request: MergeRequest) -> list[str]:
     """The pool's adapter names; Refused (4xx) for anything wrong up front."""
     params = job_params(request.method, request.params)
-    service = jobs.adapters
+    service = ctx.adapters
     if request.adapters == "all":
         pool = [a.name for a, _ in service.list() if a.name != request.name]
     else:
@@ -115,7 +127,7 @@ def check_pool_request(jobs: MergeJobs, request: MergeRequest) -> list[str]:
         name = params.from_reservoir
         if service.get(name) is None:
             raise Refused("unknown_adapter", f"adapter {name!r} not found", 404)
-        reservoir = jobs.stats.reservoirs.get(name)
+        reservoir = ctx.stats.reservoirs.get(name)
         held = sum(1 for p in reservoir.items if _text_of(p)) if reservoir is not None else 0
         if held < MIN_EXAMPLES:
             raise Refused(
@@ -128,19 +140,19 @@ def check_pool_request(jobs: MergeJobs, request: MergeRequest) -> list[str]:
 
 
 async def run_pool_job(
-    jobs: MergeJobs, job: MergeJob, pool: list[str]
+    ctx: MergeContext, job: MergeJob, pool: list[str]
 ) -> tuple[LoraWeights, dict[str, Any]]:
     """Run the merge and its controls in a thread; the report goes to ``job.result``."""
     method = job.request.method
     params = job_params(method, job.request.params)
-    model_dir = Path(jobs.replayer.model_dir)
+    model_dir = Path(ctx.replayer.model_dir)
     if params.examples is not None:
         examples = [(e.input, e.output) for e in params.examples]
     else:
         job.phase = "labelling reservoir prompts"
-        examples = await _reservoir_examples(jobs, params, model_dir, job)
+        examples = await _reservoir_examples(ctx, params, model_dir, job)
     job.phase = "loading"
-    adapters = {name: load_lora(jobs.adapters.store.path(name)) for name in pool}
+    adapters = {name: load_lora(ctx.adapters.store.path(name)) for name in pool}
 
     def progress(phase: str, done: int, total: int) -> None:
         job.phase, job.iteration, job.iterations = phase, done, total
@@ -162,7 +174,7 @@ async def run_pool_job(
 
 
 async def _reservoir_examples(
-    jobs: MergeJobs, params: _Target, model_dir: Path, job: MergeJob
+    ctx: MergeContext, params: _Target, model_dir: Path, job: MergeJob
 ) -> list[tuple[str, str]]:
     """(input, the adapter's greedy answer) for each reservoir prompt that carries text."""
     from transformers import AutoTokenizer
@@ -173,10 +185,10 @@ async def _reservoir_examples(
     name = params.from_reservoir
     assert name is not None
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
-    texts = [t for t in map(_text_of, jobs.stats.reservoirs[name].items) if t]
+    texts = [t for t in map(_text_of, ctx.stats.reservoirs[name].items) if t]
     pairs = []
     async with httpx.AsyncClient(
-        base_url=jobs.replayer.url, headers=jobs.replayer.headers, timeout=600.0
+        base_url=ctx.replayer.url, headers=ctx.replayer.headers, timeout=600.0
     ) as client:
         for i, text in enumerate(texts):
             job.iteration, job.iterations = i, len(texts)

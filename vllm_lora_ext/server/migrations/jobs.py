@@ -21,9 +21,8 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +36,8 @@ from vllm_lora_ext.migrate.source import SourceError, SourceInfo, describe_sourc
 from vllm_lora_ext.migrate.spec import MigrationOptions, MigrationSpec, Seed
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapters.service import AdapterService
-from vllm_lora_ext.server.job_records import JOBS_DIR, JobRecords
+from vllm_lora_ext.server.job_records import JOBS_DIR
+from vllm_lora_ext.server.jobs import Job, JobBook, new_job_id
 from vllm_lora_ext.server.migrations.forwarding import ForwardTable
 
 AdapterState = Literal[
@@ -117,18 +117,19 @@ class AdapterMigration:
 
 
 @dataclass
-class MigrationJob:
-    id: str
+class MigrationJob(Job):
     request: MigrationRequest
     source: SourceInfo
     old_base: Path
     adapters: list[AdapterMigration]
     state: JobState = "running"
-    created_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    task: asyncio.Task | None = None
     rollback_task: asyncio.Task | None = None
     cancelled: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The view and the request (to post again after a restart), never its source key."""
+        request = self.request.model_dump(mode="json", exclude={"source_api_key"})
+        return self.view() | {"request": request}
 
     def view(self) -> dict[str, Any]:
         return {
@@ -165,9 +166,8 @@ class MigrationJobs:
         self.find_source_model = find_source_model
         self.self_url, self.base_name = self_url, base_name
         """This server, for ``generator: new_base`` (its own /v1/completions)."""
-        self.jobs: dict[str, MigrationJob] = {}
         self._submitting = asyncio.Lock()
-        self.records = JobRecords(
+        self.book: JobBook[MigrationJob] = JobBook(
             adapters.store.root / JOBS_DIR / "migrations",
             frozenset({"running", "rolling_back", "pending"}),
         )
@@ -180,7 +180,7 @@ class MigrationJobs:
         interrupted, kept on the old server, rolled back) are forwarded again, so a restart
         does not turn their requests into 404s. Later records win; an adapter served here now
         is not forwarded."""
-        for record in self.records.restored.values():
+        for record in self.book.restored.values():
             url = record.get("source_url")
             for adapter in record.get("adapters") or []:
                 name = adapter.get("name") if isinstance(adapter, dict) else None
@@ -192,21 +192,17 @@ class MigrationJobs:
                     self.forward.forward(name, url, bearer(self.api_key))
 
     def views(self) -> list[dict[str, Any]]:
-        return self.records.views(self.jobs)
+        return self.book.views()
 
     def view(self, job_id: str) -> dict[str, Any] | None:
-        return self.records.view(job_id, self.jobs)
-
-    def _record(self, job: MigrationJob) -> None:
-        request = job.request.model_dump(mode="json", exclude={"source_api_key"})
-        self.records.save(job.id, job.view() | {"request": request})
+        return self.book.view(job_id)
 
     @property
     def work_root(self) -> Path:
         return self.adapters.store.root / WORK_DIR
 
     def active(self) -> MigrationJob | None:
-        return next((j for j in self.jobs.values() if j.state in _BUSY), None)
+        return next((j for j in self.book.jobs.values() if j.state in _BUSY), None)
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -258,13 +254,11 @@ class MigrationJobs:
             except SourceError as e:
                 raise Refused(e.reason, str(e), e.status) from e
             migrations.append(self._adapter_migration(request, source, name, reservoir))
-        job = MigrationJob(uuid.uuid4().hex[:12], request, source, old_base, migrations)
+        job = MigrationJob(new_job_id(), request, source, old_base, migrations)
         for migration in migrations:
             self.forward.forward(migration.name, source.url, source_headers)
-        self.jobs[job.id] = job
+        self.book.start(job, self._run(job, tokenizer))
         self._count_states()
-        self._record(job)
-        job.task = asyncio.create_task(self._run(job, tokenizer))
         return job
 
     def _source_headers(self, request: MigrationRequest) -> dict[str, str]:
@@ -351,15 +345,15 @@ class MigrationJobs:
                 )
                 await self._migrate_one(job, migration)
                 self._count_states()
-                self._record(job)
+                self.book.save(job)
         finally:
             if job.state == "running":
                 job.state = "cancelled" if job.cancelled else "done"
                 if self.server_stopping():
                     job.state = "interrupted"
-            job.finished_at = time.time()
+            job.finish()
             self._count_states()
-            self._record(job)
+            self.book.save(job)
 
     async def _migrate_one(self, job: MigrationJob, migration: AdapterMigration) -> None:
         migration.state = "running"
@@ -415,7 +409,7 @@ class MigrationJobs:
 
     def _count_states(self) -> None:
         counts: dict[str, int] = dict.fromkeys(AdapterState.__args__, 0)
-        for job in self.jobs.values():
+        for job in self.book.jobs.values():
             for migration in job.adapters:
                 counts[migration.state] += 1
         for state, n in counts.items():
@@ -429,7 +423,7 @@ class MigrationJobs:
         In the background: each switched adapter is unloaded only after the requests already
         admitted for it finish, which may take as long as a generation.
         """
-        job = self.jobs.get(job_id)
+        job = self.book.get(job_id)
         if job is None:
             return None
         if job.state not in ("rolling_back", "rolled_back"):
@@ -460,7 +454,7 @@ class MigrationJobs:
                 migration.state = "rolled_back"
         job.state = "rolled_back"
         self._count_states()
-        self._record(job)
+        self.book.save(job)
 
 
 def known_model_finder(cache_dir: Path) -> SourceModelFinder:
