@@ -14,9 +14,9 @@ from test_stats_capture import complete, prompts
 from tiny_model import random_lora_tensors, write_adapter
 
 from vllm_lora_ext.cli import main
+from vllm_lora_ext.cli.stats import BAD_INPUT, MISSING, OK, UNREACHABLE
 from vllm_lora_ext.server_process import free_port
 from vllm_lora_ext.stats.accumulators import IterisStats
-from vllm_lora_ext.stats.gather import BAD_INPUT, MISSING, OK, UNREACHABLE
 
 
 @pytest.fixture(scope="module")

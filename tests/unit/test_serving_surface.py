@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from vllm_lora_ext.adapters.merged_cache import MergedCache
 from vllm_lora_ext.adapters.validation import check_allowed_path
-from vllm_lora_ext.client import CliError, Exit, checked, run_command, server_message
+from vllm_lora_ext.cli.client import CliError, Exit, checked, run_command, server_message
 from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.server.gateway import is_raw_lora_route, list_registered
 from vllm_lora_ext.server.job_records import MAX_RECORDS, JobRecords

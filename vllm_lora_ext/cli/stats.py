@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from vllm_lora_ext.client import (
+from vllm_lora_ext.cli.client import (
     EXIT_CODES_HELP,
     Exit,
     add_client_arguments,
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """The ``stats`` command group (``gather`` for now), kept here so cli.py only wires it."""
+    """The ``stats`` command group (``gather`` for now)."""
     stats = sub.add_parser("stats", help="traffic statistics across replicas")
     actions = stats.add_subparsers(dest="action", required=True)
     g = actions.add_parser(

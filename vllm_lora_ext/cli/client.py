@@ -19,6 +19,9 @@ import httpx
 
 from vllm_lora_ext.auth import bearer
 
+DEFAULT_URL = os.environ.get("VLLM_LORA_EXT_URL", "http://127.0.0.1:8000")
+"""Where subcommands talk to by default (``--url`` overrides it)."""
+
 
 class Exit(IntEnum):
     """Exit codes shared by every subcommand."""

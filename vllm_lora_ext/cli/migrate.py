@@ -3,7 +3,7 @@
 ``start`` posts the migration to the new server and follows it with a progress bar (five steps
 per adapter), printing each adapter's outcome; ``status`` follows or shows a running job;
 ``rollback`` cancels and restores the old routing. Exit codes: the shared table
-(:class:`vllm_lora_ext.client.Exit`); 1 also when some adapter was kept on the old server or
+(:class:`vllm_lora_ext.cli.client.Exit`); 1 also when some adapter was kept on the old server or
 failed.
 """
 
@@ -17,13 +17,20 @@ from typing import Any
 
 import httpx
 
-from vllm_lora_ext.client import CliError, Exit, add_client_arguments, checked, http_client
+from vllm_lora_ext.cli.client import (
+    DEFAULT_URL,
+    CliError,
+    Exit,
+    add_client_arguments,
+    checked,
+    http_client,
+)
 from vllm_lora_ext.migrate.migrator import STEPS
 
 _DONE_STATES = frozenset({"switched", "kept_old", "failed", "cancelled", "rolled_back"})
 
 
-def add_migrate_parser(sub: Any, default_url: str) -> None:
+def add_parser(sub: Any, default_url: str = DEFAULT_URL) -> None:
     migrate = sub.add_parser(
         "migrate",
         help="carry the adapters of an old server over to a new base (Trans-LoRA)",
