@@ -147,6 +147,8 @@ def test_iteris_iterations_replay_and_report_residual(server, merge_adapters):
 def test_bad_merges_are_refused_and_leave_nothing(server, merge_adapters):
     ok = [{"name": "mg-a"}, {"name": "mg-b"}]
     with server.client() as c:
+        unknown = metric(c, "vllm_lora_ext_refusals_total", api="merges", reason="unknown_adapter")
+        validation = metric(c, "vllm_lora_ext_validation_failures_total", reason="unknown_adapter")
         cases = [
             ({"name": "x1", "adapters": [{"name": "nobody"}], "method": "linear"}, 404),
             ({"name": "x1", "adapters": ok, "method": "average"}, 400),
@@ -160,7 +162,13 @@ def test_bad_merges_are_refused_and_leave_nothing(server, merge_adapters):
         for body, status in cases:
             r = c.post("/v1/merges", json=body)
             assert r.status_code == status, (body, r.text)
-            assert r.json()["error"]["message"]
+            assert r.json()["error"]["message"] and r.json()["error"]["reason"]
+        # A merge refusal counts as the merges API's refusal, not as an adapter's validation.
+        after = metric(c, "vllm_lora_ext_refusals_total", api="merges", reason="unknown_adapter")
+        assert after == unknown + 1
+        assert metric(c, "vllm_lora_ext_validation_failures_total", reason="unknown_adapter") == (
+            validation
+        )
         # cat of ranks 4 + 4 with weights fits; svd to rank 32 exceeds the max rank (16).
         r = c.post(
             "/v1/merges",
