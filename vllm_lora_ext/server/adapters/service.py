@@ -134,20 +134,39 @@ class AdapterService:
                 raise Refused("duplicate_name", f"adapter {name!r} already exists", 409)
             with self.store.staging() as staged:
                 await self._write_files(staged, files)
-                record = await asyncio.to_thread(
-                    self.store.commit, staged, name, self.base, self.max_rank, source
+                commit = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        self.store.commit, staged, name, self.base, self.max_rank, source
+                    )
                 )
+                try:
+                    record = await asyncio.shield(commit)
+                except asyncio.CancelledError:  # the thread still commits: undo it after
+                    with contextlib.suppress(Exception):
+                        self._undo_registration(await commit, loading=False)
+                    raise
             try:
                 await self.engine.load(name, self.serving_path(record))
-            except Exception as e:
-                self.serving_path(record).unlink()
-                self.store.remove(name)
+            except BaseException as e:  # a cancel too: all or nothing
+                cancelled = not isinstance(e, Exception)
+                self._undo_registration(record, loading=cancelled)
+                if cancelled:
+                    raise
                 raise Refused(
                     "engine_rejected", f"vLLM could not load the adapter: {e}", 422
                 ) from e
         metrics.ADAPTER_LOADS.inc()
         self.note_loaded(record)
         return record
+
+    def _undo_registration(self, record: StoredAdapter, loading: bool) -> None:
+        """Remove a registration that did not complete; if vLLM may have loaded it meanwhile
+        (a cancel during the load), unload it too, in the background."""
+        self.serving_path(record).unlink(missing_ok=True)
+        self.store.remove(record.name)
+        if loading:
+            unload = asyncio.ensure_future(self.engine.unload(record.name))
+            unload.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def serving_path(self, record: StoredAdapter) -> Path:
         """Where vLLM loads ``record`` from: a link named after its weights' hash.

@@ -76,6 +76,9 @@ class MergeJob(Job):
     """adaptive / lorahub: selection, weights, controls and the verdict."""
     stopping: bool = False
     """Set on cancel: ends a training loop running in a thread."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """The weights hash of each adapter the job may read, when it was submitted: the recipe
+    names these, and a source deleted or replaced meanwhile fails the job."""
 
     def view(self) -> dict[str, Any]:
         return {

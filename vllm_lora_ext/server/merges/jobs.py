@@ -73,6 +73,10 @@ class MergeJobs:
             )
         fields = await family.check(self.context, request)
         job = MergeJob(new_job_id(), request, **fields)
+        assert request.adapters == "all" or job.pool or request.adapters
+        names = job.pool or [t.name for t in request.adapters if request.adapters != "all"]
+        for name in names:
+            job.sources[name] = self.adapters.get(name).weights_sha256
         return self.book.start(job, self._run(job))
 
     def _pending(self, name: str) -> bool:
@@ -129,7 +133,13 @@ class MergeJobs:
         )
         for name, weight in terms:
             record = self.adapters.get(name)
-            sources.append({"name": name, "weight": weight, "sha256": record.weights_sha256})
+            if record is None or record.weights_sha256 != job.sources[name]:
+                raise Refused(
+                    "invalid_merge",
+                    f"adapter {name!r} was deleted or replaced while the merge ran; merge again",
+                    409,
+                )
+            sources.append({"name": name, "weight": weight, "sha256": job.sources[name]})
         return {
             "format": RECIPE_FORMAT,
             "version": RECIPE_VERSION,
