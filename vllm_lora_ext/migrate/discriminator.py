@@ -142,10 +142,19 @@ def discriminator_margins(backend: Backend, description: str, texts: Sequence[st
     return [sum(logprobs[2 * i]) - sum(logprobs[2 * i + 1]) for i in range(len(texts))]
 
 
-def discriminator_filter(backend: Backend, description: str) -> Callable[[list[str]], list[bool]]:
-    """An ``accept`` callback for synthesis: keep a text when p(yes) > p(no)."""
+class DiscriminatorFilter:
+    """An ``accept`` callback for synthesis: keep a text when p(yes) > p(no). Every margin it
+    computed is kept in ``scores`` (text -> log p(yes) - log p(no)), for the audit."""
 
-    def accept(texts: list[str]) -> list[bool]:
-        return [m > 0 for m in discriminator_margins(backend, description, texts)]
+    def __init__(self, backend: Backend, description: str) -> None:
+        self.backend, self.description = backend, description
+        self.scores: dict[str, float] = {}
 
-    return accept
+    def __call__(self, texts: list[str]) -> list[bool]:
+        margins = discriminator_margins(self.backend, self.description, texts)
+        self.scores.update(zip(texts, margins, strict=True))
+        return [m > 0 for m in margins]
+
+
+def discriminator_filter(backend: Backend, description: str) -> DiscriminatorFilter:
+    return DiscriminatorFilter(backend, description)

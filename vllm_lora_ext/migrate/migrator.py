@@ -38,6 +38,8 @@ STEPS = ("discriminator", "synthesise", "label", "distil", "gate")
 SPEC_FILE = "spec.json"
 DISCRIMINATOR_DIR = "discriminator"
 STUDENT_DIR = "adapter"
+CANDIDATES_FILE = "candidates.json"
+"""Every synthetic candidate the filter saw: text, kept, the discriminator's margin."""
 
 # adapter directory -> a backend serving (base + that adapter)
 BackendFactory = Callable[[Path], Backend]
@@ -227,6 +229,9 @@ class Migrator:
                 f"unparsable, {c.duplicates} duplicates, {c.rejected} rejected by the "
                 "discriminator): add seeds, raise attempts_per_input, or use data='unfiltered'"
             )
+        scores = accept.scores if accept is not None else {}
+        audit = [{"text": t, "kept": k, "score": scores.get(t)} for t, k in result.candidates]
+        _write_json(self.work_dir / CANDIDATES_FILE, audit)
         return {"inputs": result.inputs, "counts": asdict(result.counts)}
 
     def _label(self, outputs: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,9 @@ class SynthesisCounts:
 class Synthesis:
     inputs: list[str] = field(default_factory=list)
     counts: SynthesisCounts = field(default_factory=SynthesisCounts)
+    candidates: list[tuple[str, bool]] = field(default_factory=list)
+    """Every candidate the filter saw, kept or not: a filter that cannot be audited cannot be
+    trusted (the job writes them, with the filter's scores, beside its checkpoints)."""
 
 
 def generator_prompt(tokenizer: Any, description: str, examples: Sequence[str]) -> Prompt:
@@ -143,6 +146,7 @@ def synthesise(
                 candidates.append(text)
         keep = accept(candidates) if accept is not None and candidates else [True] * len(candidates)
         for text, ok in zip(candidates, keep, strict=True):
+            out.candidates.append((text, bool(ok)))
             if ok:
                 out.inputs.append(text)
             counts.kept += ok

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from vllm_lora_ext.migrate.migrator import (
+    CANDIDATES_FILE,
     DISCRIMINATOR_DIR,
     STUDENT_DIR,
     MigrationCancelled,
@@ -88,6 +89,10 @@ def test_full_migration_resumes_after_cancel_without_redoing_steps(parts, tmp_pa
     print(f"synthesis {counts}; digits among kept {digit_share:.2f} (generated ~0.70)")
     assert counts["kept"] >= 24 and counts["rejected"] > 0
     assert digit_share >= 0.9
+    audit = json.loads((work / CANDIDATES_FILE).read_text())  # every candidate, with its score
+    assert len(audit) == counts["kept"] + counts["rejected"]
+    assert all((c["score"] > 0) == c["kept"] for c in audit)
+    assert [c["text"] for c in audit if c["kept"]] == kept
 
     disc_weights = next((work / DISCRIMINATOR_DIR).glob("*.safetensors"))
     disc_mtime = disc_weights.stat().st_mtime_ns
