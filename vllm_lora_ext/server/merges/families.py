@@ -48,6 +48,13 @@ def named_adapters(ctx: MergeContext, request: MergeRequest) -> list[str]:
     return names
 
 
+def load_named(ctx: MergeContext, job: MergeJob) -> list[LoraWeights]:
+    """The adapters a classic or IterIS job names, read from the store, in request order."""
+    assert job.request.adapters != "all"  # refused at submission
+    job.phase = "loading"
+    return [load_lora(ctx.adapters.store.path(t.name)) for t in job.request.adapters]
+
+
 class ClassicFamily:
     """PEFT's ``add_weighted_adapter`` methods, numerically equal to PEFT's."""
 
@@ -65,9 +72,7 @@ class ClassicFamily:
         self, ctx: MergeContext, job: MergeJob, work: Path
     ) -> tuple[LoraWeights, dict[str, Any]]:
         request = job.request
-        assert request.adapters != "all"  # refused at submission
-        job.phase = "loading"
-        adapters = [load_lora(ctx.adapters.store.path(t.name)) for t in request.adapters]
+        adapters = load_named(ctx, job)
         job.phase = "merging"
         checked = validate_params(request.method, request.params)
         weights = [t.weight for t in request.adapters]
@@ -121,9 +126,7 @@ class IterisFamily:
         from vllm_lora_ext.stats.accumulators import IterisStats
 
         request = job.request
-        assert request.adapters != "all"  # refused at submission
-        job.phase = "loading"
-        adapters = [load_lora(ctx.adapters.store.path(t.name)) for t in request.adapters]
+        adapters = load_named(ctx, job)
         params = _iteris_params(request.params)
         names = [t.name for t in request.adapters]
         manual = params.manual_weights or tuple(t.weight for t in request.adapters)
