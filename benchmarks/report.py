@@ -249,7 +249,7 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_ceilings.py", migration_ceilings),
     ("migration_quality.json", "Migration quality, Trans-LoRA",
      "python benchmarks/migration_quality.py", migration_quality),
-    ("migration_quality_fitted.json", "Migration quality, seed labels, option labels, fitted student",
+    ("migration_quality_fitted.json", "Migration quality, new defaults",
      "python benchmarks/migration_quality.py --modes filtered --limit 100", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
