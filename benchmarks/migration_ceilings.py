@@ -68,16 +68,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def answer(task: Any, e: Any) -> str:
-    return e.options[e.correct[0]] if task.mode == "multiple_choice" else e.targets[0]
-
-
 def shots_prefix(task: Any, k: int) -> str:
     """``k`` solved train examples in ``Q: ... A: ...`` form; ``query_prompt`` adds the
     question's own ``Q:`` before this and ``A:`` after it."""
     from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.evaluation.tasks import reference_answer
 
-    return "".join(f"{user_message(task, e)}\nA: {answer(task, e)}\n\nQ: " for e in task.train[:k])
+    return "".join(
+        f"{user_message(task, e)}\nA: {reference_answer(task, e)}\n\nQ: " for e in task.train[:k]
+    )
 
 
 def teacher_labels(task: Any, teacher: Any, examples: list) -> list[str]:
@@ -112,7 +111,7 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
     from vllm_lora_ext.evaluation.backends import TransformersBackend
     from vllm_lora_ext.evaluation.prompts import user_message
     from vllm_lora_ext.evaluation.scoring import exact_match, wilson_interval
-    from vllm_lora_ext.evaluation.tasks import load_task
+    from vllm_lora_ext.evaluation.tasks import load_task, reference_answer
 
     card = json.loads((args.adapters / name / "card.json").read_text())
     task = load_task(name, seed=card["seed"])
@@ -152,7 +151,7 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
 
         return timed(f"{key}-{budget}", compute)
 
-    row["true_labels"] = ceiling("true_labels", [answer(task, e) for e in train])
+    row["true_labels"] = ceiling("true_labels", [reference_answer(task, e) for e in train])
     labelled = cached(
         base / f"teacher-labels-{len(train)}.json",
         lambda: {"labels": teacher_labels(task, teacher, train)},
@@ -160,7 +159,7 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
     if task.mode == "generate":
         hits = sum(exact_match(y, e.targets) for y, e in zip(labelled, train, strict=True))
     else:
-        hits = sum(y == answer(task, e) for y, e in zip(labelled, train, strict=True))
+        hits = sum(y == reference_answer(task, e) for y, e in zip(labelled, train, strict=True))
     row["teacher_label_acc"] = {"acc": hits / len(train), "n": len(train),
                                 "ci95": wilson_interval(hits, len(train))}  # fmt: skip
     row["teacher_labels"] = ceiling("teacher_labels", labelled)

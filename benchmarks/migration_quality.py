@@ -254,10 +254,8 @@ def cached(path: Path, compute) -> dict:
 def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_tok: Any):
     from vllm_lora_ext.evaluation.evaluate import generation_budget
     from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.evaluation.tasks import reference_answer
     from vllm_lora_ext.migrate.spec import MigrationSpec, Seed, SynthesisParams, TrainParams
-
-    def answer(e) -> str:
-        return e.options[e.correct[0]] if task.mode == "multiple_choice" else e.targets[0]
 
     seeds = task.train[: args.seeds]
     reservoir = task.train[args.seeds : args.seeds + args.reservoir]
@@ -267,7 +265,10 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
     return MigrationSpec(
         adapter=name,
         task_description=DESCRIPTIONS[task.name],
-        seeds=[Seed(input=user_message(task, e, chat=True), output=answer(e)) for e in seeds],
+        seeds=[
+            Seed(input=user_message(task, e, chat=True), output=reference_answer(task, e))
+            for e in seeds
+        ],
         reservoir=real[len(seeds) :],
         target_count=args.target_count,
         data=mode,

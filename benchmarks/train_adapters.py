@@ -22,7 +22,7 @@ import torch
 from vllm_lora_ext.evaluation.backends import TransformersBackend
 from vllm_lora_ext.evaluation.evaluate import evaluate
 from vllm_lora_ext.evaluation.prompts import answer_ids, build_prompt
-from vllm_lora_ext.evaluation.tasks import Example, Task, load_task
+from vllm_lora_ext.evaluation.tasks import Task, load_task, reference_answer
 from vllm_lora_ext.training import (
     LoraHyperparameters,
     answer_end_ids,
@@ -58,15 +58,11 @@ def training_rows(task: Task, tokenizer, max_len: int) -> list[tuple[list[int], 
     rows = []
     for e in task.train:
         prompt = build_prompt(tokenizer, task, e)
-        answer = list(answer_ids(tokenizer, prompt, _answer(task, e))) + end
+        answer = list(answer_ids(tokenizer, prompt, reference_answer(task, e))) + end
         ids = [*prompt.ids, *answer]
         if len(ids) <= max_len:
             rows.append((ids, len(prompt.ids)))
     return rows
-
-
-def _answer(task: Task, e: Example) -> str:
-    return e.options[e.correct[0]] if task.mode == "multiple_choice" else e.targets[0]
 
 
 def train_one(args: argparse.Namespace, model_dir: Path, name: str, out_root: Path) -> dict:

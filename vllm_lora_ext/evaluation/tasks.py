@@ -209,3 +209,10 @@ def _deduplicate(examples: list[Example]) -> list[Example]:
             kept.append(e)
         seen.add(e.input)
     return kept
+
+
+def reference_answer(task: Task, example: Example) -> str:
+    """The example's answer as text: its first correct option, or its first target."""
+    if task.mode == "multiple_choice":
+        return example.options[example.correct[0]]
+    return example.targets[0]
