@@ -14,6 +14,10 @@ examples (framed as the migration's student sees them, ``migrate.queries.query_p
 * ``teacher_labels`` (ceiling b): the same inputs and budget, answers from the teacher (greedy
   generation; on multiple-choice tasks the option the teacher finds most likely). The teacher's
   accuracy on those inputs is recorded: it is the label noise.
+* ``voted_labels`` (ceiling b, voted): free-form tasks only; the teacher answers each input
+  ``--votes`` more times by sampling, the majority answer is the label and inputs without a
+  majority are dropped (``migrate.labelling.vote_all``). The label accuracy and the share of
+  inputs kept are recorded: does self-consistency buy cleaner labels, and at what coverage?
 
 Between them these rows separate what a migration loses to synthetic inputs (migrated vs b), to
 the teacher's labels (b vs a) and to the student's capacity at this budget (a vs the source).
@@ -33,13 +37,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
-ROWS = ("source", "target_base", "three_shot", "true_labels", "teacher_labels")
+ROWS = ("source", "target_base", "three_shot", "true_labels", "teacher_labels", "voted_labels")
 LABELS = {
     "source": "source (SmolLM2 + adapter)",
     "target_base": "Gemma 3 base, 0-shot",
     "three_shot": "(c) Gemma base, 3-shot",
     "true_labels": "(a) Gemma + LoRA, true labels",
     "teacher_labels": "(b) Gemma + LoRA, teacher labels",
+    "voted_labels": "(b) with voted labels",
 }
 
 
@@ -55,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="the student's")
     p.add_argument("--max-len", type=int, default=192)
     p.add_argument("--shots", type=int, default=3)
+    p.add_argument("--votes", type=int, default=4, help="sampled teacher answers per input")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_ceilings")
@@ -77,6 +83,17 @@ def shots_prefix(task: Any, k: int) -> str:
     return "".join(
         f"{user_message(task, e)}\nA: {reference_answer(task, e)}\n\nQ: " for e in task.train[:k]
     )
+
+
+def voted_labels(task: Any, teacher: Any, examples: list, votes: int) -> list[dict]:
+    from vllm_lora_ext.evaluation.evaluate import generation_budget
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.migrate.labelling import VoteParams, vote_all
+
+    inputs = [user_message(task, e) for e in examples]
+    budget = generation_budget(task, teacher.tokenizer)
+    labels = vote_all(teacher, inputs, budget, VoteParams(votes=votes))
+    return [{"text": v.text, "agreement": v.agreement, "truncated": v.truncated} for v in labels]
 
 
 def teacher_labels(task: Any, teacher: Any, examples: list) -> list[str]:
@@ -140,8 +157,8 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
     )
     budget = f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}"
 
-    def ceiling(key: str, labels: list[str]) -> dict:
-        pairs = [(user_message(task, e), y) for e, y in zip(train, labels, strict=True)]
+    def ceiling(key: str, labels: list[str | None]) -> dict:
+        pairs = [(user_message(task, e), y) for e, y in zip(train, labels, strict=True) if y]
 
         def compute() -> dict:
             out = base / f"{key}-{budget}"
@@ -163,8 +180,24 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
     row["teacher_label_acc"] = {"acc": hits / len(train), "n": len(train),
                                 "ci95": wilson_interval(hits, len(train))}  # fmt: skip
     row["teacher_labels"] = ceiling("teacher_labels", labelled)
+    row["voted_labels"] = row["voted_label_acc"] = None
+    if task.mode == "generate":
+        voted = cached(
+            base / f"voted-labels-{args.votes}-{len(train)}.json",
+            lambda: {"labels": voted_labels(task, teacher, train, args.votes)},
+        )["labels"]
+        kept = [(v["text"], e) for v, e in zip(voted, train, strict=True) if v["text"]]
+        hits = sum(exact_match(y, e.targets) for y, e in kept)
+        row["voted_label_acc"] = {
+            "acc": hits / max(len(kept), 1), "n": len(kept),
+            "ci95": wilson_interval(hits, len(kept)),
+            "coverage": len(kept) / len(train), "votes": args.votes,
+            "truncated": sum(v["truncated"] for v in voted),
+        }  # fmt: skip
+        row["voted_labels"] = ceiling(f"voted{args.votes}_labels", [v["text"] for v in voted])
     for key in ROWS:
-        row[key].pop("predictions", None)
+        if row[key] is not None:
+            row[key].pop("predictions", None)
     return row
 
 
@@ -209,17 +242,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(result: dict) -> str:
-    head = "| task | n | " + " | ".join(LABELS[k] for k in ROWS) + " | teacher on train |"
-    lines = [head, "|---" * (len(ROWS) + 3) + "|"]
+    head = "| task | n | " + " | ".join(LABELS[k] for k in ROWS)
+    head += " | teacher on train | voted labels on train (kept) |"
+    lines = [head, "|---" * (len(ROWS) + 4) + "|"]
 
-    def cell(r: dict) -> str:
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "—"
         lo, hi = r["ci95"]
         return f"{r['acc']:.2f} [{lo:.2f}, {hi:.2f}]"
 
     for t in result["tasks"]:
-        cells = " | ".join(cell(t[k]) for k in ROWS)
+        cells = " | ".join(cell(t.get(k)) for k in ROWS)
+        voted = t.get("voted_label_acc")
+        kept = f" ({voted['coverage']:.0%})" if voted else ""
         lines.append(f"| {t['task']} | {t['source']['n']} | {cells} | "
-                     f"{cell(t['teacher_label_acc'])} |")  # fmt: skip
+                     f"{cell(t['teacher_label_acc'])} | {cell(voted)}{kept} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -233,10 +271,11 @@ def plot(result: dict, path: Path) -> None:
     width = 0.8 / len(ROWS)
     fig, ax = plt.subplots(figsize=(2.4 * len(tasks) + 3, 4))
     for i, key in enumerate(ROWS):
-        xs = [t + (i - (len(ROWS) - 1) / 2) * width for t in range(len(tasks))]
-        acc = [r[key]["acc"] for r in tasks]
-        err = [[a - r[key]["ci95"][0] for a, r in zip(acc, tasks, strict=True)],
-               [r[key]["ci95"][1] - a for a, r in zip(acc, tasks, strict=True)]]  # fmt: skip
+        have = [(t, r[key]) for t, r in enumerate(tasks) if r.get(key)]
+        xs = [t + (i - (len(ROWS) - 1) / 2) * width for t, _ in have]
+        acc = [v["acc"] for _, v in have]
+        err = [[a - v["ci95"][0] for a, (_, v) in zip(acc, have, strict=True)],
+               [v["ci95"][1] - a for a, (_, v) in zip(acc, have, strict=True)]]  # fmt: skip
         ax.bar(xs, acc, width, yerr=err, capsize=2, label=LABELS[key], color=f"C{i}")
     ax.set_xticks(range(len(tasks)), [f"{r['task']}\n(n={r['source']['n']})" for r in tasks])
     ax.set_ylabel("held-out accuracy (95% interval)")

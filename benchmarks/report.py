@@ -183,12 +183,22 @@ def migration_quality(doc: dict) -> str:
 
 
 def migration_ceilings(doc: dict) -> str:
-    keys = ("source", "target_base", "three_shot", "true_labels", "teacher_labels")
+    keys = ("source", "target_base", "three_shot", "true_labels", "teacher_labels",
+            "voted_labels")  # fmt: skip
     head = ["task", "n", "source", "Gemma 0-shot", "(c) Gemma 3-shot", "(a) LoRA, true labels",
-            "(b) LoRA, teacher labels", "teacher right on train"]  # fmt: skip
+            "(b) LoRA, teacher labels", "(b) LoRA, voted labels", "teacher right on train",
+            "voted labels right (share kept)"]  # fmt: skip
+
+    def cell(r: dict | None) -> str:
+        return ci(r["acc"], r["ci95"]) if r else NA
+
+    def voted(t: dict) -> str:
+        v = t.get("voted_label_acc")
+        return f"{cell(v)} ({v['coverage']:.0%})" if v else NA
+
     rows = [
-        [t["task"], str(t["source"]["n"]), *(ci(t[k]["acc"], t[k]["ci95"]) for k in keys),
-         ci(t["teacher_label_acc"]["acc"], t["teacher_label_acc"]["ci95"])]
+        [t["task"], str(t["source"]["n"]), *(cell(t.get(k)) for k in keys),
+         cell(t["teacher_label_acc"]), voted(t)]
         for t in doc["tasks"]
     ]  # fmt: skip
     return f"Target {doc['target_base']}.\n\n" + table(head, rows)

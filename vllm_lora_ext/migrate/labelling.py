@@ -5,11 +5,20 @@ picks the option it finds most likely (log-likelihood of each option's tokens, t
 multiple-choice tasks are scored), so its label is always a valid option. The answers are text,
 not token ids, so a student with another tokenizer can learn them. Inputs go to the backend in
 chunks, so a cancelled job stops between chunks, not after all of them.
+
+A free-form label can also be voted on: the teacher answers ``votes`` more times by sampling,
+and the answer most of its answers agree on is kept (self-consistency); an input the teacher
+does not agree with itself on is dropped, since a label the teacher is unsure of is more often
+wrong. An answer that ran into the token budget is recorded as truncated and cut where the
+task's answers end (as many lines as the known answers have).
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from vllm_lora_ext.evaluation.backends import Backend
 from vllm_lora_ext.evaluation.prompts import answer_ids, stop_token_ids
@@ -19,6 +28,26 @@ from vllm_lora_ext.migrate.queries import query_prompt, read_answer
 
 class LabellingStopped(RuntimeError):
     """``should_stop`` ended labelling between two chunks."""
+
+
+@dataclass(frozen=True)
+class Label:
+    text: str | None
+    """The label, or ``None``: no options to choose from, or no majority among the votes."""
+    agreement: float = 1.0
+    """Share of the teacher's answers (greedy + sampled) equal to ``text`` (1 without votes)."""
+    truncated: bool = False
+    """The kept answer ran into the token budget (then it was cut, see :func:`cut_answer`)."""
+
+
+@dataclass(frozen=True)
+class VoteParams:
+    votes: int = 0
+    """Sampled answers besides the greedy one; 0: the greedy answer is the label."""
+    temperature: float = 0.7
+    min_agreement: float = 0.5
+    """Share of all ``votes + 1`` answers the majority needs, else the input is dropped."""
+    seed: int = 0
 
 
 def answer_all(
@@ -34,18 +63,96 @@ def answer_all(
     ``on_chunk(done)`` reports how many are answered so far. Used for the teacher's labels and
     for the student's answers at the gate, so both are read back the same way.
     """
+    answers = _answers(backend, inputs, max_tokens, 0.0, None, chunk, on_chunk, should_stop)
+    return [text for text, _ in answers]
+
+
+def _answers(
+    backend: Backend,
+    inputs: Sequence[str],
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    chunk: int,
+    on_chunk: Callable[[int], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> list[tuple[str, bool]]:
+    """(answer, ran into ``max_tokens``) per input; sampled with ``seed + index`` if seeded."""
     tok = backend.tokenizer
     stops = stop_token_ids(tok)
-    answers: list[str] = []
+    answers: list[tuple[str, bool]] = []
     for start in range(0, len(inputs), chunk):
         if should_stop is not None and should_stop():
             raise LabellingStopped(f"stopped after {len(answers)} of {len(inputs)} answers")
         prompts = [query_prompt(tok, x) for x in inputs[start : start + chunk]]
-        gens = backend.generate([p.ids for p in prompts], max_tokens, stops)
-        answers += [read_answer(g.text, p) for g, p in zip(gens, prompts, strict=True)]
+        at = None if seed is None else seed + start
+        gens = backend.generate([p.ids for p in prompts], max_tokens, stops, temperature, at)
+        answers += [
+            (read_answer(g.text, p), len(g.token_ids) >= max_tokens)
+            for g, p in zip(gens, prompts, strict=True)
+        ]
         if on_chunk is not None:
             on_chunk(len(answers))
     return answers
+
+
+def answer_key(text: str) -> str:
+    """What two answers must share to count as the same vote: case, spacing and trailing
+    punctuation aside."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(".!").strip().casefold()
+
+
+def answer_lines(known: Sequence[str]) -> int | None:
+    """How many lines the task's answers have (the most among known answers), if any are known."""
+    return max((len(k.strip().splitlines()) or 1 for k in known), default=None)
+
+
+def cut_answer(text: str, truncated: bool, max_lines: int | None) -> str | None:
+    """A truncated answer cut where the task's answer ends: its first ``max_lines`` lines, or
+    without known answers all but its last, unfinished line (``None`` if nothing is left). An
+    answer the model ended itself is kept whole."""
+    if not truncated:
+        return text.strip() or None
+    lines = text.strip().splitlines()
+    keep = lines[:max_lines] if max_lines is not None else lines[:-1]
+    return "\n".join(keep).strip() or None
+
+
+def vote_all(
+    backend: Backend,
+    inputs: Sequence[str],
+    max_tokens: int,
+    params: VoteParams,
+    max_lines: int | None = None,
+    chunk: int = 32,
+    on_chunk: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[Label]:
+    """The majority of the teacher's greedy and ``params.votes`` sampled answers per input."""
+    greedy_progress = on_chunk if params.votes == 0 else None
+    rounds = [_answers(backend, inputs, max_tokens, 0.0, None, chunk, greedy_progress, should_stop)]
+    for r in range(params.votes):
+        seed = params.seed + (r + 1) * len(inputs)
+        temperature = params.temperature
+        rounds.append(
+            _answers(backend, inputs, max_tokens, temperature, seed, chunk, None, should_stop)
+        )
+        if on_chunk is not None:
+            on_chunk(round(len(inputs) * (r + 1) / params.votes))
+    labels = []
+    for i in range(len(inputs)):
+        answers = [(cut_answer(a, t, max_lines), t) for a, t in (rnd[i] for rnd in rounds)]
+        counts = Counter(answer_key(a) for a, _ in answers if a is not None)
+        if not counts:
+            labels.append(Label(None, 0.0, answers[0][1]))
+            continue
+        key, n = counts.most_common(1)[0]
+        agreement = n / len(rounds)
+        # The greedy answer's wording when it is in the majority, else the first that is.
+        text, truncated = next((a, t) for a, t in answers if a and answer_key(a) == key)
+        keep = params.votes == 0 or agreement >= params.min_agreement
+        labels.append(Label(text if keep else None, agreement, truncated))
+    return labels
 
 
 def choose_all(
@@ -80,15 +187,18 @@ def label_all(
     inputs: Sequence[str],
     max_tokens: int = 64,
     choice_prefix: str | None = None,
+    votes: VoteParams | None = None,
+    max_lines: int | None = None,
     chunk: int = 32,
     on_chunk: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> list[str | None]:
-    """The teacher's label for each input: its greedy answer, or with ``choice_prefix`` the
+) -> list[Label]:
+    """The teacher's label for each input: its (voted) answer, or with ``choice_prefix`` the
     option it finds most likely (``None`` for an input that lists fewer than two options)."""
     if choice_prefix is None:
-        return list(answer_all(backend, inputs, max_tokens, chunk, on_chunk, should_stop))
-    labels: list[str | None] = []
+        return vote_all(backend, inputs, max_tokens, votes or VoteParams(), max_lines, chunk,
+                        on_chunk, should_stop)  # fmt: skip
+    labels: list[Label] = []
     for start in range(0, len(inputs), chunk):
         if should_stop is not None and should_stop():
             raise LabellingStopped(f"stopped after {len(labels)} of {len(inputs)} labels")
@@ -96,9 +206,9 @@ def label_all(
         options = [parse_options(x, choice_prefix) for x in part]
         ok = [i for i, o in enumerate(options) if len(o) >= 2]
         chosen = choose_all(backend, [part[i] for i in ok], [options[i] for i in ok]) if ok else []
-        picked: list[str | None] = [None] * len(part)
+        picked = [Label(None)] * len(part)
         for i, c in zip(ok, chosen, strict=True):
-            picked[i] = options[i][c]
+            picked[i] = Label(options[i][c])
         labels += picked
         if on_chunk is not None:
             on_chunk(len(labels))

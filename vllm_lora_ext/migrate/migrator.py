@@ -27,8 +27,15 @@ from vllm_lora_ext.migrate.discriminator import (
     train_discriminator,
 )
 from vllm_lora_ext.migrate.distill import distil
+from vllm_lora_ext.migrate.excess import excess_scores, top_by_excess
 from vllm_lora_ext.migrate.gate import GateResult, decide
-from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all, label_all
+from vllm_lora_ext.migrate.labelling import (
+    LabellingStopped,
+    VoteParams,
+    answer_all,
+    answer_lines,
+    label_all,
+)
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.spec import MigrationSpec, real_inputs, split_real
 from vllm_lora_ext.migrate.synthesis import SynthesisCounts, synthesise
@@ -168,8 +175,12 @@ class Migrator:
         self._check_cancel(step)
         return out
 
+    def _filter(self) -> str | None:
+        """Which filter synthetic inputs go through, if any."""
+        return self.spec.filter if self.spec.data == "filtered" else None
+
     def _discriminator(self, outputs: dict[str, Any]) -> dict[str, Any]:
-        if self.spec.data != "filtered":
+        if self._filter() != "discriminator":
             return {"skipped": True}
         _, positives = split_real(self.spec)
         negatives = sample_negatives(
@@ -202,16 +213,19 @@ class Migrator:
         if self.spec.data == "seeds_only":
             return {"inputs": [], "counts": asdict(SynthesisCounts())}
         accept = None
-        if self.spec.data == "filtered":
+        count = self.spec.target_count
+        if self._filter() == "discriminator":
             backend = self._disc_backend(self.work_dir / DISCRIMINATOR_DIR)
             accept = discriminator_filter(backend, self.spec.task_description)
+        elif self._filter() == "excess":  # a pool to rank once labelled
+            count = round(count * self.spec.excess_pool)
         p = self.spec.synthesis
         result = synthesise(
             self.generator,
             self.spec.task_description,
             real,
-            count=self.spec.target_count,
-            max_attempts=self.spec.target_count * p.attempts_per_input,
+            count=count,
+            max_attempts=count * p.attempts_per_input,
             seed=self.spec.seed,
             shots=p.shots,
             batch=p.batch,
@@ -229,9 +243,10 @@ class Migrator:
                 f"unparsable, {c.duplicates} duplicates, {c.rejected} rejected by the "
                 "discriminator): add seeds, raise attempts_per_input, or use data='unfiltered'"
             )
-        scores = accept.scores if accept is not None else {}
-        audit = [{"text": t, "kept": k, "score": scores.get(t)} for t, k in result.candidates]
-        _write_json(self.work_dir / CANDIDATES_FILE, audit)
+        if accept is not None:
+            audit = [{"text": t, "kept": k, "score": accept.scores.get(t)}
+                     for t, k in result.candidates]  # fmt: skip
+            _write_json(self.work_dir / CANDIDATES_FILE, audit)
         return {"inputs": result.inputs, "counts": asdict(result.counts)}
 
     def _label(self, outputs: dict[str, Any]) -> dict[str, Any]:
@@ -240,24 +255,25 @@ class Migrator:
         gate, real = split_real(self.spec)
         known = {x: y for x, y in real_inputs(self.spec) if y is not None}
         synthetic = outputs["synthesise"]["inputs"]
+        asked = [x for x in real if x not in known] + synthetic + [x for x, _ in gate]
+        s = self.spec
+        labels = label_all(
+            self.teacher,
+            asked,
+            s.answer_max_tokens,
+            s.choice_prefix,
+            VoteParams(s.votes, s.vote_temperature, s.vote_agreement, s.seed),
+            answer_lines(list(known.values())),
+            on_chunk=lambda done: self._update(labelled=done),
+            should_stop=self._cancel.is_set,
+        )
+        answers = {x: label.text for x, label in zip(asked, labels, strict=True)}
+        pool = len(synthetic)
+        if self._filter() == "excess":
+            synthetic = self._select_by_excess(synthetic, answers)
         n_held = min(self.spec.gate_synthetic, len(synthetic) // 2)
         inputs = real + synthetic[: len(synthetic) - n_held]
         gate = [*gate, *((x, None) for x in synthetic[len(synthetic) - n_held :])]
-        asked = [x for x in inputs if x not in known] + [x for x, _ in gate]
-        answers = dict(
-            zip(
-                asked,
-                label_all(
-                    self.teacher,
-                    asked,
-                    self.spec.answer_max_tokens,
-                    self.spec.choice_prefix,
-                    on_chunk=lambda done: self._update(labelled=done),
-                    should_stop=self._cancel.is_set,
-                ),
-                strict=True,
-            )
-        )
         train = [(x, known[x] if x in known else answers[x]) for x in inputs]
         return {
             "train": [[x, y] for x, y in train if y is not None],
@@ -265,7 +281,25 @@ class Migrator:
             "seed_answers": sum(x in known for x in inputs),
             "unlabelled": sum(y is None for _, y in train),
             "gate_synthetic": n_held,
+            "truncated": sum(label.truncated for label in labels),
+            "agreement": [round(label.agreement, 3) for label in labels],
+            "synthetic_pool": pool,
+            "synthetic_kept": len(synthetic),
         }
+
+    def _select_by_excess(self, synthetic: list[str], answers: dict[str, str | None]) -> list[str]:
+        """The ``target_count`` labelled synthetic inputs with the largest contrastive excess;
+        every candidate's score goes to the audit file."""
+        labelled = [x for x in synthetic if answers[x] is not None]
+        scores = excess_scores(self.generator, self.teacher, labelled,
+                               [answers[x] or "" for x in labelled])  # fmt: skip
+        kept = top_by_excess(labelled, scores, self.spec.target_count)
+        by_text = dict(zip(labelled, scores, strict=True))
+        chosen = set(kept)
+        audit = [{"text": x, "kept": x in chosen, "score": by_text.get(x)} for x in synthetic]
+        _write_json(self.work_dir / CANDIDATES_FILE, audit)
+        self._update(kept=len(kept), rejected=len(synthetic) - len(kept))
+        return kept
 
     def _distil(self, outputs: dict[str, Any]) -> dict[str, Any]:
         pairs = [(x, y) for x, y in outputs["label"]["train"]]

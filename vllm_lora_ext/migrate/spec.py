@@ -72,8 +72,14 @@ class MigrationOptions(BaseModel):
 
     target_count: int = Field(64, ge=1)
     data: Literal["filtered", "unfiltered", "seeds_only"] = "filtered"
-    """``filtered``: real + discriminator-kept synthetic inputs (Trans-LoRA); ``unfiltered``:
-    real + all synthetic; ``seeds_only``: the real inputs alone (the ablations)."""
+    """``filtered``: real + synthetic inputs that pass ``filter``; ``unfiltered``: real + all
+    synthetic; ``seeds_only``: the real inputs alone (the ablations)."""
+    filter: Literal["discriminator", "excess"] = "discriminator"
+    """``discriminator``: a yes/no LoRA on the old base tells task inputs from its own free text
+    (Trans-LoRA); ``excess``: no training, ``excess_pool`` x ``target_count`` inputs are
+    synthesised and the ``target_count`` where the old adapter changes the old base's answer
+    most are kept (TiTok's contrastive excess, ``migrate.excess``)."""
+    excess_pool: float = Field(2.0, ge=1, le=8)
     gate_fraction: float = Field(0.25, gt=0, lt=1)
     gate_synthetic: int = Field(20, ge=0)
     """Synthetic inputs kept out of the student's training and checked at the gate (agreement
@@ -92,6 +98,12 @@ class MigrationOptions(BaseModel):
     """``sequence``: cross-entropy on the teacher's answer text (works across tokenizers);
     ``token_kl``: KL to the teacher's top-``teacher_top_k`` distribution at every answer token
     (the same tokenizer on both bases only)."""
+    votes: int = Field(0, ge=0, le=16)
+    """Sampled teacher answers per free-form input besides the greedy one: the answer most of
+    them agree on is the label, and an input with less than ``vote_agreement`` of the answers
+    behind one answer is dropped. 0: the greedy answer is the label."""
+    vote_temperature: float = Field(0.7, gt=0, le=2)
+    vote_agreement: float = Field(0.5, gt=0, le=1)
     teacher_top_k: int = Field(20, ge=1, le=20)
     """20 is vLLM's default ``--max-logprobs``, the most a served teacher returns."""
     answer_max_tokens: int = Field(64, ge=1)

@@ -210,3 +210,59 @@ def test_seeds_keep_their_answers_and_held_out_synthetic_inputs_reach_the_gate(p
         == len(held) + sum(x not in synthetic for x, _, _ in label["gate"])
     )
     assert all(t == "wrong" for _, t, _ in label["gate"])  # the teacher answered the gate
+
+
+class AnswerScorer(FunctionBackend):
+    """A FunctionBackend that also scores continuations: ``logprob(answer text)`` per token."""
+
+    def __init__(self, backend: FunctionBackend, logprob) -> None:
+        super().__init__(backend.tokenizer, backend.respond)
+        self.logprob = logprob
+
+    def continuation_logprobs(self, requests):
+        return [
+            tuple(self.logprob(self.tokenizer.decode(list(answer))) for _ in answer)
+            for _, answer in requests
+        ]
+
+
+def test_excess_filter_keeps_the_inputs_the_adapter_changes(parts, tmp_path: Path):
+    """The base finds "word" likely anyway, "number" only with the adapter: ranking a pool by
+    the adapter's excess keeps the digit strings (the task), with no discriminator trained."""
+    parts["generator"] = AnswerScorer(parts["generator"], lambda a: -0.1 if "word" in a else -4.0)
+    parts["teacher"] = AnswerScorer(parts["teacher"], lambda a: -0.1)
+    spec = make_spec().model_copy(update={"filter": "excess", "excess_pool": 2.0})
+    result = Migrator(spec, tmp_path / "x", **parts).run()
+    assert json.loads((tmp_path / "x" / "discriminator.json").read_text()) == {"skipped": True}
+    assert not (tmp_path / "x" / DISCRIMINATOR_DIR).exists()
+    label = result.counts["label"]
+    pool = result.counts["synthesise"]["counts"]["kept"]
+    assert pool >= 48 and label["synthetic_pool"] == pool and label["synthetic_kept"] == 24
+    audit = json.loads((tmp_path / "x" / CANDIDATES_FILE).read_text())
+    kept = [c for c in audit if c["kept"]]
+    assert len(audit) == pool and len(kept) == 24
+    assert all(c["text"][0].isdigit() for c in kept)  # ~70% of the pool are digits: enough
+    assert min(c["score"] for c in kept) >= max(c["score"] for c in audit if not c["kept"])
+    synthetic_trained = [x for x, _ in label["train"] if x in {c["text"] for c in audit}]
+    assert set(synthetic_trained) <= {c["text"] for c in kept}
+    assert result.passed
+
+
+def test_votes_drop_inputs_the_teacher_is_unsure_of(parts, tmp_path: Path):
+    """A teacher that never answers a letter string the same way twice: with votes, only the
+    digit strings (always "number") keep a label; the votes are recorded per input."""
+
+    def respond(prompt: str, seed: int) -> str:
+        return "number" if query_of(prompt)[0].isdigit() else f"word {seed}"
+
+    parts["teacher"] = FunctionBackend(parts["teacher"].tokenizer, respond)
+    spec = make_spec("unfiltered").model_copy(
+        update={"votes": 4, "vote_agreement": 0.8, "answer_max_tokens": 24}
+    )
+    result = Migrator(spec, tmp_path / "v", **parts).run()
+    label = result.counts["label"]
+    assert all(y == "number" for _, y in label["train"])
+    letters = sum(not x[0].isdigit() for x in result.counts["synthesise"]["inputs"])
+    assert letters > 0 and label["unlabelled"] > 0
+    assert sorted(label["agreement"])[:letters] == [0.2] * letters
+    assert parts["teacher"].calls >= 5  # greedy + 4 sampled rounds

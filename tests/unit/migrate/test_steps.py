@@ -312,6 +312,68 @@ def test_label_all_picks_the_teachers_option_and_skips_inputs_without_options(ll
         f"Who cooks?{marker}Ambiguous{marker}The cook",
     ]
     labels = label_all(OptionScorer(llama_tok, "cook"), inputs, choice_prefix=marker, chunk=2)
-    assert labels == ["The cook", None, "The cook"]
+    assert [label.text for label in labels] == ["The cook", None, "The cook"]
     free = label_all(OptionScorer(llama_tok, "cook"), inputs[:1], max_tokens=16)
-    assert free == ["free text"]
+    assert [label.text for label in free] == ["free text"]
+
+
+def test_votes_keep_the_majority_and_drop_inputs_without_one(llama_tok) -> None:
+    from migrate_fakes import query_of
+
+    from vllm_lora_ext.migrate.labelling import VoteParams, label_all
+
+    def respond(prompt: str, seed: int) -> str:
+        x = query_of(prompt)
+        if x == "sure":  # always the same answer, worded differently when sampled
+            return "Four." if seed % 2 else "four"
+        if x == "split":  # greedy says one thing, the samples mostly another
+            return "a" if seed < 1000 else "b"
+        return f"guess {seed}"  # never agrees with itself
+
+    backend = FunctionBackend(llama_tok, respond)
+    labels = label_all(
+        backend, ["sure", "split", "unsure"], 8, votes=VoteParams(votes=4, seed=1000)
+    )
+    assert [label.text for label in labels] == ["four", "b", None]
+    assert [label.agreement for label in labels] == [1.0, 0.8, 0.2]
+    assert backend.calls == 5  # one greedy round and four sampled ones
+    greedy = label_all(backend, ["split", "unsure"], 8)
+    assert [(label.text, label.agreement) for label in greedy] == [("a", 1.0), ("guess 1", 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("text", "truncated", "max_lines", "expected"),
+    [
+        ("42", False, 1, "42"),  # ended by the model: kept whole
+        ("42\nand then more", False, 1, "42\nand then more"),
+        ("42\nand then mo", True, 1, "42"),  # cut where the task's answers end
+        ("line one\nline two\nline thr", True, None, "line one\nline two"),  # drop the stub
+        ("only a stub", True, None, None),
+        ("   ", False, None, None),
+    ],
+)
+def test_cut_answer(text, truncated, max_lines, expected) -> None:
+    from vllm_lora_ext.migrate.labelling import cut_answer
+
+    assert cut_answer(text, truncated, max_lines) == expected
+
+
+def test_truncated_answers_are_recorded_and_cut(llama_tok) -> None:
+    from vllm_lora_ext.migrate.labelling import answer_lines, label_all
+
+    backend = FunctionBackend(llama_tok, lambda p, s: "7\n" + "eight nine ten " * 20)
+    labels = label_all(backend, ["x"], max_tokens=6, max_lines=answer_lines(["3", "12"]))
+    assert labels[0].truncated and labels[0].text == "7"
+    short = label_all(backend, ["x"], max_tokens=400)
+    assert not short[0].truncated and short[0].text.startswith("7\neight")
+
+
+@given(st.lists(st.text(min_size=1, max_size=30), max_size=6))
+def test_answer_lines_counts_the_longest_known_answer(known: list[str]) -> None:
+    from vllm_lora_ext.migrate.labelling import answer_lines
+
+    got = answer_lines(known)
+    if not known:
+        assert got is None
+    else:
+        assert got == max(max(1, len(k.strip().splitlines())) for k in known)
