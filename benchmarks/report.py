@@ -151,7 +151,7 @@ def migration_quality(doc: dict) -> str:
     rows = []
     for r in doc["tasks"]:
         modes = r.get("modes", {})
-        acc = {m: modes.get(m, {}) for m in ("filtered", "seeds_only", "unfiltered")}
+        acc = {m: modes.get(m, {}) for m in ("filtered", "excess", "seeds_only", "unfiltered")}
         rows.append([
             r["task"], str(r["n_heldout"]), ci(r["source_acc"], r.get("source_ci95")),
             ci(r["target_base_acc"], r.get("target_base_ci95")),
@@ -162,7 +162,7 @@ def migration_quality(doc: dict) -> str:
     n = len(doc["tasks"])
     mean = ["**mean**", "", f3(sum(r["source_acc"] for r in doc["tasks"]) / n),
             f3(sum(r["target_base_acc"] for r in doc["tasks"]) / n)]  # fmt: skip
-    for key in ("migrated_acc", "seeds_only_acc", "unfiltered_acc"):
+    for key in ("migrated_acc", "excess_acc", "seeds_only_acc", "unfiltered_acc"):
         vals = [r.get(key) for r in doc["tasks"]]
         mean.append(f3(sum(vals) / n) if all(v is not None for v in vals) else NA)
     rows.append([*mean, "", ""])
@@ -172,7 +172,8 @@ def migration_quality(doc: dict) -> str:
             "n",
             "source",
             "target base",
-            "migrated (filtered)",
+            "migrated (discriminator filter)",
+            "migrated (excess filter)",
             "seeds only",
             "unfiltered",
             "gate passed",
