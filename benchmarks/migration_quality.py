@@ -52,7 +52,7 @@ RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": 
 # Spec fields added after committed runs: left out of a work dir's digest while at their
 # defaults, so those runs' work dirs keep their names.
 LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "vote_agreement",
-                "filter", "excess_pool")  # fmt: skip
+                "filter", "excess_pool", "discriminator_calibration")  # fmt: skip
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", default=DEFAULT_TASKS)
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {','.join(MODES)}")
     p.add_argument("--votes", type=int, default=0, help="sampled teacher answers per input")
+    p.add_argument(
+        "--disc-calibration",
+        action="store_true",
+        help="threshold the discriminator on a held-out quarter of its texts",
+    )
     p.add_argument(
         "--result-name",
         default="migration_quality",
@@ -288,6 +293,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         data=data,
         filter=filter_,
         votes=args.votes,
+        discriminator_calibration=args.disc_calibration,
         synthesis=SynthesisParams(batch=16, max_tokens=int(1.5 * longest) + 8),
         discriminator=TrainParams(
             rank=args.rank, targets=targets, steps=args.disc_steps, batch=args.batch,
@@ -521,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
-                  "student_fit", "warmup", "no_decay", "votes")
+                  "student_fit", "warmup", "no_decay", "votes", "disc_calibration")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": DEFAULT_MODEL_NAME,

@@ -238,6 +238,7 @@ def train_lora(
     fit_target: float | None = None,
     fit_every: int = 10,
     on_fit: Callable[[int, float], None] | None = None,
+    stop_when: Callable[[int], bool] | None = None,
 ) -> list[float]:
     """AdamW on the trainable (LoRA) parameters of ``model``; returns the loss per step.
 
@@ -246,6 +247,8 @@ def train_lora(
     rate follows :func:`lr_factor`. With ``fit_target``, every ``fit_every`` steps the fraction
     of :func:`fitted_rows` is measured (``on_fit(step, fraction)``) and training ends once it
     reaches the target: ``hp.steps`` is then a budget, not a prescription.
+    ``stop_when(step)`` is asked after every step and ends training there if true (early
+    stopping on a held-out measure; the model is back in training mode after it).
     ``on_step(step, loss)`` reports progress (1-based step); ``should_stop()`` is checked before
     every step and raises :class:`TrainingStopped`. ``desc`` shows a tqdm bar.
     """
@@ -298,6 +301,11 @@ def train_lora(
                 if on_fit is not None:
                     on_fit(step, fraction)
                 if fraction >= fit_target:
+                    break
+            if stop_when is not None:
+                done = stop_when(step)
+                model.train()
+                if done:
                     break
     finally:
         model.eval()

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from vllm_lora_ext.evaluation.backends import Backend
 from vllm_lora_ext.files import write_atomic
 from vllm_lora_ext.migrate.discriminator import (
+    calibration_record,
     discriminator_filter,
     sample_negatives,
     train_discriminator,
@@ -194,7 +195,7 @@ class Migrator:
         if not negatives:
             raise MigrationError("the old base generated no usable negatives for the discriminator")
         hp = self.spec.discriminator.hyperparameters(self.spec.seed)
-        losses = train_discriminator(
+        losses, calibration = train_discriminator(
             self.old_base,
             self.spec.task_description,
             positives,
@@ -204,9 +205,11 @@ class Migrator:
             self.spec.max_len,
             on_step=self._on_train_step(hp.steps),
             should_stop=self._cancel.is_set,
+            calibrate=self.spec.discriminator_calibration,
         )
         return {"skipped": False, "positives": len(positives), "negatives": len(negatives),
-                "final_loss": losses[-1]}  # fmt: skip
+                "final_loss": losses[-1], "steps_run": len(losses),
+                "calibration": calibration_record(calibration)}  # fmt: skip
 
     def _synthesise(self, outputs: dict[str, Any]) -> dict[str, Any]:
         _, real = split_real(self.spec)
@@ -216,7 +219,9 @@ class Migrator:
         count = self.spec.target_count
         if self._filter() == "discriminator":
             backend = self._disc_backend(self.work_dir / DISCRIMINATOR_DIR)
-            accept = discriminator_filter(backend, self.spec.task_description)
+            calibration = outputs["discriminator"].get("calibration") or {}
+            threshold = calibration.get("threshold", 0.0)
+            accept = discriminator_filter(backend, self.spec.task_description, threshold)
         elif self._filter() == "excess":  # a pool to rank once labelled
             count = round(count * self.spec.excess_pool)
         p = self.spec.synthesis

@@ -80,6 +80,10 @@ class MigrationOptions(BaseModel):
     synthesised and the ``target_count`` where the old adapter changes the old base's answer
     most are kept (TiTok's contrastive excess, ``migrate.excess``)."""
     excess_pool: float = Field(2.0, ge=1, le=8)
+    discriminator_calibration: bool = False
+    """Hold a quarter of the discriminator's texts out and keep synthetic inputs above the
+    threshold that separates them best (``migrate.discriminator.Calibration``); off: train on
+    all of them, keep p(yes) > p(no). Off by default until it pays on held-out accuracy."""
     gate_fraction: float = Field(0.25, gt=0, lt=1)
     gate_synthetic: int = Field(20, ge=0)
     """Synthetic inputs kept out of the student's training and checked at the gate (agreement

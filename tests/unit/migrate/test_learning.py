@@ -13,11 +13,18 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from migrate_fakes import DIGITS, LETTERS, FunctionBackend, number_or_word, query_of, strings
 from transformers import AutoTokenizer
 
 from vllm_lora_ext.evaluation.backends import TransformersBackend
-from vllm_lora_ext.migrate.discriminator import discriminator_margins, train_discriminator
+from vllm_lora_ext.migrate.discriminator import (
+    best_threshold,
+    discriminator_margins,
+    holdout_split,
+    train_discriminator,
+)
 from vllm_lora_ext.migrate.distill import CARD_FILE, distil, distillation_rows
 from vllm_lora_ext.migrate.labelling import answer_all
 from vllm_lora_ext.training import (
@@ -40,7 +47,10 @@ def test_discriminator_separates_digits_from_letters(tiny_model_dir: Path, tmp_p
     )  # fmt: skip
     base = TransformersBackend.from_pretrained(tiny_model_dir)
     before = discriminator_margins(base, TASK, held_pos + held_neg)
-    losses = train_discriminator(tiny_model_dir, TASK, positives, negatives, hp, tmp_path / "disc")
+    losses, calibration = train_discriminator(
+        tiny_model_dir, TASK, positives, negatives, hp, tmp_path / "disc", calibrate=False
+    )
+    assert calibration is None and len(losses) == 100
     assert losses[-1] < losses[0] / 10
     backend = TransformersBackend.from_pretrained(tiny_model_dir, tmp_path / "disc")
     margins = discriminator_margins(backend, TASK, held_pos + held_neg)
@@ -139,3 +149,57 @@ def test_token_level_distillation_refuses_another_tokenizer(
     with pytest.raises(ValueError, match=r"different vocabularies.*distillation='sequence'"):
         distil(tiny_gemma_dir, [("12", "number")], hp, tmp_path / "s", teacher=teacher)
     assert not (tmp_path / "s").exists()
+
+
+def test_calibrated_discriminator_stops_early_and_keeps_its_best_weights(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """A quarter of each class is held out: training stops once their loss stops falling, the
+    saved adapter is the best check's, and its threshold separates unseen texts."""
+    rng = random.Random(0)
+    positives, negatives = strings(rng, DIGITS, 32), strings(rng, LETTERS, 32)
+    unseen_pos, unseen_neg = strings(rng, DIGITS, 20), strings(rng, LETTERS, 20)
+    hp = LoraHyperparameters(
+        rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), steps=200, batch=16,
+        lr=5e-3,
+    )  # fmt: skip
+    losses, cal = train_discriminator(
+        tiny_model_dir, TASK, positives, negatives, hp, tmp_path / "disc", patience=3
+    )
+    assert cal is not None and len(cal.positives) == len(cal.negatives) == 8
+    print(
+        f"stopped at {len(losses)}, best {cal.best_step}, threshold {cal.threshold:.2f}, "
+        f"held-out balanced accuracy {cal.balanced_accuracy:.2f}; checks {cal.checks}"
+    )
+    assert len(losses) < 200  # stopped early: 32+32 texts are learnt long before 200 steps
+    assert min(loss for _, loss in cal.checks) == dict(cal.checks)[cal.best_step]
+    assert len(losses) - cal.best_step >= 3 * 5  # patience: three checks without improvement
+    backend = TransformersBackend.from_pretrained(tiny_model_dir, tmp_path / "disc")
+    _, held_pos = holdout_split(positives)
+    saved = discriminator_margins(backend, TASK, held_pos)
+    assert saved == pytest.approx(cal.positives, abs=1e-3)  # the best weights were saved
+    margins = discriminator_margins(backend, TASK, unseen_pos + unseen_neg)
+    hits = [m > cal.threshold for m in margins[:20]] + [m <= cal.threshold for m in margins[20:]]
+    assert sum(hits) / 40 >= 0.8
+
+
+def test_holdout_split_needs_two_on_each_side() -> None:
+    assert holdout_split(list("abcdefgh")) == (list("bcdfgh"), ["a", "e"])
+    assert holdout_split(list("abcde")) == (list("bcd"), ["a", "e"])
+    assert holdout_split(list("abcd")) == (list("abcd"), [])  # one held out: too few
+
+
+@given(
+    st.lists(st.floats(-20, 20), min_size=1, max_size=12),
+    st.lists(st.floats(-20, 20), min_size=1, max_size=12),
+)
+def test_best_threshold_is_the_best_cut(positives: list[float], negatives: list[float]) -> None:
+    def balanced(cut: float) -> float:
+        kept = sum(m > cut for m in positives) / len(positives)
+        return (kept + sum(m <= cut for m in negatives) / len(negatives)) / 2
+
+    threshold, accuracy = best_threshold(positives, negatives)
+    assert balanced(threshold) == pytest.approx(accuracy)
+    for cut in [*positives, *negatives, min(positives + negatives) - 1]:
+        assert balanced(cut) <= accuracy + 1e-12
+    assert accuracy >= 0.5
