@@ -82,6 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {','.join(MODES)}")
     p.add_argument("--votes", type=int, default=0, help="sampled teacher answers per input")
     p.add_argument(
+        "--generator",
+        choices=("old_base", "new_base"),
+        default="old_base",
+        help="who writes synthetic inputs: the served old base (default) or the new base "
+        "(Gemma, in process; the paper's choice)",
+    )
+    p.add_argument(
         "--disc-calibration",
         action="store_true",
         help="threshold the discriminator on a held-out quarter of its texts",
@@ -386,9 +393,10 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
         work,
         old_base=models["smol_dir"],
         new_base=models["gemma_dir"],
-        generator=old.backend(),
+        generator=models["new_generator"] if args.generator == "new_base" else old.backend(),
         teacher=old.backend(spec.adapter, args.adapters / task.name),
         discriminator_backend=old.discriminator_factory(f"disc-{spec.adapter}-{spec.data}"),
+        old_base_backend=old.backend(),
     )
     start = time.perf_counter()
     result = migrator.run()
@@ -472,7 +480,9 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
         later = {f for f in LATER_FIELDS if getattr(spec, f) == defaults[f].get_default()}
         digest = hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
         try:
-            out = migrate_and_score(args, task, spec, base / f"{mode}-{digest}", models, old)
+            suffix = "-newgen" if args.generator == "new_base" else ""
+            work = base / f"{mode}-{digest}{suffix}"
+            out = migrate_and_score(args, task, spec, work, models, old)
         except MigrationError as e:  # recorded, and the other modes and tasks still run
             print(f"  {mode}: FAILED: {e}", flush=True)
             row["modes"][mode] = {"error": str(e)}
@@ -522,12 +532,17 @@ def main(argv: list[str] | None = None) -> int:
         "gemma_dir": gemma_dir,
         "smol_tok": AutoTokenizer.from_pretrained(smol_dir),
     }
+    if args.generator == "new_base":  # unwrapped: synthetic inputs may span lines
+        from vllm_lora_ext.evaluation.backends import TransformersBackend
+
+        models["new_generator"] = TransformersBackend.from_pretrained(gemma_dir)
     root = args.cache or settings.cache_dir / "migration_quality"
     settings_used = {
         k: getattr(args, k)
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
-                  "student_fit", "warmup", "no_decay", "votes", "disc_calibration")
+                  "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
+                  "generator")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": DEFAULT_MODEL_NAME,

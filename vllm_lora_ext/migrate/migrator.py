@@ -94,7 +94,9 @@ class MigrationResult:
 class Migrator:
     """Runs one :class:`MigrationSpec` in ``work_dir``.
 
-    ``generator`` serves the old base, ``teacher`` the old base + old adapter. The discriminator
+    ``generator`` writes synthetic inputs (the old base, or the new one), ``teacher`` serves
+    the old base + old adapter, ``old_base_backend`` the old base alone for scoring (the excess
+    filter; default: ``generator``, which must then be the old base). The discriminator
     and the student are trained in process from ``old_base`` / ``new_base`` (model folders) and
     scored through ``discriminator_backend`` / ``student_backend`` (default: transformers in
     process; a server route can load the adapter into a server and return an HTTP backend).
@@ -111,11 +113,13 @@ class Migrator:
         teacher: Backend,
         discriminator_backend: BackendFactory | None = None,
         student_backend: BackendFactory | None = None,
+        old_base_backend: Backend | None = None,
     ) -> None:
         self.spec = spec
         self.work_dir = Path(work_dir)
         self.old_base, self.new_base = Path(old_base), Path(new_base)
         self.generator, self.teacher = generator, teacher
+        self.old_base_backend = old_base_backend or generator
         self._disc_backend = discriminator_backend or _local(self.old_base)
         self._student_backend = student_backend or _local(self.new_base)
         self._progress = MigrationProgress()
@@ -296,7 +300,7 @@ class Migrator:
         """The ``target_count`` labelled synthetic inputs with the largest contrastive excess;
         every candidate's score goes to the audit file."""
         labelled = [x for x in synthetic if answers[x] is not None]
-        scores = excess_scores(self.generator, self.teacher, labelled,
+        scores = excess_scores(self.old_base_backend, self.teacher, labelled,
                                [answers[x] or "" for x in labelled])  # fmt: skip
         kept = top_by_excess(labelled, scores, self.spec.target_count)
         by_text = dict(zip(labelled, scores, strict=True))

@@ -228,11 +228,12 @@ class AnswerScorer(FunctionBackend):
 
 def test_excess_filter_keeps_the_inputs_the_adapter_changes(parts, tmp_path: Path):
     """The base finds "word" likely anyway, "number" only with the adapter: ranking a pool by
-    the adapter's excess keeps the digit strings (the task), with no discriminator trained."""
-    parts["generator"] = AnswerScorer(parts["generator"], lambda a: -0.1 if "word" in a else -4.0)
+    the adapter's excess keeps the digit strings (the task), with no discriminator trained.
+    The old base scores through its own backend (the generator here cannot score)."""
+    old_base = AnswerScorer(parts["generator"], lambda a: -0.1 if "word" in a else -4.0)
     parts["teacher"] = AnswerScorer(parts["teacher"], lambda a: -0.1)
     spec = make_spec().model_copy(update={"filter": "excess", "excess_pool": 2.0})
-    result = Migrator(spec, tmp_path / "x", **parts).run()
+    result = Migrator(spec, tmp_path / "x", **parts, old_base_backend=old_base).run()
     assert json.loads((tmp_path / "x" / "discriminator.json").read_text()) == {"skipped": True}
     assert not (tmp_path / "x" / DISCRIMINATOR_DIR).exists()
     label = result.counts["label"]

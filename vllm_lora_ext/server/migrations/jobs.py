@@ -318,14 +318,12 @@ class MigrationJobs:
         from vllm_lora_ext.evaluation.backends import HttpBackend
 
         source_headers = self._source_headers(job.request)
+        old_base = HttpBackend(job.source.url, job.source.base, tokenizer, headers=source_headers)
+        generator = old_base
         if job.request.generator == "new_base":
             own_tokenizer = await asyncio.to_thread(_tokenizer, self.new_base)
             generator = HttpBackend(
                 self.self_url, self.base_name, own_tokenizer, headers=bearer(self.api_key)
-            )
-        else:
-            generator = HttpBackend(
-                job.source.url, job.source.base, tokenizer, headers=source_headers
             )
         try:
             for migration in job.adapters:
@@ -342,6 +340,7 @@ class MigrationJobs:
                     new_base=self.new_base,
                     generator=generator,
                     teacher=teacher,
+                    old_base_backend=old_base,
                 )
                 await self._migrate_one(job, migration)
                 self._count_states()
