@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 from importlib import metadata
@@ -37,6 +38,7 @@ def run_record(args: argparse.Namespace) -> dict:
     return {
         "commit": commit(),
         "versions": versions(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        # Paths (also inside lists) as strings
+        "args": json.loads(json.dumps(vars(args), default=str)),
         "machine": f"{platform.machine()}, {platform.system()}",
     }
