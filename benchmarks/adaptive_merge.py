@@ -2,7 +2,7 @@
 
     python benchmarks/adaptive_merge.py                       # SmolLM2-135M, sports_understanding
     python benchmarks/adaptive_merge.py --method lorahub --k 2 --random 4
-    python benchmarks/adaptive_merge.py --dry-run             # tiny Llama, minutes -> seconds
+    python benchmarks/adaptive_merge.py --quick               # tiny Llama, minutes -> seconds
 
 The pool is every task adapter under ``--adapters`` (the committed SmolLM2-135M-Instruct ones)
 except the target task's, plus ``--random`` adapters with the same shapes and norms as pool
@@ -14,9 +14,10 @@ the same examples for the same steps). Every row is then scored on the task's *h
 with the in-process transformers backend. Writes ``benchmarks/results/adaptive_merge.json``:
 ``{"model", "target_task", "rows": [{"method", "acc", "seconds", ...}], ...}``.
 
-``--dry-run`` runs the same pipeline on the tiny test Llama with random "task" adapters and a
-few examples, to check the script end to end without the CPU time of a real run; its results
-go to ``adaptive_merge.dry_run.json`` and mean nothing.
+``--quick`` (or ``--dry-run``) runs the same pipeline on the tiny test Llama with random "task"
+adapters, a synthetic task and a few examples (``benchmarks/quick.py``), to check the script end
+to end without the CPU time of a real run; its results go to ``<tmp>/adaptive_merge_quick/``
+unless ``--out`` says otherwise, and mean nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import quick
+from run_record import run_record
 
 from vllm_lora_ext.files import write_atomic
 
@@ -61,9 +65,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=200, help="held-out examples scored")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dry-run", action="store_true", help="tiny Llama, random adapters, tiny sizes")
+    p.add_argument(
+        "--quick",
+        "--dry-run",
+        action="store_true",
+        help="smoke run: tiny Llama, random adapters, synthetic task, tiny sizes",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.examples, args.limit, args.steps = min(args.examples, 12), min(args.limit, 6), 3
+        args.k, args.random = min(args.k, 2), min(args.random, 1)
+        if args.threads == p.get_default("threads"):
+            args.threads = 1  # a tiny model: one thread is ~3x faster on 2 shared cores
+        if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
+            args.out = quick.out_dir("adaptive_merge")
+    return args
 
 
 def answer_of(task, example) -> str:
@@ -98,15 +115,15 @@ def load_pool(adapter_dirs: list[Path], exclude: str, n_random: int, seed: int) 
     return pool
 
 
-def dry_run_setup(work: Path, seed: int) -> tuple[Path, Path]:
-    """The tiny test Llama and three random adapters written as its "task" adapters."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_model import build_tiny_llama, random_lora_tensors, write_adapter
-
-    model = build_tiny_llama(work / "tiny-llama")
+def quick_setup(work: Path, seed: int) -> tuple[Path, Path]:
+    """The tiny test Llama, three random adapters written as its "task" adapters, and the
+    synthetic tasks as the task cache."""
+    quick.isolate(work)
+    model = quick.tiny_llama(work)
     adapters = work / "adapters"
     for i, name in enumerate(["task-a", "task-b", "task-c"]):
-        write_adapter(adapters / name, random_lora_tensors(seed + i, rank=4), str(model), rank=4)
+        quick.random_adapter(adapters / name, model, seed + i, rank=4,
+                             targets=quick.tiny_model.TARGETS)  # fmt: skip
     return model, adapters
 
 
@@ -160,15 +177,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.dry_run:
-        args.examples, args.limit, args.steps = min(args.examples, 12), min(args.limit, 6), 3
-        args.k, args.random = min(args.k, 2), min(args.random, 1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if args.dry_run:
-            model_dir, adapters_dir = dry_run_setup(work, args.seed)
+        if args.quick:
+            model_dir, adapters_dir = quick_setup(work, args.seed)
             adapter_dirs = [adapters_dir]
-            model_name = "tiny-llama (dry run)"
+            model_name = "tiny-llama (quick)"
         else:
             from vllm_lora_ext.base_models import ensure_default_model
             from vllm_lora_ext.settings import Settings
@@ -213,9 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         "verdict": result.verdict,
         "note": "seconds: merge = selection + learning + scoring on the target split; "
         "controls: their own training + scoring; acc on the task's held-out split",
+        "quick": args.quick,
+        "run": run_record(args),
     }
+    if args.quick:
+        report["note"] = f"{quick.NOTE}; {report['note']}"
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / ("adaptive_merge.dry_run.json" if args.dry_run else "adaptive_merge.json")
+    out = args.out / "adaptive_merge.json"
     write_atomic(out, json.dumps(report, indent=2).encode())
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and its plot")

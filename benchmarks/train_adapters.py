@@ -2,10 +2,13 @@
 
     python benchmarks/train_adapters.py                              # the committed SmolLM2 set
     python benchmarks/train_adapters.py --tasks snarks --steps 40    # one more
+    python benchmarks/train_adapters.py --quick     # smoke run: tiny Llama, synthetic tasks
 
 Deterministic given the seed: the task split (seeded), the batch order (seeded) and the LoRA
 init (seeded). Loss only on the answer tokens (+ the end-of-turn token, so the model learns to
-stop). Writes ``adapters/<model>/<task>/`` (PEFT files + card.json) atomically.
+stop). Writes ``adapters/<model>/<task>/`` (PEFT files + card.json, which records the run)
+atomically; ``--quick`` writes to ``<tmp>/train_adapters_quick/<task>/`` unless ``--out`` says
+otherwise.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import quick
 import torch
+from run_record import run_record
 
 from vllm_lora_ext.evaluation.backends import TransformersBackend
 from vllm_lora_ext.evaluation.evaluate import evaluate
@@ -49,7 +55,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-limit", type=int, default=200, help="held-out examples scored")
     p.add_argument("--out", type=Path, help="default: adapters/<model name>")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny Llama (unless --model), synthetic tasks, 3 steps",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        if args.tasks == DEFAULT_TASKS:
+            args.tasks = "arithmetic,sports_understanding"  # one generated, one multiple choice
+        args.steps, args.batch, args.eval_limit = min(args.steps, 3), min(args.batch, 4), 6
+        args.out = args.out or quick.out_dir("train_adapters")
+    return args
 
 
 def training_rows(task: Task, tokenizer, max_len: int) -> list[tuple[list[int], int]]:
@@ -111,6 +128,8 @@ def train_one(args: argparse.Namespace, model_dir: Path, name: str, out_root: Pa
         "base_heldout_acc": base_acc.accuracy,
         "adapter_heldout_acc": adapter_acc.accuracy,
         "evaluated_with": "transformers + PEFT, float32",
+        "quick": args.quick,
+        "run": run_record(args),
     }
     save_adapter_atomically(model, out_root / name, {"card.json": json.dumps(card, indent=2)})
     print(f"{name}: base {base_acc.accuracy:.3f} -> adapter {adapter_acc.accuracy:.3f} "
@@ -120,18 +139,23 @@ def train_one(args: argparse.Namespace, model_dir: Path, name: str, out_root: Pa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(2)
-    if args.model is None:
-        from vllm_lora_ext.base_models import ensure_default_model
-        from vllm_lora_ext.settings import Settings
+    torch.set_num_threads(1 if args.quick else 2)  # a tiny model: one thread is faster
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            quick.isolate(Path(tmp))
+        if args.model is not None:
+            model_dir = Path(args.model).resolve()
+        elif args.quick:
+            model_dir = quick.tiny_llama(Path(tmp))
+        else:
+            from vllm_lora_ext.base_models import ensure_default_model
+            from vllm_lora_ext.settings import Settings
 
-        model_dir = ensure_default_model(Settings().cache_dir)
-    else:
-        model_dir = Path(args.model).resolve()
-    out_root = args.out or ROOT / "adapters" / model_dir.name
-    out_root.mkdir(parents=True, exist_ok=True)
-    for name in args.tasks.split(","):
-        train_one(args, model_dir, name, out_root)
+            model_dir = ensure_default_model(Settings().cache_dir)
+        out_root = args.out or ROOT / "adapters" / model_dir.name
+        out_root.mkdir(parents=True, exist_ok=True)
+        for name in args.tasks.split(","):
+            train_one(args, model_dir, name, out_root)
     return 0
 
 
