@@ -2,6 +2,7 @@
 
     python benchmarks/merge_quality.py                  # the committed SmolLM2 task adapters
     python benchmarks/merge_quality.py --limit 60 --traffic 48 --iterations 3
+    python benchmarks/merge_quality.py --quick          # smoke run: tiny Llama, random adapters
 
 One real server (``vllm-lora-ext serve``, the embedded SmolLM2-135M-Instruct). For each task
 adapter: capture statistics while its task's *train* prompts are served as chat requests (the
@@ -9,12 +10,16 @@ traffic), then merge all adapters through ``POST /v1/merges`` with each method, 
 merged adapter on every task's *held-out* split through the server (``HttpBackend``).
 Also measured: the throughput of the same traffic with capture off and on, the statistics
 memory, and each merge's wall time. Writes benchmarks/results/merge_quality.json and .png.
+``--url`` (with ``--model-dir``) uses a running server instead of starting one. ``--quick`` merges
+random adapters of the tiny test Llama for two synthetic tasks (``benchmarks/quick.py``) with
+tiny counts, and writes to ``<tmp>/merge_quality_quick/`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -22,20 +27,51 @@ import time
 import uuid
 from pathlib import Path
 
+import quick
+from run_record import run_record
+
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADAPTERS = ROOT / "adapters" / "SmolLM2-135M-Instruct"
 DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
+# Two tasks: the svd merge's rank (8 per adapter) then fits a tiny server's --max-lora-rank 16.
+QUICK_TASKS = "arithmetic,sports_understanding"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--adapters", type=Path, default=ROOT / "adapters" / "SmolLM2-135M-Instruct")
+    p.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS)
     p.add_argument("--tasks", default=DEFAULT_TASKS)
     p.add_argument("--limit", type=int, default=100, help="held-out examples scored per task")
     p.add_argument("--traffic", type=int, default=64, help="train prompts served per adapter")
     p.add_argument("--iterations", type=int, default=3, help="IterIS iterations (the N run)")
     p.add_argument("--replay", type=int, default=16, help="IterIS prompts replayed per adapter")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    return p.parse_args(argv)
+    p.add_argument("--url", help="a running vllm-lora-ext server (default: start one)")
+    p.add_argument("--model-dir", type=Path, help="with --url: the served base model's folder")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny Llama, random adapters on two synthetic tasks, tiny counts",
+    )
+    args = p.parse_args(argv)
+    if args.url and args.model_dir is None:
+        p.error("--url needs --model-dir (the served base model's tokenizer)")
+    if args.quick:
+        args.tasks = QUICK_TASKS if args.tasks == DEFAULT_TASKS else args.tasks
+        args.limit, args.traffic = min(args.limit, 4), min(args.traffic, 8)
+        args.iterations, args.replay = min(args.iterations, 2), min(args.replay, 2)
+        if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
+            args.out = quick.out_dir("merge_quality")
+    return args
+
+
+def quick_adapters(work: Path, model_dir: Path, names: list[str]) -> Path:
+    """Random rank-4 adapters of the tiny Llama, one per task, with the cards training writes."""
+    root = work / "adapters"
+    for seed, task in enumerate(names):
+        card = {"task": task, "seed": 0, "note": "random adapter (--quick)"}
+        quick.random_adapter(root / task, model_dir, seed, card=card)
+    return root
 
 
 def methods(k: int, iterations: int, replay: int) -> dict[str, dict]:
@@ -96,8 +132,22 @@ def wait(client, job_id: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args, Path(tmp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out / "merge_quality.json.tmp"
+    tmp_out.write_text(json.dumps(result, indent=2))
+    tmp_out.rename(args.out / "merge_quality.json")
+    plot(result, args.out / "merge_quality.png")
+    print(table(result))
+    return 0
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
+    import httpx
     from transformers import AutoTokenizer
 
+    from vllm_lora_ext.auth import bearer
     from vllm_lora_ext.base_models import DEFAULT_MODEL_NAME, ensure_default_model
     from vllm_lora_ext.evaluation.backends import HttpBackend
     from vllm_lora_ext.evaluation.evaluate import evaluate
@@ -106,97 +156,106 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_lora_ext.server_process import start_server
     from vllm_lora_ext.settings import Settings
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model(Settings().cache_dir))
     names = args.tasks.split(",")
+    if args.quick:
+        quick.isolate(work)
+        model_dir = args.model_dir or quick.tiny_llama(work)
+        if args.adapters == DEFAULT_ADAPTERS:
+            args.adapters = quick_adapters(work, model_dir, names)
+    else:
+        model_dir = args.model_dir or ensure_default_model(Settings().cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cards = {t: json.loads((args.adapters / t / "card.json").read_text()) for t in names}
     tasks = {t: load_task(t, seed=cards[t]["seed"]) for t in names}
     adapter = {t: f"task-{t.replace('_', '-')}" for t in names}
     plan = methods(len(names), args.iterations, args.replay)
     result: dict = {
-        "model": DEFAULT_MODEL_NAME,
+        "model": model_dir.name if args.quick else DEFAULT_MODEL_NAME,
         "tasks": names,
         "limit": args.limit,
         "traffic_prompts": args.traffic,
         "machine": "2-core CPU, no GPU",
         "methods": {},
         "plan": plan,
+        "quick": args.quick,
+        "run": run_record(args),
     }
+    if args.quick:
+        result["note"] = quick.NOTE
 
-    with tempfile.TemporaryDirectory() as tmp:
+    server = None
+    if args.url is None:
         # Rank 32: IterIS is exact at rank Σ r_i = 24 for three rank-8 adapters.
-        server = start_server(
-            Path(tmp), DEFAULT_MODEL_NAME, ["--max-lora-rank", "32"], allowed_paths=[args.adapters]
-        )
-        try:
-            with server.client(timeout=1800) as c:
-                for t in names:
-                    r = c.post(
-                        "/v1/adapters", json={"name": adapter[t], "path": str(args.adapters / t)}
-                    )
-                    r.raise_for_status()
+        serve_args = quick.tiny_serve_args(model_dir) if args.quick else ["--max-lora-rank", "32"]
+        server = start_server(work, result["model"], serve_args, allowed_paths=[args.adapters])
+    url = args.url or server.url
+    headers = bearer(os.environ.get("VLLM_API_KEY"))
+    try:
+        with httpx.Client(base_url=url, timeout=1800, headers=headers) as c:
+            base_name = c.get("/v1/adapters").json()["base"]
+            for t in names:
+                r = c.post(
+                    "/v1/adapters", json={"name": adapter[t], "path": str(args.adapters / t)}
+                )
+                r.raise_for_status()
 
-                def score(model: str) -> dict[str, float]:
-                    backend = HttpBackend(server.url, model, tokenizer)
-                    return {
-                        t: evaluate(tasks[t], backend, limit=args.limit).accuracy for t in names
-                    }
+            def score(model: str) -> dict[str, float]:
+                backend = HttpBackend(url, model, tokenizer, headers=headers)
+                return {t: evaluate(tasks[t], backend, limit=args.limit).accuracy for t in names}
 
-                print("capturing traffic")
-                off, on = [], []
-                for t in names:
-                    msgs = [
-                        [{"role": "user", "content": user_message(tasks[t], e)}]
-                        for e in tasks[t].train[: args.traffic]
-                    ]
-                    half = len(msgs) // 2
-                    off.append(serve_traffic(c, adapter[t], msgs[:half], 8))
-                    c.post(f"/v1/stats/{adapter[t]}/start").raise_for_status()
-                    on.append(serve_traffic(c, adapter[t], msgs[half:], 8))
-                    c.post(f"/v1/stats/{adapter[t]}/stop").raise_for_status()
-                    off.append(serve_traffic(c, adapter[t], msgs[:half], 8))
-                stats = c.get("/v1/stats").json()["adapters"]
-                result["stats_bytes"] = sum(s["bytes"] for s in stats)
-                result["stats_tokens"] = {s["adapter"]: s["held_tokens"] for s in stats}
-                result["capture_throughput_ratio"] = statistics.median(on) / statistics.median(off)
-                result["capture_tokens_per_s"] = {"off": off, "on": on}
+            print("capturing traffic")
+            off, on = [], []
+            for t in names:
+                msgs = [
+                    [{"role": "user", "content": user_message(tasks[t], e)}]
+                    for e in tasks[t].train[: args.traffic]
+                ]
+                half = len(msgs) // 2
+                off.append(serve_traffic(c, adapter[t], msgs[:half], 8))
+                c.post(f"/v1/stats/{adapter[t]}/start").raise_for_status()
+                on.append(serve_traffic(c, adapter[t], msgs[half:], 8))
+                c.post(f"/v1/stats/{adapter[t]}/stop").raise_for_status()
+                off.append(serve_traffic(c, adapter[t], msgs[:half], 8))
+            stats = [
+                s for s in c.get("/v1/stats").json()["adapters"]
+                if s["adapter"] in adapter.values()
+            ]  # fmt: skip
+            result["stats_bytes"] = sum(s["bytes"] for s in stats)
+            result["stats_tokens"] = {s["adapter"]: s["held_tokens"] for s in stats}
+            result["capture_throughput_ratio"] = statistics.median(on) / statistics.median(off)
+            result["capture_tokens_per_s"] = {"off": off, "on": on}
 
-                print("scoring single adapters")
-                singles = {t: score(adapter[t]) for t in names}
-                result["single_adapters"] = singles
-                result["single_adapter_mean_acc"] = statistics.mean(singles[t][t] for t in names)
-                result["base"] = score(server.base)
+            print("scoring single adapters")
+            singles = {t: score(adapter[t]) for t in names}
+            result["single_adapters"] = singles
+            result["single_adapter_mean_acc"] = statistics.mean(singles[t][t] for t in names)
+            result["base"] = score(base_name)
 
-                for label, spec in plan.items():
-                    print(f"merging: {label}")
-                    body = {
-                        "name": f"merged-{label.replace('_', '-')}",
-                        "method": spec["method"],
-                        "adapters": [{"name": adapter[t], "weight": spec["weight"]} for t in names],
-                        "params": spec["params"],
-                    }
-                    r = c.post("/v1/merges", json=body)
-                    r.raise_for_status()
-                    job = wait(c, r.json()["id"])
-                    if job["state"] != "succeeded":
-                        raise RuntimeError(f"{label}: {job}")
-                    per_task = score(body["name"])
-                    result["methods"][label] = {
-                        "mean_acc": statistics.mean(per_task.values()),
-                        "per_task": per_task,
-                        "seconds": job["finished_at"] - job["created_at"],
-                        "residual": job["residual"],
-                    }
-                    print(f"  {label}: {per_task} ({result['methods'][label]['seconds']:.1f} s)")
-        finally:
+            for label, spec in plan.items():
+                print(f"merging: {label}")
+                body = {
+                    "name": f"merged-{label.replace('_', '-')}",
+                    "method": spec["method"],
+                    "adapters": [{"name": adapter[t], "weight": spec["weight"]} for t in names],
+                    "params": spec["params"],
+                }
+                r = c.post("/v1/merges", json=body)
+                r.raise_for_status()
+                job = wait(c, r.json()["id"])
+                if job["state"] != "succeeded":
+                    raise RuntimeError(f"{label}: {job}")
+                per_task = score(body["name"])
+                result["methods"][label] = {
+                    "mean_acc": statistics.mean(per_task.values()),
+                    "per_task": per_task,
+                    "seconds": job["finished_at"] - job["created_at"],
+                    "residual": job["residual"],
+                }
+                print(f"  {label}: {per_task} ({result['methods'][label]['seconds']:.1f} s)")
+    finally:
+        if server is not None:
             server.stop()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out / "merge_quality.json.tmp"
-    tmp_out.write_text(json.dumps(result, indent=2))
-    tmp_out.rename(args.out / "merge_quality.json")
-    plot(result, args.out / "merge_quality.png")
-    print(table(result))
-    return 0
+    return result
 
 
 def table(result: dict) -> str:

@@ -12,9 +12,12 @@ tells something only at a rate the server cannot keep up with, so include one.
     python benchmarks/serving.py --url http://127.0.0.1:8000 --model-dir DIR
     # a self-contained dry run on a tiny model (starts its own server)
     python benchmarks/serving.py --start DIR --n-adapters 1,8 --rates 4 --duration 10
+    # a smoke run: the tiny test Llama (its own server unless --url), seconds per row
+    python benchmarks/serving.py --quick
 
 Writes benchmarks/results/serving-<device>.json ({"device", "model", "rows": [...]}) and a PNG
-beside it: throughput against N (one line per rate) and the TTFT distribution per N.
+beside it: throughput against N (one line per rate) and the TTFT distribution per N; ``--quick``
+writes to ``<tmp>/serving_quick/`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import quick
+from run_record import run_record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,7 +44,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running vllm-lora-ext server")
     where.add_argument("--start", type=Path, help="start a server on this model folder")
     p.add_argument("--model-dir", type=Path, help="the served model's folder (adapter shapes)")
@@ -57,10 +62,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="device label for the results (default: this machine's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON path (default results/serving-<device>.json)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: N 1,4 at 4 req/s for 3 s, short requests; without --url or --start, "
+        "starts a server on the tiny test Llama",
+    )
     args = p.parse_args(argv)
+    if args.quick:
+        args.n_adapters, args.rates, args.duration, args.warmup = "1,4", "4", 3.0, 1.0
+        args.prompt_tokens, args.output_tokens = "8,16", "4,8"
+        if args.url is None and args.start is None:
+            args.serve_args = args.serve_args or "--max-model-len 512 --kv-cache-gib 1"
+    elif args.url is None and args.start is None:
+        p.error("one of the arguments --url --start is required (or --quick)")
     if args.start is not None:
         args.model_dir = args.model_dir or args.start
-    if args.model_dir is None:
+    if args.model_dir is None and not (args.quick and args.url is None):
         p.error("--model-dir is needed with --url (adapters are made with the model's shapes)")
     return args
 
@@ -189,10 +207,21 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt, max_tokens:
     return Outcome(ttft, tpot, tokens, time.perf_counter())
 
 
+def headers() -> dict[str, str]:
+    """The server's key from ``VLLM_API_KEY``, as the CLI presents it (none without one)."""
+    import os
+
+    from vllm_lora_ext.auth import bearer
+
+    return bearer(os.environ.get("VLLM_API_KEY"))
+
+
 async def run_load(url: str, plan: list[tuple]) -> tuple[list[Outcome], float]:
     """Fire every request at its arrival time, without waiting for earlier ones."""
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=600, limits=limits, headers=headers()
+    ) as client:
         t0 = time.perf_counter()
 
         async def fire(arrival, model, prompt, max_tokens):
@@ -278,6 +307,10 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     server = None
+    scratch = None
+    if args.quick and args.url is None and args.start is None:
+        scratch = tempfile.TemporaryDirectory(prefix="bench-serving-quick-")
+        args.start = args.model_dir = quick.tiny_llama(Path(scratch.name))
     if args.start is not None:
         from vllm_lora_ext.server_process import start_server
 
@@ -287,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(work, args.start.name, [*serve_args, *args.serve_args.split()])
         args.url = server.url
     try:
-        with httpx.Client(base_url=args.url, timeout=300) as client:
+        with httpx.Client(base_url=args.url, timeout=300, headers=headers()) as client:
             base_name = client.get("/v1/adapters").json()["base"]
             names = register_adapters(client, args.model_dir, max(_ints(args.n_adapters)), args)
         # The first requests after a start pay for lazy initialisation: not in any row.
@@ -314,14 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+        if scratch is not None:
+            scratch.cleanup()
     device = args.device or device_label()
     report = {
         "device": device,
         "model": args.model_dir.name,
         "settings": {k: v for k, v in vars(args).items() if isinstance(v, str | int | float)},
         "rows": rows,
+        "quick": args.quick,
+        "run": run_record(args),
     }
-    out = args.out or RESULTS / f"serving-{'cpu' if device.startswith('cpu') else 'gpu'}.json"
+    if args.quick:
+        report["note"] = quick.NOTE
+    name = f"serving-{'cpu' if device.startswith('cpu') else 'gpu'}.json"
+    out = args.out or (quick.out_dir("serving") if args.quick else RESULTS) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, out.with_suffix(".png"))
