@@ -2,6 +2,7 @@
 
     python benchmarks/hot_upgrade.py                 # SmolLM2 + arithmetic adapter -> Gemma 3 270M
     python benchmarks/hot_upgrade.py --task object_counting --student-steps 40
+    python benchmarks/hot_upgrade.py --quick         # smoke run: tiny Llama -> tiny Gemma 3
 
 1. The old server (``vllm-lora-ext serve``, SmolLM2-135M-Instruct) serves the task adapter from
    ``adapters/SmolLM2-135M-Instruct/<task>``; a capture runs while it serves ``--traffic`` train
@@ -13,13 +14,21 @@
    every answer, status and route (forwarded to the old server, or served here) is recorded.
 
 Writes ``benchmarks/results/hot_upgrade.json`` and sets ``"hot_upgrade": {"requests", "failed"}``
-in ``benchmarks/results/migration_quality.json`` when that file exists.
+in ``benchmarks/results/migration_quality.json`` when that file exists. Settings it does not
+name are ``migration_quality.py``'s defaults. ``--url`` (with ``--model-dir``) uses a running
+server as the old one.
+
+``--quick``: the tiny test Llama (old, with a random "task" adapter) -> the tiny test Gemma 3 on
+a synthetic task (``benchmarks/quick.py``), ``seeds_only`` data (a random tiny base writes no
+parseable synthetic inputs), a few training steps, 2 s of hammering after the switch; written to
+``<tmp>/hot_upgrade_quick/`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -33,8 +42,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from migration_quality import build_spec  # noqa: E402
+import migration_quality  # noqa: E402
+import quick  # noqa: E402
+from run_record import run_record  # noqa: E402
 
+from vllm_lora_ext.auth import bearer  # noqa: E402
 from vllm_lora_ext.files import write_atomic  # noqa: E402
 from vllm_lora_ext.server.migrations.forwarding import ROUTED_HEADER  # noqa: E402
 
@@ -56,7 +68,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--after", type=float, default=30.0, help="seconds hammered after the switch")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    return p.parse_args(argv)
+    p.add_argument("--url", help="a running vllm-lora-ext server as the old one (default: start)")
+    p.add_argument("--model-dir", type=Path, help="with --url: the old base model's folder")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny Llama -> tiny Gemma 3, synthetic task, seeds only, tiny counts",
+    )
+    args = p.parse_args(argv)
+    if args.url and args.model_dir is None:
+        p.error("--url needs --model-dir (the old base model's folder)")
+    if args.quick:
+        if args.data == p.get_default("data"):
+            args.data = "seeds_only"
+        args.reservoir, args.target_count = min(args.reservoir, 6), min(args.target_count, 4)
+        args.student_steps, args.disc_steps = min(args.student_steps, 4), min(args.disc_steps, 2)
+        args.after = min(args.after, 2.0)
+        if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
+            args.out = quick.out_dir("hot_upgrade")
+    return args
+
+
+def spec_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` over migration_quality.py's defaults: the settings ``build_spec`` reads that this
+    script does not name (student fit, warmup, votes, ...) are that benchmark's."""
+    return argparse.Namespace(**{**vars(migration_quality.parse_args([])), **vars(args)})
 
 
 class Hammer(threading.Thread):
@@ -69,7 +105,8 @@ class Hammer(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=600) as client:
+        headers = bearer(os.environ.get("VLLM_API_KEY"))
+        with httpx.Client(base_url=self.url, timeout=600, headers=headers) as client:
             i = 0
             while not self.halt.is_set():
                 body = {
@@ -92,109 +129,8 @@ class Hammer(threading.Thread):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from transformers import AutoTokenizer
-
-    from vllm_lora_ext.base_models import (
-        DEFAULT_MODEL_NAME,
-        GEMMA3_270M_NAME,
-        ensure_default_model,
-        ensure_gemma3_270m,
-    )
-    from vllm_lora_ext.evaluation.prompts import user_message
-    from vllm_lora_ext.evaluation.tasks import load_task
-    from vllm_lora_ext.server_process import start_server
-    from vllm_lora_ext.settings import Settings
-
-    settings = Settings()
-    smol_dir = ensure_default_model(settings.cache_dir)
-    gemma_dir = ensure_gemma3_270m(settings.cache_dir)
-    task = load_task(args.task)
-    smol_tok = AutoTokenizer.from_pretrained(smol_dir)
-    spec = build_spec(args, task, args.task, args.data, smol_tok)
-    traffic = spec.reservoir
-    held_out = [user_message(task, e, chat=True) for e in task.heldout[:32]]
-    options = spec.model_dump(exclude={"adapter", "task_description", "seeds", "reservoir"})
-    request = {
-        "tasks": {
-            args.task: {
-                "task_description": spec.task_description,
-                "seeds": [s.model_dump() for s in spec.seeds],
-            }
-        },
-        "options": options,
-    }
-    result: dict[str, Any] = {
-        "task": args.task,
-        "source_base": DEFAULT_MODEL_NAME,
-        "target_base": GEMMA3_270M_NAME,
-        "settings": vars(args) | {"out": None},
-    }
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / "old").mkdir()
-        (work / "new").mkdir()
-        old = start_server(
-            work / "old",
-            DEFAULT_MODEL_NAME,
-            ["--max-lora-rank", "16"],
-            allowed_paths=[ROOT / "adapters"],
-        )
-        new = None
-        hammers: list[Hammer] = []
-        try:
-            with old.client(timeout=600) as c:
-                path = ROOT / "adapters" / DEFAULT_MODEL_NAME / args.task
-                c.post(
-                    "/v1/adapters", json={"name": args.task, "path": str(path)}
-                ).raise_for_status()
-                c.post(f"/v1/stats/{args.task}/start", json={}).raise_for_status()
-                for text in traffic:
-                    body = {
-                        "model": args.task,
-                        "max_tokens": spec.answer_max_tokens,
-                        "messages": [{"role": "user", "content": text}],
-                    }
-                    c.post("/v1/chat/completions", json=body).raise_for_status()
-                c.post(f"/v1/stats/{args.task}/stop").raise_for_status()
-            (work / "request.json").write_text(json.dumps(request))
-            started = time.monotonic()
-            new = start_server(
-                work / "new",
-                GEMMA3_270M_NAME,
-                [
-                    "--model",
-                    str(gemma_dir),
-                    "--max-lora-rank",
-                    "16",
-                    "--max-model-len",
-                    "1024",
-                    "--migrate-from",
-                    old.url,
-                    "--migrate-source-model",
-                    str(smol_dir),
-                    "--migrate-request",
-                    str(work / "request.json"),
-                ],
-            )
-            result["new_server_start_seconds"] = round(time.monotonic() - started, 1)
-            hammers = [
-                Hammer(new.url, args.task, held_out, spec.answer_max_tokens)
-                for _ in range(args.clients)
-            ]
-            for h in hammers:
-                h.start()
-            job = follow(new)
-            result["migration"] = job
-            time.sleep(args.after)
-        finally:
-            for h in hammers:
-                h.halt.set()
-            for h in hammers:
-                h.join(timeout=600)
-            for server in (new, old):
-                if server is not None:
-                    server.stop()
-    records = [r for h in hammers for r in h.records]
+        result, records = run(args, Path(tmp))
     failed = [r for r in records if r["status"] != 200]
     result |= {
         "requests": len(records),
@@ -213,6 +149,129 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['forwarded']} forwarded, {result['served_here']} served here; {state}"
     )
     return 0 if not failed else 1
+
+
+def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Both servers, the hammering and the migration; the result and every request's record."""
+    from transformers import AutoTokenizer
+
+    from vllm_lora_ext.base_models import (
+        DEFAULT_MODEL_NAME,
+        GEMMA3_270M_NAME,
+        ensure_default_model,
+        ensure_gemma3_270m,
+    )
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.evaluation.tasks import load_task
+    from vllm_lora_ext.migrate.spec import MigrationOptions
+    from vllm_lora_ext.server_process import start_server
+    from vllm_lora_ext.settings import Settings
+
+    if args.quick:
+        quick.isolate(work)
+        old_dir = args.model_dir or quick.tiny_llama(work)
+        new_dir = quick.tiny_gemma3(work)
+        adapter_dir = quick.random_adapter(work / "adapters" / args.task, old_dir, seed=0, rank=8)
+        old_name, new_name = old_dir.name, new_dir.name
+        old_args, new_args = quick.tiny_serve_args(old_dir), ["--kv-cache-gib", "1"]
+    else:
+        settings = Settings()
+        old_dir = args.model_dir or ensure_default_model(settings.cache_dir)
+        new_dir = ensure_gemma3_270m(settings.cache_dir)
+        adapter_dir = ROOT / "adapters" / DEFAULT_MODEL_NAME / args.task
+        old_name, new_name = DEFAULT_MODEL_NAME, GEMMA3_270M_NAME
+        old_args, new_args = ["--max-lora-rank", "16"], []
+    task = load_task(args.task)
+    smol_tok = AutoTokenizer.from_pretrained(old_dir)
+    spec = migration_quality.build_spec(spec_args(args), task, args.task, args.data, smol_tok)
+    traffic = spec.reservoir
+    held_out = [user_message(task, e, chat=True) for e in task.heldout[:32]]
+    # The spec's per-adapter fields go with the task, the rest are the job's options.
+    options = spec.model_dump(include=set(MigrationOptions.model_fields))
+    request = {
+        "tasks": {
+            args.task: {
+                "task_description": spec.task_description,
+                "seeds": [s.model_dump() for s in spec.seeds],
+                "choice_prefix": spec.choice_prefix,
+            }
+        },
+        "options": options,
+    }
+    result: dict[str, Any] = {
+        "task": args.task,
+        "source_base": old_name,
+        "target_base": new_name,
+        "settings": json.loads(json.dumps(vars(args) | {"out": None}, default=str)),
+        "quick": args.quick,
+        "run": run_record(args),
+    }
+    if args.quick:
+        result["note"] = quick.NOTE
+    (work / "old").mkdir()
+    (work / "new").mkdir()
+    old = None
+    if args.url is None:
+        allowed = adapter_dir.parent if args.quick else ROOT / "adapters"
+        old = start_server(work / "old", old_name, old_args, allowed_paths=[allowed])
+    old_url = args.url or old.url
+    new = None
+    hammers: list[Hammer] = []
+    try:
+        headers = bearer(os.environ.get("VLLM_API_KEY"))
+        with httpx.Client(base_url=old_url, timeout=600, headers=headers) as c:
+            c.post(
+                "/v1/adapters", json={"name": args.task, "path": str(adapter_dir)}
+            ).raise_for_status()
+            c.post(f"/v1/stats/{args.task}/start", json={}).raise_for_status()
+            for text in traffic:
+                body = {
+                    "model": args.task,
+                    "max_tokens": spec.answer_max_tokens,
+                    "messages": [{"role": "user", "content": text}],
+                }
+                c.post("/v1/chat/completions", json=body).raise_for_status()
+            c.post(f"/v1/stats/{args.task}/stop").raise_for_status()
+        (work / "request.json").write_text(json.dumps(request))
+        started = time.monotonic()
+        new = start_server(
+            work / "new",
+            new_name,
+            [
+                "--model",
+                str(new_dir),
+                "--max-lora-rank",
+                "16",
+                "--max-model-len",
+                "1024",
+                *new_args,
+                "--migrate-from",
+                old_url,
+                "--migrate-source-model",
+                str(old_dir),
+                "--migrate-request",
+                str(work / "request.json"),
+            ],
+        )
+        result["new_server_start_seconds"] = round(time.monotonic() - started, 1)
+        hammers = [
+            Hammer(new.url, args.task, held_out, spec.answer_max_tokens)
+            for _ in range(args.clients)
+        ]
+        for h in hammers:
+            h.start()
+        job = follow(new)
+        result["migration"] = job
+        time.sleep(args.after)
+    finally:
+        for h in hammers:
+            h.halt.set()
+        for h in hammers:
+            h.join(timeout=600)
+        for server in (new, old):
+            if server is not None:
+                server.stop()
+    return result, [r for h in hammers for r in h.records]
 
 
 def record_in_quality(hot_upgrade: Path, quality: Path) -> None:
