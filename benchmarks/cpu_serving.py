@@ -8,9 +8,11 @@ and measures output tokens/s for: no adapter requested, all requests on 1 adapte
 8 adapters, spread over 32 adapters (more than --max-loras). Medians over --repeats.
 
     python benchmarks/cpu_serving.py            # SmolLM2-135M-Instruct, the issue's workload
-    python benchmarks/cpu_serving.py --quick    # a 2-minute smoke run
+    python benchmarks/cpu_serving.py --quick    # a smoke run on the tiny test Llama
 
-Writes benchmarks/results/cpu_serving.json and .png.
+Writes benchmarks/results/cpu_serving.json and .png. ``--quick`` (8 requests x 16 tokens,
+1 repeat, the tiny test Llama of ``benchmarks/quick.py`` unless ``--model``) writes to
+``<tmp>/cpu_serving_quick/`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+import quick
+from run_record import run_record
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {"base": 0, "1 adapter": 1, "8 adapters": 8, "32 adapters": 32}
@@ -43,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-cpu-loras", type=int, default=32)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--providers", default="base,ours,vllm")
-    p.add_argument("--quick", action="store_true", help="8 requests x 16 tokens, 1 repeat")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="8 requests x 16 tokens, 1 repeat, the tiny test Llama unless --model",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "cpu_serving.json")
     p.add_argument("--replot", action="store_true", help="redraw the PNG from --out, no run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -51,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.output_tokens, args.repeats = 8, 16, 1
+        if args.out == p.get_default("out") and not args.worker:  # never the committed run
+            args.out = quick.out_dir("cpu_serving") / "cpu_serving.json"
     return args
 
 
@@ -197,16 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return 0
-    if args.model is None:
-        from vllm_lora_ext.base_models import ensure_default_model
-        from vllm_lora_ext.settings import Settings
-
-        args.model = ensure_default_model(Settings().cache_dir)
-    args.model = Path(args.model).resolve()
     providers = args.providers.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        make_adapters(args.model, Path(tmp), max(MODES.values()), args.rank)
-        measured = {p: spawn(p, args, Path(tmp)) for p in providers}
+        if args.model is None and args.quick:
+            args.model = quick.tiny_llama(Path(tmp) / "model")
+        elif args.model is None:
+            from vllm_lora_ext.base_models import ensure_default_model
+            from vllm_lora_ext.settings import Settings
+
+            args.model = ensure_default_model(Settings().cache_dir)
+        args.model = Path(args.model).resolve()
+        adapters = Path(tmp) / "adapters"
+        make_adapters(args.model, adapters, max(MODES.values()), args.rank)
+        measured = {p: spawn(p, args, adapters) for p in providers}
     base = measured.get("base", {}).get("base", {}).get("median")
     rows = []
     for mode, n in MODES.items():
@@ -236,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "base_is": "LoRA disabled (enable_lora=False), same engine settings",
         "rows": rows,
+        "quick": args.quick,
+        "run": run_record(args),
     }
+    if args.quick:
+        report["note"] = quick.NOTE
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(report, indent=2))
