@@ -7,6 +7,7 @@ from the kernel metadata. Must run *without* ``TRITON_INTERPRET`` (the interpret
 back Python functions instead of JIT kernels).
 
     python benchmarks/kernel_compile_report.py   # -> benchmarks/results/kernel_compile.json
+    python benchmarks/kernel_compile_report.py --quick  # the first entry, sm_90 only -> <tmp>
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated
 
+import quick  # noqa: E402
 import triton  # noqa: E402
+from run_record import run_record  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -83,13 +86,16 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(registers=reg, stack_bytes=stack, static_shared_bytes=shared, local_bytes=local)
 
 
-def report(config_path: Path = CONFIG_PATH) -> list[dict]:
+def report(
+    config_path: Path = CONFIG_PATH, entries: int | None = None, archs: tuple[int, ...] = ARCHS
+) -> list[dict]:
+    """A row per kernel, entry and arch; ``entries``: only the first so many entries."""
     rows = []
-    for entry in load_entries(config_path):
+    for entry in load_entries(config_path)[:entries]:
         c = entry.config
         for kernel in KERNELS[c.path]:
             consts = constexprs(entry, kernel)
-            for arch in ARCHS:
+            for arch in archs:
                 t0 = time.perf_counter()
                 row = dict(
                     kernel=kernel.__name__, arch=f"sm_{arch}",
@@ -133,20 +139,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=Path, default=CONFIG_PATH)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernel_compile.json")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="the first entry, for sm_90 only")
+    args = parser.parse_args(argv)
+    if args.quick and args.out == parser.get_default("out"):  # never the committed run
+        args.out = quick.out_dir("kernel_compile_report") / "kernel_compile.json"
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
-    rows = report(args.configs)
+    rows = report(args.configs, 1, ARCHS[:1]) if args.quick else report(args.configs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "triton": triton.__version__,
         "configs": args.configs.name,
         "dtype": "fp16",
         "rows": rows,
+        "quick": args.quick,
+        "run": run_record(args),
     }
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(table(rows))

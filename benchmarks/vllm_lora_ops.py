@@ -9,13 +9,24 @@ the ops read, a logger, a CUDA platform check, ``next_power_of_2``, ``async_tens
 no custom-op registration (the ops then use their plain launchers, as vLLM's code falls back).
 
     python benchmarks/vllm_lora_ops.py     # once, before carrying the folder to the GPU host
+    python benchmarks/vllm_lora_ops.py --quick   # vendor to a scratch folder and run the copy
+
+``--quick`` copies the ops into a scratch folder (``benchmarks/_vendor`` is left alone) and runs
+the copy's ``lora_shrink`` + ``lora_expand`` on CPU under the Triton interpreter, on tiny shapes
+against a float64 torch reference, as ``gpu_check.py`` will call them; it writes
+``vllm_lora_ops.json`` to ``<tmp>/vllm_lora_ops_quick/`` unless ``--out`` says otherwise. (Timing
+them needs the GPU: ``gpu_check.py``.)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,5 +152,70 @@ def load(dest: Path = VENDOR):
     return importlib.import_module(PACKAGE)
 
 
+def reference(c: dict):
+    """``y[t] = (x[t] @ A[i].T) @ B[i].T`` per slice for ``i = idx[t]``, in float64."""
+    import torch
+
+    y = torch.zeros(c["x"].shape[0], sum(c["sizes"]), dtype=torch.float64)
+    for t, slot in enumerate(c["idx"].tolist()):
+        x, off = c["x"][t].double(), 0
+        for a, b, n in zip(c["a"], c["b"], c["sizes"], strict=True):
+            y[t, off : off + n] = (x @ a[slot, 0].double().T) @ b[slot, 0].double().T
+            off += n
+    return y
+
+
+def quick_check(dest: Path) -> dict:
+    """Vendor into ``dest``, then run the copy's shrink + expand (interpreted) on tiny cases."""
+    import torch
+    from gpu_check import Plan, make_case, small_vllm_grid, vllm_fn
+
+    source = installed_ops_dir()
+    ops = load(vendor(source, dest).parent)
+    small_vllm_grid(ops)  # the interpreter pays per program: one split, wide blocks
+    plan, cases = Plan(dry=True), []
+    # vLLM's ops take fp16 or bf16 only, and the interpreter computes bf16 wrongly: fp16.
+    for dtype, tol in ((torch.float16, 2e-2),):
+        for seed, (tokens, active) in enumerate(((3, 1), (9, 2), (16, 4))):
+            c = make_case(plan, "tiny", "qkv", tokens, active, 16, dtype=dtype, seed=seed)
+            vllm_fn(c, ops)()
+            ref = reference(c)
+            err = (c["y"].double() - ref).abs().max().item()
+            cases.append(dict(dtype=str(dtype).removeprefix("torch."), tokens=tokens,
+                              active=active, rank=16, sizes=list(c["sizes"]),
+                              max_abs_err=err, max_abs_ref=ref.abs().max().item(),
+                              ok=err <= tol))  # fmt: skip
+    return {
+        "vendored_from": str(source),
+        "files": sorted(f.name for f in (dest / PACKAGE).iterdir()),
+        "cases": cases,
+        "ok": all(c["ok"] for c in cases),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="vendor to a scratch folder, run the copy")
+    p.add_argument("--out", type=Path, help="folder (default <tmp>/vllm_lora_ops_quick)")
+    args = p.parse_args(argv)
+    if not args.quick:
+        print(vendor())
+        return 0
+    # Before the copied ops are imported: @triton.jit reads it when it decorates.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import quick
+    from run_record import run_record
+
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = quick_check(Path(tmp))
+    doc |= {"quick": True, "note": quick.NOTE, "run": run_record(args)}
+    out = args.out or quick.out_dir("vllm_lora_ops")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vllm_lora_ops.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out / 'vllm_lora_ops.json'}: ok={doc['ok']}")
+    return 0 if doc["ok"] else 1
+
+
 if __name__ == "__main__":
-    print(vendor())
+    sys.exit(main())
