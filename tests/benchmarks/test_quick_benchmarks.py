@@ -1,0 +1,298 @@
+"""Every benchmark's ``--quick`` smoke run, as a user runs it: the script as a subprocess, its
+JSON (and PNG) written into ``tmp_path``, and the JSON checked for what the report renders, the
+run record and numbers in range, not just the exit code.
+
+The quick runs use the tiny test models and synthetic tasks (``benchmarks/quick.py``). Those
+that need a vLLM server are pointed at the session's server (``--url``, the tiny Llama of
+``tests/conftest.py``) instead of starting their own; what they register there is removed after.
+``cpu_serving.py --quick`` runs as the workload of ``profile_cpu_lora.py --quick`` (one vLLM
+engine per provider instead of five engines for the two). ``gpu_check.py``'s dry run is tested
+in ``tests/unit/kernels/test_gpu_check.py``; ``migration_quality.py`` and
+``migration_ceilings.py`` need Gemma 3 270M, SmolLM2's trained adapters and the BIG-bench cache
+(their ``--quick`` still takes ~10 minutes): not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import report  # noqa: E402
+
+
+def quick(script: str, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``benchmarks/<script> --quick ARGS`` with its scratch files under ``tmp_path`` (where
+    the session's server may read adapters); returns its stdout."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(scratch), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=800,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{script}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def load(path: Path) -> dict:
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+def check_record(doc: dict) -> None:
+    """``"quick": true`` and the run record: commit, versions, the arguments with --quick."""
+    assert doc["quick"] is True
+    run = doc["run"]
+    assert run["commit"] and len(run["commit"].split("+")[0]) == 40, run["commit"]
+    assert run["versions"]["torch"] and run["versions"]["python"]
+    assert run["args"]["quick"] is True
+
+
+def finite(x: float | None, low: float = -math.inf, high: float = math.inf) -> bool:
+    return x is not None and math.isfinite(x) and low <= x <= high
+
+
+def accuracy(acc: float, interval: list[float] | None = None) -> bool:
+    inside = interval is None or interval[0] - 1e-9 <= acc <= interval[1] + 1e-9
+    return finite(acc, 0.0, 1.0) and inside
+
+
+def png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def on_server(server):
+    """The session's server; the adapters (merges included) and statistics a benchmark leaves
+    there are deleted afterwards."""
+    with server.client() as c:
+        before = {a["name"] for a in c.get("/v1/adapters").json()["adapters"]}
+    yield server
+    with server.client() as c:
+        for a in c.get("/v1/adapters").json()["adapters"]:
+            if a["name"] not in before:
+                c.delete(f"/v1/stats/{a['name']}")
+                assert c.delete(f"/v1/adapters/{a['name']}").status_code in (200, 204, 404)
+
+
+def server_args(server) -> list[str]:
+    return ["--url", server.url, "--model-dir", str(server.model_dir)]
+
+
+# -- in process, no server -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["adaptive_merge", "cpu_serving", "eval_adapters", "hot_upgrade", "merge_quality",
+     "profile_cpu_lora", "train_adapters"],
+)  # fmt: skip
+def test_quick_writes_under_the_temporary_directory_by_default(script):
+    """Never over the committed results (nor adapters/): <tmp>/<script>_quick/."""
+    args = importlib.import_module(script).parse_args(["--quick"])
+    assert args.out.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()), args.out
+    assert f"{script}_quick" in args.out.parts
+
+
+def test_train_adapters_quick(tmp_path):
+    from safetensors.torch import load_file
+
+    quick("train_adapters.py", tmp_path, "--out", str(tmp_path / "out"))
+    for task, mode in (("arithmetic", "generate"), ("sports_understanding", "multiple_choice")):
+        folder = tmp_path / "out" / task
+        card = load(folder / "card.json")
+        check_record(card)
+        assert card["task"] == task and card["mode"] == mode and card["base"] == "tiny-llama"
+        assert card["steps"] == 3 and card["train_rows"] > 0 and card["heldout_n"] == 6
+        assert accuracy(card["base_heldout_acc"]) and accuracy(card["adapter_heldout_acc"])
+        assert len(card["task_sources_sha256"]) >= 1 and card["train_seconds"] >= 0
+        config = load(folder / "adapter_config.json")
+        assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "v_proj"}
+        tensors = load_file(folder / "adapter_model.safetensors")
+        assert tensors and all(t.isfinite().all() for t in tensors.values())
+
+
+def test_adaptive_merge_quick(tmp_path):
+    quick("adaptive_merge.py", tmp_path, "--out", str(tmp_path / "out"))
+    doc = load(tmp_path / "out" / "adaptive_merge.json")
+    check_record(doc)
+    assert doc["model"] == "tiny-llama (quick)" and doc["target_task"] == "sports_understanding"
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert set(rows) == {"adaptive", "base", "uniform", "random_pool", "fresh_lora"}
+    for r in rows.values():
+        assert accuracy(r["acc"], r["ci95"]) and r["n"] == doc["heldout_scored"] == 6
+        assert finite(r["heldout_loss"], 0.0) and finite(r["seconds"], 0.0)
+    assert len(doc["selected"]) == 2 and set(doc["selected"]) <= set(doc["pool"])
+    assert set(doc["weights"]) == set(doc["selected"])
+    assert all(finite(w) for w in doc["weights"].values())
+    assert doc["verdict"] and doc["target_task"] in report.adaptive_merge(doc)
+    assert png(tmp_path / "out" / "adaptive_merge.png")
+
+
+# -- kernels: offline compile, interpreter ---------------------------------------------------------
+
+
+def test_kernel_compile_report_quick(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles
+    out = tmp_path / "kernel_compile.json"
+    subprocess.run(
+        [sys.executable, str(BENCH / "kernel_compile_report.py"), "--quick", "--out", str(out)],
+        cwd=ROOT, env=env, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    doc = load(out)
+    check_record(doc)
+    assert doc["rows"] and {r["arch"] for r in doc["rows"]} == {"sm_90"}
+    assert len({(r["r_block"], r["max_tokens"]) for r in doc["rows"]}) == 1
+    for r in doc["rows"]:
+        assert r["built"] and not r["spills"] and 0 < r["registers"] <= 255, r
+        assert r["dynamic_shared_bytes"] + r["static_shared_bytes"] <= 227 * 1024
+    assert "builds" in report.kernel_compile(doc)
+
+
+def test_kernel_tune_quick(tmp_path):
+    from lora_kernels.configs import CONFIG_PATH, load_entries
+
+    committed = hashlib.sha256(CONFIG_PATH.read_bytes()).hexdigest()
+    quick("kernel_tune.py", tmp_path, "--out", str(tmp_path / "out"))
+    assert hashlib.sha256(CONFIG_PATH.read_bytes()).hexdigest() == committed
+    doc = load(tmp_path / "out" / "kernel_tune.json")
+    check_record(doc)
+    (bucket,) = doc["buckets"]
+    assert bucket["candidates"] == 2
+    assert len(bucket["scored"]) + len(bucket["skipped"]) == 2
+    assert all(finite(s["score"], 0.0) for s in bucket["scored"])
+    assert finite(bucket["score"], 0.0, 1.0) and all(finite(t, 0.0) for t in bucket["old_us"])
+    (entry,) = load_entries(tmp_path / "out" / "configs.json")
+    assert (entry.r_block, entry.max_tokens) == (bucket["r_block"], bucket["max_tokens"])
+    assert entry.config.to_dict() == bucket["best"]
+
+
+def test_vllm_lora_ops_quick(tmp_path):
+    quick("vllm_lora_ops.py", tmp_path, "--out", str(tmp_path / "out"))
+    doc = load(tmp_path / "out" / "vllm_lora_ops.json")
+    check_record(doc)
+    assert doc["ok"] and {"lora_shrink_op.py", "lora_expand_op.py", "shim.py"} <= set(doc["files"])
+    assert len(doc["cases"]) == 3
+    for c in doc["cases"]:  # a real delta, matched: an op that wrote nothing would fail
+        assert c["ok"] and c["max_abs_ref"] > 0.5 and c["max_abs_err"] < 0.02, c
+
+
+# -- against the session's server ----------------------------------------------------------------
+
+
+def test_serving_quick(tmp_path, on_server):
+    out = tmp_path / "out" / "serving-cpu.json"
+    quick("serving.py", tmp_path, *server_args(on_server), "--out", str(out))
+    doc = load(out)
+    check_record(doc)
+    assert doc["model"] == "tiny-llama"
+    assert {(r["n_adapters"], r["rate"]) for r in doc["rows"]} == {(0, 4.0), (1, 4.0), (4, 4.0)}
+    for r in doc["rows"]:
+        assert r["requests"] > 0 and r["errors"] == 0, r
+        assert finite(r["throughput_tok_s"], 0.0) and r["throughput_tok_s"] > 0
+        assert finite(r["ratio_to_base"], 0.0)
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        assert 0 <= r["tpot_p50_ms"] <= r["tpot_p99_ms"]
+        assert 0 < len(r["ttft_ms"]) <= r["requests"]
+    assert "N adapters" in report.serving(doc)
+    assert png(out.with_suffix(".png"))
+
+
+def test_eval_adapters_quick(tmp_path, on_server):
+    out = tmp_path / "out" / "adapters.json"
+    quick("eval_adapters.py", tmp_path, *server_args(on_server), "--out", str(out))
+    doc = load(out)
+    check_record(doc)
+    assert doc["base"] == on_server.base
+    rows = {r["task"]: r for r in doc["adapters"]}
+    assert set(rows) == {"arithmetic", "sports_understanding"}
+    assert rows["arithmetic"]["mode"] == "generate"
+    assert rows["sports_understanding"]["mode"] == "multiple_choice"
+    for r in rows.values():
+        assert r["n_heldout"] == 6
+        assert accuracy(r["base_acc"], r["base_ci95"])
+        assert accuracy(r["adapter_acc"], r["adapter_ci95"])
+    assert "sports_understanding" in report.adapters(doc)
+
+
+def test_merge_quality_quick(tmp_path, on_server):
+    quick("merge_quality.py", tmp_path, *server_args(on_server), "--out", str(tmp_path / "out"))
+    doc = load(tmp_path / "out" / "merge_quality.json")
+    check_record(doc)
+    tasks = doc["tasks"]
+    assert tasks == ["arithmetic", "sports_understanding"] and doc["limit"] == 4
+    assert set(doc["methods"]) == {"linear", "ties", "dare_ties", "cat_svd", "iteris_1", "iteris_2"}
+    for m in doc["methods"].values():
+        assert set(m["per_task"]) == set(tasks) and all(accuracy(a) for a in m["per_task"].values())
+        assert accuracy(m["mean_acc"]) and finite(m["seconds"], 0.0)
+    assert finite(doc["methods"]["iteris_2"]["residual"], 0.0)  # the change between iterations
+    assert set(doc["base"]) == set(tasks) and accuracy(doc["single_adapter_mean_acc"])
+    assert doc["stats_bytes"] > 0 and len(doc["stats_tokens"]) == 2
+    assert all(n > 0 for n in doc["stats_tokens"].values())
+    assert finite(doc["capture_throughput_ratio"], 0.0) and doc["capture_throughput_ratio"] > 0
+    assert "iteris_2" in report.merge_quality(doc)
+    assert png(tmp_path / "out" / "merge_quality.png")
+
+
+@pytest.mark.slow
+def test_hot_upgrade_quick(tmp_path, on_server):
+    """The old server is the session's; the new one (tiny Gemma 3) is started by the script."""
+    quick("hot_upgrade.py", tmp_path, *server_args(on_server), "--out", str(tmp_path / "out"))
+    doc = load(tmp_path / "out" / "hot_upgrade.json")
+    check_record(doc)
+    assert doc["source_base"] == "tiny-llama" and doc["target_base"] == "tiny-gemma3"
+    assert doc["requests"] > 0 and doc["failed"] == 0, doc["failures"]
+    assert doc["forwarded"] + doc["served_here"] == doc["requests"]
+    m = doc["migration"]
+    assert m["state"] != "running" and m["finished_at"] >= m["created_at"]
+    (adapter,) = m["adapters"]
+    assert adapter["name"] == "arithmetic" and adapter["gate"] is not None, adapter
+    assert finite(doc["new_server_start_seconds"], 0.0)
+    assert "0 failed" in report.hot_upgrade(doc)
+
+
+# -- vLLM engines of their own -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_profile_cpu_lora_and_cpu_serving_quick(tmp_path):
+    """One run for both (each vLLM engine costs ~30-50 s to start here): the profile's workload
+    is ``cpu_serving.py --quick`` per provider, whose results it keeps beside its own."""
+    out = tmp_path / "out" / "cpu_lora_profile.json"
+    quick("profile_cpu_lora.py", tmp_path, "--out", str(out))
+    doc = load(out)
+    check_record(doc)
+    assert doc["model"] == "tiny-llama"
+    for provider in ("vllm", "ours"):
+        p = doc[provider]
+        assert p["execute_model_samples"] > 0 and finite(p["lora_share"], 0.0, 1.0), p
+        assert p["hottest"] and all(finite(h["share"], 0.0, 1.0) for h in p["hottest"])
+    assert "with ours" in report.cpu_lora_profile(doc)
+
+    for provider in ("vllm", "ours"):
+        serving = load(tmp_path / "out" / f"cpu_serving-{provider}.json")
+        check_record(serving)
+        assert serving["run"]["args"]["providers"] == provider
+        assert serving["model"] == "tiny-llama"
+        assert "8 requests x 64 prompt + 16" in serving["workload"]
+        rows = serving["rows"]
+        assert [r["mode"] for r in rows] == ["base", "1 adapter", "8 adapters", "32 adapters"]
+        for r in rows:  # only this provider ran: its rate in every mode, no other
+            assert finite(r[f"{provider}_tok_s"], 0.0) and r[f"{provider}_tok_s"] > 0, r
+            assert len(r[f"{provider}_all"]) == 1
+            other = "ours" if provider == "vllm" else "vllm"
+            assert r[f"{other}_tok_s"] is None and r["base_tok_s"] is None
+        assert png(tmp_path / "out" / f"cpu_serving-{provider}.png")
