@@ -262,6 +262,13 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_quality.py", migration_quality),
     ("migration_quality_fitted.json", "Migration quality, new defaults",
      "python benchmarks/migration_quality.py --modes filtered --limit 100", migration_quality),
+    ("migration_quality_excess.json", "Migration quality, excess filter (TiTok)",
+     "python benchmarks/migration_quality.py --modes excess --limit 100 "
+     "--result-name migration_quality_excess", migration_quality),
+    ("migration_quality_votes.json", "Migration quality, teacher votes",
+     "python benchmarks/migration_quality.py --modes filtered --votes 4 --limit 100 "
+     "--tasks arithmetic,object_counting --result-name migration_quality_votes",
+     migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("cpu_lora_profile.json", "Where CPU serving time goes",
