@@ -269,6 +269,15 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_quality.py --modes filtered --votes 4 --limit 100 "
      "--tasks arithmetic,object_counting --result-name migration_quality_votes",
      migration_quality),
+    ("migration_quality_traffic64.json", "Migration quality, 64 traffic inputs, votes",
+     "python benchmarks/migration_quality.py --modes filtered,seeds_only --votes 4 "
+     "--reservoir 64 --limit 100 --tasks arithmetic --result-name migration_quality_traffic64",
+     migration_quality),
+    ("migration_quality_traffic64_n256.json",
+     "Migration quality, 64 traffic inputs, votes, 256 synthetic",
+     "python benchmarks/migration_quality.py --modes filtered --votes 4 --reservoir 64 "
+     "--target-count 256 --limit 100 --tasks arithmetic "
+     "--result-name migration_quality_traffic64_n256", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("cpu_lora_profile.json", "Where CPU serving time goes",
