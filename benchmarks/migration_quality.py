@@ -64,7 +64,8 @@ RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": 
 # Spec fields added after committed runs: left out of a work dir's digest while at their
 # defaults, so those runs' work dirs keep their names.
 LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "vote_agreement",
-                "filter", "excess_pool", "discriminator_calibration")  # fmt: skip
+                "filter", "excess_pool", "discriminator_calibration",
+                "gate_min_checked")  # fmt: skip
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",

@@ -5,7 +5,9 @@ of the student's training), the student's greedy answers are compared with the t
 at least ``min_known`` real answers known (seeds with an output) the decision uses the task
 metric, exact match: the student may be at most ``tolerance`` below the teacher. Otherwise it
 uses agreement with the teacher on every held-out input: at least ``min_agreement`` of the
-answers must match. Answers compare after :func:`~vllm_lora_ext.evaluation.scoring.normalize`.
+answers must match, on at least ``min_checked`` inputs (fewer cannot tell a good student from
+a lucky one: the gate then refuses, saying so). Answers compare after
+:func:`~vllm_lora_ext.evaluation.scoring.normalize`.
 Every verdict states its 95% interval, so a decision on few inputs reads as what it is.
 """
 
@@ -19,6 +21,10 @@ from vllm_lora_ext.evaluation.scoring import exact_match, wilson_interval
 MIN_KNOWN = 10
 """Known answers needed before the task metric decides (fewer tell little, and agreement with
 the teacher on every held-out input is the better evidence then)."""
+
+MIN_CHECKED = 20
+"""Held-out inputs needed before agreement with the teacher decides: with 20, an agreement of
+0.8 has a 95% interval of about [0.58, 0.92]; with 5 it spans [0.38, 0.96]."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ def decide(
     tolerance: float = 0.05,
     min_agreement: float = 0.8,
     min_known: int = MIN_KNOWN,
+    min_checked: int = MIN_CHECKED,
 ) -> GateResult:
     """Pass/fail from answers alone (a pure function, so the rule is testable on strings)."""
     n = len(teacher_answers)
@@ -78,6 +85,15 @@ def decide(
             passed, reason, n, agreement, len(known), teacher_acc, student_acc,
             wilson_interval(student_hits, len(known)),
         )  # fmt: skip
+    if n < min_checked:
+        reason = (
+            f"too few held-out inputs to decide: the student agrees with the teacher on "
+            f"{agree}/{n} ({agreement:.3f}, {_interval(agree, n)}), but agreement decides only "
+            f"on {min_checked} or more, and {len(known)} known answers are fewer than "
+            f"{min_known}"
+        )
+        return GateResult(False, reason, n, agreement, len(known),
+                          interval=wilson_interval(agree, n))  # fmt: skip
     passed = agreement >= min_agreement
     verdict = ">=" if passed else "<"
     reason = (

@@ -280,9 +280,14 @@ class Migrator:
         pool = len(synthetic)
         if self._filter() == "excess":
             synthetic = self._select_by_excess(synthetic, answers)
-        n_held = min(self.spec.gate_synthetic, len(synthetic) // 2)
-        inputs = real + synthetic[: len(synthetic) - n_held]
-        gate = [*gate, *((x, None) for x in synthetic[len(synthetic) - n_held :])]
+        # The gate's synthetic inputs are taken from the labelled ones (an input the teacher
+        # was unsure of checks nothing), the last of them, so it gets all it was promised.
+        labelled = [x for x in synthetic if answers[x] is not None]
+        n_held = min(self.spec.gate_synthetic, len(labelled) // 2)
+        held = labelled[len(labelled) - n_held :]
+        held_set = set(held)
+        inputs = real + [x for x in synthetic if x not in held_set]
+        gate = [*gate, *((x, None) for x in held)]
         train = [(x, known[x] if x in known else answers[x]) for x in inputs]
         return {
             "train": [[x, y] for x, y in train if y is not None],
@@ -350,6 +355,7 @@ class Migrator:
             self.spec.gate_tolerance,
             self.spec.gate_min_agreement,
             self.spec.gate_min_known,
+            self.spec.gate_min_checked,
         )
         self._update(gate=result)
         return asdict(result)

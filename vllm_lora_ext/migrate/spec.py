@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vllm_lora_ext.migrate.gate import MIN_KNOWN
+from vllm_lora_ext.migrate.gate import MIN_CHECKED, MIN_KNOWN
 from vllm_lora_ext.migrate.synthesis import dedupe_key
 from vllm_lora_ext.training import LoraHyperparameters
 
@@ -92,6 +92,8 @@ class MigrationOptions(BaseModel):
     gate_min_agreement: float = Field(0.8, ge=0, le=1)
     gate_min_known: int = Field(MIN_KNOWN, ge=1)
     """Known answers needed before the task metric decides instead of agreement."""
+    gate_min_checked: int = Field(MIN_CHECKED, ge=1)
+    """Held-out inputs needed before agreement with the teacher decides; fewer: refused."""
     synthesis: SynthesisParams = Field(default_factory=SynthesisParams)
     discriminator: TrainParams = Field(default_factory=lambda: TrainParams(lr=5e-3))
     student: TrainParams = Field(default_factory=_student)

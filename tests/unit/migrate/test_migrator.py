@@ -267,3 +267,8 @@ def test_votes_drop_inputs_the_teacher_is_unsure_of(parts, tmp_path: Path):
     assert letters > 0 and label["unlabelled"] > 0
     assert sorted(label["agreement"])[:letters] == [0.2] * letters
     assert parts["teacher"].calls >= 5  # greedy + 4 sampled rounds
+    # The gate's synthetic inputs come from the labelled ones: none of them is lost to votes.
+    digits = sum(x[0].isdigit() for x in result.counts["synthesise"]["inputs"])
+    held = [x for x, _, _ in label["gate"] if x in result.counts["synthesise"]["inputs"]]
+    assert label["gate_synthetic"] == len(held) == min(spec.gate_synthetic, digits // 2) > 0
+    assert all(t == "number" for _, t, _ in label["gate"])

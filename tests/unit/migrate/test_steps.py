@@ -154,7 +154,7 @@ def test_gate_needs_min_known_answers_before_the_metric_decides() -> None:
     """One known answer decides nothing: agreement on every held-out input does."""
     teacher, student = list("abcdefghij"), list("abcdefghiz")
     one_known = ["a"] + [None] * 9
-    r = decide(teacher, student, one_known, min_agreement=0.8)
+    r = decide(teacher, student, one_known, min_agreement=0.8, min_checked=10)
     assert r.passed and r.student_accuracy is None and r.n_with_targets == 1
     assert "9/10" in r.reason and "95% interval [0.60, 0.98]" in r.reason
     lo, hi = r.interval
@@ -163,12 +163,36 @@ def test_gate_needs_min_known_answers_before_the_metric_decides() -> None:
 
 def test_gate_uses_agreement_without_known_answers() -> None:
     none = [None] * 5
-    assert decide(list("abcde"), list("abcdz"), none, min_agreement=0.8).passed
-    result = decide(list("abcde"), list("abczz"), none, min_agreement=0.8)
+    assert decide(list("abcde"), list("abcdz"), none, min_agreement=0.8, min_checked=5).passed
+    result = decide(list("abcde"), list("abczz"), none, min_agreement=0.8, min_checked=5)
     assert not result.passed and result.agreement == 0.6
     assert "3/5" in result.reason and "0.8 required" in result.reason
     assert result.interval is not None and result.interval[0] < 0.6 < result.interval[1]
     assert not decide([], [], []).passed
+
+
+def test_gate_refuses_to_decide_on_agreement_over_too_few_inputs() -> None:
+    """Full agreement on 19 inputs (interval [0.83, 1.00]) is not enough with the default 20;
+    on 20 it passes; known answers (>= min_known) decide whatever the count."""
+    teacher = [str(i) for i in range(20)]
+    few = decide(teacher[:19], teacher[:19], [None] * 19)
+    assert not few.passed and few.agreement == 1.0 and few.n == 19
+    assert "too few held-out inputs" in few.reason and "19/19" in few.reason
+    assert few.interval is not None and few.interval[0] > 0.8
+    assert decide(teacher, teacher, [None] * 20).passed
+    known = decide(teacher[:10], teacher[:10], teacher[:10])
+    assert known.passed and known.student_accuracy == 1.0
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from("ab"), st.sampled_from("ab")), min_size=1, max_size=40),
+    st.integers(1, 40),
+)
+def test_gate_never_passes_on_agreement_below_min_checked(pairs, min_checked) -> None:
+    teacher, student = [t for t, _ in pairs], [s for _, s in pairs]
+    r = decide(teacher, student, [None] * len(pairs), min_agreement=0.0, min_checked=min_checked)
+    assert r.passed == (len(pairs) >= min_checked)
+    assert r.interval is not None and r.interval[0] <= r.agreement <= r.interval[1]
 
 
 # -- training guards ------------------------------------------------------------------------
