@@ -50,21 +50,26 @@ from vllm_lora_ext.auth import bearer  # noqa: E402
 from vllm_lora_ext.files import write_atomic  # noqa: E402
 from vllm_lora_ext.server.migrations.forwarding import ROUTED_HEADER  # noqa: E402
 
+SHARED = ("seeds", "reservoir", "target_count", "student_steps", "student_lr", "disc_steps",
+          "disc_lr", "batch", "rank", "max_len")  # fmt: skip
+"""Settings this script takes from migration_quality.py unless given."""
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="arithmetic")
     p.add_argument("--data", default="filtered", choices=["filtered", "unfiltered", "seeds_only"])
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--reservoir", type=int, default=16, help="train inputs served as traffic")
-    p.add_argument("--target-count", type=int, default=32)
-    p.add_argument("--student-steps", type=int, default=30)
-    p.add_argument("--student-lr", type=float, default=1e-3)
-    p.add_argument("--disc-steps", type=int, default=20)
-    p.add_argument("--disc-lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=192)
+    # Unset: migration_quality.py's default, so both benchmarks migrate the same way.
+    p.add_argument("--seeds", type=int)
+    p.add_argument("--reservoir", type=int, help="train inputs served as traffic")
+    p.add_argument("--target-count", type=int)
+    p.add_argument("--student-steps", type=int)
+    p.add_argument("--student-lr", type=float)
+    p.add_argument("--disc-steps", type=int)
+    p.add_argument("--disc-lr", type=float)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--max-len", type=int)
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--after", type=float, default=30.0, help="seconds hammered after the switch")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -76,6 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="smoke run: tiny Llama -> tiny Gemma 3, synthetic task, seeds only, tiny counts",
     )
     args = p.parse_args(argv)
+    shared = vars(migration_quality.parse_args([]))
+    for key in SHARED:
+        if getattr(args, key) is None:
+            setattr(args, key, shared[key])
     if args.url and args.model_dir is None:
         p.error("--url needs --model-dir (the old base model's folder)")
     if args.quick:

@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adapters", type=Path, default=DEFAULT_ADAPTERS)
     p.add_argument("--tasks", default=DEFAULT_TASKS)
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {','.join(MODES)}")
-    p.add_argument("--votes", type=int, default=0, help="sampled teacher answers per input")
+    p.add_argument("--votes", type=int, default=4, help="sampled teacher answers per input")
     p.add_argument(
         "--generator",
         choices=("old_base", "new_base"),
@@ -113,7 +113,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--limit", type=int, default=50, help="held-out examples scored per task")
     p.add_argument("--seeds", type=int, default=5, help="seed examples (input + answer)")
-    p.add_argument("--reservoir", type=int, default=16, help="observed inputs (no answers)")
+    p.add_argument(
+        "--reservoir",
+        type=int,
+        default=64,
+        help="observed inputs (no answers); 64: what a server keeps per adapter by default "
+        "(VLLM_LORA_EXT_STATS_RESERVOIR_SIZE); runs before 2026-12-02 used 16",
+    )
     p.add_argument("--target-count", type=int, default=48, help="synthetic inputs to keep")
     p.add_argument("--student-steps", type=int, default=200, help="budget; see --student-fit")
     p.add_argument("--student-lr", type=float, default=1e-3)
@@ -193,6 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.modes = args.modes if args.modes != DEFAULT_MODES else ",".join(MODES)
         args.limit, args.reservoir = min(args.limit, 8), min(args.reservoir, 6)
         args.target_count = min(args.target_count, 4)
+        args.votes = 0  # a random tiny teacher seldom agrees with its own samples: none kept
         args.student_steps, args.disc_steps = min(args.student_steps, 4), min(args.disc_steps, 2)
         if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
             args.out = quick.out_dir("migration_quality")
