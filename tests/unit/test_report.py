@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -26,3 +27,28 @@ def test_check_fails_when_the_page_differs(tmp_path, monkeypatch) -> None:
     stale.write_text(report.render().replace("0.433", "0.999"))
     monkeypatch.setattr(report, "DOC", stale)
     assert report.main(["--check"]) == 1
+
+
+def test_migration_overview_sets_each_task_its_goal_and_marks_the_runs_that_meet_it(tmp_path):
+    """The goal is the source's accuracy, or 0.9 x ceiling (a) where (a) is below the source."""
+
+    def acc(a: float) -> dict:
+        return {"acc": a, "ci95": [max(0.0, a - 0.1), min(1.0, a + 0.1)]}
+
+    ceilings = {"tasks": [
+        {"task": "easy", "source": acc(0.4), "true_labels": acc(0.8)},
+        {"task": "hard", "source": acc(0.5), "true_labels": acc(0.3)},
+    ]}  # fmt: skip
+    run = {"tasks": [
+        {"task": "easy", "modes": {"filtered": {**acc(0.35), "seconds": 100.0}}},
+        {"task": "hard", "modes": {"filtered": {**acc(0.28), "seconds": 200.0}}},
+    ]}  # fmt: skip
+    (tmp_path / "migration_ceilings.json").write_text(json.dumps(ceilings))
+    (tmp_path / "migration_quality_fitted.json").write_text(json.dumps(run))
+    text = report.migration_overview(tmp_path)
+    goal = next(line for line in text.splitlines() if line.startswith("| goal"))
+    assert "| 0.40 | 0.27 |" in goal  # 0.9 x 0.3 where (a) < source
+    fitted = next(line for line in text.splitlines() if "fitted" in line)
+    assert "0.35 [0.25, 0.45] |" in fitted and "0.28 [0.18, 0.38] ✓" in fitted
+    assert "100/200" in fitted and "excess" not in text  # runs without a file are left out
+    assert report.migration_overview(tmp_path / "none") is None
