@@ -65,7 +65,7 @@ RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": 
 # defaults, so those runs' work dirs keep their names.
 LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "vote_agreement",
                 "filter", "excess_pool", "discriminator_calibration",
-                "gate_min_checked")  # fmt: skip
+                "gate_min_checked", "frame_synthesis")  # fmt: skip
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -100,6 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="old_base",
         help="who writes synthetic inputs: the served old base (default) or the new base "
         "(Gemma, in process; the paper's choice)",
+    )
+    p.add_argument(
+        "--no-frame",
+        action="store_true",
+        help="show the generator whole real inputs (default: without their shared first and "
+        "last lines, put back around each new input)",
     )
     p.add_argument(
         "--disc-calibration",
@@ -336,6 +342,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         filter=filter_,
         votes=args.votes,
         discriminator_calibration=args.disc_calibration,
+        frame_synthesis=not args.no_frame,
         synthesis=SynthesisParams(batch=16, max_tokens=int(1.5 * longest) + 8),
         discriminator=TrainParams(
             rank=args.rank, targets=targets, steps=args.disc_steps, batch=args.batch,
@@ -616,7 +623,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
-                  "generator")
+                  "generator", "no_frame")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,

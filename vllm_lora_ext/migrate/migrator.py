@@ -240,6 +240,7 @@ class Migrator:
             batch=p.batch,
             max_tokens=p.max_tokens,
             temperature=p.temperature,
+            frame=self.spec.frame_synthesis,
             accept=accept,
             on_round=self._on_round,
             should_stop=self._cancel.is_set,

@@ -5,6 +5,12 @@ continuation, cut where it starts item N+2, is one new input. Each prompt shows 
 subset and order of the real inputs, so the outputs vary even with few of them. Outputs that are
 empty, cut off by the token budget, or already seen (real or generated) are dropped before any
 filter sees them: duplicates would weigh a few inputs many times in distillation.
+
+Inputs that share a frame (the same first and last lines in every real input: a task's
+instructions and answer cue, as in BIG-bench's multiple-choice tasks) are shown without it and
+the frame is put back around each new one (:func:`input_frame`): the generator then writes only
+what varies, which is shorter, so fewer outputs run into the token budget, and a new input
+cannot get the instructions wrong.
 """
 
 from __future__ import annotations
@@ -81,6 +87,37 @@ def parse_generated(text: str, n: int, truncated: bool, single_line: bool) -> st
     return text if text and ended else None
 
 
+@dataclass(frozen=True)
+class Frame:
+    """The lines every real input starts (``head``) and ends (``tail``) with."""
+
+    head: tuple[str, ...] = ()
+    tail: tuple[str, ...] = ()
+
+    def strip(self, text: str) -> str:
+        lines = text.strip().split("\n")
+        return "\n".join(lines[len(self.head) : len(lines) - len(self.tail)])
+
+    def wrap(self, body: str) -> str:
+        return "\n".join([*self.head, body, *self.tail])
+
+
+def input_frame(examples: Sequence[str]) -> Frame:
+    """The longest run of first lines and of last lines shared by every example, leaving each
+    example at least one line of its own; no frame for fewer than two examples."""
+    if len(examples) < 2:
+        return Frame()
+    lines = [x.strip().split("\n") for x in examples]
+    shortest = min(len(x) for x in lines)
+    head = 0
+    while head < shortest - 1 and len({x[head] for x in lines}) == 1:
+        head += 1
+    tail = 0
+    while head + tail < shortest - 1 and len({x[-1 - tail] for x in lines}) == 1:
+        tail += 1
+    return Frame(tuple(lines[0][:head]), tuple(lines[0][len(lines[0]) - tail :]))
+
+
 def dedupe_key(text: str) -> str:
     """Case- and whitespace-insensitive identity of an input."""
     return _SPACES.sub(" ", text.strip().lower())
@@ -97,6 +134,7 @@ def synthesise(
     batch: int = 16,
     max_tokens: int = 64,
     temperature: float = 1.0,
+    frame: bool = True,
     accept: Accept | None = None,
     on_round: Callable[[SynthesisCounts], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -108,13 +146,17 @@ def synthesise(
     kept always holds.
     ``accept`` filters each round's new candidates (rejection sampling); ``should_stop`` is
     checked before each round and ends the loop early (the caller decides what that means).
+    With ``frame`` the examples' shared first and last lines are left out of the prompts and
+    put back around each new input (:func:`input_frame`).
     """
     if not examples:
         raise ValueError("synthesis needs at least one real example input")
     rng = random.Random(seed)
     tok = generator.tokenizer
-    single_line = all("\n" not in x.strip() for x in examples)
     seen = {dedupe_key(x) for x in examples}
+    shared = input_frame(examples) if frame else Frame()
+    examples = [shared.strip(x) for x in examples]
+    single_line = all("\n" not in x.strip() for x in examples)
     out = Synthesis()
     counts = out.counts
     stops = default_stops(tok)
@@ -137,6 +179,7 @@ def synthesise(
         candidates: list[str] = []
         for s, g in zip(shown, gens, strict=True):
             text = parse_generated(g.text, len(s), len(g.token_ids) >= max_tokens, single_line)
+            text = shared.wrap(text) if text is not None else None
             if text is None:
                 counts.unparsable += 1
             elif dedupe_key(text) in seen:

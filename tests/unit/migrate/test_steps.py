@@ -19,7 +19,13 @@ from vllm_lora_ext.migrate.discriminator import free_prompt
 from vllm_lora_ext.migrate.gate import decide
 from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all
 from vllm_lora_ext.migrate.queries import query_prompt
-from vllm_lora_ext.migrate.synthesis import generator_prompt, parse_generated, synthesise
+from vllm_lora_ext.migrate.synthesis import (
+    Frame,
+    generator_prompt,
+    input_frame,
+    parse_generated,
+    synthesise,
+)
 from vllm_lora_ext.training import (
     LoraHyperparameters,
     TrainingDiverged,
@@ -90,6 +96,60 @@ def test_synthesise_stops_at_max_attempts(llama_tok) -> None:
     gen = FunctionBackend(llama_tok, lambda prompt, seed: " unfinished and long")
     out = synthesise(gen, "x", ["a", "b"], count=5, max_attempts=6, seed=0, batch=4, max_tokens=3)
     assert out.inputs == [] and out.counts.generated == 6 and out.counts.unparsable == 6
+
+
+FRAMED = [
+    "Say which noun the pronoun means.\n\nSentence: Ann told Bo she won.\n  choice: Ann\n"
+    "  choice: Bo\nAnswer:",
+    "Say which noun the pronoun means.\n\nSentence: Cy met Di, who smiled.\n  choice: Di\n"
+    "  choice: Cy\nAnswer:",
+]
+
+
+def test_input_frame_is_the_shared_first_and_last_lines() -> None:
+    frame = input_frame(FRAMED)
+    assert frame == Frame(("Say which noun the pronoun means.", ""), ("Answer:",))
+    body = frame.strip(FRAMED[0])
+    assert body == "Sentence: Ann told Bo she won.\n  choice: Ann\n  choice: Bo"
+    assert frame.wrap(body) == FRAMED[0]
+    assert input_frame(["What is 1 + 2?", "What is 3 + 4?"]) == Frame()  # one line: its own
+    assert input_frame(["a\nb", "a\nb"]) == Frame(("a",))  # each keeps a line of its own
+    assert input_frame(FRAMED[:1]) == Frame()
+
+
+@given(
+    st.lists(st.text("ab\n", max_size=6), max_size=3),
+    st.lists(st.text("ab\n", min_size=1, max_size=8).filter(lambda t: t.strip()), min_size=2,
+             max_size=5),
+    st.lists(st.text("ab\n", max_size=6), max_size=3),
+)  # fmt: skip
+def test_input_frame_round_trips(head, bodies, tail) -> None:
+    """Whatever the examples, a frame's wrap undoes its strip, and it leaves each a line."""
+    examples = ["\n".join([*head, body, *tail]).strip() for body in bodies]
+    frame = input_frame(examples)
+    for x in examples:
+        assert frame.wrap(frame.strip(x)) == x
+        assert len(frame.head) + len(frame.tail) < len(x.split("\n"))
+
+
+def test_synthesise_shows_the_bodies_and_puts_the_frame_back(llama_tok) -> None:
+    prompts: list[str] = []
+
+    def respond(prompt: str, seed: int) -> str:
+        prompts.append(prompt)
+        return " Sentence: Ed saw Flo as he left.\n  choice: Ed\n  choice: Flo\n4. x"
+
+    gen = FunctionBackend(llama_tok, respond)
+    out = synthesise(gen, "pronouns", FRAMED, count=1, max_attempts=1, seed=0, batch=1)
+    assert out.inputs == [
+        "Say which noun the pronoun means.\n\nSentence: Ed saw Flo as he left.\n  choice: Ed\n"
+        "  choice: Flo\nAnswer:"
+    ]
+    assert "Sentence: Ann told Bo" in prompts[0] and "Say which noun" not in prompts[0]
+    whole = synthesise(FunctionBackend(llama_tok, respond), "pronouns", FRAMED, count=1,
+                       max_attempts=1, seed=0, batch=1, frame=False)  # fmt: skip
+    assert whole.inputs == ["Sentence: Ed saw Flo as he left.\n  choice: Ed\n  choice: Flo"]
+    assert "Say which noun" in prompts[1]
 
 
 # -- sampling in the backends ---------------------------------------------------------------
