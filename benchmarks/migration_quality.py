@@ -102,10 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(Gemma, in process; the paper's choice)",
     )
     p.add_argument(
-        "--no-frame",
+        "--frame",
         action="store_true",
-        help="show the generator whole real inputs (default: without their shared first and "
-        "last lines, put back around each new input)",
+        help="show the generator the real inputs without their shared first and last lines, "
+        "put back around each new input (default: whole inputs)",
     )
     p.add_argument(
         "--disc-calibration",
@@ -342,7 +342,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         filter=filter_,
         votes=args.votes,
         discriminator_calibration=args.disc_calibration,
-        frame_synthesis=not args.no_frame,
+        frame_synthesis=args.frame,
         synthesis=SynthesisParams(batch=16, max_tokens=int(1.5 * longest) + 8),
         discriminator=TrainParams(
             rank=args.rank, targets=targets, steps=args.disc_steps, batch=args.batch,
@@ -633,7 +633,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
-                  "generator", "no_frame")
+                  "generator", "frame")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,

@@ -84,9 +84,10 @@ class MigrationOptions(BaseModel):
     """Hold a quarter of the discriminator's texts out and keep synthetic inputs above the
     threshold that separates them best (``migrate.discriminator.Calibration``); off: train on
     all of them, keep p(yes) > p(no). Off by default until it pays on held-out accuracy."""
-    frame_synthesis: bool = True
+    frame_synthesis: bool = False
     """Leave the real inputs' shared first and last lines (a task's instructions, its answer
-    cue) out of the generator's prompts and put them back around each new input."""
+    cue) out of the generator's prompts and put them back around each new input. Off by
+    default until it pays on held-out accuracy (not measured on the real tasks yet)."""
     gate_fraction: float = Field(0.25, gt=0, lt=1)
     gate_synthetic: int = Field(20, ge=0)
     """Synthetic inputs kept out of the student's training and checked at the gate (agreement

@@ -134,7 +134,7 @@ def synthesise(
     batch: int = 16,
     max_tokens: int = 64,
     temperature: float = 1.0,
-    frame: bool = True,
+    frame: bool = False,
     accept: Accept | None = None,
     on_round: Callable[[SynthesisCounts], None] | None = None,
     should_stop: Callable[[], bool] | None = None,

@@ -140,14 +140,14 @@ def test_synthesise_shows_the_bodies_and_puts_the_frame_back(llama_tok) -> None:
         return " Sentence: Ed saw Flo as he left.\n  choice: Ed\n  choice: Flo\n4. x"
 
     gen = FunctionBackend(llama_tok, respond)
-    out = synthesise(gen, "pronouns", FRAMED, count=1, max_attempts=1, seed=0, batch=1)
+    out = synthesise(gen, "pronouns", FRAMED, count=1, max_attempts=1, seed=0, batch=1, frame=True)
     assert out.inputs == [
         "Say which noun the pronoun means.\n\nSentence: Ed saw Flo as he left.\n  choice: Ed\n"
         "  choice: Flo\nAnswer:"
     ]
     assert "Sentence: Ann told Bo" in prompts[0] and "Say which noun" not in prompts[0]
     whole = synthesise(FunctionBackend(llama_tok, respond), "pronouns", FRAMED, count=1,
-                       max_attempts=1, seed=0, batch=1, frame=False)  # fmt: skip
+                       max_attempts=1, seed=0, batch=1)  # fmt: skip
     assert whole.inputs == ["Sentence: Ed saw Flo as he left.\n  choice: Ed\n  choice: Flo"]
     assert "Say which noun" in prompts[1]
 
