@@ -221,6 +221,8 @@ MIGRATION_RUNS = [
      "filtered"),
     ("migrated: 64 traffic, votes, new base writes the inputs",
      ["migration_quality_newgen.json"], "filtered"),
+    ("migrated: 64 traffic, synthesis without the shared frame",
+     ["migration_quality_frame.json"], "filtered"),
 ]  # fmt: skip
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
@@ -355,6 +357,10 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "Migration quality, 64 traffic inputs, votes, Gemma writes the synthetic inputs",
      "python benchmarks/migration_quality.py --modes filtered --generator new_base --limit 100 "
      "--tasks arithmetic --result-name migration_quality_newgen", migration_quality),
+    ("migration_quality_frame.json",
+     "Migration quality, 64 traffic inputs, synthesis without the shared frame",
+     "python benchmarks/migration_quality.py --modes filtered --frame --limit 100 "
+     "--tasks disambiguation_qa --result-name migration_quality_frame", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("cpu_lora_profile.json", "Where CPU serving time goes",
