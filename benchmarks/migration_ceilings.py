@@ -41,11 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import quick
+from migration_quality import DEFAULT_ADAPTERS, DEFAULT_TASKS, QUICK_TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ADAPTERS = ROOT / "adapters" / "SmolLM2-135M-Instruct"
-DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
-QUICK_TASKS = "arithmetic,disambiguation_qa"  # generated, multiple choice
 ROWS = ("source", "target_base", "three_shot", "true_labels", "teacher_labels", "voted_labels")
 LABELS = {
     "source": "source (SmolLM2 + adapter)",

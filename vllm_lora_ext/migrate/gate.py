@@ -86,19 +86,19 @@ def decide(
             wilson_interval(student_hits, len(known)),
         )  # fmt: skip
     if n < min_checked:
+        passed = False
         reason = (
             f"too few held-out inputs to decide: the student agrees with the teacher on "
             f"{agree}/{n} ({agreement:.3f}, {_interval(agree, n)}), but agreement decides only "
             f"on {min_checked} or more, and {len(known)} known answers are fewer than "
             f"{min_known}"
         )
-        return GateResult(False, reason, n, agreement, len(known),
-                          interval=wilson_interval(agree, n))  # fmt: skip
-    passed = agreement >= min_agreement
-    verdict = ">=" if passed else "<"
-    reason = (
-        f"student agrees with the teacher on {agree}/{n} held-out inputs "
-        f"({agreement:.3f}, {_interval(agree, n)}; {verdict} {min_agreement} required; "
-        f"{len(known)} known answers, fewer than {min_known})"
-    )
+    else:
+        passed = agreement >= min_agreement
+        verdict = ">=" if passed else "<"
+        reason = (
+            f"student agrees with the teacher on {agree}/{n} held-out inputs "
+            f"({agreement:.3f}, {_interval(agree, n)}; {verdict} {min_agreement} required; "
+            f"{len(known)} known answers, fewer than {min_known})"
+        )
     return GateResult(passed, reason, n, agreement, len(known), interval=wilson_interval(agree, n))
