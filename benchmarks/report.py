@@ -122,15 +122,48 @@ def adaptive_merge(doc: dict) -> str:
 
 
 def serving(doc: dict) -> str:
-    rows = [
-        [str(r["n_adapters"]), f"{r['rate']:.1f}", f"{r['throughput_tok_s']:.1f}",
-         f"{r['ratio_to_base']:.2f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}",
-         f"{r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f}", str(r["errors"])]
-        for r in doc["rows"]
+    def ms(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    def loads(r):
+        if r.get("loads_in_step") is None:
+            return "-"
+        return f"{r['loads_ahead']:.0f} / {r['loads_in_step']:.0f} ({r['in_step_s']:.2f} s)"
+
+    rows = doc["rows"]
+    if "kind" not in rows[0]:  # a result from before the saturation rows
+        rows = [{**r, "kind": "open", "rate_fraction": None} for r in rows]
+    sat = [
+        [str(r["n_adapters"]), f"{r['throughput_tok_s']:.1f}", f"{r['ratio_to_base']:.2f}",
+         f"{ms(r['ttft_p50_ms'])} / {ms(r['ttft_p99_ms'])}", loads(r), str(r["errors"])]
+        for r in rows if r["kind"] == "saturation"
     ]  # fmt: skip
-    return f"{doc['model']} on `{doc['device']}`.\n\n" + table(
-        ["N adapters", "rate req/s", "tok/s", "ratio to base", "TTFT p50 / p99 ms",
-         "TPOT p50 / p99 ms", "errors"], rows)  # fmt: skip
+    opened = [
+        [str(r["n_adapters"]), f"{r['rate']:.2f}"
+         + ("" if r.get("rate_fraction") is None else f" ({r['rate_fraction']:.0%})"),
+         f"{r['throughput_tok_s']:.1f}", f"{ms(r['ttft_p50_ms'])} / {ms(r['ttft_p99_ms'])}",
+         f"{ms(r['tpot_p50_ms'])} / {ms(r['tpot_p99_ms'])}", loads(r), str(r["errors"])]
+        for r in rows if r["kind"] == "open"
+    ]  # fmt: skip
+    out = f"{doc['model']} on `{doc['device']}`, `{doc['settings'].get('serve_args', '')}`.\n\n"
+    if sat:
+        out += "Capacity (closed loop, " + f"{doc['settings'].get('concurrency')} in flight):\n\n"
+        out += table(["N adapters", "tok/s", "ratio to base", "TTFT p50 / p99 ms",
+                      "loads ahead / in step (stall)", "errors"], sat) + "\n\n"  # fmt: skip
+    out += "Open loop (rate: req/s, share of the base's capacity):\n\n" + table(
+        ["N adapters", "rate", "tok/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms",
+         "loads ahead / in step (stall)", "errors"], opened)  # fmt: skip
+    deciles = [r for r in rows if r["kind"] == "open" and r.get("ttft_by_decile")]
+    if deciles:
+        r = max(deciles, key=lambda r: (r["rate"], r["n_adapters"]))
+        out += (
+            f"\n\nTTFT by popularity decile of the adapters (N={r['n_adapters']}, "
+            f"{r['rate']:.2f} req/s; decile 1 the most popular tenth):\n\n"
+        )
+        out += table(["decile", "requests", "TTFT p50 ms", "TTFT p99 ms"],
+                     [[str(d["decile"]), str(d["requests"]), ms(d["ttft_p50_ms"]),
+                       ms(d["ttft_p99_ms"])] for d in r["ttft_by_decile"]])  # fmt: skip
+    return out
 
 
 def kernel_compile(doc: dict) -> str:
@@ -320,7 +353,8 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("cpu_serving.json", "CPU LoRA path, ours vs vLLM", "python benchmarks/cpu_serving.py",
      cpu_serving),
     ("serving-cpu.json", "Serving many adapters, open-loop load",
-     "python benchmarks/serving.py --start <SmolLM2 dir> --rates 8 --duration 40", serving),
+     "python benchmarks/serving.py --start <SmolLM2 dir> --serve-args '--max-loras 8 "
+     "--max-cpu-loras 64'", serving),
     ("merge_quality.json", "Merges, IterIS from live traffic vs PEFT",
      "python benchmarks/merge_quality.py --limit 60 --traffic 64 --iterations 3 --replay 16",
      merge_quality),

@@ -1,23 +1,31 @@
-"""Open-loop serving benchmark: many adapters against the base model alone, on one server.
+"""Serving benchmark: many adapters against the base model alone, on one server, in one run.
 
-Requests arrive as a Poisson process at a fixed rate (open loop: an arrival never waits for an
-earlier answer), each with a prompt and output length drawn uniformly from a range, each naming
-an adapter drawn from a Zipf or uniform popularity over N registered adapters; the same
-schedule with the base model alone runs in the same run, on the same server, as the reference.
-Streaming responses give time to first token (TTFT) and time per output token after it (TPOT).
-Below saturation the throughput equals the offered load whatever N is; the ratio to the base
-tells something only at a rate the server cannot keep up with, so include one.
+Each request has a prompt and output length drawn uniformly from a range and names an adapter
+drawn from a Zipf or uniform popularity over N registered adapters; the same draws with the base
+model alone are the reference. Two kinds of rows, each for N = 0 (base), then every N:
+
+* **saturation** (closed loop): ``--concurrency`` requests always in flight until
+  ``--saturation-requests`` are answered; output tokens/s is the server's capacity, and its ratio
+  to the base's is the cost of the adapters.
+* **open loop** at fractions of the base's capacity (``--rate-fractions``, found by the first
+  row; or absolute ``--rates``): Poisson arrivals that never wait for earlier answers. Below
+  saturation the throughput is the offered load whatever N is; these rows are for latency:
+  time to first token (TTFT) and per output token after it (TPOT), and TTFT per popularity
+  decile of the adapters (starvation of the unpopular ones shows there).
+
+Each row also records the worker's adapter loads from the server's ``/metrics``: read ahead in
+the background, or in an engine step (a stall of the whole batch).
 
     # against a running server (the adapters are created and registered by the benchmark)
     python benchmarks/serving.py --url http://127.0.0.1:8000 --model-dir DIR
-    # a self-contained dry run on a tiny model (starts its own server)
-    python benchmarks/serving.py --start DIR --n-adapters 1,8 --rates 4 --duration 10
+    # starting its own server on a model folder, with extra `serve` arguments
+    python benchmarks/serving.py --start DIR --serve-args "--max-loras 32"
     # a smoke run: the tiny test Llama (its own server unless --url), seconds per row
     python benchmarks/serving.py --quick
 
 Writes benchmarks/results/serving-<device>.json ({"device", "model", "rows": [...]}) and a PNG
-beside it: throughput against N (one line per rate) and the TTFT distribution per N; ``--quick``
-writes to ``<tmp>/serving_quick/`` unless ``--out`` says otherwise.
+beside it: capacity against N and the TTFT distribution per N; ``--quick`` writes to
+``<tmp>/serving_quick/`` unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -49,10 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--start", type=Path, help="start a server on this model folder")
     p.add_argument("--model-dir", type=Path, help="the served model's folder (adapter shapes)")
     p.add_argument("--n-adapters", default="1,8,64,256", help="comma-separated N")
-    p.add_argument("--rates", default="2,8", help="arrival rates, requests/s, comma-separated")
+    p.add_argument(
+        "--rate-fractions", default="0.25,0.5,0.75",
+        help="open-loop arrival rates as fractions of the base's measured capacity",
+    )  # fmt: skip
+    p.add_argument("--rates", default="", help="absolute arrival rates, req/s (replace fractions)")
+    p.add_argument("--concurrency", type=int, default=32, help="saturation rows: in flight")
+    p.add_argument("--saturation-requests", type=int, default=128, help="saturation rows: answered")
     p.add_argument("--popularity", choices=["zipf", "uniform"], default="zipf")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per row")
+    p.add_argument("--duration", type=float, default=60.0, help="open loop: seconds of arrivals")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of discarded load first")
     p.add_argument("--prompt-tokens", default="32,128", help="uniform range, min,max")
     p.add_argument("--output-tokens", default="16,64", help="uniform range, min,max")
@@ -70,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.n_adapters, args.rates, args.duration, args.warmup = "1,4", "4", 3.0, 1.0
+        args.n_adapters, args.rate_fractions, args.duration, args.warmup = "1,4", "0.5", 3.0, 1.0
+        args.concurrency, args.saturation_requests = 4, 8
         args.prompt_tokens, args.output_tokens = "8,16", "4,8"
         if args.url is None and args.start is None:
             args.serve_args = args.serve_args or "--max-model-len 512 --kv-cache-gib 1"
@@ -144,6 +159,7 @@ def register_adapters(client: httpx.Client, model_dir: Path, n: int, args) -> li
 
 @dataclass
 class Outcome:
+    model: str
     ttft: float | None
     tpot: float | None
     tokens: int
@@ -158,14 +174,20 @@ def popularity(n: int, kind: str, s: float) -> list[float]:
 
 
 def schedule(
-    models: list[str], weights: list[float], rate: float, args, duration: float | None = None
+    models: list[str],
+    weights: list[float],
+    rate: float,
+    args,
+    duration: float | None = None,
+    count: int | None = None,
 ) -> list[tuple]:
-    """(arrival s, model, prompt token ids, max_tokens); the same seed gives the same lengths."""
+    """(arrival s, model, prompt token ids, max_tokens); the same seed gives the same lengths
+    and popularity ranks. Ends after ``duration`` seconds of arrivals or ``count`` requests."""
     rng = random.Random(args.seed)
     pmin, pmax = _ints(args.prompt_tokens)
     omin, omax = _ints(args.output_tokens)
     out, t = [], rng.expovariate(rate)
-    while t < (args.duration if duration is None else duration):
+    while t < (args.duration if duration is None else duration) and len(out) != count:
         prompt = [rng.randrange(10, 200) for _ in range(rng.randint(pmin, pmax))]
         model = rng.choices(models, weights)[0]
         out.append((t, model, prompt, rng.randint(omin, omax)))
@@ -189,7 +211,7 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt, max_tokens:
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                return Outcome(None, None, 0, time.perf_counter(), f"{r.status_code}")
+                return Outcome(model, None, None, 0, time.perf_counter(), f"{r.status_code}")
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -201,10 +223,10 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt, max_tokens:
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as e:
-        return Outcome(None, None, 0, time.perf_counter(), type(e).__name__)
+        return Outcome(model, None, None, 0, time.perf_counter(), type(e).__name__)
     ttft = None if first is None else first - start
     tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
-    return Outcome(ttft, tpot, tokens, time.perf_counter())
+    return Outcome(model, ttft, tpot, tokens, time.perf_counter())
 
 
 def headers() -> dict[str, str]:
@@ -232,6 +254,62 @@ async def run_load(url: str, plan: list[tuple]) -> tuple[list[Outcome], float]:
     return list(outcomes), t0
 
 
+async def run_closed(url: str, plan: list[tuple], concurrency: int) -> tuple[list[Outcome], float]:
+    """``concurrency`` requests in flight until the plan is answered (arrival times ignored)."""
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=600, limits=limits, headers=headers()
+    ) as client:
+        t0 = time.perf_counter()
+        jobs, outcomes = iter(plan), []
+
+        async def worker():
+            for _, model, prompt, max_tokens in jobs:  # one shared iterator
+                outcomes.append(await one_request(client, model, prompt, max_tokens))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes, t0
+
+
+def worker_loads(client: httpx.Client) -> dict[str, float] | None:
+    """The worker's adapter loads so far, from ``/metrics`` (None on a server without them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.get("/metrics")
+    if r.status_code != 200:
+        return None
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        if family.name == "vllm_lora_ext_adapter_load_seconds":
+            for sample in family.samples:
+                path = sample.labels.get("path")
+                if sample.name.endswith("_count"):
+                    out[f"loads_{path}"] = sample.value
+                elif sample.name.endswith("_sum"):
+                    out[f"{path}_s"] = sample.value
+    return out or None
+
+
+def load_delta(before: dict | None, after: dict | None) -> dict[str, float | None]:
+    keys = ("loads_ahead", "loads_in_step", "ahead_s", "in_step_s")
+    if before is None or after is None:
+        return dict.fromkeys(keys)
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in keys}
+
+
+def ttft_by_decile(outcomes: list[Outcome], names: list[str]) -> list[dict]:
+    """TTFT p50/p99 per popularity decile of the adapters (decile 1: the most popular tenth)."""
+    rank = {name: i for i, name in enumerate(names)}
+    groups: dict[int, list[float]] = {}
+    for o in outcomes:
+        if o.error is None and o.ttft is not None and o.model in rank:
+            groups.setdefault(rank[o.model] * 10 // len(names) + 1, []).append(o.ttft)
+    return [
+        {"decile": d, "requests": len(v), "ttft_p50_ms": _pct(v, 0.5), "ttft_p99_ms": _pct(v, 0.99)}
+        for d, v in sorted(groups.items())
+    ]
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -247,6 +325,7 @@ def summarise(outcomes: list[Outcome], t0: float) -> dict:
     return {
         "requests": len(outcomes),
         "errors": len(outcomes) - len(ok),
+        "span_s": span,
         "throughput_tok_s": sum(o.tokens for o in ok) / span if span > 0 else 0.0,
         **{f"ttft_p{q}_ms": _pct(ttft, q / 100) for q in (50, 90, 99)},
         **{f"tpot_p{q}_ms": _pct(tpot, q / 100) for q in (50, 90, 99)},
@@ -276,32 +355,72 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["rows"] if r["n_adapters"] > 0]
+    rows = report["rows"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for rate in sorted({r["rate"] for r in rows}):
-        mine = sorted((r for r in rows if r["rate"] == rate), key=lambda r: r["n_adapters"])
-        xs, ys = [r["n_adapters"] for r in mine], [r["throughput_tok_s"] for r in mine]
-        left.plot(xs, ys, "o-", label=f"{rate:g} req/s")
-        base = next(r for r in report["rows"] if r["n_adapters"] == 0 and r["rate"] == rate)
-        left.axhline(base["throughput_tok_s"], ls=":", color=left.lines[-1].get_color())
+    sat = sorted((r for r in rows if r["kind"] == "saturation"), key=lambda r: r["n_adapters"])
+    adapters = [r for r in sat if r["n_adapters"] > 0]
+    left.plot([r["n_adapters"] for r in adapters], [r["throughput_tok_s"] for r in adapters], "o-")
+    left.axhline(sat[0]["throughput_tok_s"], ls=":", color="gray", label="base only")
     left.set_xscale("log", base=2)
-    left.set(
-        xlabel="adapters (N)", ylabel="output tokens/s", title="throughput (dotted: base only)"
-    )
+    left.set(xlabel="adapters (N)", ylabel="output tokens/s", title="capacity (closed loop)")
     left.legend()
-    top_rate = max(r["rate"] for r in report["rows"])
-    for r in sorted(report["rows"], key=lambda r: r["n_adapters"]):
-        if r["rate"] == top_rate and r["ttft_ms"]:
+    opened = [r for r in rows if r["kind"] == "open"]
+    if opened:
+        top = max(r["rate"] for r in opened)
+        for r in sorted((r for r in opened if r["rate"] == top), key=lambda r: r["n_adapters"]):
             xs = r["ttft_ms"]
-            label = "base" if r["n_adapters"] == 0 else f"N={r['n_adapters']}"
-            right.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
-    right.set(
-        xlabel="TTFT (ms)", ylabel="fraction of requests", title=f"TTFT CDF at {top_rate:g} req/s"
-    )
-    right.legend()
+            if xs:
+                label = "base" if r["n_adapters"] == 0 else f"N={r['n_adapters']}"
+                right.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
+        right.set(xlabel="TTFT (ms)", ylabel="fraction of requests",
+                  title=f"TTFT CDF at {top:.2f} req/s (open loop)")  # fmt: skip
+        right.legend()
     fig.suptitle(f"{report['model']} on {report['device']}, {report['settings']['popularity']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def measure(args, base_name: str, names: list[str]) -> list[dict]:
+    """The saturation rows (base first: its capacity sets the open-loop rates), then the
+    open-loop rows; the same draws of lengths and popularity ranks for every N."""
+    rows: list[dict] = []
+    client = httpx.Client(base_url=args.url, timeout=60, headers=headers())
+
+    def row(kind: str, n: int, outcomes_t0, loads_before, **extra) -> dict:
+        stats = summarise(*outcomes_t0)
+        r = {"kind": kind, "n_adapters": n, **extra, **stats}
+        r.update(load_delta(loads_before, worker_loads(client)))
+        if n >= 10:
+            r["ttft_by_decile"] = ttft_by_decile(outcomes_t0[0], names[:n])
+        rows.append(r)
+        return r
+
+    count = args.saturation_requests
+    for n in [0, *_ints(args.n_adapters)]:
+        models = [base_name] if n == 0 else names[:n]
+        weights = [1.0] if n == 0 else popularity(n, args.popularity, args.zipf_s)
+        plan = schedule(models, weights, 1.0, args, duration=float("inf"), count=count)
+        before = worker_loads(client)
+        r = row("saturation", n, asyncio.run(run_closed(args.url, plan, args.concurrency)), before)
+        base = rows[0]
+        r["ratio_to_base"] = r["throughput_tok_s"] / base["throughput_tok_s"]
+        r["requests_per_s"] = r["requests"] / r["span_s"]
+        print(f"saturation N={n}: {r['throughput_tok_s']:.1f} tok/s ({r['ratio_to_base']:.2f}x "
+              f"base), in-step loads {r['loads_in_step']}", flush=True)  # fmt: skip
+    capacity = rows[0]["requests_per_s"]
+    rates = _floats(args.rates) or [f * capacity for f in _floats(args.rate_fractions)]
+    for rate in rates:
+        for n in [0, *_ints(args.n_adapters)]:
+            models = [base_name] if n == 0 else names[:n]
+            weights = [1.0] if n == 0 else popularity(n, args.popularity, args.zipf_s)
+            plan = schedule(models, weights, rate, args)
+            before = worker_loads(client)
+            r = row("open", n, asyncio.run(run_load(args.url, plan)), before, rate=rate,
+                    rate_fraction=rate / capacity)  # fmt: skip
+            print(f"open {rate:.2f} req/s N={n}: TTFT p50/p99 {r['ttft_p50_ms']}/"
+                  f"{r['ttft_p99_ms']} ms", flush=True)  # fmt: skip
+    client.close()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,25 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             names = register_adapters(client, args.model_dir, max(_ints(args.n_adapters)), args)
         # The first requests after a start pay for lazy initialisation: not in any row.
         warm = [base_name, *names[:8]]
-        top = max(_floats(args.rates))
-        asyncio.run(run_load(args.url, schedule(warm, [1.0] * len(warm), top, args, args.warmup)))
-        rows = []
-        for rate in _floats(args.rates):
-            base_plan = schedule([base_name], [1.0], rate, args)
-            base = summarise(*asyncio.run(run_load(args.url, base_plan)))
-            rows.append({"n_adapters": 0, "rate": rate, "ratio_to_base": 1.0, **base})
-            print(f"rate {rate:g}: base {base['throughput_tok_s']:.1f} tok/s", flush=True)
-            for n in _ints(args.n_adapters):
-                weights = popularity(n, args.popularity, args.zipf_s)
-                plan = schedule(names[:n], weights, rate, args)
-                stats = summarise(*asyncio.run(run_load(args.url, plan)))
-                ratio = stats["throughput_tok_s"] / base["throughput_tok_s"]
-                rows.append({"n_adapters": n, "rate": rate, "ratio_to_base": ratio, **stats})
-                print(
-                    f"rate {rate:g}: N={n} {stats['throughput_tok_s']:.1f} tok/s "
-                    f"({ratio:.2f}x base), TTFT p50 {stats['ttft_p50_ms']} ms",
-                    flush=True,
-                )
+        asyncio.run(run_load(args.url, schedule(warm, [1.0] * len(warm), 4.0, args, args.warmup)))
+        rows = measure(args, base_name, names)
     finally:
         if server is not None:
             server.stop()

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from argparse import Namespace
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from fastapi import FastAPI
 SUPPORTED_VLLM_VERSION = "0.32.0"
 PLUGIN_NAME = "lora_ext"
 UNLOAD_DRAIN_SECONDS = 120.0
+LOAD_AHEAD_SECONDS = 30.0  # past this a request goes on, and its step loads the adapter
 
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 _registered = False
@@ -48,6 +50,8 @@ def register() -> None:
     from vllm_lora_ext.settings import Settings
 
     patch_lora_layer_capture()
+    patch_worker_lora_loading()
+    patch_request_service_levels()
     if current_platform.is_cpu():
         patch_cpu_lora_shrink()
         select_cpu_punica_wrapper(type(current_platform))
@@ -176,6 +180,106 @@ def patch_lora_layer_capture() -> None:
     BaseLinearLayerWithLoRA._apply_lora_to_output = _apply_lora_to_output
 
 
+_AHEAD_PLACEHOLDER_ID = 2**31 - 1  # a load ahead has no int id yet; the step sets the real one
+_ahead: Any = None  # this worker's AheadLoader
+_ahead_paths: dict[int, str] = {}  # lora int id -> path, for the adapters this worker loaded
+
+
+def patch_worker_lora_loading() -> None:
+    """Let the engine step take an adapter the worker loaded ahead (``adapters/load_ahead``).
+
+    ``WorkerLoRAManager._load_adapter`` is where vLLM 0.32 reads an adapter's files, called by
+    ``add_adapter`` for a batch's adapter missing from the CPU cache and by ``add_lora``.
+    """
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    original = WorkerLoRAManager._load_adapter
+    if getattr(original, "_vllm_lora_ext", False):
+        return
+
+    def _load_adapter(self, lora_request):
+        path = lora_request.lora_path
+        lora = ahead_loader(self).take(path, lambda: original(self, lora_request))
+        lora.id = lora_request.lora_int_id
+        _ahead_paths[lora.id] = path
+        return lora
+
+    _load_adapter._vllm_lora_ext = True  # type: ignore[attr-defined]
+    _load_adapter.__wrapped__ = original  # type: ignore[attr-defined]
+    WorkerLoRAManager._load_adapter = _load_adapter
+
+
+def ahead_loader(manager: Any) -> Any:
+    """The worker's :class:`AheadLoader`, loading with vLLM's own (unpatched) loader."""
+    global _ahead
+    if _ahead is None:
+        from vllm.lora.request import LoRARequest
+        from vllm.lora.worker_manager import WorkerLoRAManager
+
+        from vllm_lora_ext.adapters.load_ahead import AheadLoader
+
+        original = WorkerLoRAManager._load_adapter.__wrapped__
+
+        def load(path: str, name: str) -> Any:
+            return original(manager, LoRARequest(name, _AHEAD_PLACEHOLDER_ID, path))
+
+        _ahead = AheadLoader(load)
+    return _ahead
+
+
+def worker_load_ahead(worker: Any, path: str, name: str) -> str:
+    """Start loading ``path`` in the background unless the CPU cache holds it: ``cached``, or
+    the loader's state (``loading``, ``ready``, ``failed``)."""
+    manager = worker.model_runner.lora_manager
+    if any(_ahead_paths.get(i) == path for i in manager.list_adapters()):
+        return "cached"
+    return ahead_loader(manager).start(path, name)
+
+
+def worker_load_state(worker: Any, path: str) -> str:
+    return ahead_loader(worker.model_runner.lora_manager).state(path)
+
+
+def worker_residency(worker: Any) -> dict[str, Any]:
+    """Adapter ids in a batch slot and in the CPU cache, and the worker's load times."""
+    manager = worker.model_runner.lora_manager
+    slots = [i for i in manager._adapter_manager.lora_index_to_id if i is not None]
+    return {
+        "slots": slots,
+        "cached": sorted(manager.list_adapters()),
+        "loads": ahead_loader(manager).report(),
+    }
+
+
+def patch_request_service_levels() -> None:
+    """Observe each finished request's TTFT and time per output token under its adapter.
+
+    ``OutputProcessor._update_stats_from_finished`` (API server process, vLLM 0.32) is where a
+    finished request's state still carries both its adapter name and vLLM's own timestamps,
+    the ones behind ``vllm:time_to_first_token_seconds``.
+    """
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    original = OutputProcessor._update_stats_from_finished
+    if getattr(original, "_vllm_lora_ext", False):
+        return
+
+    def _update_stats_from_finished(self, req_state, finish_reason, iteration_stats):
+        original(self, req_state, finish_reason, iteration_stats)
+        stats = req_state.stats
+        if stats is None or stats.num_generation_tokens == 0:
+            return
+        from vllm_lora_ext.server.service_levels import SERVICE_LEVELS
+
+        n = stats.num_generation_tokens
+        tpot = (stats.last_token_ts - stats.first_token_ts) / (n - 1) if n > 1 else None
+        SERVICE_LEVELS.observe(req_state.lora_name, stats.first_token_latency, tpot)
+
+    _update_stats_from_finished._vllm_lora_ext = True  # type: ignore[attr-defined]
+    _update_stats_from_finished.__wrapped__ = original  # type: ignore[attr-defined]
+    OutputProcessor._update_stats_from_finished = _update_stats_from_finished
+
+
 def name_lora_layers(worker: Any) -> tuple[dict[str, int], list[int | None]]:
     """Tag the worker's LoRA linear layers with their names; return {name: input width} and
     vLLM's live slot -> LoRA id table."""
@@ -221,11 +325,15 @@ class VllmEngineAdapters:
         self.engine_client = engine_client
         self.drain = drain
         """Waits for the HTTP requests admitted for a name so far (ForwardTable.drain)."""
+        self.resident_paths: set[str] = set()
+        """Adapter paths in the worker's CPU cache, as far as this process knows."""
+        self.ahead_enabled = True
 
     async def load(self, name: str, path: Path) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
+        await self.load_ahead(name, str(path))  # add_lora below then does not read the files
         result = await self.serving_models.load_lora_adapter(
             LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path))
         )
@@ -255,6 +363,7 @@ class VllmEngineAdapters:
             request = self.serving_models.lora_requests.pop(name, None)
         if request is None:
             return False
+        self.resident_paths.discard(request.lora_path)
         if not await self.drain(name, drain_timeout):
             running = self._requests_using(request.lora_int_id)
             logger.warning("vllm-lora-ext: aborting %d requests on %r", len(running), name)
@@ -262,6 +371,51 @@ class VllmEngineAdapters:
         await self.engine_client.remove_lora(request.lora_int_id)
         logger.info("vllm-lora-ext: unloaded %r", name)
         return True
+
+    async def load_ahead(self, name: str, path: str) -> None:
+        """Have the worker read ``path`` into memory in the background, and wait for it, so the
+        engine step that first needs the adapter does not (see ``adapters/load_ahead``).
+
+        Nothing is asked when the last residency report (or an earlier load ahead) placed the
+        path in the CPU cache; a failed or slow load leaves the step to load it, as before.
+        """
+        if path in self.resident_paths or not self.ahead_enabled:
+            return
+        deadline = time.monotonic() + LOAD_AHEAD_SECONDS
+        try:
+            state = await self._rpc("lora_ext_load_ahead", path, name)
+            while state == "loading" and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)  # each call waits for the engine's current step
+                state = await self._rpc("lora_ext_load_state", path)
+        except Exception as e:  # e.g. a worker without our extension: load in the step
+            if self.engine_client.errored:
+                return
+            self.ahead_enabled = False
+            logger.warning("vllm-lora-ext: no loads ahead on this server: %s", e)
+            return
+        if state in ("cached", "ready"):
+            self.resident_paths.add(path)
+
+    async def load_ahead_resolved(self, name: str) -> None:
+        """:meth:`load_ahead` for an adapter vLLM resolved before (a first request's adapter
+        is loaded ahead by the store resolver instead)."""
+        request = self.serving_models.lora_requests.get(name)
+        if request is not None and request.lora_path not in self.resident_paths:
+            await self.load_ahead(name, request.lora_path)
+
+    async def residency(self) -> dict[str, Any]:
+        """Names in a batch slot and in the CPU cache now, and the worker's load times; also
+        refreshes what :meth:`load_ahead` takes as resident."""
+        report = await self._rpc("lora_ext_residency")
+        by_id = {r.lora_int_id: r for r in self.serving_models.lora_requests.values()}
+        names = {
+            k: [by_id[i].lora_name for i in report[k] if i in by_id] for k in ("slots", "cached")
+        }
+        self.resident_paths = {by_id[i].lora_path for i in report["cached"] if i in by_id}
+        return {**names, "loads": report["loads"]}
+
+    async def _rpc(self, method: str, *args: Any) -> Any:
+        return (await self.engine_client.collective_rpc(method, args=args))[0]
 
     def _requests_using(self, lora_int_id: int) -> list[str]:
         """Internal ids of the engine's unfinished requests on this adapter id."""
@@ -342,7 +496,7 @@ class VllmCaptureEngine:
         await self._call("lora_ext_record_stop")
 
 
-def _store_resolver(service: Any) -> Any:
+def _store_resolver(service: Any, engine: VllmEngineAdapters) -> Any:
     """A vLLM ``LoRAResolver`` that loads stored adapters on first request (e.g. after restart)."""
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
@@ -368,6 +522,11 @@ def _store_resolver(service: Any) -> Any:
                 logger.warning("vllm-lora-ext: cannot serve %r: %s", lora_name, e.message)
                 return None
             metrics.ADAPTER_LOADS.inc()
+            # Read in the background, so vLLM's add_lora below does not stall the engine.
+            try:
+                await engine.load_ahead(lora_name, str(path))
+            except Exception:
+                logger.exception("vllm-lora-ext: loading %r ahead", lora_name)
             # vLLM assigns the real int id after resolution.
             return LoRARequest(lora_name, 1, str(path))
 
@@ -428,11 +587,13 @@ class LoraExtEndpointPlugin:
         )
         store = AdapterStore(settings.resolved_store_dir())
         state.lora_ext_forward = ForwardTable()
+        engine = VllmEngineAdapters(serving_models, engine_client, state.lora_ext_forward.drain)
+        engine.ahead_enabled = settings.load_ahead
         state.lora_ext = AdapterService(
             store=store,
             base=base,
             max_rank=int(args.max_lora_rank),
-            engine=VllmEngineAdapters(serving_models, engine_client, state.lora_ext_forward.drain),
+            engine=engine,
             max_upload_bytes=settings.max_upload_bytes,
             # A full batch of unpinned adapters must still fit in the CPU cache.
             max_pinned=int(getattr(args, "max_cpu_loras", None) or args.max_loras)
@@ -441,7 +602,7 @@ class LoraExtEndpointPlugin:
             merged_cache_bytes=settings.merged_cache_bytes,
             allowed_paths=settings.allowed_adapter_paths,
         )
-        serving_models.lora_resolvers.append(_store_resolver(state.lora_ext))
+        serving_models.lora_resolvers.append(_store_resolver(state.lora_ext, engine))
         await state.lora_ext.pin_at_start(settings.pinned_adapters)
         capture = VllmCaptureEngine(serving_models, engine_client, settings.stats_memory_bytes)
         state.lora_ext_stats = StatsService(
@@ -452,6 +613,12 @@ class LoraExtEndpointPlugin:
             stats_dir=settings.stats_dir,
         )
         await state.lora_ext.evict_merged()  # the budget may have shrunk since last start
+        from vllm_lora_ext.server.service_levels import SERVICE_LEVELS
+
+        SERVICE_LEVELS.top_n = settings.metrics_top_adapters
+        state.lora_ext_residency = asyncio.create_task(
+            follow_residency(engine, state.lora_ext, engine_client, settings.residency_poll_seconds)
+        )
         host = args.host if args.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
         self_url, api_key = f"http://{host}:{args.port}", served_api_key(args)
 
@@ -482,6 +649,25 @@ class LoraExtEndpointPlugin:
             len(state.lora_ext.names),
             base.name,
         )
+
+
+async def follow_residency(
+    engine: VllmEngineAdapters, service: Any, engine_client: Any, every: float
+) -> None:
+    """Keep the residency and load-time metrics current (and what loads ahead skip)."""
+    from vllm_lora_ext.server.service_levels import SERVICE_LEVELS
+
+    while not engine_client.errored:
+        try:
+            report = await engine.residency()
+        except Exception as e:
+            if engine_client.errored:
+                return
+            logger.warning("vllm-lora-ext: no residency metrics on this server: %s", e)
+            return
+        SERVICE_LEVELS.set_residency(report["slots"], report["cached"], service.names)
+        SERVICE_LEVELS.set_loads(report["loads"])
+        await asyncio.sleep(every)
 
 
 def served_api_key(args: Namespace) -> str | None:

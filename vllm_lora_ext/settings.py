@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     stats_reservoir_size: int = 64
     """Prompts kept per captured adapter (a uniform sample) for IterIS replays."""
 
+    load_ahead: bool = True
+    """Read an adapter missing from vLLM's CPU cache in the background when its request is
+    admitted, so no engine step waits for the disk (off: vLLM loads it inside the step)."""
+
+    metrics_top_adapters: int = Field(default=20, ge=0)
+    """Adapters shown by name in the per-adapter metrics (most requests first); the rest are
+    summed under ``other``, so ``/metrics`` stays small with thousands of adapters."""
+
+    residency_poll_seconds: float = Field(default=2.0, gt=0)
+    """How often the API server asks the worker where each adapter is (slot, CPU cache, disk)
+    and for its load times."""
+
     migrate_from: str | None = None
     """``serve --migrate-from``: the old server whose adapters this one takes over at start."""
 

@@ -232,14 +232,20 @@ def test_serving_quick(tmp_path, on_server):
     doc = load(out)
     check_record(doc)
     assert doc["model"] == "tiny-llama"
-    assert {(r["n_adapters"], r["rate"]) for r in doc["rows"]} == {(0, 4.0), (1, 4.0), (4, 4.0)}
+    sat = [r for r in doc["rows"] if r["kind"] == "saturation"]
+    opened = [r for r in doc["rows"] if r["kind"] == "open"]
+    assert [r["n_adapters"] for r in sat] == [0, 1, 4] == [r["n_adapters"] for r in opened]
+    assert all(r["requests"] == 8 for r in sat) and sat[0]["ratio_to_base"] == 1.0
+    capacity = sat[0]["requests_per_s"]
+    assert all(r["rate"] == pytest.approx(0.5 * capacity) for r in opened)
     for r in doc["rows"]:
         assert r["requests"] > 0 and r["errors"] == 0, r
         assert finite(r["throughput_tok_s"], 0.0) and r["throughput_tok_s"] > 0
-        assert finite(r["ratio_to_base"], 0.0)
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
         assert 0 <= r["tpot_p50_ms"] <= r["tpot_p99_ms"]
         assert 0 < len(r["ttft_ms"]) <= r["requests"]
+        assert r["loads_in_step"] is not None and r["loads_ahead"] >= 0  # read from /metrics
+    assert finite(sat[2]["ratio_to_base"], 0.0)
     assert "N adapters" in report.serving(doc)
     assert png(out.with_suffix(".png"))
 

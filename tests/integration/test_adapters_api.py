@@ -272,12 +272,16 @@ def test_register_and_delete_race_requests_for_the_same_name(server, tmp_path):
     resolving it while DELETE runs; neither may fail the call or leave it served."""
     d = write_adapter(tmp_path / "racy", random_lora_tensors(12), base=server.base)
     statuses: list[int] = []
+    errors: list[BaseException] = []
     halt = threading.Event()
 
     def hammer() -> None:
-        with server.client() as h:
-            while not halt.is_set():
-                statuses.append(complete(h, "racy").status_code)
+        try:
+            with server.client() as h:
+                while not halt.is_set():
+                    statuses.append(complete(h, "racy").status_code)
+        except BaseException as e:  # shown by the assertion below, not lost in the thread
+            errors.append(e)
 
     thread = threading.Thread(target=hammer)
     thread.start()
@@ -290,5 +294,8 @@ def test_register_and_delete_race_requests_for_the_same_name(server, tmp_path):
                 assert "racy" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
     finally:
         halt.set()
-        thread.join(60)
+        # Longer than the unload's drain (120 s): a request aborted by it would answer first.
+        thread.join(150)
+    assert not thread.is_alive(), f"a request for 'racy' hung; answers so far: {statuses}"
+    assert not errors, errors
     assert set(statuses) <= {200, 404} and 200 in statuses and 404 in statuses

@@ -162,6 +162,39 @@ def test_256_adapters_in_random_order_match_peft(many_server, adapter_dirs, tiny
         torch.set_num_threads(threads)
 
 
+def scrape(client) -> dict[str, list]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_first_loads_went_ahead_and_service_levels_are_per_adapter(many_server):
+    """After the 512 requests above (run first): each was timed under a bounded set of adapter
+    labels, and each of the 254 first loads through the store resolver was read in the
+    background before vLLM's add_lora (which then did not read the files)."""
+    with many_server.client() as c:
+        metrics = scrape(c)
+    ttft = [
+        s
+        for s in metrics["vllm_lora_ext_adapter_time_to_first_token_seconds"]
+        if s.name.endswith("_count")
+    ]
+    labels = {s.labels["adapter"] for s in ttft}
+    assert sum(s.value for s in ttft) == 2 * N_ADAPTERS
+    assert "other" in labels and len(labels - {"other", "base"}) == 20  # the default top 20
+    tpot = metrics["vllm_lora_ext_adapter_time_per_output_token_seconds"]
+    assert sum(s.value for s in tpot if s.name.endswith("_count")) == 2 * N_ADAPTERS
+    loads = {
+        s.labels["path"]: s.value
+        for s in metrics["vllm_lora_ext_adapter_load_seconds"]
+        if s.name.endswith("_count")
+    }
+    assert loads["ahead"] >= N_ADAPTERS - len(PINNED), loads
+    resident = {s.labels["where"]: s.value for s in metrics["vllm_lora_ext_adapters_resident"]}
+    assert sum(resident.values()) == N_ADAPTERS and resident["disk"] >= N_ADAPTERS - MAX_CPU_LORAS
+
+
 def test_prefetch_and_pin_routes(many_server):
     with many_server.client() as c:
         cold = next(n for n, a in listed(c).items() if not a["cached"])

@@ -69,6 +69,9 @@ class FakeEngine:
     async def cached_names(self) -> set[str]:
         return set(self.loaded)
 
+    async def load_ahead_resolved(self, name: str) -> None:
+        pass
+
 
 def make_service(root: Path, engine: FakeEngine, **kw: Any) -> AdapterService:
     kw = {"max_rank": 16, "max_upload_bytes": 1 << 30} | kw

@@ -80,6 +80,9 @@ class FakeEngine:
     async def cached_names(self) -> set[str]:
         return set(self.loaded)
 
+    async def load_ahead_resolved(self, name: str) -> None:
+        pass
+
 
 @dataclass
 class FakeStats:

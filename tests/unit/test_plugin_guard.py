@@ -237,3 +237,37 @@ def test_slot_ranks_reach_the_wrapper_when_vllm_fills_a_slot() -> None:
     )  # fmt: skip
     assert LoRAModelManager.activate_adapter(manager, 7) is True
     assert manager.lora_index_to_id == [3, 7, None] and heard == [(1, 4)]
+
+
+def test_load_ahead_and_service_level_hook_points_exist() -> None:
+    """Loads ahead replace the body of ``_load_adapter`` (called by ``add_adapter`` in the step);
+    per-adapter TTFT/TPOT read a finished request's name and vLLM's timestamps."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
+    from vllm.v1.engine.output_processor import OutputProcessor, RequestState
+    from vllm.v1.metrics.stats import RequestStateStats
+
+    from vllm_lora_ext import plugin
+
+    plugin.patch_worker_lora_loading()
+    plugin.patch_request_service_levels()
+    load = WorkerLoRAManager._load_adapter
+    assert load._vllm_lora_ext
+    assert list(inspect.signature(load.__wrapped__).parameters) == ["self", "lora_request"]
+    assert "self._load_adapter(lora_request)" in inspect.getsource(
+        LRUCacheWorkerLoRAManager.add_adapter
+    )
+    assert "self.id = lora_model_id" in inspect.getsource(LoRAModel.__init__)
+    finished = OutputProcessor._update_stats_from_finished
+    assert finished._vllm_lora_ext
+    assert list(inspect.signature(finished.__wrapped__).parameters) == [
+        "self", "req_state", "finish_reason", "iteration_stats"
+    ]  # fmt: skip
+    assert "self.lora_name = " in inspect.getsource(RequestState.__init__)
+    fields = RequestStateStats.__dataclass_fields__
+    assert {
+        "first_token_latency",
+        "first_token_ts",
+        "last_token_ts",
+        "num_generation_tokens",
+    } <= set(fields)

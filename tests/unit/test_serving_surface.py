@@ -252,7 +252,7 @@ def test_inline_merges_can_be_turned_off():
     service = SimpleNamespace(
         inline_merges=False, names=set(), base=SimpleNamespace(aliases=["base"]),
         loaded_sha={}, engine=SimpleNamespace(loaded_names=set),
-        sync_with_store=lambda name: _nothing(),
+        sync_with_store=lambda name: _nothing(), load_ahead=lambda name: _nothing(),
     )  # fmt: skip
     app.state.lora_ext = service
     with TestClient(app) as client:

@@ -9,6 +9,8 @@ JSON documents) for its ``model``, then in this order:
 3. counts it per adapter and offers its prompt to a captured adapter's reservoir;
 4. admits it in the :class:`~.forwarding.ForwardTable` until its response ends, so that
    unloading an adapter waits for the requests that still need it.
+5. has its adapter read back into memory in the background if vLLM's CPU cache lost it
+   (:meth:`AdapterService.load_ahead`): the request waits for the disk, the batch does not.
 
 Step 2 comes before step 4: an unload started by this very request must not wait for it.
 vLLM's handler then gets the same body, replayed. ``GET /v1/models`` gets every adapter of the
@@ -119,6 +121,8 @@ class GenerationGateway:
             stats.observe_request(model, data)
         ticket = table.admit(model) if table is not None and isinstance(model, str) else None
         try:
+            if service is not None and isinstance(model, str):
+                await service.load_ahead(model)
             await self.app(scope, _replay(data, more, receive), send)
         finally:
             if ticket is not None:

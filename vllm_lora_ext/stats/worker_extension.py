@@ -45,6 +45,23 @@ class CaptureWorkerExtension:
 
         return pin_in_cpu_cache(self, lora_id)
 
+    def lora_ext_load_ahead(self, path: str, name: str) -> str:
+        """Start reading an adapter in the background (``adapters/load_ahead``)."""
+        from vllm_lora_ext.plugin import worker_load_ahead
+
+        return worker_load_ahead(self, path, name)
+
+    def lora_ext_load_state(self, path: str) -> str:
+        from vllm_lora_ext.plugin import worker_load_state
+
+        return worker_load_state(self, path)
+
+    def lora_ext_residency(self) -> dict:
+        """Adapter ids in a batch slot and in the CPU cache, and the load times."""
+        from vllm_lora_ext.plugin import worker_residency
+
+        return worker_residency(self)
+
     def lora_ext_capture_status(self) -> list[dict]:
         capture = capture_state.get()
         if capture is None:

@@ -46,6 +46,7 @@ class EngineAdapters(Protocol):
     async def prefetch(self, name: str, path: Path) -> None: ...  # into the CPU cache now
     async def pin(self, name: str) -> None: ...  # never evicted from the CPU cache
     async def cached_names(self) -> set[str]: ...
+    async def load_ahead_resolved(self, name: str) -> None: ...  # into memory, off the step
 
 
 class AdapterService:
@@ -202,6 +203,18 @@ class AdapterService:
             raise Refused("engine_rejected", f"vLLM could not load the adapter: {e}", 422) from e
         metrics.ADAPTER_LOADS.inc()
         self.note_loaded(record)
+
+    async def load_ahead(self, name: str) -> None:
+        """Before a request for ``name`` reaches the scheduler: if vLLM's CPU cache lost the
+        adapter, have it read back in the background now, so no engine step waits for the disk
+        (a first request's adapter is loaded ahead by the store resolver). Never fails the
+        request: a load that does not happen here happens in the step, as in vLLM."""
+        if name not in self.names:
+            return
+        try:
+            await self.engine.load_ahead_resolved(name)
+        except Exception:
+            logger.exception("vllm-lora-ext: loading %r ahead", name)
 
     async def prefetch(self, name: str) -> None:
         """Load a stored adapter into vLLM's CPU cache now, so its first request does not wait
