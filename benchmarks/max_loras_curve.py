@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.max_loras, args.n_adapters, args.max_cpu_loras = "2,4", 4, 8
         args.saturation_requests, args.concurrency = 8, 4
+        args.out = args.out or quick.out_dir("max_loras_curve") / "max_loras_curve.json"
     elif args.start is None:
         p.error("--start is required (or --quick)")
     return args
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.quick:
         report["note"] = quick.NOTE
-    out = args.out or (quick.out_dir("max_loras_curve") if args.quick else RESULTS)
-    out = out / "max_loras_curve.json" if out.suffix != ".json" else out
+    out = args.out or RESULTS / "max_loras_curve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, out.with_suffix(".png"))

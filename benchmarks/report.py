@@ -166,6 +166,22 @@ def serving(doc: dict) -> str:
     return out
 
 
+def max_loras_curve(doc: dict) -> str:
+    rows = [
+        [str(r["max_loras"]), f"{r['base_tok_s']:.1f}", f"{r['adapters_tok_s']:.1f}",
+         f"{r['ratio_to_base']:.2f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}"]
+        for r in doc["rows"]
+    ]  # fmt: skip
+    return (
+        f"{doc['model']} on `{doc['device']}`, {doc['n_adapters']} adapters (Zipf), closed "
+        "loop; a server per row, ratio to its own base.\n\n"
+        + table(
+            ["--max-loras", "base tok/s", "adapters tok/s", "ratio to base", "TTFT p50 / p99 ms"],
+            rows,
+        )
+    )
+
+
 def kernel_compile(doc: dict) -> str:
     rows = doc["rows"]
     built = [r for r in rows if r["built"]]
@@ -352,9 +368,16 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/eval_adapters.py --limit 100", adapters),
     ("cpu_serving.json", "CPU LoRA path, ours vs vLLM", "python benchmarks/cpu_serving.py",
      cpu_serving),
-    ("serving-cpu.json", "Serving many adapters, open-loop load",
-     "python benchmarks/serving.py --start <SmolLM2 dir> --serve-args '--max-loras 8 "
-     "--max-cpu-loras 64'", serving),
+    ("serving-cpu-before.json",
+     "Serving many adapters, before: 8 slots, adapters loaded in the engine step",
+     "VLLM_LORA_EXT_LOAD_AHEAD=false python benchmarks/serving.py --start <SmolLM2 dir> "
+     "--serve-args '--max-loras 8 --max-cpu-loras 64' --out "
+     "benchmarks/results/serving-cpu-before.json", serving),
+    ("serving-cpu.json", "Serving many adapters, now: the serve defaults, loads ahead",
+     "python benchmarks/serving.py --start <SmolLM2 dir> --serve-args '--max-cpu-loras 64'",
+     serving),
+    ("max_loras_curve.json", "Capacity against --max-loras (64 adapters)",
+     "python benchmarks/max_loras_curve.py --start <SmolLM2 dir>", max_loras_curve),
     ("merge_quality.json", "Merges, IterIS from live traffic vs PEFT",
      "python benchmarks/merge_quality.py --limit 60 --traffic 64 --iterations 3 --replay 16",
      merge_quality),

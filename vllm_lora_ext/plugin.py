@@ -55,6 +55,8 @@ def register() -> None:
     if current_platform.is_cpu():
         patch_cpu_lora_shrink()
         select_cpu_punica_wrapper(type(current_platform))
+        if Settings().cpu_punica == "ours":
+            patch_cpu_live_ranks()
         if Settings().cpu_punica == "lora_kernels":
             # Before any module of lora_kernels is imported: @triton.jit reads it then.
             os.environ["TRITON_INTERPRET"] = "1"
@@ -123,6 +125,41 @@ def patch_slot_ranks() -> None:
         return result
 
     activate_adapter._vllm_lora_ext = True  # type: ignore[attr-defined]
+    activate_adapter.__wrapped__ = original  # type: ignore[attr-defined]
+    LoRAModelManager.activate_adapter = activate_adapter
+
+
+def patch_cpu_live_ranks() -> None:
+    """When vLLM writes an adapter into a slot, note per module slice how many of the slot's
+    rank rows are live (``segment_ops.note_live_ranks``): the grouped CPU path then skips the
+    modules the adapter does not target and the padding up to ``--max-lora-rank``.
+
+    vLLM allocates every slot for every LoRA-capable module at ``max_lora_rank`` and fills the
+    rest with zeros; a rank-8 q/v adapter in a rank-16 slot of a Llama layer is 2 live slices of
+    7, at half their rank. ``activate_adapter`` is where vLLM's LoRA manager fills a slot.
+    """
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from vllm_lora_ext.cpu_lora.segment_ops import note_live_ranks
+
+    original = LoRAModelManager.activate_adapter
+    if getattr(original, "_vllm_lora_ext_live", False):
+        return
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        result = original(self, lora_id)
+        if result:  # False: already in a slot (vLLM calls this for every adapter every step)
+            index = self.lora_index_to_id.index(lora_id)
+            for module in self.modules.values():
+                a, b = (
+                    getattr(module, "lora_a_stacked", None),
+                    getattr(module, "lora_b_stacked", None),
+                )
+                if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+                    note_live_ranks(a, b, index)
+        return result
+
+    activate_adapter._vllm_lora_ext_live = True  # type: ignore[attr-defined]
     activate_adapter.__wrapped__ = original  # type: ignore[attr-defined]
     LoRAModelManager.activate_adapter = activate_adapter
 

@@ -95,7 +95,8 @@ def server_args(server) -> list[str]:
 
 @pytest.mark.parametrize(
     "script",
-    ["adaptive_merge", "cpu_serving", "eval_adapters", "hot_upgrade", "merge_quality",
+    ["adaptive_merge", "cpu_serving", "eval_adapters", "hot_upgrade", "max_loras_curve",
+     "merge_quality",
      "migration_ceilings", "migration_quality", "profile_cpu_lora", "train_adapters"],
 )  # fmt: skip
 def test_quick_writes_under_the_temporary_directory_by_default(script):
@@ -373,3 +374,18 @@ def test_profile_cpu_lora_and_cpu_serving_quick(tmp_path):
             other = "ours" if provider == "vllm" else "vllm"
             assert r[f"{other}_tok_s"] is None and r["base_tok_s"] is None
         assert png(tmp_path / "out" / f"cpu_serving-{provider}.png")
+
+
+@pytest.mark.slow
+def test_max_loras_curve_quick(tmp_path):
+    """Two servers of its own (2 and 4 slots) on the tiny Llama: a capacity row each."""
+    out = tmp_path / "out" / "max_loras_curve.json"
+    quick("max_loras_curve.py", tmp_path, "--out", str(out))
+    doc = load(out)
+    check_record(doc)
+    assert [r["max_loras"] for r in doc["rows"]] == [2, 4] and doc["n_adapters"] == 4
+    for r in doc["rows"]:
+        assert r["base_tok_s"] > 0 and r["adapters_tok_s"] > 0
+        assert finite(r["ratio_to_base"], 0.0) and r["loads_in_step"] is not None
+    assert "--max-loras" in report.max_loras_curve(doc)
+    assert png(out.with_suffix(".png"))

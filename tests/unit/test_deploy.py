@@ -26,6 +26,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from vllm_lora_ext import plugin
 from vllm_lora_ext.server import metrics
+from vllm_lora_ext.server.service_levels import AdapterServiceLevels
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -181,6 +182,9 @@ def _exposed_plugin_metrics() -> set[str]:
         if isinstance(value, MetricWrapperBase):  # the module's Counters and Gauges
             for family in value.describe():
                 names.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    for family in AdapterServiceLevels().collect():  # the per-adapter collector
+        suffixes = ("_bucket", "_count", "_sum") if family.type == "histogram" else ("",)
+        names.update(family.name + s for s in suffixes)
     return names
 
 

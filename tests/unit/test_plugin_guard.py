@@ -271,3 +271,24 @@ def test_load_ahead_and_service_level_hook_points_exist() -> None:
         "last_token_ts",
         "num_generation_tokens",
     } <= set(fields)
+
+
+def test_live_rank_hook_point_exists() -> None:
+    """vLLM fills a slot in ``activate_adapter`` (True only when it did) and keeps the stacked
+    weights as tuples on the module, the same tensors its punica wrapper is handed."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from vllm_lora_ext import plugin
+
+    plugin.patch_cpu_live_ranks()
+    patched = LoRAModelManager.activate_adapter
+    assert patched._vllm_lora_ext_live
+    original = patched.__wrapped__
+    while getattr(original, "__wrapped__", None) is not None:  # other patches of ours
+        original = original.__wrapped__
+    source = inspect.getsource(original)
+    assert "if lora_id in self._active_adapters:\n            return False" in source
+    assert "self.lora_index_to_id[index] = lora_model.id" in source
+    apply = inspect.getsource(inspect.unwrap(BaseLinearLayerWithLoRA._apply_lora_to_output))
+    assert "x, self.lora_a_stacked, self.lora_b_stacked" in apply

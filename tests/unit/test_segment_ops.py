@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vllm_lora_ext.cpu_lora.segment_ops import expand, group_tokens, lora_linear, shrink
+from vllm_lora_ext.cpu_lora.segment_ops import (
+    expand,
+    group_tokens,
+    lora_linear,
+    note_live_ranks,
+    shrink,
+)
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=3e-2)}
 HIDDEN, RANK, MAX_LORAS = 48, 8, 5
@@ -125,3 +133,54 @@ def test_agrees_with_vllm_torch_ops(case):
         lora_ops.bgmv_expand_slice(buf, b_pad, y_vllm, zero_slot, off, n, True)
         off += n
     torch.testing.assert_close(y_ours, y_vllm, atol=1e-5, rtol=1e-5)
+
+
+def padded_weights(ranks: list[list[int]], g: torch.Generator):
+    """Slots as vLLM fills them: slice s of slot i holds rank ``ranks[s][i]`` (0: a module the
+    adapter does not target), zeros up to RANK."""
+    a, b = weights(torch.float32, g)
+    for s, per_slot in enumerate(ranks):
+        for i, r in enumerate(per_slot):
+            a[s][i, 0, r:] = 0
+            b[s][i, 0, :, r:] = 0
+    return a, b
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, RANK), min_size=MAX_LORAS, max_size=MAX_LORAS),
+             min_size=len(SLICES), max_size=len(SLICES)),
+    st.lists(st.integers(-1, MAX_LORAS - 1), min_size=1, max_size=24),
+    st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_live_ranks_skip_padding_and_untargeted_modules_exactly(ranks, idx, seed):
+    """Noted per slot as vLLM activates it, the live ranks are the adapters' own, and the ops
+    that use them still equal the float64 reference on the padded weights."""
+    g = torch.Generator().manual_seed(seed)
+    lora_a, lora_b = padded_weights(ranks, g)
+    for slot in range(MAX_LORAS):
+        note_live_ranks(lora_a, lora_b, slot)
+    assert [a._lora_ext_live_ranks for a in lora_a] == ranks
+    x = torch.randn(len(idx), HIDDEN, generator=g)
+    y = torch.randn(len(idx), sum(SLICES), generator=g)
+    groups = group_tokens(torch.tensor(idx))
+    expected = reference(y, x, lora_a, lora_b, 0.5, idx)
+    fused = y.clone()
+    lora_linear(fused, x, lora_a, lora_b, 0.5, SLICES, groups)
+    torch.testing.assert_close(fused.double(), expected, **TOL[torch.float32])
+    buffers = torch.full((len(SLICES), len(idx), RANK), float("nan"))  # stale values
+    shrink(buffers, x, lora_a, 0.5, groups)
+    split = y.clone()
+    expand(split, buffers, lora_b, SLICES, groups)
+    torch.testing.assert_close(split.double(), expected, **TOL[torch.float32])
+
+
+def test_a_slot_filled_again_gets_its_new_rank():
+    g = torch.Generator().manual_seed(5)
+    lora_a, lora_b = padded_weights([[4] * MAX_LORAS] * len(SLICES), g)
+    note_live_ranks(lora_a, lora_b, 2)
+    assert lora_a[0]._lora_ext_live_ranks == [RANK, RANK, 4, RANK, RANK]  # others: not noted
+    lora_a[0][2, 0] = 0  # the next adapter in slot 2 does not target this module
+    note_live_ranks(lora_a, lora_b, 2)
+    assert lora_a[0]._lora_ext_live_ranks[2] == 0 and lora_b[0]._lora_ext_live_ranks[2] == 0
+    assert lora_a[1]._lora_ext_live_ranks[2] == 4

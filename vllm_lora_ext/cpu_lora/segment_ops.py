@@ -58,6 +58,36 @@ def group_tokens(indices: torch.Tensor) -> TokenGroups:
     return TokenGroups(tuple(segments_list), torch.tensor(order), len(idx))
 
 
+def note_live_ranks(
+    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slot: int
+) -> None:
+    """Record on each slice's stacked tensors how many leading rank rows of ``slot`` are live.
+
+    A slot holds ``max_rank`` rows for every module; an adapter of rank ``r`` fills ``r`` of
+    them and leaves the modules it does not target at zero. Row ``k`` adds
+    ``(x · A[k]) · B[:, k]``, nothing when ``A[k]`` or ``B[:, k]`` is zero, so computing only
+    up to the last live row is exact. Read by the ops below (``_live_rank``); a tensor never
+    noted is used whole.
+    """
+    for a, b in zip(lora_a, lora_b, strict=True):
+        if a.dim() != 4 or b.dim() != 4 or a.shape[2] != b.shape[3]:
+            continue
+        live = (a[slot, 0].abs().amax(dim=1) > 0) & (b[slot, 0].abs().amax(dim=0) > 0)
+        rows = torch.nonzero(live)
+        rank = int(rows[-1]) + 1 if len(rows) else 0
+        ranks = getattr(a, "_lora_ext_live_ranks", None)
+        if ranks is None:
+            ranks = [a.shape[2]] * a.shape[0]
+            a._lora_ext_live_ranks = ranks  # type: ignore[attr-defined]
+            b._lora_ext_live_ranks = ranks  # type: ignore[attr-defined]
+        ranks[slot] = rank
+
+
+def _live_rank(stacked: torch.Tensor, slot: int, full: int) -> int:
+    ranks = getattr(stacked, "_lora_ext_live_ranks", None)
+    return full if ranks is None else ranks[slot]
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # .to() is a no-op for a matching dtype but still costs a dispatch; this is the hot loop.
     return t if t.dtype == dtype else t.to(dtype)
@@ -103,9 +133,14 @@ def shrink(
         xs = _as(gathered, buf.dtype)
         out = buf if groups.perm is None else buf.new_empty(len(groups.perm), buf.shape[-1])
         for slot, rows in groups.segments:
-            torch.mm(xs[rows], _as(a[slot, 0], buf.dtype).t(), out=out[rows])
+            r = _live_rank(a, slot, a.shape[2])
+            if r < out.shape[-1]:
+                out[rows, r:] = 0
+            if r == 0:
+                continue
+            torch.mm(xs[rows], _as(a[slot, 0, :r], buf.dtype).t(), out=out[rows, :r])
             if scale != 1.0:
-                out[rows] *= scale
+                out[rows, :r] *= scale
         _scatter(buf, out, groups, add=False)
 
 
@@ -130,11 +165,16 @@ def expand(
         bs = _as(_gather(buffers[s], groups), y.dtype)
         for slot, rows in groups.segments:
             region = target[rows, offset : offset + size]
-            b_t = _weight(b, slot, size, y.dtype).t()
+            r = _live_rank(b, slot, b.shape[3])
+            if r == 0:
+                if not (add_inputs or groups.perm is not None):
+                    region.zero_()
+                continue
+            b_t = _weight(b, slot, size, y.dtype)[:, :r].t()
             if add_inputs or groups.perm is not None:
-                region.addmm_(bs[rows], b_t)
+                region.addmm_(bs[rows, :r], b_t)
             else:
-                torch.mm(bs[rows], b_t, out=region)
+                torch.mm(bs[rows, :r], b_t, out=region)
         offset += size
     if groups.perm is not None:
         _scatter(y[:, cols], target, groups, add=add_inputs)
@@ -162,10 +202,13 @@ def lora_linear(
     offset = 0
     for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
         for slot, rows in groups.segments:
-            xa = torch.mm(xs[rows], _as(a[slot, 0], f32).t())
+            r = _live_rank(a, slot, a.shape[2])
+            if r == 0:  # a module this adapter does not target
+                continue
+            xa = torch.mm(xs[rows], _as(a[slot, 0, :r], f32).t())
             if scale != 1.0:
                 xa *= scale
-            b_t = _weight(b, slot, size, y.dtype).t()
+            b_t = _weight(b, slot, size, y.dtype)[:, :r].t()
             target[rows, offset : offset + size].addmm_(_as(xa, y.dtype), b_t)
         offset += size
     _scatter(y, target, groups, add=True)
