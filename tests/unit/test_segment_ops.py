@@ -63,9 +63,10 @@ def test_group_tokens_interleaved_sorts_by_slot_and_skips_none():
     assert group_tokens(torch.tensor([], dtype=torch.long)).empty
 
 
+@pytest.mark.parametrize("gather", [False, True, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", sorted(INDEX_CASES))
-def test_lora_linear_matches_float64_reference(case, dtype):
+def test_lora_linear_matches_float64_reference(case, dtype, gather):
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     idx = INDEX_CASES[case]
     x = torch.randn(len(idx), HIDDEN, generator=g).to(dtype)
@@ -73,7 +74,7 @@ def test_lora_linear_matches_float64_reference(case, dtype):
     lora_a, lora_b = weights(dtype, g)
     expected = reference(y, x, lora_a, lora_b, 0.5, idx)
     before = y.clone()
-    lora_linear(y, x, lora_a, lora_b, 0.5, SLICES, group_tokens(torch.tensor(idx)))
+    lora_linear(y, x, lora_a, lora_b, 0.5, SLICES, group_tokens(torch.tensor(idx)), gather)
     torch.testing.assert_close(y.double(), expected, **TOL[dtype])
     none = torch.tensor(idx) < 0
     assert torch.equal(y[none], before[none]), "rows without an adapter must be untouched"
@@ -165,9 +166,12 @@ def test_live_ranks_skip_padding_and_untargeted_modules_exactly(ranks, idx, seed
     y = torch.randn(len(idx), sum(SLICES), generator=g)
     groups = group_tokens(torch.tensor(idx))
     expected = reference(y, x, lora_a, lora_b, 0.5, idx)
-    fused = y.clone()
-    lora_linear(fused, x, lora_a, lora_b, 0.5, SLICES, groups)
-    torch.testing.assert_close(fused.double(), expected, **TOL[torch.float32])
+    for gather in (False, True):
+        fused = y.clone()
+        lora_linear(fused, x, lora_a, lora_b, 0.5, SLICES, groups, gather)
+        torch.testing.assert_close(fused.double(), expected, **TOL[torch.float32])
+        none = torch.tensor(idx) < 0
+        assert torch.equal(fused[none], y[none])
     buffers = torch.full((len(SLICES), len(idx), RANK), float("nan"))  # stale values
     shrink(buffers, x, lora_a, 0.5, groups)
     split = y.clone()
@@ -184,3 +188,29 @@ def test_a_slot_filled_again_gets_its_new_rank():
     note_live_ranks(lora_a, lora_b, 2)
     assert lora_a[0]._lora_ext_live_ranks[2] == 0 and lora_b[0]._lora_ext_live_ranks[2] == 0
     assert lora_a[1]._lora_ext_live_ranks[2] == 4
+
+
+def test_decode_of_many_adapters_goes_the_gathered_way_prefill_the_grouped_way():
+    decode = group_tokens(torch.tensor([0, 3, 1, 4, 2, 0, -1, 3]))
+    prefill = group_tokens(torch.tensor([0] * 40 + [1] * 30 + [2] * 9 + [3] * 20))
+    few = group_tokens(torch.tensor([0, 1, 0, 1]))
+    assert decode.many_small and not prefill.many_small and not few.many_small
+    positions, slots = decode.row_slots
+    assert sorted(positions.tolist()) == [0, 1, 2, 3, 4, 5, 7]
+    idx = [0, 3, 1, 4, 2, 0, -1, 3]
+    assert [idx[p] for p in positions.tolist()] == slots.tolist()
+
+
+@pytest.mark.parametrize("case", ["interleaved-decode", "ragged-segments"])
+def test_gathered_way_falls_back_per_slice_past_its_memory_bound(case, monkeypatch):
+    from vllm_lora_ext.cpu_lora import segment_ops
+
+    monkeypatch.setattr(segment_ops, "GATHER_MAX_BYTES", 0)
+    g = torch.Generator().manual_seed(21)
+    idx = INDEX_CASES[case]
+    x = torch.randn(len(idx), HIDDEN, generator=g)
+    y = torch.randn(len(idx), sum(SLICES), generator=g)
+    lora_a, lora_b = weights(torch.float32, g)
+    expected = reference(y, x, lora_a, lora_b, 0.5, idx)
+    lora_linear(y, x, lora_a, lora_b, 0.5, SLICES, group_tokens(torch.tensor(idx)), True)
+    torch.testing.assert_close(y.double(), expected, **TOL[torch.float32])

@@ -11,10 +11,15 @@ Weights use vLLM's stacked layout: ``lora_a[slot, 0]`` is ``[rank, in]``, ``lora
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+GATHER_MIN_GROUPS = 4
+GATHER_TOKENS_PER_GROUP = 4
+GATHER_MAX_BYTES = 32 << 20  # per module slice: larger copies go the grouped way
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,29 @@ class TokenGroups:
     @property
     def empty(self) -> bool:
         return not self.segments
+
+    @functools.cached_property
+    def row_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch positions, slot) of every adapter token in grouped order, for the gathered
+        path; computed once per batch, on first use."""
+        if self.perm is not None:
+            positions = self.perm
+        else:
+            positions = torch.cat([torch.arange(r.start, r.stop) for _, r in self.segments])
+        sizes = torch.tensor([r.stop - r.start for _, r in self.segments])
+        slots = torch.repeat_interleave(torch.tensor([s for s, _ in self.segments]), sizes)
+        return positions, slots
+
+    @property
+    def many_small(self) -> bool:
+        """Many adapters with few tokens each (decode of a mixed batch): one gathered batched
+        matmul per module beats one small matmul per adapter, each a few µs of dispatch."""
+        n = len(self.segments)
+        return n >= GATHER_MIN_GROUPS and self.adapter_tokens <= GATHER_TOKENS_PER_GROUP * n
+
+    @functools.cached_property
+    def adapter_tokens(self) -> int:
+        return sum(r.stop - r.start for _, r in self.segments)
 
 
 def group_tokens(indices: torch.Tensor) -> TokenGroups:
@@ -188,27 +216,68 @@ def lora_linear(
     scale: float,
     output_slices: Sequence[int],
     groups: TokenGroups,
+    gather: bool | None = None,
 ) -> None:
     """``y[t, slice s] += scale * (x[t] @ A_s[i].T) @ B_s[i].T`` for ``i = idx[t] >= 0``.
 
-    Shrink in float32 (as vLLM's buffer), expand in ``y``'s dtype; the rank-sized intermediate
-    stays per group, and interleaved tokens are gathered once and scattered once per call.
+    Shrink in float32 (as vLLM's buffer), expand in ``y``'s dtype. Each slot is computed at its
+    live rank; a module no adapter of the batch targets costs nothing. Two ways, same result:
+    grouped (one matmul per adapter: prefill, few adapters) or gathered (each token's weights
+    copied, one batched matmul per module slice: decode with many adapters; ``gather`` forces
+    one or the other).
     """
     if groups.empty:
         return
+    ranks = [[_live_rank(a, slot, a.shape[2]) for slot, _ in groups.segments] for a in lora_a]
+    if not any(any(per) for per in ranks):
+        return
+    if gather is None:
+        gather = groups.many_small
     f32 = torch.float32
-    xs = _as(_gather(x, groups), f32)
+    xs = _as(_gather(x, groups), f32) if not gather else None
     target = y if groups.perm is None else y.new_zeros(len(groups.perm), y.shape[1])
+    if gather:
+        positions, slots = groups.row_slots
+        xs = _as(x.index_select(0, positions), f32)
+        target = y.new_zeros(len(positions), y.shape[1])
     offset = 0
-    for a, b, size in zip(lora_a, lora_b, output_slices, strict=True):
-        for slot, rows in groups.segments:
-            r = _live_rank(a, slot, a.shape[2])
-            if r == 0:  # a module this adapter does not target
-                continue
-            xa = torch.mm(xs[rows], _as(a[slot, 0, :r], f32).t())
+    for a, b, size, per in zip(lora_a, lora_b, output_slices, ranks, strict=True):
+        rmax = max(per)
+        if rmax == 0:  # a module this batch's adapters do not target
+            offset += size
+            continue
+        fits = len(xs) * rmax * (a.shape[3] + size) * 4 <= GATHER_MAX_BYTES
+        if gather and fits:
+            # Padding rows past a slot's own rank are zero in A and B: exact.
+            w_a = _as(a[:, 0, :rmax].index_select(0, slots), f32)  # [T, r, in]
+            xa = torch.bmm(w_a, xs.unsqueeze(2))  # [T, r, 1]
             if scale != 1.0:
                 xa *= scale
-            b_t = _weight(b, slot, size, y.dtype)[:, :r].t()
-            target[rows, offset : offset + size].addmm_(_as(xa, y.dtype), b_t)
+            w_b = _as(b[:, 0, :size, :rmax].index_select(0, slots), y.dtype)  # [T, out, r]
+            target[:, offset : offset + size] += torch.bmm(w_b, _as(xa, y.dtype)).squeeze(2)
+        else:
+            for (slot, rows), r in zip(_rows(groups, gather), per, strict=True):
+                if r == 0:  # a module this adapter does not target
+                    continue
+                xa = torch.mm(xs[rows], _as(a[slot, 0, :r], f32).t())
+                if scale != 1.0:
+                    xa *= scale
+                b_t = _weight(b, slot, size, y.dtype)[:, :r].t()
+                target[rows, offset : offset + size].addmm_(_as(xa, y.dtype), b_t)
         offset += size
-    _scatter(y, target, groups, add=True)
+    if gather:
+        y.index_add_(0, groups.row_slots[0], target)
+    else:
+        _scatter(y, target, groups, add=True)
+
+
+def _rows(groups: TokenGroups, gathered: bool) -> Sequence[tuple[int, slice]]:
+    """Segments as row ranges of the gathered order (``row_slots``) or of ``_gather``'s."""
+    if not gathered or groups.perm is not None:
+        return groups.segments
+    out, first = [], 0
+    for slot, rows in groups.segments:
+        n = rows.stop - rows.start
+        out.append((slot, slice(first, first + n)))
+        first += n
+    return out
