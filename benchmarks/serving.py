@@ -35,6 +35,7 @@ import asyncio
 import json
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -271,6 +272,15 @@ async def run_closed(url: str, plan: list[tuple], concurrency: int) -> tuple[lis
     return outcomes, t0
 
 
+def service_level_lines(url: str) -> list[str]:
+    """The per-adapter series of the server's ``/metrics`` at the end of the run (an example
+    scrape, kept in the results)."""
+    with httpx.Client(base_url=url, timeout=60, headers=headers()) as client:
+        text = client.get("/metrics").text
+    keep = ("vllm_lora_ext_adapter", "vllm_lora_ext_adapters_resident")
+    return [line for line in text.splitlines() if line.startswith(keep)]
+
+
 def worker_loads(client: httpx.Client) -> dict[str, float] | None:
     """The worker's adapter loads so far, from ``/metrics`` (None on a server without them)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -360,7 +370,8 @@ def plot(report: dict, path: Path) -> None:
     sat = sorted((r for r in rows if r["kind"] == "saturation"), key=lambda r: r["n_adapters"])
     adapters = [r for r in sat if r["n_adapters"] > 0]
     left.plot([r["n_adapters"] for r in adapters], [r["throughput_tok_s"] for r in adapters], "o-")
-    left.axhline(sat[0]["throughput_tok_s"], ls=":", color="gray", label="base only")
+    base = [r["throughput_tok_s"] for r in sat if r["n_adapters"] == 0]
+    left.axhline(sum(base) / len(base), ls=":", color="gray", label="base only (mean of runs)")
     left.set_xscale("log", base=2)
     left.set(xlabel="adapters (N)", ylabel="output tokens/s", title="capacity (closed loop)")
     left.legend()
@@ -396,18 +407,23 @@ def measure(args, base_name: str, names: list[str]) -> list[dict]:
         return r
 
     count = args.saturation_requests
-    for n in [0, *_ints(args.n_adapters)]:
+    # The base runs first and again last: the machine's speed drifts, and the ratio of each N
+    # is to the mean of the two.
+    for n in [0, *_ints(args.n_adapters), 0]:
         models = [base_name] if n == 0 else names[:n]
         weights = [1.0] if n == 0 else popularity(n, args.popularity, args.zipf_s)
         plan = schedule(models, weights, 1.0, args, duration=float("inf"), count=count)
         before = worker_loads(client)
         r = row("saturation", n, asyncio.run(run_closed(args.url, plan, args.concurrency)), before)
-        base = rows[0]
-        r["ratio_to_base"] = r["throughput_tok_s"] / base["throughput_tok_s"]
         r["requests_per_s"] = r["requests"] / r["span_s"]
-        print(f"saturation N={n}: {r['throughput_tok_s']:.1f} tok/s ({r['ratio_to_base']:.2f}x "
-              f"base), in-step loads {r['loads_in_step']}", flush=True)  # fmt: skip
-    capacity = rows[0]["requests_per_s"]
+        r["repeat"] = n == 0 and len(rows) > 1
+    sat = [r for r in rows if r["kind"] == "saturation"]
+    base = statistics.mean(r["throughput_tok_s"] for r in sat if r["n_adapters"] == 0)
+    for r in sat:
+        r["ratio_to_base"] = r["throughput_tok_s"] / base
+        n, tok_s, ratio = r["n_adapters"], r["throughput_tok_s"], r["ratio_to_base"]
+        print(f"saturation N={n}: {tok_s:.1f} tok/s ({ratio:.2f}x base)", flush=True)
+    capacity = statistics.mean(r["requests_per_s"] for r in sat if r["n_adapters"] == 0)
     rates = _floats(args.rates) or [f * capacity for f in _floats(args.rate_fractions)]
     for rate in rates:
         for n in [0, *_ints(args.n_adapters)]:
@@ -446,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = [base_name, *names[:8]]
         asyncio.run(run_load(args.url, schedule(warm, [1.0] * len(warm), 4.0, args, args.warmup)))
         rows = measure(args, base_name, names)
+        scrape = service_level_lines(args.url)
     finally:
         if server is not None:
             server.stop()
@@ -457,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model_dir.name,
         "settings": {k: v for k, v in vars(args).items() if isinstance(v, str | int | float)},
         "rows": rows,
+        "metrics_sample": scrape,
         "quick": args.quick,
         "run": run_record(args),
     }

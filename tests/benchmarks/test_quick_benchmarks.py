@@ -235,9 +235,11 @@ def test_serving_quick(tmp_path, on_server):
     assert doc["model"] == "tiny-llama"
     sat = [r for r in doc["rows"] if r["kind"] == "saturation"]
     opened = [r for r in doc["rows"] if r["kind"] == "open"]
-    assert [r["n_adapters"] for r in sat] == [0, 1, 4] == [r["n_adapters"] for r in opened]
-    assert all(r["requests"] == 8 for r in sat) and sat[0]["ratio_to_base"] == 1.0
-    capacity = sat[0]["requests_per_s"]
+    assert [r["n_adapters"] for r in sat] == [0, 1, 4, 0] and sat[3]["repeat"]
+    assert [r["n_adapters"] for r in opened] == [0, 1, 4]
+    assert all(r["requests"] == 8 for r in sat)
+    assert sat[0]["ratio_to_base"] + sat[3]["ratio_to_base"] == pytest.approx(2.0)
+    capacity = (sat[0]["requests_per_s"] + sat[3]["requests_per_s"]) / 2
     assert all(r["rate"] == pytest.approx(0.5 * capacity) for r in opened)
     for r in doc["rows"]:
         assert r["requests"] > 0 and r["errors"] == 0, r
@@ -247,6 +249,9 @@ def test_serving_quick(tmp_path, on_server):
         assert 0 < len(r["ttft_ms"]) <= r["requests"]
         assert r["loads_in_step"] is not None and r["loads_ahead"] >= 0  # read from /metrics
     assert finite(sat[2]["ratio_to_base"], 0.0)
+    scraped = "\n".join(doc["metrics_sample"])
+    assert 'vllm_lora_ext_adapter_time_to_first_token_seconds_count{adapter="base"}' in scraped
+    assert 'vllm_lora_ext_adapters_resident{where="slot"}' in scraped
     assert "N adapters" in report.serving(doc)
     assert png(out.with_suffix(".png"))
 
