@@ -133,8 +133,15 @@ def serving(doc: dict) -> str:
     rows = doc["rows"]
     if "kind" not in rows[0]:  # a result from before the saturation rows
         rows = [{**r, "kind": "open", "rate_fraction": None} for r in rows]
+
+    def ratio(r):
+        low_high = r.get("ratio_range")
+        if low_high is None:
+            return f"{r['ratio_to_base']:.2f}"
+        return f"{r['ratio_to_base']:.2f} ({low_high[0]:.2f} to {low_high[1]:.2f})"
+
     sat = [
-        [str(r["n_adapters"]), f"{r['throughput_tok_s']:.1f}", f"{r['ratio_to_base']:.2f}",
+        [str(r["n_adapters"]), f"{r['throughput_tok_s']:.1f}", ratio(r),
          f"{ms(r['ttft_p50_ms'])} / {ms(r['ttft_p99_ms'])}", loads(r), str(r["errors"])]
         for r in rows if r["kind"] == "saturation"
     ]  # fmt: skip
@@ -148,6 +155,8 @@ def serving(doc: dict) -> str:
     out = f"{doc['model']} on `{doc['device']}`, `{doc['settings'].get('serve_args', '')}`.\n\n"
     if sat:
         out += "Capacity (closed loop, " + f"{doc['settings'].get('concurrency')} in flight):\n\n"
+        out += "Ratios are to the mean of the base runs (first and last); in brackets, to the "
+        out += "faster and the slower of them: how far the machine's drift alone moves it.\n\n"
         out += table(["N adapters", "tok/s", "ratio to base", "TTFT p50 / p99 ms",
                       "loads ahead / in step (stall)", "errors"], sat) + "\n\n"  # fmt: skip
     out += "Open loop (rate: req/s, share of the base's capacity):\n\n" + table(
@@ -166,15 +175,22 @@ def serving(doc: dict) -> str:
     return out
 
 
+def _range(r: dict) -> list[float]:
+    """The ratio against the faster and the slower base run of the row's server."""
+    return [r["adapters_tok_s"] / b for b in r["base_runs_tok_s"]]
+
+
 def max_loras_curve(doc: dict) -> str:
     rows = [
         [str(r["max_loras"]), f"{r['base_tok_s']:.1f}", f"{r['adapters_tok_s']:.1f}",
-         f"{r['ratio_to_base']:.2f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}"]
+         f"{r['ratio_to_base']:.2f} ({min(_range(r)):.2f} to {max(_range(r)):.2f})",
+         f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}"]
         for r in doc["rows"]
     ]  # fmt: skip
     return (
         f"{doc['model']} on `{doc['device']}`, {doc['n_adapters']} adapters (Zipf), closed "
-        "loop; a server per row, ratio to its own base.\n\n"
+        "loop; a server per row; ratio to the mean of its two base runs (first and last), in "
+        "brackets to the faster and the slower of them.\n\n"
         + table(
             ["--max-loras", "base tok/s", "adapters tok/s", "ratio to base", "TTFT p50 / p99 ms"],
             rows,

@@ -418,9 +418,12 @@ def measure(args, base_name: str, names: list[str]) -> list[dict]:
         r["requests_per_s"] = r["requests"] / r["span_s"]
         r["repeat"] = n == 0 and len(rows) > 1
     sat = [r for r in rows if r["kind"] == "saturation"]
-    base = statistics.mean(r["throughput_tok_s"] for r in sat if r["n_adapters"] == 0)
+    bases = [r["throughput_tok_s"] for r in sat if r["n_adapters"] == 0]
+    base = statistics.mean(bases)
     for r in sat:
         r["ratio_to_base"] = r["throughput_tok_s"] / base
+        # Against the faster and the slower base run: how far the drift alone moves the ratio.
+        r["ratio_range"] = [r["throughput_tok_s"] / max(bases), r["throughput_tok_s"] / min(bases)]
         n, tok_s, ratio = r["n_adapters"], r["throughput_tok_s"], r["ratio_to_base"]
         print(f"saturation N={n}: {tok_s:.1f} tok/s ({ratio:.2f}x base)", flush=True)
     capacity = statistics.mean(r["requests_per_s"] for r in sat if r["n_adapters"] == 0)

@@ -249,6 +249,8 @@ def test_serving_quick(tmp_path, on_server):
         assert 0 < len(r["ttft_ms"]) <= r["requests"]
         assert r["loads_in_step"] is not None and r["loads_ahead"] >= 0  # read from /metrics
     assert finite(sat[2]["ratio_to_base"], 0.0)
+    low, high = sat[2]["ratio_range"]
+    assert low <= sat[2]["ratio_to_base"] <= high
     scraped = "\n".join(doc["metrics_sample"])
     assert 'vllm_lora_ext_adapter_time_to_first_token_seconds_count{adapter="base"}' in scraped
     assert 'vllm_lora_ext_adapters_resident{where="slot"}' in scraped
