@@ -152,7 +152,8 @@ def serving(doc: dict) -> str:
          f"{ms(r['tpot_p50_ms'])} / {ms(r['tpot_p99_ms'])}", loads(r), str(r["errors"])]
         for r in rows if r["kind"] == "open"
     ]  # fmt: skip
-    out = f"{doc['model']} on `{doc['device']}`, `{doc['settings'].get('serve_args', '')}`.\n\n"
+    out = f"{doc['model']} on `{doc['device']}`, `{doc['settings'].get('serve_args', '')}`."
+    out += f" {doc['run_note']}\n\n" if doc.get("run_note") else "\n\n"
     if sat:
         out += "Capacity (closed loop, " + f"{doc['settings'].get('concurrency')} in flight):\n\n"
         out += "Ratios are to the mean of the base runs (first and last); in brackets, to the "
@@ -172,6 +173,15 @@ def serving(doc: dict) -> str:
         out += table(["decile", "requests", "TTFT p50 ms", "TTFT p99 ms"],
                      [[str(d["decile"]), str(d["requests"]), ms(d["ttft_p50_ms"]),
                        ms(d["ttft_p99_ms"])] for d in r["ttft_by_decile"]])  # fmt: skip
+        counted = [d for d in r["ttft_by_decile"] if d["requests"] >= 5]
+        if len(counted) > 1:
+            worst = max(counted, key=lambda d: d["ttft_p99_ms"])
+            bound = worst["ttft_p99_ms"] / counted[0]["ttft_p99_ms"]
+            out += (
+                f"\n\nWorst decile's TTFT p99 over the most popular decile's: {bound:.2f} "
+                f"(decile {worst['decile']}; "
+                "deciles with fewer than 5 requests are not counted)."
+            )
     return out
 
 
@@ -392,6 +402,11 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("serving-cpu.json", "Serving many adapters, now: the serve defaults, loads ahead",
      "python benchmarks/serving.py --start <SmolLM2 dir> --serve-args '--max-cpu-loras 64'",
      serving),
+    ("serving-cpu-no-load-ahead.json",
+     "Serving 256 adapters over a 64-place CPU cache, loads in the engine step (no load ahead)",
+     "VLLM_LORA_EXT_LOAD_AHEAD=false python benchmarks/serving.py --start <SmolLM2 dir> "
+     "--serve-args '--max-cpu-loras 64' --n-adapters 256 --rate-fractions 0.75 --out "
+     "benchmarks/results/serving-cpu-no-load-ahead.json", serving),
     ("max_loras_curve.json", "Capacity against --max-loras (64 adapters)",
      "python benchmarks/max_loras_curve.py --start <SmolLM2 dir>", max_loras_curve),
     ("merge_quality.json", "Merges, IterIS from live traffic vs PEFT",

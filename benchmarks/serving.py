@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-args", default="", help="with --start: extra `serve` arguments")
     p.add_argument("--device", help="device label for the results (default: this machine's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="free text kept in the results (e.g. which code)")
     p.add_argument("--out", type=Path, help="JSON path (default results/serving-<device>.json)")
     p.add_argument(
         "--quick",
@@ -478,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if isinstance(v, str | int | float)},
         "rows": rows,
         "metrics_sample": scrape,
+        "run_note": args.note,
         "quick": args.quick,
         "run": run_record(args),
     }
