@@ -407,13 +407,17 @@ def measure(args, base_name: str, names: list[str]) -> list[dict]:
         rows.append(r)
         return r
 
+    def population(n: int) -> tuple[list[str], list[float]]:
+        """The models of an N row and their popularity (N = 0: the base alone)."""
+        if n == 0:
+            return [base_name], [1.0]
+        return names[:n], popularity(n, args.popularity, args.zipf_s)
+
     count = args.saturation_requests
     # The base runs first and again last: the machine's speed drifts, and the ratio of each N
     # is to the mean of the two.
     for n in [0, *_ints(args.n_adapters), 0]:
-        models = [base_name] if n == 0 else names[:n]
-        weights = [1.0] if n == 0 else popularity(n, args.popularity, args.zipf_s)
-        plan = schedule(models, weights, 1.0, args, duration=float("inf"), count=count)
+        plan = schedule(*population(n), 1.0, args, duration=float("inf"), count=count)
         before = worker_loads(client)
         r = row("saturation", n, asyncio.run(run_closed(args.url, plan, args.concurrency)), before)
         r["requests_per_s"] = r["requests"] / r["span_s"]
@@ -431,9 +435,7 @@ def measure(args, base_name: str, names: list[str]) -> list[dict]:
     rates = _floats(args.rates) or [f * capacity for f in _floats(args.rate_fractions)]
     for rate in rates:
         for n in [0, *_ints(args.n_adapters)]:
-            models = [base_name] if n == 0 else names[:n]
-            weights = [1.0] if n == 0 else popularity(n, args.popularity, args.zipf_s)
-            plan = schedule(models, weights, rate, args)
+            plan = schedule(*population(n), rate, args)
             before = worker_loads(client)
             r = row("open", n, asyncio.run(run_load(args.url, plan)), before, rate=rate,
                     rate_fraction=rate / capacity)  # fmt: skip

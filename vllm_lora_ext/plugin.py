@@ -55,9 +55,10 @@ def register() -> None:
     if current_platform.is_cpu():
         patch_cpu_lora_shrink()
         select_cpu_punica_wrapper(type(current_platform))
-        if Settings().cpu_punica == "ours":
+        cpu_punica = Settings().cpu_punica
+        if cpu_punica == "ours":
             patch_cpu_live_ranks()
-        if Settings().cpu_punica == "lora_kernels":
+        if cpu_punica == "lora_kernels":
             # Before any module of lora_kernels is imported: @triton.jit reads it then.
             os.environ["TRITON_INTERPRET"] = "1"
             patch_slot_ranks()
@@ -437,7 +438,7 @@ class VllmEngineAdapters:
         """:meth:`load_ahead` for an adapter vLLM resolved before (a first request's adapter
         is loaded ahead by the store resolver instead)."""
         request = self.serving_models.lora_requests.get(name)
-        if request is not None and request.lora_path not in self.resident_paths:
+        if request is not None:
             await self.load_ahead(name, request.lora_path)
 
     async def residency(self) -> dict[str, Any]:
@@ -559,11 +560,9 @@ def _store_resolver(service: Any, engine: VllmEngineAdapters) -> Any:
                 logger.warning("vllm-lora-ext: cannot serve %r: %s", lora_name, e.message)
                 return None
             metrics.ADAPTER_LOADS.inc()
-            # Read in the background, so vLLM's add_lora below does not stall the engine.
-            try:
-                await engine.load_ahead(lora_name, str(path))
-            except Exception:
-                logger.exception("vllm-lora-ext: loading %r ahead", lora_name)
+            # Read in the background, so vLLM's add_lora below does not stall the engine
+            # (never raises: a load that does not happen ahead happens in add_lora).
+            await engine.load_ahead(lora_name, str(path))
             # vLLM assigns the real int id after resolution.
             return LoRARequest(lora_name, 1, str(path))
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_lora_ext.adapters.load_ahead import LOAD_BUCKETS, AheadLoader, LoadTimes
+from vllm_lora_ext.adapters.load_ahead import LOAD_BUCKETS, AheadLoader
+from vllm_lora_ext.histogram import Histogram
 
 
 class Disk:
@@ -93,7 +94,7 @@ def test_finished_loads_beyond_the_bound_are_dropped_oldest_first():
 
 @given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=50))
 def test_load_times_are_a_cumulative_histogram_of_what_was_observed(values):
-    times = LoadTimes()
+    times = Histogram(LOAD_BUCKETS)
     for v in values:
         times.observe(v)
     assert times.count == len(values) and times.sum == pytest.approx(sum(values))

@@ -14,7 +14,6 @@ vLLM's int id, which a first request only gets after it is resolved. Plain Pytho
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import threading
 import time
@@ -23,27 +22,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from vllm_lora_ext.histogram import Histogram
+
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Seconds (Prometheus ``le`` bounds) of the load-latency histograms."""
-
-
-class LoadTimes:
-    """A cumulative histogram in plain numbers, so it crosses ``collective_rpc`` as a dict."""
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LOAD_BUCKETS) + 1)  # the last one: +Inf
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.sum += seconds
-        self.counts[bisect.bisect_left(LOAD_BUCKETS, seconds)] += 1  # le: seconds <= bound
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "sum": self.sum}
 
 
 class AheadLoader:
@@ -60,9 +42,9 @@ class AheadLoader:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lora-ext-load-ahead")
         self._pending: OrderedDict[str, Future] = OrderedDict()
         self._lock = threading.Lock()
-        self.ahead = LoadTimes()
+        self.ahead = Histogram(LOAD_BUCKETS)
         """Loads done in the background thread."""
-        self.in_step = LoadTimes()
+        self.in_step = Histogram(LOAD_BUCKETS)
         """Time an engine step (or ``add_lora``) spent loading: files read on the request path,
         or waiting for a background load that had not finished."""
 

@@ -234,20 +234,21 @@ def lora_linear(
     if gather is None:
         gather = groups.many_small
     f32 = torch.float32
-    xs = _as(_gather(x, groups), f32) if not gather else None
-    target = y if groups.perm is None else y.new_zeros(len(groups.perm), y.shape[1])
     if gather:
         positions, slots = groups.row_slots
         xs = _as(x.index_select(0, positions), f32)
         target = y.new_zeros(len(positions), y.shape[1])
+    else:
+        xs = _as(_gather(x, groups), f32)
+        target = y if groups.perm is None else y.new_zeros(len(groups.perm), y.shape[1])
+    segments = _rows(groups, gather)
     offset = 0
     for a, b, size, per in zip(lora_a, lora_b, output_slices, ranks, strict=True):
         rmax = max(per)
         if rmax == 0:  # a module this batch's adapters do not target
             offset += size
             continue
-        fits = len(xs) * rmax * (a.shape[3] + size) * 4 <= GATHER_MAX_BYTES
-        if gather and fits:
+        if gather and len(xs) * rmax * (a.shape[3] + size) * 4 <= GATHER_MAX_BYTES:
             # Padding rows past a slot's own rank are zero in A and B: exact.
             w_a = _as(a[:, 0, :rmax].index_select(0, slots), f32)  # [T, r, in]
             xa = torch.bmm(w_a, xs.unsqueeze(2))  # [T, r, 1]
@@ -256,7 +257,7 @@ def lora_linear(
             w_b = _as(b[:, 0, :size, :rmax].index_select(0, slots), y.dtype)  # [T, out, r]
             target[:, offset : offset + size] += torch.bmm(w_b, _as(xa, y.dtype)).squeeze(2)
         else:
-            for (slot, rows), r in zip(_rows(groups, gather), per, strict=True):
+            for (slot, rows), r in zip(segments, per, strict=True):
                 if r == 0:  # a module this adapter does not target
                     continue
                 xa = torch.mm(xs[rows], _as(a[slot, 0, :r], f32).t())
@@ -266,7 +267,7 @@ def lora_linear(
                 target[rows, offset : offset + size].addmm_(_as(xa, y.dtype), b_t)
         offset += size
     if gather:
-        y.index_add_(0, groups.row_slots[0], target)
+        y.index_add_(0, positions, target)
     else:
         _scatter(y, target, groups, add=True)
 

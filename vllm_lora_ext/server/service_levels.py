@@ -13,7 +13,6 @@ and by the residency poll (``plugin.VllmEngineAdapters.residency``, from the wor
 
 from __future__ import annotations
 
-import bisect
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -21,33 +20,12 @@ from typing import Any
 from prometheus_client.core import REGISTRY, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from vllm_lora_ext.adapters.load_ahead import LOAD_BUCKETS
+from vllm_lora_ext.histogram import Histogram
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BASE, OTHER = "base", "other"
 WHERE = ("slot", "cpu_cache", "disk")
-
-
-class _Histogram:
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le: value <= bound
-
-    def add(self, other: _Histogram) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
-        self.sum += other.sum
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out, running = [], 0
-        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
-            running += count
-            out.append((bound, running))
-        return out
 
 
 class AdapterServiceLevels:
@@ -57,8 +35,8 @@ class AdapterServiceLevels:
     def __init__(self, top_n: int = 20) -> None:
         self.top_n = top_n
         self._lock = threading.Lock()
-        self._ttft: dict[str, _Histogram] = {}
-        self._tpot: dict[str, _Histogram] = {}
+        self._ttft: dict[str, Histogram] = {}
+        self._tpot: dict[str, Histogram] = {}
         self._residency: dict[str, set[str]] = {w: set() for w in WHERE}
         self._loads: dict[str, Any] = {}
 
@@ -66,9 +44,9 @@ class AdapterServiceLevels:
         """One finished request: ``adapter`` None for the base model."""
         name = BASE if adapter is None else adapter
         with self._lock:
-            self._ttft.setdefault(name, _Histogram(TTFT_BUCKETS)).observe(ttft)
+            self._ttft.setdefault(name, Histogram(TTFT_BUCKETS)).observe(ttft)
             if tpot is not None:
-                self._tpot.setdefault(name, _Histogram(TPOT_BUCKETS)).observe(tpot)
+                self._tpot.setdefault(name, Histogram(TPOT_BUCKETS)).observe(tpot)
 
     def set_residency(self, slots: Iterable[str], cached: Iterable[str], registered: Iterable[str]):
         """Where each registered adapter is: in a batch slot, in the CPU cache only, on disk."""
@@ -140,8 +118,7 @@ class AdapterServiceLevels:
                 labels=["path"],
             )
             for path, h in sorted(self._loads.items()):
-                hist = _Histogram(LOAD_BUCKETS)
-                hist.counts, hist.sum = list(h["counts"]), float(h["sum"])
+                hist = Histogram.from_dict(LOAD_BUCKETS, h)
                 loads.add_metric([path], hist.buckets(), hist.sum)
             yield loads
 
@@ -149,12 +126,12 @@ class AdapterServiceLevels:
 def _histograms(
     name: str,
     doc: str,
-    by_adapter: dict[str, _Histogram],
+    by_adapter: dict[str, Histogram],
     top: list[str],
     bounds: tuple[float, ...],
 ) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=["adapter"])
-    other = _Histogram(bounds)
+    other = Histogram(bounds)
     shown = set(top) | {BASE}
     for adapter, hist in by_adapter.items():
         if adapter not in shown:
