@@ -36,6 +36,7 @@ from vllm_lora_ext.migrate.labelling import (
     answer_all,
     answer_lines,
     label_all,
+    parse_options,
 )
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.spec import MigrationSpec, real_inputs, split_real
@@ -241,6 +242,7 @@ class Migrator:
             max_tokens=p.max_tokens,
             temperature=p.temperature,
             frame=self.spec.frame_synthesis,
+            well_formed=self._well_formed(),
             accept=accept,
             on_round=self._on_round,
             should_stop=self._cancel.is_set,
@@ -258,6 +260,13 @@ class Migrator:
                      for t, k in result.candidates]  # fmt: skip
             _write_json(self.work_dir / CANDIDATES_FILE, audit)
         return {"inputs": result.inputs, "counts": asdict(result.counts)}
+
+    def _well_formed(self) -> Callable[[str], bool] | None:
+        """A multiple-choice input must list two options the teacher can choose from."""
+        prefix = self.spec.choice_prefix
+        if prefix is None:
+            return None
+        return lambda text: len(parse_options(text, prefix)) >= 2
 
     def _label(self, outputs: dict[str, Any]) -> dict[str, Any]:
         """Labels for training and gate. A seed's known answer is its label; everything else

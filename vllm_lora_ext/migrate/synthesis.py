@@ -29,6 +29,9 @@ _SPACES = re.compile(r"\s+")
 
 # Called with the new candidates of one round; says which to keep (e.g. the discriminator).
 Accept = Callable[[list[str]], list[bool]]
+# Whether one candidate is in the task's input format; one that is not is dropped as unparsable
+# before any filter sees it (a filter's yes on it would buy an input nobody can label).
+WellFormed = Callable[[str], bool]
 
 
 @dataclass
@@ -36,7 +39,8 @@ class SynthesisCounts:
     generated: int = 0
     """Generations asked for (the attempts)."""
     unparsable: int = 0
-    """Empty, or cut off by ``max_tokens`` before the item ended."""
+    """Empty, cut off by ``max_tokens`` before the item ended, or not in the task's input format
+    (``well_formed``: e.g. a multiple-choice input without two options)."""
     duplicates: int = 0
     rejected: int = 0
     """Refused by ``accept``."""
@@ -135,6 +139,7 @@ def synthesise(
     max_tokens: int = 64,
     temperature: float = 1.0,
     frame: bool = False,
+    well_formed: WellFormed | None = None,
     accept: Accept | None = None,
     on_round: Callable[[SynthesisCounts], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -147,7 +152,8 @@ def synthesise(
     ``accept`` filters each round's new candidates (rejection sampling); ``should_stop`` is
     checked before each round and ends the loop early (the caller decides what that means).
     With ``frame`` the examples' shared first and last lines are left out of the prompts and
-    put back around each new input (:func:`input_frame`).
+    put back around each new input (:func:`input_frame`). ``well_formed`` drops candidates
+    not in the task's input format as unparsable.
     """
     if not examples:
         raise ValueError("synthesis needs at least one real example input")
@@ -180,6 +186,8 @@ def synthesise(
         for s, g in zip(shown, gens, strict=True):
             text = parse_generated(g.text, len(s), len(g.token_ids) >= max_tokens, single_line)
             text = shared.wrap(text) if text is not None else None
+            if text is not None and well_formed is not None and not well_formed(text):
+                text = None
             if text is None:
                 counts.unparsable += 1
             elif dedupe_key(text) in seen:

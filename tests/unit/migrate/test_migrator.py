@@ -273,3 +273,39 @@ def test_votes_drop_inputs_the_teacher_is_unsure_of(parts, tmp_path: Path):
     held = [x for x, _, _ in label["gate"] if x in result.counts["synthesise"]["inputs"]]
     assert label["gate_synthetic"] == len(held) == min(spec.gate_synthetic, digits // 2) > 0
     assert all(t == "number" for _, t, _ in label["gate"])
+
+
+def test_multiple_choice_candidates_without_two_options_never_reach_the_filter(parts, tmp_path):
+    """A generator that writes options half the time: with ``choice_prefix`` only the inputs
+    that list two options are kept, the rest count as unparsable, and every kept input gets
+    the teacher's option as its label."""
+    prefix = "\n  choice: "
+
+    def respond(prompt: str, seed: int) -> str:
+        rng = random.Random(seed)
+        word = strings(rng, LETTERS, 1)[0]
+        if "Here are" not in prompt:
+            return word
+        return f" {word}{prefix}one{prefix}two\n" if rng.random() < 0.5 else f" {word}\n"
+
+    parts["generator"] = FunctionBackend(parts["generator"].tokenizer, respond)
+    parts["teacher"] = AnswerScorer(parts["teacher"], lambda a: -0.1 if "two" in a else -3.0)
+    rng = random.Random(3)
+    spec = MigrationSpec.model_validate(
+        make_spec("unfiltered").model_dump()
+        | {
+            "choice_prefix": prefix,
+            "seeds": [Seed(input=f"{w}{prefix}one{prefix}two") for w in strings(rng, LETTERS, 8)],
+            "reservoir": [],
+            "target_count": 8,
+            "synthesis": {"batch": 8, "max_tokens": 64},
+        }
+    )
+    result = Migrator(spec, tmp_path / "mc", **parts).run()
+    counts = result.counts["synthesise"]["counts"]
+    synthetic = result.counts["synthesise"]["inputs"]
+    assert counts["unparsable"] > 0 and counts["kept"] == len(synthetic) >= 8
+    assert all(x.count("choice:") == 2 for x in synthetic)
+    label = result.counts["label"]
+    assert label["unlabelled"] == 0
+    assert all(y == "two" for x, y in label["train"] if x in synthetic)

@@ -152,6 +152,21 @@ def test_synthesise_shows_the_bodies_and_puts_the_frame_back(llama_tok) -> None:
     assert "Say which noun" in prompts[1]
 
 
+def test_synthesise_drops_candidates_not_in_the_task_format_before_the_filter(llama_tok) -> None:
+    script = iter([" Ed saw Flo.\n  choice: Ed\n  choice: Flo", " Ed saw Flo.\nA) Ed\nB) Flo"])
+    seen: list[str] = []
+
+    def accept(xs: list[str]) -> list[bool]:
+        seen.extend(xs)
+        return [True] * len(xs)
+
+    gen = FunctionBackend(llama_tok, lambda prompt, seed: f"{next(script)}\n4. x")
+    out = synthesise(gen, "pronouns", FRAMED, count=2, max_attempts=2, seed=0, batch=2,
+                     well_formed=lambda t: t.count("choice:") >= 2, accept=accept)  # fmt: skip
+    assert out.inputs == seen == ["Ed saw Flo.\n  choice: Ed\n  choice: Flo"]
+    assert (out.counts.kept, out.counts.unparsable, out.counts.rejected) == (1, 1, 0)
+
+
 # -- sampling in the backends ---------------------------------------------------------------
 
 
