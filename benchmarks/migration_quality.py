@@ -30,9 +30,9 @@ the same settings reuses finished migration steps and evaluations from the cache
 
 ``--quick``: the tiny test Llama (old base, served, with a random "task" adapter) -> the tiny test
 Gemma 3 on two synthetic tasks (``benchmarks/quick.py``; one generated, one multiple choice),
-all four modes (one whose filter keeps none of a random base's synthetic inputs records its
-error), tiny counts, in a scratch cache; written to ``<tmp>/migration_quality_quick/`` unless
-``--out`` says otherwise.
+all four modes (one whose filter keeps none of a random base's synthetic inputs learns from
+the real ones alone and says so), tiny counts, in a scratch cache; written to
+``<tmp>/migration_quality_quick/`` unless ``--out`` says otherwise.
 ``--url`` (with ``--model-dir``) uses a running tiny Llama server as the old base.
 """
 
@@ -122,9 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--reservoir",
         type=int,
-        default=64,
-        help="observed inputs (no answers); 64: what a server keeps per adapter by default "
-        "(VLLM_LORA_EXT_STATS_RESERVOIR_SIZE); runs before 2026-12-02 used 16",
+        default=256,
+        help="observed inputs (no answers); 256: what a server keeps per adapter by default "
+        "(VLLM_LORA_EXT_STATS_RESERVOIR_SIZE); runs before 2026-12-02 used 16, then 64",
     )
     p.add_argument("--target-count", type=int, default=48, help="synthetic inputs to keep")
     p.add_argument("--student-steps", type=int, default=200, help="budget; see --student-fit")
@@ -479,6 +479,7 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
         "gate": counts["gate"],
         "discriminator": counts["discriminator"],
         "synthesis": counts["synthesise"]["counts"],
+        "synthesis_fallback": counts["synthesise"].get("fallback"),
         "distil": counts["distil"],
         "train_rows": len(counts["label"]["train"]),
         "labels": {

@@ -309,3 +309,18 @@ def test_multiple_choice_candidates_without_two_options_never_reach_the_filter(p
     label = result.counts["label"]
     assert label["unlabelled"] == 0
     assert all(y == "two" for x, y in label["train"] if x in synthetic)
+
+
+def test_a_migration_without_any_synthetic_input_learns_from_the_observed_ones(parts, tmp_path):
+    """A generator that never writes the task's format: no synthetic input survives, the job
+    says so, and the student still trains on the real inputs (the gate decides as ever)."""
+    parts["generator"] = FunctionBackend(parts["generator"].tokenizer, lambda p, s: " \n")
+    spec = make_spec("unfiltered").model_copy(update={"target_count": 4})
+    result = Migrator(spec, tmp_path / "none", **parts).run()
+    synthesis = result.counts["synthesise"]
+    assert synthesis["inputs"] == [] and synthesis["counts"]["unparsable"] == 32
+    assert "no synthetic input survived after 32 generations" in synthesis["fallback"]
+    label = result.counts["label"]
+    real = {*(s.input for s in spec.seeds), *spec.reservoir}
+    assert label["train"] and all(x in real for x, _ in label["train"])
+    assert result.gate.n > 0
