@@ -288,7 +288,7 @@ MIGRATION_RUNS = [
      "filtered"),
     ("migrated: 16 traffic, excess filter (TiTok)", ["migration_quality_excess.json"], "excess"),
     ("migrated: 16 traffic, votes", ["migration_quality_votes.json"], "filtered"),
-    ("**migrated: 64 traffic, votes (defaults)**",
+    ("migrated: 64 traffic, votes",
      ["migration_quality_traffic64.json", "migration_quality_traffic64_more.json"], "filtered"),
     ("ablation: 64 traffic, votes, no synthetic inputs", ["migration_quality_traffic64.json"],
      "seeds_only"),
@@ -296,8 +296,13 @@ MIGRATION_RUNS = [
      "filtered"),
     ("migrated: 64 traffic, votes, new base writes the inputs",
      ["migration_quality_newgen.json"], "filtered"),
-    ("migrated: 64 traffic, synthesis without the shared frame",
+    ("migrated: 64 traffic, synthesis inside the shared frame",
      ["migration_quality_frame.json"], "filtered"),
+    ("migrated: 64 traffic, new base writes inside the shared frame",
+     ["migration_quality_newgen_frame.json"], "filtered"),
+    ("**migrated: 256 traffic, votes (defaults)**",
+     ["migration_quality_reservoir256.json", "migration_quality_reservoir256_more.json"],
+     "filtered"),
 ]  # fmt: skip
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
@@ -446,9 +451,22 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_quality.py --modes filtered --generator new_base --limit 100 "
      "--tasks arithmetic --result-name migration_quality_newgen", migration_quality),
     ("migration_quality_frame.json",
-     "Migration quality, 64 traffic inputs, synthesis without the shared frame",
+     "Migration quality, 64 traffic inputs, synthesis inside the shared frame",
      "python benchmarks/migration_quality.py --modes filtered --frame --limit 100 "
      "--tasks disambiguation_qa --result-name migration_quality_frame", migration_quality),
+    ("migration_quality_newgen_frame.json",
+     "Migration quality, the new base writes multiple-choice inputs inside the shared frame",
+     "python benchmarks/migration_quality.py --modes filtered --generator new_base --frame "
+     "--limit 100 --tasks disambiguation_qa --result-name migration_quality_newgen_frame",
+     migration_quality),
+    ("migration_quality_reservoir256.json", "Migration quality, 256 traffic inputs, votes",
+     "python benchmarks/migration_quality.py --modes filtered --reservoir 256 --limit 100 "
+     "--tasks arithmetic --result-name migration_quality_reservoir256", migration_quality),
+    ("migration_quality_reservoir256_more.json",
+     "Migration quality, 256 traffic inputs, votes (the other tasks)",
+     "python benchmarks/migration_quality.py --modes filtered --reservoir 256 --limit 100 "
+     "--tasks object_counting,disambiguation_qa "
+     "--result-name migration_quality_reservoir256_more", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("cpu_lora_profile.json", "Where CPU serving time goes",
