@@ -182,6 +182,12 @@ def parse_options(text: str, choice_prefix: str) -> list[str]:
     return [o for p in parts if (o := p.split("\n", 1)[0].strip())]
 
 
+def lists_options(options: Sequence[str]) -> bool:
+    """Whether an input's options give the teacher a choice (two or more): else it has no label,
+    and synthesis drops it before any filter sees it."""
+    return len(options) >= 2
+
+
 def label_all(
     backend: Backend,
     inputs: Sequence[str],
@@ -204,7 +210,7 @@ def label_all(
             raise LabellingStopped(f"stopped after {len(labels)} of {len(inputs)} labels")
         part = inputs[start : start + chunk]
         options = [parse_options(x, choice_prefix) for x in part]
-        ok = [i for i, o in enumerate(options) if len(o) >= 2]
+        ok = [i for i, o in enumerate(options) if lists_options(o)]
         chosen = choose_all(backend, [part[i] for i in ok], [options[i] for i in ok]) if ok else []
         picked = [Label(None)] * len(part)
         for i, c in zip(ok, chosen, strict=True):

@@ -36,6 +36,7 @@ from vllm_lora_ext.migrate.labelling import (
     answer_all,
     answer_lines,
     label_all,
+    lists_options,
     parse_options,
 )
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
@@ -271,7 +272,7 @@ class Migrator:
         prefix = self.spec.choice_prefix
         if prefix is None:
             return None
-        return lambda text: len(parse_options(text, prefix)) >= 2
+        return lambda text: lists_options(parse_options(text, prefix))
 
     def _label(self, outputs: dict[str, Any]) -> dict[str, Any]:
         """Labels for training and gate. A seed's known answer is its label; everything else
