@@ -247,6 +247,7 @@ class Migrator:
             accept=accept,
             on_round=self._on_round,
             should_stop=self._cancel.is_set,
+            give_up_after=p.give_up_after,
         )
         self._check_cancel("synthesise")
         if accept is not None:

@@ -63,6 +63,11 @@ class SynthesisParams(BaseModel):
     temperature: float = Field(1.0, gt=0)
     attempts_per_input: int = Field(8, ge=1)
     """Generation budget: ``target_count * attempts_per_input`` generations at most."""
+    give_up_after: int = Field(64, ge=0)
+    """Stop once this many generations were made and not one was in the task's input format
+    (0: never): the generator cannot write this task's inputs, and the rest of the budget would
+    buy nothing (SmolLM2 wrote 256 disambiguation_qa inputs, none listing two options, in
+    13 minutes of an 18-minute migration)."""
 
 
 class MigrationOptions(BaseModel):
@@ -162,8 +167,20 @@ def real_inputs(spec: MigrationSpec) -> list[tuple[str, str | None]]:
 
 
 def split_real(spec: MigrationSpec) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """(gate examples, inputs to learn from): a seeded shuffle, never overlapping."""
+    """(gate examples, inputs to learn from): a seeded shuffle, never overlapping.
+
+    The gate holds ``gate_fraction`` of the real inputs. Known answers are its best evidence
+    (with enough of them the task metric decides, not agreement with a teacher that may be
+    wrong), so half of the seeds with an output (rounded up) go to the gate first; observed
+    inputs fill the rest. Without known answers this is a plain seeded split.
+    """
     pool = real_inputs(spec)
     random.Random(spec.seed).shuffle(pool)
     n_gate = min(max(1, round(spec.gate_fraction * len(pool))), len(pool) - 2)
-    return pool[:n_gate], [x for x, _ in pool[n_gate:]]
+    known = [i for i, (_, y) in enumerate(pool) if y is not None]
+    first = known[: min((len(known) + 1) // 2, n_gate)]
+    taken = set(first)
+    rest = [i for i in range(len(pool)) if i not in taken]
+    chosen = set(first + rest[: n_gate - len(first)])
+    gate = [pool[i] for i in range(len(pool)) if i in chosen]
+    return gate, [x for i, (x, _) in enumerate(pool) if i not in chosen]

@@ -143,6 +143,7 @@ def synthesise(
     accept: Accept | None = None,
     on_round: Callable[[SynthesisCounts], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    give_up_after: int = 0,
 ) -> Synthesis:
     """Sample new inputs until ``count`` are kept or ``max_attempts`` generations were made.
 
@@ -153,7 +154,8 @@ def synthesise(
     checked before each round and ends the loop early (the caller decides what that means).
     With ``frame`` the examples' shared first and last lines are left out of the prompts and
     put back around each new input (:func:`input_frame`). ``well_formed`` drops candidates
-    not in the task's input format as unparsable.
+    not in the task's input format as unparsable. ``give_up_after`` (0: never) ends the loop
+    once that many generations were made and every one was unparsable.
     """
     if not examples:
         raise ValueError("synthesis needs at least one real example input")
@@ -168,6 +170,8 @@ def synthesise(
     stops = default_stops(tok)
     while counts.kept < count and counts.generated < max_attempts:
         if should_stop is not None and should_stop():
+            break
+        if 0 < give_up_after <= counts.generated == counts.unparsable:
             break
         size = min(batch, max_attempts - counts.generated)
         shown = [rng.sample(list(examples), min(shots, len(examples))) for _ in range(size)]

@@ -16,6 +16,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from migrate_fakes import DIGITS, LETTERS, FunctionBackend, number_or_word, query_of, strings
 from pydantic import ValidationError
 from transformers import AutoTokenizer
@@ -28,7 +30,7 @@ from vllm_lora_ext.migrate.migrator import (
     MigrationError,
     Migrator,
 )
-from vllm_lora_ext.migrate.spec import MigrationSpec, Seed, TrainParams
+from vllm_lora_ext.migrate.spec import MigrationSpec, Seed, TrainParams, split_real
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -187,6 +189,32 @@ def test_spec_needs_three_distinct_examples() -> None:
         )
     spec = MigrationSpec(adapter="a", task_description="t", reservoir=["x", "y", "z"])
     assert MigrationSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+@given(
+    n_known=st.integers(0, 40),
+    n_observed=st.integers(0, 200),
+    fraction=st.floats(0.05, 0.95),
+    seed=st.integers(0, 3),
+)
+def test_the_gate_takes_half_the_known_answers_first(n_known, n_observed, fraction, seed):
+    """Known answers go to the gate first (half, rounded up, as far as its share allows); the
+    split never overlaps, loses nothing, and leaves two inputs to learn from."""
+    if n_known + n_observed < 3:
+        return
+    spec = MigrationSpec(
+        adapter="a", task_description="t", gate_fraction=fraction, seed=seed,
+        seeds=[Seed(input=f"q{i}", output=f"a{i}") for i in range(n_known)],
+        reservoir=[f"r{i}" for i in range(n_observed)],
+    )  # fmt: skip
+    gate, learn = split_real(spec)
+    total = n_known + n_observed
+    n_gate = min(max(1, round(fraction * total)), total - 2)
+    assert len(gate) == n_gate and len(learn) == total - n_gate >= 2
+    assert {x for x, _ in gate}.isdisjoint(learn)
+    assert {x for x, _ in gate} | set(learn) == {s.input for s in spec.seeds} | set(spec.reservoir)
+    known_in_gate = sum(y is not None for _, y in gate)
+    assert known_in_gate >= min((n_known + 1) // 2, n_gate)
 
 
 def test_seeds_keep_their_answers_and_held_out_synthetic_inputs_reach_the_gate(parts, tmp_path):

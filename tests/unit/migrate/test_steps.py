@@ -98,6 +98,20 @@ def test_synthesise_stops_at_max_attempts(llama_tok) -> None:
     assert out.inputs == [] and out.counts.generated == 6 and out.counts.unparsable == 6
 
 
+def test_synthesise_gives_up_when_nothing_it_writes_is_in_the_task_format(llama_tok) -> None:
+    """Every generation unparsable: it stops at the first round boundary past ``give_up_after``
+    instead of spending the whole budget; one parsable input early is enough to go on."""
+    never = FunctionBackend(llama_tok, lambda prompt, seed: " unfinished and long")
+    out = synthesise(never, "x", ["a", "b"], count=50, max_attempts=400, seed=0, batch=4,
+                     max_tokens=3, give_up_after=10)  # fmt: skip
+    assert out.inputs == [] and out.counts.generated == out.counts.unparsable == 12
+    script = iter(["12"] + ["abc"] * 100)
+    once = FunctionBackend(llama_tok, lambda prompt, seed: f" {next(script)}\n9. x")
+    out = synthesise(once, "x", ["1", "2"], count=50, max_attempts=40, seed=0, batch=4,
+                     well_formed=str.isdigit, give_up_after=10)  # fmt: skip
+    assert out.inputs == ["12"] and out.counts.generated == 40
+
+
 FRAMED = [
     "Say which noun the pronoun means.\n\nSentence: Ann told Bo she won.\n  choice: Ann\n"
     "  choice: Bo\nAnswer:",
