@@ -50,8 +50,8 @@ from vllm_lora_ext.auth import bearer  # noqa: E402
 from vllm_lora_ext.files import write_atomic  # noqa: E402
 from vllm_lora_ext.server.migrations.forwarding import ROUTED_HEADER  # noqa: E402
 
-SHARED = ("seeds", "reservoir", "target_count", "student_steps", "student_lr", "disc_steps",
-          "disc_lr", "batch", "rank", "max_len")  # fmt: skip
+SHARED = ("seeds", "seed_split", "reservoir", "target_count", "student_steps", "student_lr",
+          "disc_steps", "disc_lr", "batch", "rank", "max_len")  # fmt: skip
 """Settings this script takes from migration_quality.py unless given."""
 
 
@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default="filtered", choices=["filtered", "unfiltered", "seeds_only"])
     # Unset: migration_quality.py's default, so both benchmarks migrate the same way.
     p.add_argument("--seeds", type=int)
+    p.add_argument(
+        "--seed-split", choices=["train", "validation"],
+        help="where seeds come from (default: migration_quality.py's, train); validation: "
+        "answers the old adapter never saw, so the gate compares student and teacher fairly",
+    )  # fmt: skip
     p.add_argument("--reservoir", type=int, help="train inputs served as traffic")
     p.add_argument("--target-count", type=int)
     p.add_argument("--student-steps", type=int)
@@ -213,6 +218,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
         "target_base": new_name,
         "settings": json.loads(json.dumps(vars(args) | {"out": None}, default=str)),
         "quick": args.quick,
+        "api_key": bool(os.environ.get("VLLM_API_KEY")),  # both servers then require it
         "run": run_record(args),
     }
     if args.quick:

@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=192)
     p.add_argument("--shots", type=int, default=3)
     p.add_argument("--votes", type=int, default=4, help="sampled teacher answers per input")
+    p.add_argument(
+        "--vote-agreement", type=float, default=0.5,
+        help="share of the answers the majority needs, else the input is dropped",
+    )  # fmt: skip
+    p.add_argument("--rows", default=",".join(ROWS), help="the rows to compute (default: all)")
+    p.add_argument("--name", default="migration_ceilings", help="the result files' stem")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--quick",
@@ -77,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, help="default: <cache dir>/migration_ceilings")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
+    if unknown := set(args.rows.split(",")) - set(ROWS):
+        p.error(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     if args.quick:
         args.tasks = args.tasks if args.tasks != DEFAULT_TASKS else QUICK_TASKS
         args.limit, args.steps, args.batch = min(args.limit, 6), min(args.steps, 2), 2
@@ -98,13 +106,15 @@ def shots_prefix(task: Any, k: int) -> str:
 
 
 def voted_labels(task: Any, teacher: Any, examples: list, votes: int) -> list[dict]:
+    """Every input's majority answer and its agreement, none dropped (the threshold is applied
+    by the caller, so one cached vote serves every threshold)."""
     from vllm_lora_ext.evaluation.evaluate import generation_budget
     from vllm_lora_ext.evaluation.prompts import user_message
     from vllm_lora_ext.migrate.labelling import VoteParams, vote_all
 
     inputs = [user_message(task, e) for e in examples]
     budget = generation_budget(task, teacher.tokenizer)
-    labels = vote_all(teacher, inputs, budget, VoteParams(votes=votes))
+    labels = vote_all(teacher, inputs, budget, VoteParams(votes=votes, min_agreement=0.0))
     return [{"text": v.text, "agreement": v.agreement, "truncated": v.truncated} for v in labels]
 
 
@@ -134,6 +144,29 @@ def train_student(args: argparse.Namespace, gemma_dir: Path, pairs: list, out: P
             "train_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
 
+def vote_accuracy(voted: list[dict], train: list, args: argparse.Namespace) -> dict:
+    """How right the voted labels are on the train inputs (whose true answers are known) at the
+    threshold, and at every agreement level: does a surer teacher label better?"""
+    from vllm_lora_ext.evaluation.scoring import exact_match, wilson_interval
+
+    right = [(v["agreement"], exact_match(v["text"], e.targets) if v["text"] else False)
+             for v, e in zip(voted, train, strict=True)]  # fmt: skip
+    kept = [hit for a, hit in right if a >= args.vote_agreement]
+    levels = sorted({round(a, 3) for a, _ in right})
+    by_level = {}
+    for level in levels:
+        hits = [hit for a, hit in right if round(a, 3) == level]
+        by_level[f"{level:.2f}"] = {"n": len(hits), "acc": sum(hits) / len(hits),
+                                    "ci95": wilson_interval(sum(hits), len(hits))}  # fmt: skip
+    return {
+        "acc": sum(kept) / max(len(kept), 1), "n": len(kept),
+        "ci95": wilson_interval(sum(kept), len(kept)),
+        "coverage": len(kept) / len(train), "votes": args.votes,
+        "min_agreement": args.vote_agreement, "by_agreement": by_level,
+        "truncated": sum(v["truncated"] for v in voted),
+    }  # fmt: skip
+
+
 def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> dict:
     from migration_quality import cached, framed_score, gemma_backend
 
@@ -159,14 +192,19 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         print(f"  {key}: {value['acc']:.3f} {value['ci95']}  ({value['seconds']} s)", flush=True)
         return value
 
+    wanted = set(args.rows.split(","))
+    row.update(dict.fromkeys([*ROWS, "teacher_label_acc", "voted_label_acc"]))
     teacher = TransformersBackend.from_pretrained(models["smol_dir"], args.adapters / name)
-    row["source"] = timed("source", lambda: framed_score(task, teacher, args.limit))
     gemma = gemma_backend(models["gemma_dir"])
-    row["target_base"] = timed("target_base", lambda: framed_score(task, gemma, args.limit))
-    shots = shots_prefix(task, args.shots)
-    row["three_shot"] = timed(
-        f"three_shot{args.shots}", lambda: framed_score(task, gemma, args.limit, shots)
-    )
+    if "source" in wanted:
+        row["source"] = timed("source", lambda: framed_score(task, teacher, args.limit))
+    if "target_base" in wanted:
+        row["target_base"] = timed("target_base", lambda: framed_score(task, gemma, args.limit))
+    if "three_shot" in wanted:
+        shots = shots_prefix(task, args.shots)
+        row["three_shot"] = timed(
+            f"three_shot{args.shots}", lambda: framed_score(task, gemma, args.limit, shots)
+        )
     budget = f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}"
 
     def ceiling(key: str, labels: list[str | None]) -> dict | None:
@@ -183,33 +221,29 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
 
         return timed(f"{key}-{budget}", compute)
 
-    row["true_labels"] = ceiling("true_labels", [reference_answer(task, e) for e in train])
-    labelled = cached(
-        base / f"teacher-labels-{len(train)}.json",
-        lambda: {"labels": teacher_labels(task, teacher, train)},
-    )["labels"]
-    if task.mode == "generate":
-        hits = sum(exact_match(y, e.targets) for y, e in zip(labelled, train, strict=True))
-    else:
-        hits = sum(y == reference_answer(task, e) for y, e in zip(labelled, train, strict=True))
-    row["teacher_label_acc"] = {"acc": hits / len(train), "n": len(train),
-                                "ci95": wilson_interval(hits, len(train))}  # fmt: skip
-    row["teacher_labels"] = ceiling("teacher_labels", labelled)
-    row["voted_labels"] = row["voted_label_acc"] = None
-    if task.mode == "generate":
+    if "true_labels" in wanted:
+        row["true_labels"] = ceiling("true_labels", [reference_answer(task, e) for e in train])
+    if "teacher_labels" in wanted:
+        labelled = cached(
+            base / f"teacher-labels-{len(train)}.json",
+            lambda: {"labels": teacher_labels(task, teacher, train)},
+        )["labels"]
+        if task.mode == "generate":
+            hits = sum(exact_match(y, e.targets) for y, e in zip(labelled, train, strict=True))
+        else:
+            hits = sum(y == reference_answer(task, e) for y, e in zip(labelled, train, strict=True))
+        row["teacher_label_acc"] = {"acc": hits / len(train), "n": len(train),
+                                    "ci95": wilson_interval(hits, len(train))}  # fmt: skip
+        row["teacher_labels"] = ceiling("teacher_labels", labelled)
+    if "voted_labels" in wanted and task.mode == "generate":
         voted = cached(
-            base / f"voted-labels-{args.votes}-{len(train)}.json",
+            base / f"votes-{args.votes}-{len(train)}.json",
             lambda: {"labels": voted_labels(task, teacher, train, args.votes)},
         )["labels"]
-        kept = [(v["text"], e) for v, e in zip(voted, train, strict=True) if v["text"]]
-        hits = sum(exact_match(y, e.targets) for y, e in kept)
-        row["voted_label_acc"] = {
-            "acc": hits / max(len(kept), 1), "n": len(kept),
-            "ci95": wilson_interval(hits, len(kept)),
-            "coverage": len(kept) / len(train), "votes": args.votes,
-            "truncated": sum(v["truncated"] for v in voted),
-        }  # fmt: skip
-        row["voted_labels"] = ceiling(f"voted{args.votes}_labels", [v["text"] for v in voted])
+        row["voted_label_acc"] = vote_accuracy(voted, train, args)
+        texts = [v["text"] if v["agreement"] >= args.vote_agreement else None for v in voted]
+        suffix = "" if args.vote_agreement == 0.5 else f"-agree{args.vote_agreement}"
+        row["voted_labels"] = ceiling(f"voted{args.votes}_labels{suffix}", texts)
     for key in ROWS:
         if row[key] is not None:
             row[key].pop("predictions", None)
@@ -249,11 +283,16 @@ def run(args: argparse.Namespace, work: Path) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.tasks.split(","):
         result["tasks"].append(run_task(args, name, models, root))
-        path = args.out / "migration_ceilings.json"
+        path = args.out / f"{args.name}.json"
         write_atomic(path, json.dumps(result, indent=1).encode())
-        plot(result, args.out / "migration_ceilings.png")
+        plot(result, args.out / f"{args.name}.png")
     print(table(result))
     return 0
+
+
+def held_out_n(row: dict) -> int | str:
+    """Held-out examples scored for a task (the same for every row it ran)."""
+    return next((row[k]["n"] for k in ROWS if row.get(k)), "—")
 
 
 def table(result: dict) -> str:
@@ -271,7 +310,7 @@ def table(result: dict) -> str:
         cells = " | ".join(cell(t.get(k)) for k in ROWS)
         voted = t.get("voted_label_acc")
         kept = f" ({voted['coverage']:.0%})" if voted else ""
-        lines.append(f"| {t['task']} | {t['source']['n']} | {cells} | "
+        lines.append(f"| {t['task']} | {held_out_n(t)} | {cells} | "
                      f"{cell(t['teacher_label_acc'])} | {cell(voted)}{kept} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -292,7 +331,7 @@ def plot(result: dict, path: Path) -> None:
         err = [[a - v["ci95"][0] for a, (_, v) in zip(acc, have, strict=True)],
                [v["ci95"][1] - a for a, (_, v) in zip(acc, have, strict=True)]]  # fmt: skip
         ax.bar(xs, acc, width, yerr=err, capsize=2, label=LABELS[key], color=f"C{i}")
-    ax.set_xticks(range(len(tasks)), [f"{r['task']}\n(n={r['source']['n']})" for r in tasks])
+    ax.set_xticks(range(len(tasks)), [f"{r['task']}\n(n={held_out_n(r)})" for r in tasks])
     ax.set_ylabel("held-out accuracy (95% interval)")
     ax.set_ylim(0, 1)
     ax.set_title(f"ceilings on {result['target_base'].split(' ')[0]}, commit "

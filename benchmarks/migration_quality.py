@@ -120,6 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=50, help="held-out examples scored per task")
     p.add_argument("--seeds", type=int, default=5, help="seed examples (input + answer)")
     p.add_argument(
+        "--seed-split", choices=["train", "validation"], default="train",
+        help="where seeds come from: the train split (the old adapter learnt them) or the "
+        "validation split (answers the old adapter never saw, an operator's eval set)",
+    )  # fmt: skip
+    p.add_argument(
         "--reservoir",
         type=int,
         default=256,
@@ -323,8 +328,11 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
     from vllm_lora_ext.evaluation.tasks import reference_answer
     from vllm_lora_ext.migrate.spec import MigrationSpec, Seed, SynthesisParams, TrainParams
 
-    seeds = task.train[: args.seeds]
-    reservoir = task.train[args.seeds : args.seeds + args.reservoir]
+    if args.seed_split == "validation":
+        seeds, reservoir = task.validation[: args.seeds], task.train[: args.reservoir]
+    else:
+        seeds = task.train[: args.seeds]
+        reservoir = task.train[args.seeds : args.seeds + args.reservoir]
     real = [user_message(task, e, chat=True) for e in (*seeds, *reservoir)]
     longest = max(len(smol_tok(x, add_special_tokens=False)["input_ids"]) for x in real)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]

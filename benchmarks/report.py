@@ -280,6 +280,29 @@ def migration_ceilings(doc: dict) -> str:
     return f"Target {doc['target_base']}.\n\n" + table(head, rows)
 
 
+def vote_threshold(doc: dict) -> str:
+    """How right the teacher's voted labels are at each agreement level, and what a student
+    trained on the surer ones reaches (the threshold the run used)."""
+    lines = []
+    for t in doc["tasks"]:
+        v = t.get("voted_label_acc")
+        if not v:
+            continue
+        levels = ", ".join(
+            f"{level}: {ci(b['acc'], b['ci95'])} (n={b['n']})"
+            for level, b in v.get("by_agreement", {}).items()
+        )
+        row = t.get("voted_labels")
+        student = ci(row["acc"], row["ci95"]) if row else NA
+        lines.append(
+            f"- **{t['task']}**: labels right per agreement level (share of the 5 answers "
+            f"behind the label): {levels}. Kept at ≥ {v['min_agreement']}: {v['n']} inputs "
+            f"({v['coverage']:.0%}), right on {ci(v['acc'], v['ci95'])}; student trained on "
+            f"them: **{student}** held-out."
+        )
+    return "\n".join(lines)
+
+
 # (row label, result files, mode): every migration run, one row each, beside the ceilings.
 MIGRATION_RUNS = [
     ("migrated: 16 traffic inputs, first defaults (n=50)", ["migration_quality.json"],
@@ -310,6 +333,8 @@ CEILING_ROWS = [
     "true_labels"), ("(b) LoRA on real train inputs, teacher labels", "teacher_labels"),
     ("(b) same, voted teacher labels", "voted_labels"),
 ]  # fmt: skip
+STRICT_VOTES = "migration_ceilings_strict.json"
+"""The voted ceiling again, keeping only labels 4 of the teacher's 5 answers agree on."""
 
 
 def migration_overview(results: Path) -> str | None:
@@ -324,6 +349,11 @@ def migration_overview(results: Path) -> str | None:
     for label, key in CEILING_ROWS:
         cells = [ceilings[t].get(key) for t in tasks]
         rows.append([label, *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])
+    if (results / STRICT_VOTES).is_file():
+        strict = {t["task"]: t for t in json.loads((results / STRICT_VOTES).read_text())["tasks"]}
+        cells = [(strict.get(t) or {}).get("voted_labels") for t in tasks]
+        rows.append(["(b) same, voted labels 4 of 5 answers agree on",
+                     *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])  # fmt: skip
     goal = {}
     for t in tasks:
         source, a = ceilings[t]["source"]["acc"], ceilings[t]["true_labels"]["acc"]
@@ -359,8 +389,13 @@ def hot_upgrade(doc: dict) -> str:
     m = doc["migration"]
     gates = [a.get("gate", {}) for a in m.get("adapters", [])]
     verdict = "; ".join(str(g.get("reason", g)) for g in gates) or NA
+    states = ", ".join(f"`{a['name']}`: `{a['state']}`" for a in m.get("adapters", [])) or NA
+    settings = doc.get("settings", {})
+    seeds = f"{settings.get('seeds')} seeds from the {settings.get('seed_split') or 'train'} split"
+    key = {True: "both servers with `--api-key`", False: "no API key"}.get(doc.get("api_key"))
     return (
-        f"{doc['source_base']} → {doc['target_base']}, task `{doc['task']}`: "
+        f"{doc['source_base']} → {doc['target_base']}, task `{doc['task']}`, {seeds}"
+        f"{', ' + key if key else ''}; adapters {states}: "
         f"**{doc['requests']} requests, {doc['failed']} failed** ({doc['forwarded']} forwarded "
         f"to the old server, {doc['served_here']} served by the new one); migration "
         f"{m['finished_at'] - m['created_at']:.0f} s, state `{m['state']}`; gate: {verdict}."
@@ -421,6 +456,10 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/adaptive_merge.py", adaptive_merge),
     ("migration_ceilings.json", "Migration ceilings on the target base",
      "python benchmarks/migration_ceilings.py", migration_ceilings),
+    (STRICT_VOTES, "Migration ceiling (b) with surer votes",
+     "python benchmarks/migration_ceilings.py --tasks object_counting,arithmetic --rows "
+     "voted_labels --vote-agreement 0.8 --name migration_ceilings_strict --threads 2",
+     vote_threshold),
     ("migration_quality.json", "Migration quality, Trans-LoRA",
      "python benchmarks/migration_quality.py", migration_quality),
     ("migration_quality_fitted.json", "Migration quality, new defaults",

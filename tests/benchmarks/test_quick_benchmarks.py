@@ -167,6 +167,11 @@ def test_migration_ceilings_quick(tmp_path):
     assert mc["voted_labels"] is None and mc["voted_label_acc"] is None  # no votes on options
     voted = rows["arithmetic"]["voted_label_acc"]
     assert voted["votes"] == 2 and voted["coverage"] == voted["n"] / 4
+    levels = voted["by_agreement"]  # every input at its agreement level, kept or not
+    assert sum(b["n"] for b in levels.values()) == 4
+    assert voted["n"] == sum(b["n"] for k, b in levels.items() if float(k) >= 0.5)
+    assert all(accuracy(b["acc"], b["ci95"]) for b in levels.values())
+    assert "arithmetic" in report.vote_threshold(doc)
     assert accuracy(voted["acc"], voted["ci95"])
     ceiling = rows["arithmetic"]["voted_labels"]  # none when no vote reached a majority
     assert (ceiling is None) == (voted["n"] == 0)
