@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from tiny_model import TINY, random_lora_tensors, write_adapter
 
@@ -179,3 +181,72 @@ PLAIN = [{"bias": "none"}, {"init_lora_weights": "gaussian"}, {"init_lora_weight
 @pytest.mark.parametrize("overrides", PLAIN)
 def test_plain_lora_settings_pass(tmp_path: Path, overrides: dict) -> None:
     inspect_adapter_dir(good(tmp_path, **overrides), BASE, 16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ({"r": 17}, "rank_too_high"),  # the fuzz's engine refusal: vLLM checks the config's r
+        ({"rank_pattern": {"q_proj": 32}}, "rank_too_high"),
+        ({"r": 4}, "malformed_config"),  # vLLM would scale the rank-8 tensors by alpha / 4
+        ({"r": "8"}, "malformed_config"),  # vLLM compares the string with 0 and fails
+        ({"r": True}, "malformed_config"),
+        ({"lora_alpha": "16"}, "malformed_config"),  # vLLM divides the string by r
+        ({"lora_alpha": 0}, "malformed_config"),
+        ({"use_dora": "0"}, "malformed_config"),  # truthy to vLLM: "does not support DoRA"
+        ({"use_rslora": "false"}, "malformed_config"),  # truthy to vLLM: another scaling
+        ({"rank_pattern": {"q_proj": "4"}}, "malformed_config"),
+        ({"lora_alpha": 1e308}, "non_finite"),  # lora_B x alpha / r overflows at load
+    ],
+)
+def test_config_values_vllm_reads_as_written(tmp_path: Path, overrides: dict, why: str) -> None:
+    """vLLM reads adapter_config.json as written: a value pydantic would convert, a rank over
+    the server's limit, an r that differs from the tensors, a scaling that overflows lora_B."""
+    assert reason(good(tmp_path, **overrides)) == why
+
+
+def test_a_key_with_a_trailing_newline_is_not_a_lora_factor(tmp_path: Path) -> None:
+    tensors = random_lora_tensors(0, targets=("q_proj",), layers=1)
+    key = next(iter(tensors))
+    tensors[key + "\n"] = tensors.pop(key)
+    assert reason(write_adapter(tmp_path / "a", tensors, base="tiny")) == "unsupported_module"
+
+
+_VLLM_READS = ["r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+               "bias", "lora_bias", "modules_to_save", "init_lora_weights", "target_modules",
+               "layer_replication", "use_qalora", "extra"]  # fmt: skip
+_LEAVES = (
+    st.none() | st.booleans() | st.integers(-2, 40) | st.floats() | st.text(max_size=6)
+    | st.from_regex(r"-?[0-9]{1,2}(\.[0-9])?", fullmatch=True)  # numbers as strings
+    | st.sampled_from(["0", "false", "no", "off", "none", "gaussian", "pissa"])
+)  # fmt: skip
+_VALUES = _LEAVES | st.lists(_LEAVES, max_size=2) | st.dictionaries(
+    st.sampled_from(["q_proj", "k_proj"]), _LEAVES, max_size=2)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(_VLLM_READS), _VALUES, min_size=1, max_size=2))
+@example(changes={"r": "5"})  # the gaps a review found: pydantic converted, vLLM did not
+@example(changes={"lora_alpha": "3"})
+@example(changes={"use_dora": "0"})
+@example(changes={"rank_pattern": {"q_proj": "4"}})
+def test_every_config_we_accept_vllm_accepts(changes: dict) -> None:
+    """Oracle: vLLM's own PEFTHelper. A config that passes our checks (types, features, the
+    declared rank against a max of 16) is one vLLM parses and finds legal at that max."""
+    from types import SimpleNamespace
+
+    from pydantic import ValidationError
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from vllm_lora_ext.adapters.peft_format import PeftLoraConfig
+
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
+              "bias": "none", "target_modules": ["q_proj"], "use_rslora": False,
+              "use_dora": False, **changes}  # fmt: skip
+    try:
+        ours = PeftLoraConfig.model_validate(config)
+    except ValidationError:
+        return
+    if ours.unsupported_features() or ours.declared_rank > 16:
+        return
+    PEFTHelper.from_dict(config).validate_legal(SimpleNamespace(max_lora_rank=16))

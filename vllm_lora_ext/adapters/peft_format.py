@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -16,14 +25,16 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
 _KEY = re.compile(
-    r"^base_model\.model\.(?:model\.)?(?:language_model\.)?layers\.(?P<layer>\d+)\."
-    r"(?:self_attn|mlp)\.(?P<module>[a-z_]+)\.lora_(?P<factor>[AB])\.weight$"
+    r"base_model\.model\.(?:model\.)?(?:language_model\.)?layers\.(?P<layer>[0-9]+)\."
+    r"(?:self_attn|mlp)\.(?P<module>[a-z_]+)\.lora_(?P<factor>[AB])\.weight"
 )
+"""Matched whole (``fullmatch``; ``$`` would also match before a trailing newline, a key vLLM
+refuses) with ASCII digits only (``\\d`` takes other scripts' digits, whose layer vLLM skips)."""
 
 
 def parse_key(key: str) -> tuple[int, str, str] | None:
     """``(layer, module, "A"|"B")`` for a LoRA factor key of a decoder linear, else None."""
-    m = _KEY.match(key)
+    m = _KEY.fullmatch(key)
     if m is None:
         return None
     return int(m["layer"]), m["module"], m["factor"]
@@ -46,13 +57,32 @@ class PeftLoraConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     peft_type: str
-    r: int = Field(gt=0)
-    lora_alpha: float = Field(gt=0)
+    # Strict types: vLLM reads the file as written, so a value pydantic would convert ("5" for
+    # 5, "0" for False) passes here and fails there, or silently changes the scaling there.
+    r: StrictInt = Field(gt=0)
+    lora_alpha: StrictInt | StrictFloat
     target_modules: list[str] | str
     base_model_name_or_path: str | None = None
-    use_dora: bool = False
-    use_rslora: bool = False
-    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    use_dora: StrictBool = False
+    use_rslora: StrictBool = False
+    rank_pattern: dict[str, StrictInt] = Field(default_factory=dict)
+    alpha_pattern: dict[str, StrictInt | StrictFloat] = Field(default_factory=dict)
+
+    @field_validator("lora_alpha")
+    @classmethod
+    def _positive_finite(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {value!r}")
+        return value
+
+    @property
+    def declared_rank(self) -> int:
+        """The largest rank the config declares: what vLLM checks against --max-lora-rank."""
+        return max([self.r, *self.rank_pattern.values()])
+
+    def scaling(self, rank: int) -> float:
+        """The factor vLLM multiplies into lora_B (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+        return self.lora_alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
     def unsupported_features(self) -> list[str]:
         """What vLLM 0.32 refuses to load (its ``PEFTHelper.validate_legal``), found here so

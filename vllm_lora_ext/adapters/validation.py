@@ -7,7 +7,6 @@ of them pass. Reasons are a closed set so they can label a Prometheus counter.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,6 +126,11 @@ def inspect_adapter_dir(directory: Path, base: BaseModelInfo, max_rank: int) -> 
             f"adapter was trained on {config.base_model_name_or_path!r}; this server serves "
             f"{base.name!r} (known as {sorted(base.aliases)})",
         )
+    if config.declared_rank > max_rank:
+        raise Refused(
+            "rank_too_high",
+            f"{CONFIG_FILE} declares rank {config.declared_rank}; the server's max is {max_rank}",
+        )
     factors = _read_factors(directory / WEIGHTS_FILE)
     modules: set[str] = set()
     ranks: set[int] = set()
@@ -154,17 +158,29 @@ def inspect_adapter_dir(directory: Path, base: BaseModelInfo, max_rank: int) -> 
             raise Refused(
                 "rank_too_high", f"{where}: rank {rank} exceeds the server's max {max_rank}"
             )
+        if not config.rank_pattern and rank != config.r:
+            # vLLM scales by the config's r, not the tensors': the adapter would load and
+            # silently compute something else.
+            raise Refused(
+                "malformed_config",
+                f"{where}: rank {rank}, but {CONFIG_FILE} says r={config.r} (and no rank_pattern)",
+            )
         for name, t in (("lora_A", a), ("lora_B", b)):
             if not t.dtype.is_floating_point:
                 raise Refused("malformed_weights", f"{where}: {name} is {t.dtype}")
             if not bool(torch.isfinite(t).all()):
                 raise Refused("non_finite", f"{where}: {name} holds NaN or Inf")
+        # vLLM multiplies the scaling into lora_B at load: it must stay finite there too.
+        largest = float(b.abs().max()) * config.scaling(rank) if b.numel() else 0.0
+        if not largest <= torch.finfo(b.dtype).max:
+            raise Refused(
+                "non_finite",
+                f"{where}: lora_B x lora_alpha/r overflows {b.dtype} (largest {largest:.3g})",
+            )
         modules.add(module)
         ranks.add(rank)
     if not factors:
         raise Refused("malformed_weights", f"{WEIGHTS_FILE} holds no LoRA factors")
-    if not math.isfinite(config.lora_alpha):
-        raise Refused("non_finite", "lora_alpha is not finite")
     return AdapterSummary(
         rank=max(ranks),
         lora_alpha=config.lora_alpha,
