@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {','.join(MODES)}")
     p.add_argument("--votes", type=int, default=4, help="sampled teacher answers per input")
     p.add_argument(
+        "--vote-agreement", type=float, default=0.5,
+        help="share of the teacher's answers a label needs, else the input is dropped",
+    )  # fmt: skip
+    p.add_argument(
         "--generator",
         choices=("old_base", "new_base"),
         default="old_base",
@@ -349,6 +353,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         data=data,
         filter=filter_,
         votes=args.votes,
+        vote_agreement=args.vote_agreement,
         discriminator_calibration=args.disc_calibration,
         frame_synthesis=args.frame,
         synthesis=SynthesisParams(batch=16, max_tokens=int(1.5 * longest) + 8),
