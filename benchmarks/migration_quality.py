@@ -354,6 +354,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         filter=filter_,
         votes=args.votes,
         vote_agreement=args.vote_agreement,
+        sampling=args.sampling,
         discriminator_calibration=args.disc_calibration,
         frame_synthesis=args.frame,
         synthesis=SynthesisParams(batch=16, max_tokens=int(1.5 * longest) + 8),

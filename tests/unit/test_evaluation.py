@@ -407,6 +407,22 @@ def test_http_backend_speaks_vllm_and_agrees(tiny: TransformersBackend) -> None:
     assert (result.n, result.correct, result.accuracy) == (2, 1, 0.5)
 
 
+def test_http_backend_samples_seeded_one_prompt_per_request_or_unseeded_in_batches(
+    tiny: TransformersBackend,
+) -> None:
+    """vLLM applies a request's seed to all its prompts: seeded samples go one prompt per
+    request (prompt i with seed + i); unseeded ones (``seeded=False``) in batched requests."""
+    prompts = [[1, 2, 3], [1, 2, 4], [1, 2, 5]]
+    for seeded, requests, seeds in ((True, 3, [7, 8, 9]), (False, 2, [None, None])):
+        seen: list[dict] = []
+        http = HttpBackend("http://vllm", "m", tiny.tokenizer, batch_size=2,
+                           client=fake_vllm(tiny, seen), seeded=seeded)  # fmt: skip
+        out = http.generate(prompts, 3, [], temperature=1.0, seed=7)
+        assert len(out) == 3 and len(seen) == requests
+        assert [b.get("seed") for b in seen] == seeds
+        assert [len(b["prompt"]) for b in seen] == ([1, 1, 1] if seeded else [2, 1])
+
+
 def test_http_backend_reports_server_errors(tiny: TransformersBackend) -> None:
     client = httpx.Client(
         base_url="http://vllm",

@@ -82,10 +82,14 @@ class HttpBackend:
         timeout: float = 600.0,
         client: httpx.Client | None = None,
         headers: dict[str, str] | None = None,
+        seeded: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.seeded = seeded
+        """False: samples ignore the seed and go in batched requests (not reproducible; on a
+        busy server one request per prompt waits in line once per prompt)."""
         self.client = client or httpx.Client(base_url=url, timeout=timeout, headers=headers)
 
     def _complete(self, prompts: list[list[int]], **params: Any) -> list[dict]:
@@ -140,6 +144,7 @@ class HttpBackend:
         seed: int | None = None,
     ) -> list[Generation]:
         stops = {*stop_token_ids, self.tokenizer.eos_token_id}
+        seed = seed if self.seeded else None
         # vLLM applies a request's seed to every prompt of it: a seeded sample needs one request
         # per prompt to give each prompt its own seed.
         size = 1 if temperature > 0 and seed is not None else self.batch_size

@@ -125,6 +125,12 @@ class MigrationOptions(BaseModel):
     teacher_top_k: int = Field(20, ge=1, le=20)
     """20 is vLLM's default ``--max-logprobs``, the most a served teacher returns."""
     answer_max_tokens: int = Field(64, ge=1)
+    sampling: Literal["batched", "seeded"] = "batched"
+    """How a served model samples (synthesis, negatives, votes). ``batched``: without seeds, in
+    batched requests, as the quality benchmark measured; ``seeded``: reproducible, but vLLM
+    applies a request's seed to all its prompts, so one request per prompt: on a server that is
+    also answering traffic each waits in line (the discriminator's 136 negatives took 27
+    minutes of a hot upgrade on this CPU)."""
     max_len: int = Field(256, ge=8)
     seed: int = 0
 

@@ -318,21 +318,26 @@ class MigrationJobs:
         from vllm_lora_ext.evaluation.backends import HttpBackend
 
         source_headers = self._source_headers(job.request)
-        old_base = HttpBackend(job.source.url, job.source.base, tokenizer, headers=source_headers)
+        seeded = job.request.options.sampling == "seeded"
+        old_base = HttpBackend(
+            job.source.url, job.source.base, tokenizer, headers=source_headers, seeded=seeded
+        )
         generator = old_base
         if job.request.generator == "new_base":
             own_tokenizer = await asyncio.to_thread(_tokenizer, self.new_base)
             generator = HttpBackend(
-                self.self_url, self.base_name, own_tokenizer, headers=bearer(self.api_key)
-            )
+                self.self_url, self.base_name, own_tokenizer, headers=bearer(self.api_key),
+                seeded=seeded,
+            )  # fmt: skip
         try:
             for migration in job.adapters:
                 if job.cancelled:
                     migration.state = "cancelled"
                     continue
                 teacher = HttpBackend(
-                    job.source.url, migration.name, tokenizer, headers=source_headers
-                )
+                    job.source.url, migration.name, tokenizer, headers=source_headers,
+                    seeded=seeded,
+                )  # fmt: skip
                 migration.migrator = Migrator(
                     migration.spec,
                     migration.work_dir,
