@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int)
     p.add_argument("--max-len", type=int)
     p.add_argument("--clients", type=int, default=2)
+    p.add_argument(
+        "--pause", type=float, default=0.0,
+        help="seconds each client waits between requests (0: back to back, which saturates a "
+        "2-core CPU and starves the migration's training)",
+    )  # fmt: skip
     p.add_argument("--after", type=float, default=30.0, help="seconds hammered after the switch")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--url", help="a running vllm-lora-ext server as the old one (default: start)")
@@ -112,9 +117,12 @@ def spec_args(args: argparse.Namespace) -> argparse.Namespace:
 class Hammer(threading.Thread):
     """One client: chat requests for ``model`` back to back, each recorded."""
 
-    def __init__(self, url: str, model: str, inputs: list[str], max_tokens: int) -> None:
+    def __init__(
+        self, url: str, model: str, inputs: list[str], max_tokens: int, pause: float = 0.0
+    ) -> None:
         super().__init__(daemon=True)
         self.url, self.model, self.inputs, self.max_tokens = url, model, inputs, max_tokens
+        self.pause = pause
         self.records: list[dict[str, Any]] = []
         self.halt = threading.Event()
 
@@ -139,6 +147,7 @@ class Hammer(threading.Thread):
                 record["seconds"] = time.monotonic() - start
                 self.records.append(record)
                 i += 1
+                self.halt.wait(self.pause)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +279,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
         )
         result["new_server_start_seconds"] = round(time.monotonic() - started, 1)
         hammers = [
-            Hammer(new.url, args.task, held_out, spec.answer_max_tokens)
+            Hammer(new.url, args.task, held_out, spec.answer_max_tokens, args.pause)
             for _ in range(args.clients)
         ]
         for h in hammers:

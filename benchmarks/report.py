@@ -326,8 +326,6 @@ MIGRATION_RUNS = [
     ("**migrated: 256 traffic, votes (defaults)**",
      ["migration_quality_reservoir256.json", "migration_quality_reservoir256_more.json"],
      "filtered"),
-    ("migrated: 256 traffic, labels 4 of 5 answers agree on; synthesis gives up at 64",
-     ["migration_quality_agree08.json"], "filtered"),
 ]  # fmt: skip
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
@@ -508,10 +506,6 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_quality.py --modes filtered --reservoir 256 --limit 100 "
      "--tasks object_counting,disambiguation_qa "
      "--result-name migration_quality_reservoir256_more", migration_quality),
-    ("migration_quality_agree08.json",
-     "Migration quality, labels 4 of the teacher's 5 answers agree on",
-     "python benchmarks/migration_quality.py --modes filtered --reservoir 256 --limit 100 "
-     "--vote-agreement 0.8 --result-name migration_quality_agree08", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("cpu_lora_profile.json", "Where CPU serving time goes",

@@ -359,12 +359,20 @@ class Migrator:
     def _gate(self, outputs: dict[str, Any]) -> dict[str, Any]:
         held = outputs["label"]["gate"]
         student = self._student_backend(self.work_dir / STUDENT_DIR)
-        answers = answer_all(
-            student,
-            [x for x, _, _ in held],
-            self.spec.answer_max_tokens,
-            should_stop=self._cancel.is_set,
+        inputs = [x for x, _, _ in held]
+        chosen: list[str | None] = [None] * len(inputs)
+        if self.spec.choice_prefix is not None:
+            # Scored as the teacher was labelled and as multiple choice is scored: the option
+            # it finds most likely. Judged on its generated wording instead, a student that
+            # picks the right option could be refused for saying it another way.
+            labels = label_all(student, inputs, choice_prefix=self.spec.choice_prefix,
+                               should_stop=self._cancel.is_set)  # fmt: skip
+            chosen = [label.text for label in labels]
+        free = [x for x, c in zip(inputs, chosen, strict=True) if c is None]
+        generated = iter(
+            answer_all(student, free, self.spec.answer_max_tokens, should_stop=self._cancel.is_set)
         )
+        answers = [c if c is not None else next(generated) for c in chosen]
         result = decide(
             [a for _, a, _ in held],
             answers,

@@ -352,3 +352,30 @@ def test_a_migration_without_any_synthetic_input_learns_from_the_observed_ones(p
     real = {*(s.input for s in spec.seeds), *spec.reservoir}
     assert label["train"] and all(x in real for x, _ in label["train"])
     assert result.gate.n > 0
+
+
+def test_the_gate_scores_a_multiple_choice_student_by_the_option_it_finds_most_likely(
+    parts, tmp_path
+):
+    """Teacher and task score multiple choice by option log-likelihood; so does the gate. A
+    student whose likeliest option is right passes even if it words its free answer otherwise
+    (judged on its generated text it would score 0 and be refused)."""
+    prefix = "\n  choice: "
+    tok = parts["teacher"].tokenizer
+    parts["teacher"] = AnswerScorer(parts["teacher"], lambda a: -0.1 if "two" in a else -3.0)
+    wordy = FunctionBackend(tok, lambda p, _: "I think it is two")
+    student = AnswerScorer(wordy, lambda a: -0.2 if "two" in a else -2.0)
+    rng = random.Random(5)
+    spec = MigrationSpec.model_validate(
+        make_spec("seeds_only").model_dump()
+        | {
+            "choice_prefix": prefix,
+            "seeds": [Seed(input=f"{w}{prefix}one{prefix}two", output="two")
+                      for w in strings(rng, LETTERS, 12)],
+            "reservoir": [],
+        }
+    )  # fmt: skip
+    result = Migrator(spec, tmp_path / "mc", **parts, student_backend=lambda _: student).run()
+    gate = result.gate
+    assert gate.n_with_targets == 3 and gate.student_accuracy == gate.teacher_accuracy == 1.0
+    assert gate.passed and gate.agreement == 1.0, gate.reason
