@@ -260,14 +260,6 @@ class ConcurrentSampling(Wrapped):
             return list(pool.map(one, range(len(prompts))))
 
 
-class UnseededSampling(Wrapped):
-    """An :class:`HttpBackend` that samples without seeds, so its prompts go to the server in
-    batched requests."""
-
-    def generate(self, prompts, max_tokens, stop_token_ids, temperature=0.0, seed=None):
-        return self.backend.generate(prompts, max_tokens, stop_token_ids, temperature, None)
-
-
 class StopAtNewline(Wrapped):
     """Generation stops at a token made only of newlines: with ``Q: ... A:`` prompts the answer
     is the first line (``read_answer``), so this changes no answer and saves decoding the rest
@@ -430,12 +422,12 @@ class OldBase:
         if self.client is None:
             return TransformersBackend.from_pretrained(self.smol_dir, adapter_dir)
         url = str(self.client.base_url)
+        batched = self.sampling == "batched"  # unseeded, several prompts per request
         backend = HttpBackend(
-            url, served or self.base_name or DEFAULT_MODEL_NAME, self.tokenizer, headers=auth()
-        )
-        if self.sampling == "batched":
-            return UnseededSampling(backend)
-        return ConcurrentSampling(backend, self.sampling_workers)
+            url, served or self.base_name or DEFAULT_MODEL_NAME, self.tokenizer, headers=auth(),
+            seeded=not batched,
+        )  # fmt: skip
+        return backend if batched else ConcurrentSampling(backend, self.sampling_workers)
 
     def discriminator_factory(self, name: str):
         if self.client is None:

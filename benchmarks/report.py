@@ -295,8 +295,9 @@ def vote_threshold(doc: dict) -> str:
         row = t.get("voted_labels")
         student = ci(row["acc"], row["ci95"]) if row else NA
         lines.append(
-            f"- **{t['task']}**: labels right per agreement level (share of the 5 answers "
-            f"behind the label): {levels}. Kept at ≥ {v['min_agreement']}: {v['n']} inputs "
+            f"- **{t['task']}**: labels right per agreement level (share of the "
+            f"{v['votes'] + 1} answers behind the label): {levels}. "
+            f"Kept at ≥ {v['min_agreement']}: {v['n']} inputs "
             f"({v['coverage']:.0%}), right on {ci(v['acc'], v['ci95'])}; student trained on "
             f"them: **{student}** held-out."
         )

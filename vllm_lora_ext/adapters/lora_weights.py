@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_lora_ext.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, PeftLoraConfig
+from vllm_lora_ext.adapters.peft_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    PeftLoraConfig,
+    lora_scaling,
+)
 
 
 @dataclass
@@ -25,8 +29,7 @@ class LoraWeights:
     @property
     def scaling(self) -> float:
         """What PEFT and vLLM multiply ``B @ A`` by."""
-        root = math.sqrt(self.rank) if self.use_rslora else self.rank
-        return self.lora_alpha / root
+        return lora_scaling(self.lora_alpha, self.rank, self.use_rslora)
 
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense update ``(B @ A) * scaling`` [out, in] of one module, in ``dtype``."""

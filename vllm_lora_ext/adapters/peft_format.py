@@ -40,6 +40,11 @@ def parse_key(key: str) -> tuple[int, str, str] | None:
     return int(m["layer"]), m["module"], m["factor"]
 
 
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """What PEFT and vLLM multiply ``B @ A`` by: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 def tensor_key(layer: int, module: str, factor: str) -> str:
     """Inverse of :func:`parse_key` for the Llama layout (what PEFT writes for these models)."""
     block = "self_attn" if module in {"q_proj", "k_proj", "v_proj", "o_proj"} else "mlp"
@@ -81,8 +86,8 @@ class PeftLoraConfig(BaseModel):
         return max([self.r, *self.rank_pattern.values()])
 
     def scaling(self, rank: int) -> float:
-        """The factor vLLM multiplies into lora_B (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
-        return self.lora_alpha / (math.sqrt(rank) if self.use_rslora else rank)
+        """The factor vLLM multiplies into lora_B for a module of ``rank``."""
+        return lora_scaling(self.lora_alpha, rank, self.use_rslora)
 
     def unsupported_features(self) -> list[str]:
         """What vLLM 0.32 refuses to load (its ``PEFTHelper.validate_legal``), found here so
