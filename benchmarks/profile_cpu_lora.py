@@ -35,9 +35,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="profile the tiny test Llama instead")
+    p.add_argument("--rate", type=int, help="py-spy samples per second (default: 50; --quick: "
+                   "250, since the tiny model's LoRA ops take microseconds)")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick and args.out == DEFAULT_OUT:  # a smoke run never overwrites the committed run
         args.out = quick.out_dir("profile_cpu_lora") / "cpu_lora_profile.json"
+    if args.rate is None:
+        args.rate = 250 if args.quick else 50
     return args
 
 
@@ -45,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 WORKLOAD = ["--requests", "8", "--output-tokens", "16", "--repeats", "1"]
 
 
-def profile(provider: str, model: Path, workdir: Path, smoke_out: Path | None = None) -> dict:
+def profile(
+    provider: str, model: Path, workdir: Path, rate: int, smoke_out: Path | None = None
+) -> dict:
     """py-spy over ``cpu_serving.py`` for one provider; ``smoke_out``: ``--quick``, its result
     kept in this folder."""
     raw = workdir / f"{provider}.txt"
@@ -53,7 +59,7 @@ def profile(provider: str, model: Path, workdir: Path, smoke_out: Path | None = 
     subprocess.run(
         [
             str(Path(sys.executable).parent / "py-spy"), "record", "--subprocesses",
-            "--nonblocking", "--format", "raw", "-r", "50", "-o", str(raw), "--",
+            "--nonblocking", "--format", "raw", "-r", str(rate), "-o", str(raw), "--",
             sys.executable, str(HERE / "cpu_serving.py"), *(["--quick"] if smoke_out else WORKLOAD),
             "--providers", provider, "--model", str(model), "--out", str(result),
         ],
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
             model = ensure_default_model(Settings().cache_dir)
         kept = args.out.parent if args.quick else None
-        report = {p: profile(p, model, Path(tmp), kept) for p in ("vllm", "ours")}
+        report = {p: profile(p, model, Path(tmp), args.rate, kept) for p in ("vllm", "ours")}
     report["command"] = "py-spy record over `cpu_serving.py --quick` per provider"
     report["model"] = model.name
     report["quick"] = args.quick

@@ -372,7 +372,10 @@ def test_profile_cpu_lora_and_cpu_serving_quick(tmp_path):
     for provider in ("vllm", "ours"):
         p = doc[provider]
         assert p["execute_model_samples"] > 0 and finite(p["lora_share"], 0.0, 1.0), p
-        assert p["hottest"] and all(finite(h["share"], 0.0, 1.0) for h in p["hottest"])
+        # At --quick's scale a provider's LoRA ops may fall between samples: then no hot lines.
+        assert bool(p["hottest"]) == (p["lora_share"] > 0), p
+        assert all(finite(h["share"], 0.0, p["lora_share"]) for h in p["hottest"]), p
+    assert doc["run"]["args"]["rate"] == 250
     assert "with ours" in report.cpu_lora_profile(doc)
 
     for provider in ("vllm", "ours"):
