@@ -64,10 +64,11 @@ class SynthesisParams(BaseModel):
     attempts_per_input: int = Field(8, ge=1)
     """Generation budget: ``target_count * attempts_per_input`` generations at most."""
     give_up_after: int = Field(64, ge=0)
-    """Stop once this many generations were made and not one was in the task's input format
-    (0: never): the generator cannot write this task's inputs, and the rest of the budget would
-    buy nothing (SmolLM2 wrote 256 disambiguation_qa inputs, none listing two options, in
-    13 minutes of an 18-minute migration)."""
+    """Stop once this many generations were made and so few were in the task's input format
+    that the whole budget could not yield ``target_count`` at that rate (0: never): the
+    generator cannot write this task's inputs, and the rest of the budget would buy little
+    (SmolLM2 wrote 256 disambiguation_qa inputs, none listing two options, in 13 minutes of an
+    18-minute migration; on another run 1 of its first 64 was well-formed)."""
 
 
 class MigrationOptions(BaseModel):

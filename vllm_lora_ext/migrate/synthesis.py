@@ -127,6 +127,13 @@ def dedupe_key(text: str) -> str:
     return _SPACES.sub(" ", text.strip().lower())
 
 
+def _hopeless(counts: SynthesisCounts, count: int, max_attempts: int) -> bool:
+    """At the rate seen so far, would the whole budget yield fewer well-formed inputs than
+    ``count``?"""
+    well_formed = counts.generated - counts.unparsable
+    return well_formed * max_attempts < count * counts.generated
+
+
 def synthesise(
     generator: Backend,
     description: str,
@@ -155,7 +162,9 @@ def synthesise(
     With ``frame`` the examples' shared first and last lines are left out of the prompts and
     put back around each new input (:func:`input_frame`). ``well_formed`` drops candidates
     not in the task's input format as unparsable. ``give_up_after`` (0: never) ends the loop
-    once that many generations were made and every one was unparsable.
+    once that many generations were made and the share in the task's format, over the whole
+    budget, could not reach ``count`` even if the filter kept every one (none parsable is the
+    plain case; 1 in 64 is as hopeless, and costs the whole budget otherwise).
     """
     if not examples:
         raise ValueError("synthesis needs at least one real example input")
@@ -171,7 +180,7 @@ def synthesise(
     while counts.kept < count and counts.generated < max_attempts:
         if should_stop is not None and should_stop():
             break
-        if 0 < give_up_after <= counts.generated == counts.unparsable:
+        if 0 < give_up_after <= counts.generated and _hopeless(counts, count, max_attempts):
             break
         size = min(batch, max_attempts - counts.generated)
         shown = [rng.sample(list(examples), min(shots, len(examples))) for _ in range(size)]

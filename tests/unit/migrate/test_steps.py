@@ -99,8 +99,9 @@ def test_synthesise_stops_at_max_attempts(llama_tok) -> None:
 
 
 def test_synthesise_gives_up_when_nothing_it_writes_is_in_the_task_format(llama_tok) -> None:
-    """Every generation unparsable: it stops at the first round boundary past ``give_up_after``
-    instead of spending the whole budget; one parsable input early is enough to go on."""
+    """Every generation unparsable, or too few parsable for the budget to reach the count: it
+    stops at the first round boundary past ``give_up_after`` instead of spending the whole
+    budget; a yield that could reach the count goes on."""
     never = FunctionBackend(llama_tok, lambda prompt, seed: " unfinished and long")
     out = synthesise(never, "x", ["a", "b"], count=50, max_attempts=400, seed=0, batch=4,
                      max_tokens=3, give_up_after=10)  # fmt: skip
@@ -109,7 +110,13 @@ def test_synthesise_gives_up_when_nothing_it_writes_is_in_the_task_format(llama_
     once = FunctionBackend(llama_tok, lambda prompt, seed: f" {next(script)}\n9. x")
     out = synthesise(once, "x", ["1", "2"], count=50, max_attempts=40, seed=0, batch=4,
                      well_formed=str.isdigit, give_up_after=10)  # fmt: skip
-    assert out.inputs == ["12"] and out.counts.generated == 40
+    assert out.inputs == ["12"] and out.counts.generated == 12  # 1 in 12 x 40 < 50
+    script = iter(["12", "abc", "13", "abc"] * 100)
+    half = FunctionBackend(llama_tok, lambda prompt, seed: f" {next(script)}\n9. x")
+    out = synthesise(half, "x", ["1", "2"], count=15, max_attempts=40, seed=0, batch=4,
+                     well_formed=str.isdigit, give_up_after=10)  # fmt: skip
+    # Half well-formed: 20 of the 40 could reach 15, so it goes on; only 2 distinct inputs exist.
+    assert out.inputs == ["12", "13"] and out.counts.generated == 40
 
 
 FRAMED = [
