@@ -304,7 +304,20 @@ def framed_score(task: Any, backend: Any, limit: int, shots: str = "") -> dict:
         hits = [c in e.correct for c, e in zip(choices, examples, strict=True)]
     k, n = sum(hits), len(hits)
     return {"acc": k / n, "n": n, "correct": k, "ci95": wilson_interval(k, n),
-            "predictions": predictions}  # fmt: skip
+            "predictions": predictions, "hits": hits}  # fmt: skip
+
+
+def versus(hits: list[bool], source: dict) -> dict | None:
+    """The student's accuracy minus the source's on the same held-out examples, with the paired
+    95% interval (``None`` for a source score cached before per-example hits were kept)."""
+    from vllm_lora_ext.evaluation.scoring import paired_difference_interval
+
+    if "hits" not in source:
+        return None
+    diff, interval = paired_difference_interval(hits, source["hits"])
+    pairs = list(zip(hits, source["hits"], strict=True))
+    return {"diff": diff, "ci95": interval, "only_migrated": pairs.count((True, False)),
+            "only_source": pairs.count((False, True))}  # fmt: skip
 
 
 def cached(path: Path, compute) -> dict:
@@ -435,8 +448,11 @@ class OldBase:
         return served_adapter(self.client, str(self.client.base_url), self.tokenizer, name)
 
 
-def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) -> dict:
-    """Run (or resume) one migration, then score its student on the held-out examples."""
+def migrate_and_score(
+    args, task, spec, work: Path, models: dict, old: OldBase, source: dict
+) -> dict:
+    """Run (or resume) one migration, then score its student on the held-out examples and
+    compare it with the ``source`` score on each of them."""
     from vllm_lora_ext.migrate.migrator import MigrationError, Migrator
 
     if args.report_only and not (work / f"eval-heldout-{args.limit}.json").is_file():
@@ -479,6 +495,7 @@ def migrate_and_score(args, task, spec, work: Path, models: dict, old: OldBase) 
     return {
         "acc": score["acc"],
         "ci95": score["ci95"],
+        "vs_source": versus(score["hits"], source) if "hits" in score else None,
         "seconds": round(spent, 1),
         "old_base_via": sorted(via),
         "sampling": sorted(sampling),
@@ -542,7 +559,7 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
         try:
             suffix = "-newgen" if args.generator == "new_base" else ""
             work = base / f"{mode}-{digest}{suffix}"
-            out = migrate_and_score(args, task, spec, work, models, old)
+            out = migrate_and_score(args, task, spec, work, models, old, source)
         except MigrationError as e:  # recorded, and the other modes and tasks still run
             print(f"  {mode}: FAILED: {e}", flush=True)
             row["modes"][mode] = {"error": str(e)}

@@ -338,6 +338,14 @@ STRICT_VOTES = "migration_ceilings_strict.json"
 """The voted ceiling again, keeping only labels 4 of the teacher's 5 answers agree on."""
 
 
+def signed_ci(d: dict) -> str:
+    """A paired difference with its interval, e.g. ``-0.03 [-0.10, +0.04] (4 vs 6)``: the
+    examples only the student got right vs only the source."""
+    lo, hi = d["ci95"]
+    return (f"{d['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] "
+            f"({d['only_migrated']} vs {d['only_source']})")  # fmt: skip
+
+
 def migration_overview(results: Path) -> str | None:
     """Ceilings and every migration run in one table, with the issue's goal per task: the
     source's accuracy, or 0.9 x ceiling (a) where (a) is below the source."""
@@ -378,11 +386,18 @@ def migration_overview(results: Path) -> str | None:
             cells.append(ci(m["acc"], m["ci95"]) + met if m else NA)
         seconds = "/".join(f"{found[t]['seconds']:.0f}" for t in tasks if t in found)
         rows.append([label, *cells, seconds])
+        paired = {t: m["vs_source"] for t, m in found.items() if m.get("vs_source")}
+        if paired:
+            cells = [signed_ci(paired[t]) if t in paired else NA for t in tasks]
+            rows.append(["↳ minus source, paired on the same examples", *cells, ""])
     return (
         "Held-out accuracy, n=100 (disambiguation_qa: 77) unless marked, 95% intervals; ✓: "
-        "meets the goal. Traffic inputs: train-split inputs without answers standing in for the "
-        "server's prompt reservoir; every run also has 5 seeds with answers. Seconds: migration "
-        "wall time per task on this 2-core CPU.\n\n" + table(["row", *tasks, "migration s"], rows)
+        "meets the goal; ↳ rows: the student's accuracy minus the source's on the same held-out "
+        "examples, with the paired 95% interval (Newcombe), and how many examples only the "
+        "student / only the source got right. Traffic inputs: train-split inputs without "
+        "answers standing in for the server's prompt reservoir; every run also has 5 seeds with "
+        "answers. Seconds: migration wall time per task on this 2-core CPU.\n\n"
+        + table(["row", *tasks, "migration s"], rows)
     )
 
 

@@ -327,6 +327,12 @@ def test_migration_quality_quick(tmp_path, on_server):
             assert r[modes[mode]] == m["acc"] and accuracy(m["acc"], m["ci95"]), (task, mode)
             assert isinstance(m["gate"]["passed"], bool) and m["gate"]["reason"], m["gate"]
             assert m["gate"]["n"] > 0 and accuracy(m["gate"]["agreement"])
+            paired = m["vs_source"]  # the same 8 examples: the counts give the difference
+            assert paired["diff"] == pytest.approx(m["acc"] - r["source_acc"]), paired
+            assert paired["diff"] * 8 == pytest.approx(
+                paired["only_migrated"] - paired["only_source"]
+            )
+            assert -1 <= paired["ci95"][0] <= paired["diff"] <= paired["ci95"][1] <= 1, paired
             assert m["train_rows"] > 0 and finite(m["distil"]["final_loss"], 0.0)
             assert 0 < m["distil"]["steps_run"] <= 4 and finite(m["seconds"], 0.0)
             kept, fallback = m["synthesis"]["kept"], m["synthesis_fallback"]

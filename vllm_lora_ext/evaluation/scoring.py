@@ -59,3 +59,33 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_difference_interval(
+    first: Sequence[bool], second: Sequence[bool], z: float = 1.96
+) -> tuple[float, tuple[float, float]]:
+    """Accuracy of ``first`` minus that of ``second`` on the same examples, with its 95% interval.
+
+    Newcombe's method 10 for paired proportions (Stat. Med. 17:2635, 1998): Wilson intervals of
+    both accuracies, combined with the correlation of the two models' hits. On the same held-out
+    examples this is much narrower than the two separate intervals suggest, since two models tend
+    to get the same easy examples right.
+    """
+    n = len(first)
+    if n == 0 or n != len(second):
+        raise ValueError(f"need two equally long, non-empty hit lists (got {n}, {len(second)})")
+    both = sum(a and b for a, b in zip(first, second, strict=True))
+    only_first = sum(a and not b for a, b in zip(first, second, strict=True))
+    only_second = sum(b and not a for a, b in zip(first, second, strict=True))
+    neither = n - both - only_first - only_second
+    k1, k2 = both + only_first, both + only_second
+    p1, p2 = k1 / n, k2 / n
+    (l1, u1), (l2, u2) = wilson_interval(k1, n, z), wilson_interval(k2, n, z)
+    margins = k1 * (n - k1) * k2 * (n - k2)
+    phi = (both * neither - only_first * only_second) / math.sqrt(margins) if margins else 0.0
+    diff = p1 - p2
+    lower = diff - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2)
+                                 + (u2 - p2) ** 2))  # fmt: skip
+    upper = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2)
+                                 + (p2 - l2) ** 2))  # fmt: skip
+    return diff, (max(-1.0, lower), min(1.0, upper))
