@@ -14,10 +14,12 @@ examples (framed as the migration's student sees them, ``migrate.queries.query_p
 * ``teacher_labels`` (ceiling b): the same inputs and budget, answers from the teacher (greedy
   generation; on multiple-choice tasks the option the teacher finds most likely). The teacher's
   accuracy on those inputs is recorded: it is the label noise.
-* ``voted_labels`` (ceiling b, voted): free-form tasks only; the teacher answers each input
+* ``voted_labels`` (ceiling b, voted): on free-form tasks the teacher answers each input
   ``--votes`` more times by sampling, the majority answer is the label and inputs without a
-  majority are dropped (``migrate.labelling.vote_all``). The label accuracy and the share of
-  inputs kept are recorded: does self-consistency buy cleaner labels, and at what coverage?
+  majority are dropped (``migrate.labelling.vote_all``); on multiple choice, inputs whose option
+  the teacher gives less than ``--choice-confidence`` probability are dropped. The label
+  accuracy and the share of inputs kept are recorded: does a surer teacher buy cleaner labels,
+  and at what coverage?
 
 Between them these rows separate what a migration loses to synthetic inputs (migrated vs b), to
 the teacher's labels (b vs a) and to the student's capacity at this budget (a vs the source).
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -71,6 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--vote-agreement", type=float, default=0.5,
         help="share of the answers the majority needs, else the input is dropped",
+    )  # fmt: skip
+    p.add_argument(
+        "--choice-confidence", type=float, default=0.6,
+        help="multiple choice: probability the teacher's option needs, else the input is dropped",
     )  # fmt: skip
     p.add_argument("--rows", default=",".join(ROWS), help="the rows to compute (default: all)")
     p.add_argument("--name", default="migration_ceilings", help="the result files' stem")
@@ -118,6 +125,18 @@ def voted_labels(task: Any, teacher: Any, examples: list, votes: int) -> list[di
     return [{"text": v.text, "agreement": v.agreement, "truncated": v.truncated} for v in labels]
 
 
+def confident_labels(task: Any, teacher: Any, examples: list) -> list[dict]:
+    """Multiple choice: the teacher's option for every input and the probability it gives it
+    among the options (its doubt, as vote agreement is for free-form answers), none dropped."""
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.migrate.labelling import choose_all_with_confidence
+
+    inputs = [user_message(task, e) for e in examples]
+    chosen = choose_all_with_confidence(teacher, inputs, [e.options for e in examples])
+    return [{"text": e.options[c], "agreement": p, "truncated": False}
+            for (c, p), e in zip(chosen, examples, strict=True)]  # fmt: skip
+
+
 def teacher_labels(task: Any, teacher: Any, examples: list) -> list[str]:
     from vllm_lora_ext.evaluation.evaluate import generation_budget
     from vllm_lora_ext.evaluation.prompts import user_message
@@ -144,25 +163,38 @@ def train_student(args: argparse.Namespace, gemma_dir: Path, pairs: list, out: P
             "train_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
 
-def vote_accuracy(voted: list[dict], train: list, args: argparse.Namespace) -> dict:
-    """How right the voted labels are on the train inputs (whose true answers are known) at the
-    threshold, and at every agreement level: does a surer teacher label better?"""
+def vote_accuracy(voted: list[dict], train: list, args: argparse.Namespace, task: Any) -> dict:
+    """How right the voted (multiple choice: confident) labels are on the train inputs, whose
+    true answers are known, at the threshold and at every agreement level (multiple choice:
+    every tenth of probability): does a surer teacher label better?"""
     from vllm_lora_ext.evaluation.scoring import exact_match, wilson_interval
+    from vllm_lora_ext.evaluation.tasks import reference_answer
 
-    right = [(v["agreement"], exact_match(v["text"], e.targets) if v["text"] else False)
-             for v, e in zip(voted, train, strict=True)]  # fmt: skip
-    kept = [hit for a, hit in right if a >= args.vote_agreement]
-    levels = sorted({round(a, 3) for a, _ in right})
+    choice = task.mode != "generate"
+
+    def hit(text: str | None, e: Any) -> bool:
+        if not text:
+            return False
+        return text == reference_answer(task, e) if choice else exact_match(text, e.targets)
+
+    def level(a: float) -> float:
+        return math.floor(a * 10) / 10 if choice else round(a, 3)
+
+    threshold = args.choice_confidence if choice else args.vote_agreement
+    right = [(v["agreement"], hit(v["text"], e)) for v, e in zip(voted, train, strict=True)]
+    kept = [h for a, h in right if a >= threshold]
+    levels = sorted({level(a) for a, _ in right})
     by_level = {}
-    for level in levels:
-        hits = [hit for a, hit in right if round(a, 3) == level]
-        by_level[f"{level:.2f}"] = {"n": len(hits), "acc": sum(hits) / len(hits),
-                                    "ci95": wilson_interval(sum(hits), len(hits))}  # fmt: skip
+    for lv in levels:
+        hits = [h for a, h in right if level(a) == lv]
+        by_level[f"{lv:.2f}"] = {"n": len(hits), "acc": sum(hits) / len(hits),
+                                 "ci95": wilson_interval(sum(hits), len(hits))}  # fmt: skip
     return {
         "acc": sum(kept) / max(len(kept), 1), "n": len(kept),
         "ci95": wilson_interval(sum(kept), len(kept)),
-        "coverage": len(kept) / len(train), "votes": args.votes,
-        "min_agreement": args.vote_agreement, "by_agreement": by_level,
+        "coverage": len(kept) / len(train), "votes": None if choice else args.votes,
+        "min_agreement": threshold, "by_agreement": by_level,
+        "kind": "option probability" if choice else "vote agreement",
         "truncated": sum(v["truncated"] for v in voted),
     }  # fmt: skip
 
@@ -235,12 +267,21 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         row["teacher_label_acc"] = {"acc": hits / len(train), "n": len(train),
                                     "ci95": wilson_interval(hits, len(train))}  # fmt: skip
         row["teacher_labels"] = ceiling("teacher_labels", labelled)
+    if "voted_labels" in wanted and task.mode != "generate":
+        confident = cached(
+            base / f"confidence-{len(train)}.json",
+            lambda: {"labels": confident_labels(task, teacher, train)},
+        )["labels"]
+        row["voted_label_acc"] = vote_accuracy(confident, train, args, task)
+        texts = [v["text"] if v["agreement"] >= args.choice_confidence else None
+                 for v in confident]  # fmt: skip
+        row["voted_labels"] = ceiling(f"confident{args.choice_confidence}_labels", texts)
     if "voted_labels" in wanted and task.mode == "generate":
         voted = cached(
             base / f"votes-{args.votes}-{len(train)}.json",
             lambda: {"labels": voted_labels(task, teacher, train, args.votes)},
         )["labels"]
-        row["voted_label_acc"] = vote_accuracy(voted, train, args)
+        row["voted_label_acc"] = vote_accuracy(voted, train, args, task)
         texts = [v["text"] if v["agreement"] >= args.vote_agreement else None for v in voted]
         suffix = "" if args.vote_agreement == 0.5 else f"-agree{args.vote_agreement}"
         row["voted_labels"] = ceiling(f"voted{args.votes}_labels{suffix}", texts)

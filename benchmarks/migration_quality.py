@@ -65,7 +65,7 @@ RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": 
 # defaults, so those runs' work dirs keep their names.
 LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "vote_agreement",
                 "filter", "excess_pool", "discriminator_calibration",
-                "gate_min_checked", "frame_synthesis")  # fmt: skip
+                "gate_min_checked", "frame_synthesis", "choice_confidence")  # fmt: skip
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -97,6 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--vote-agreement", type=float, default=0.5,
         help="share of the teacher's answers a label needs, else the input is dropped",
+    )  # fmt: skip
+    p.add_argument(
+        "--choice-confidence", type=float, default=0.0,
+        help="multiple choice: probability the teacher's option needs, else the input is dropped",
     )  # fmt: skip
     p.add_argument(
         "--generator",
@@ -359,6 +363,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         filter=filter_,
         votes=args.votes,
         vote_agreement=args.vote_agreement,
+        choice_confidence=args.choice_confidence,
         sampling=args.sampling,
         discriminator_calibration=args.disc_calibration,
         frame_synthesis=args.frame,
@@ -507,7 +512,14 @@ def migrate_and_score(
         "train_rows": len(counts["label"]["train"]),
         "labels": {
             k: counts["label"].get(k)
-            for k in ("seed_answers", "unlabelled", "truncated", "synthetic_pool", "synthetic_kept")
+            for k in (
+                "seed_answers",
+                "unlabelled",
+                "doubted",
+                "truncated",
+                "synthetic_pool",
+                "synthetic_kept",
+            )
         },
         "work_dir": str(work),
     }
@@ -657,7 +669,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
-                  "generator", "frame")
+                  "generator", "frame", "choice_confidence")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,

@@ -262,8 +262,8 @@ def migration_ceilings(doc: dict) -> str:
     keys = ("source", "target_base", "three_shot", "true_labels", "teacher_labels",
             "voted_labels")  # fmt: skip
     head = ["task", "n", "source", "Gemma 0-shot", "(c) Gemma 3-shot", "(a) LoRA, true labels",
-            "(b) LoRA, teacher labels", "(b) LoRA, voted labels", "teacher right on train",
-            "voted labels right (share kept)"]  # fmt: skip
+            "(b) LoRA, teacher labels", "(b) LoRA, voted / sure labels",
+            "teacher right on train", "voted / sure labels right (share kept)"]  # fmt: skip
 
     def cell(r: dict | None) -> str:
         return ci(r["acc"], r["ci95"]) if r else NA
@@ -294,9 +294,12 @@ def vote_threshold(doc: dict) -> str:
         )
         row = t.get("voted_labels")
         student = ci(row["acc"], row["ci95"]) if row else NA
+        if v.get("kind") == "option probability":
+            per = "per tenth of the probability the teacher gives its option"
+        else:
+            per = f"per agreement level (share of the {v['votes'] + 1} answers behind the label)"
         lines.append(
-            f"- **{t['task']}**: labels right per agreement level (share of the "
-            f"{v['votes'] + 1} answers behind the label): {levels}. "
+            f"- **{t['task']}**: labels right {per}: {levels}. "
             f"Kept at ≥ {v['min_agreement']}: {v['n']} inputs "
             f"({v['coverage']:.0%}), right on {ci(v['acc'], v['ci95'])}; student trained on "
             f"them: **{student}** held-out."

@@ -163,8 +163,11 @@ def test_migration_ceilings_quick(tmp_path):
             assert 0 < training["rows"] <= 4 and finite(training["final_loss"], 0.0), training
         label = t["teacher_label_acc"]
         assert label["n"] == 4 and accuracy(label["acc"], label["ci95"])
-    mc = rows["disambiguation_qa"]
-    assert mc["voted_labels"] is None and mc["voted_label_acc"] is None  # no votes on options
+    sure = rows["disambiguation_qa"]["voted_label_acc"]  # options: the teacher's probability
+    assert sure["kind"] == "option probability" and sure["min_agreement"] == 0.6
+    assert sum(b["n"] for b in sure["by_agreement"].values()) == 4
+    assert sure["n"] == sum(b["n"] for k, b in sure["by_agreement"].items() if float(k) >= 0.6)
+    assert (rows["disambiguation_qa"]["voted_labels"] is None) == (sure["n"] == 0)
     voted = rows["arithmetic"]["voted_label_acc"]
     assert voted["votes"] == 2 and voted["coverage"] == voted["n"] / 4
     levels = voted["by_agreement"]  # every input at its agreement level, kept or not

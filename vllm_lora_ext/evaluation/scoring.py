@@ -28,6 +28,16 @@ def choose_option(option_logprobs: Sequence[Sequence[float]]) -> int:
     return max(range(len(sums)), key=lambda i: (sums[i], -i))
 
 
+def option_probabilities(option_logprobs: Sequence[Sequence[float]]) -> list[float]:
+    """How sure a model is of each option: the softmax of their summed log-likelihoods, i.e.
+    each option's probability given that the answer is one of them."""
+    sums = [option_loglikelihood(lp) for lp in option_logprobs]
+    top = max(sums)
+    weights = [math.exp(x - top) for x in sums]
+    total = math.fsum(weights)
+    return [w / total for w in weights]
+
+
 def multiple_choice_correct(
     option_logprobs: Sequence[Sequence[float]], correct: Sequence[int]
 ) -> bool:

@@ -10,7 +10,9 @@ A free-form label can also be voted on: the teacher answers ``votes`` more times
 and the answer most of its answers agree on is kept (self-consistency); an input the teacher
 does not agree with itself on is dropped, since a label the teacher is unsure of is more often
 wrong. An answer that ran into the token budget is recorded as truncated and cut where the
-task's answers end (as many lines as the known answers have).
+task's answers end (as many lines as the known answers have). A multiple-choice label carries
+the probability the teacher gives its option among the listed ones: its doubt, as disagreeing
+votes are for free-form answers.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 from vllm_lora_ext.evaluation.backends import Backend
 from vllm_lora_ext.evaluation.prompts import answer_ids, stop_token_ids
-from vllm_lora_ext.evaluation.scoring import choose_option
+from vllm_lora_ext.evaluation.scoring import choose_option, option_probabilities
 from vllm_lora_ext.migrate.queries import query_prompt, read_answer
 
 
@@ -35,7 +37,9 @@ class Label:
     text: str | None
     """The label, or ``None``: no options to choose from, or no majority among the votes."""
     agreement: float = 1.0
-    """Share of the teacher's answers (greedy + sampled) equal to ``text`` (1 without votes)."""
+    """How sure the teacher is of ``text``: the share of its answers (greedy + sampled) equal to
+    it (1 without votes), or for multiple choice the probability it gives that option among
+    the listed ones."""
     truncated: bool = False
     """The kept answer ran into the token budget (then it was cut, see :func:`cut_answer`)."""
 
@@ -160,6 +164,14 @@ def choose_all(
 ) -> list[int]:
     """Index of the option the backend finds most likely for each input (framed by
     :func:`query_prompt`, options scored as continuations of the answer cue)."""
+    return [c for c, _ in choose_all_with_confidence(backend, inputs, options)]
+
+
+def choose_all_with_confidence(
+    backend: Backend, inputs: Sequence[str], options: Sequence[Sequence[str]]
+) -> list[tuple[int, float]]:
+    """:func:`choose_all`, with the probability the backend gives its choice among the options
+    (see :func:`~vllm_lora_ext.evaluation.scoring.option_probabilities`)."""
     tok = backend.tokenizer
     requests, counts = [], []
     for text, opts in zip(inputs, options, strict=True):
@@ -171,7 +183,9 @@ def choose_all(
     logprobs = backend.continuation_logprobs(requests)
     choices, at = [], 0
     for n in counts:
-        choices.append(choose_option(logprobs[at : at + n]))
+        scored = logprobs[at : at + n]
+        chosen = choose_option(scored)
+        choices.append((chosen, option_probabilities(scored)[chosen]))
         at += n
     return choices
 
@@ -200,7 +214,9 @@ def label_all(
     should_stop: Callable[[], bool] | None = None,
 ) -> list[Label]:
     """The teacher's label for each input: its (voted) answer, or with ``choice_prefix`` the
-    option it finds most likely (``None`` for an input that lists fewer than two options)."""
+    option it finds most likely (``None`` for an input that lists fewer than two options),
+    never dropped for doubt: the caller decides what a multiple-choice label's confidence
+    must be."""
     if choice_prefix is None:
         return vote_all(backend, inputs, max_tokens, votes or VoteParams(), max_lines, chunk,
                         on_chunk, should_stop)  # fmt: skip
@@ -211,10 +227,14 @@ def label_all(
         part = inputs[start : start + chunk]
         options = [parse_options(x, choice_prefix) for x in part]
         ok = [i for i, o in enumerate(options) if lists_options(o)]
-        chosen = choose_all(backend, [part[i] for i in ok], [options[i] for i in ok]) if ok else []
-        picked = [Label(None)] * len(part)
-        for i, c in zip(ok, chosen, strict=True):
-            picked[i] = Label(options[i][c])
+        chosen = (
+            choose_all_with_confidence(backend, [part[i] for i in ok], [options[i] for i in ok])
+            if ok
+            else []
+        )
+        picked = [Label(None, 0.0)] * len(part)
+        for i, (c, p) in zip(ok, chosen, strict=True):
+            picked[i] = Label(options[i][c], p)
         labels += picked
         if on_chunk is not None:
             on_chunk(len(labels))

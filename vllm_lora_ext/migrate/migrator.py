@@ -294,6 +294,12 @@ class Migrator:
             should_stop=self._cancel.is_set,
         )
         answers = {x: label.text for x, label in zip(asked, labels, strict=True)}
+        # A label the teacher doubts is no label to learn from (the gate still compares it).
+        doubted = {
+            x
+            for x, label in zip(asked, labels, strict=True)
+            if s.choice_prefix is not None and label.agreement < s.choice_confidence
+        }
         pool = len(synthetic)
         if self._filter() == "excess":
             synthetic = self._select_by_excess(synthetic, answers)
@@ -305,12 +311,15 @@ class Migrator:
         held_set = set(held)
         inputs = real + [x for x in synthetic if x not in held_set]
         gate = [*gate, *((x, None) for x in held)]
-        train = [(x, known[x] if x in known else answers[x]) for x in inputs]
+        train = [
+            (x, known[x] if x in known else None if x in doubted else answers[x]) for x in inputs
+        ]
         return {
             "train": [[x, y] for x, y in train if y is not None],
             "gate": [[x, answers[x], y] for x, y in gate if answers[x] is not None],
             "seed_answers": sum(x in known for x in inputs),
             "unlabelled": sum(y is None for _, y in train),
+            "doubted": sum(x in doubted for x in inputs if x not in known),
             "gate_synthetic": n_held,
             "truncated": sum(label.truncated for label in labels),
             "agreement": [round(label.agreement, 3) for label in labels],

@@ -123,6 +123,11 @@ class MigrationOptions(BaseModel):
     (benchmarks/results/migration_ceilings.json)."""
     vote_temperature: float = Field(0.7, gt=0, le=2)
     vote_agreement: float = Field(0.5, gt=0, le=1)
+    choice_confidence: float = Field(0.0, ge=0, lt=1)
+    """A multiple-choice training input is dropped when the teacher gives its chosen option a
+    probability (among the listed options) below this; seeds keep their answers and the gate
+    sees every label. 0: none dropped. The teacher's doubt is the multiple-choice analogue of
+    votes that disagree."""
     teacher_top_k: int = Field(20, ge=1, le=20)
     """20 is vLLM's default ``--max-logprobs``, the most a served teacher returns."""
     answer_max_tokens: int = Field(64, ge=1)

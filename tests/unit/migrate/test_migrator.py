@@ -379,3 +379,42 @@ def test_the_gate_scores_a_multiple_choice_student_by_the_option_it_finds_most_l
     gate = result.gate
     assert gate.n_with_targets == 3 and gate.student_accuracy == gate.teacher_accuracy == 1.0
     assert gate.passed and gate.agreement == 1.0, gate.reason
+
+
+def test_multiple_choice_labels_the_teacher_doubts_are_not_trained_on(parts, tmp_path):
+    """``choice_confidence``: an input whose options the teacher finds equally likely (p = 0.5
+    for its choice) is dropped from training, unless it is a seed with a known answer; the gate
+    still sees the teacher's answer on every held-out input."""
+    prefix = "\n  choice: "
+    scores = {"two": -0.1, "one": -3.0, "uno": -1.0, "dos": -1.0}
+
+    class SummedScorer(AnswerScorer):  # an option's summed log-likelihood is its score
+        def continuation_logprobs(self, requests):
+            return [
+                tuple(self.logprob(self.tokenizer.decode(list(a))) / len(a) for _ in a)
+                for _, a in requests
+            ]
+
+    parts["teacher"] = SummedScorer(parts["teacher"], lambda a: scores[a.strip()])
+    rng = random.Random(7)
+    sure = [f"{w}{prefix}one{prefix}two" for w in strings(rng, LETTERS, 8)]
+    unsure = [f"{w}{prefix}uno{prefix}dos" for w in strings(rng, LETTERS, 8)]
+    seeds = [Seed(input=x, output="dos") for x in unsure[:2]]
+    spec = MigrationSpec.model_validate(
+        make_spec("seeds_only").model_dump()
+        | {"choice_prefix": prefix, "choice_confidence": 0.7, "seeds": seeds,
+           "reservoir": sure + unsure[2:]}
+    )  # fmt: skip
+    result = Migrator(spec, tmp_path / "mc", **parts).run()
+    label = result.counts["label"]
+    trained = {x: y for x, y in label["train"]}
+    gated = {x for x, _, _ in label["gate"]}
+    assert all(trained[x] == "two" for x in sure if x not in gated)
+    # The doubted inputs: only the seeds are trained on, with their known answers.
+    assert {x: y for x, y in trained.items() if x in unsure} == {
+        s.input: "dos" for s in seeds if s.input not in gated
+    }
+    assert label["doubted"] == sum(x not in gated for x in unsure[2:]) > 0
+    assert label["unlabelled"] == label["doubted"]
+    assert all(a == "two" or x in unsure for x, a, _ in label["gate"])
+    assert {x for x in unsure if x in gated} <= {x for x, _, _ in label["gate"]}

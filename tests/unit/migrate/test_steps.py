@@ -497,3 +497,20 @@ def test_answer_lines_counts_the_longest_known_answer(known: list[str]) -> None:
         assert got is None
     else:
         assert got == max(max(1, len(k.strip().splitlines())) for k in known)
+
+
+def test_a_multiple_choice_label_carries_the_teachers_probability_for_its_option(llama_tok):
+    """Against a float64 softmax over the options' summed log-likelihoods."""
+    import torch
+
+    from vllm_lora_ext.migrate.labelling import label_all
+
+    marker = "\n  choice: "
+    inputs = [f"Who teaches?{marker}The assistant{marker}The cook{marker}Ambiguous"]
+    (label,) = label_all(OptionScorer(llama_tok, "cook"), inputs, choice_prefix=marker)
+    sums = []
+    for option in ("The assistant", "The cook", "Ambiguous"):
+        # OptionScorer: 0.0 for the preferred option, -1.0 a token for the others (2 tokens)
+        sums.append(0.0 if "cook" in option else -2.0)
+    expected = torch.softmax(torch.tensor(sums, dtype=torch.float64), 0)[1].item()
+    assert label.text == "The cook" and label.agreement == pytest.approx(expected, rel=1e-12)
