@@ -330,6 +330,8 @@ MIGRATION_RUNS = [
     ("**migrated: 256 traffic, votes (defaults)**",
      ["migration_quality_reservoir256.json", "migration_quality_reservoir256_more.json"],
      "filtered"),
+    ("**migrated: the same defaults, run again**", ["migration_quality_paired.json"],
+     "filtered"),
 ]  # fmt: skip
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
@@ -339,6 +341,12 @@ CEILING_ROWS = [
 ]  # fmt: skip
 STRICT_VOTES = "migration_ceilings_strict.json"
 """The voted ceiling again, keeping only labels 4 of the teacher's 5 answers agree on."""
+SURE_CHOICES = "migration_ceilings_sure.json"
+"""Ceiling (b) on multiple choice, keeping only options the teacher gives p >= 0.6."""
+EXTRA_CEILINGS = [
+    (STRICT_VOTES, "(b) same, voted labels 4 of 5 answers agree on"),
+    (SURE_CHOICES, "(b) same, only options the teacher gives p ≥ 0.6"),
+]
 
 
 def signed_ci(d: dict) -> str:
@@ -361,11 +369,11 @@ def migration_overview(results: Path) -> str | None:
     for label, key in CEILING_ROWS:
         cells = [ceilings[t].get(key) for t in tasks]
         rows.append([label, *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])
-    if (results / STRICT_VOTES).is_file():
-        strict = {t["task"]: t for t in json.loads((results / STRICT_VOTES).read_text())["tasks"]}
-        cells = [(strict.get(t) or {}).get("voted_labels") for t in tasks]
-        rows.append(["(b) same, voted labels 4 of 5 answers agree on",
-                     *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])  # fmt: skip
+    for name, label in EXTRA_CEILINGS:
+        if (results / name).is_file():
+            extra = {t["task"]: t for t in json.loads((results / name).read_text())["tasks"]}
+            cells = [(extra.get(t) or {}).get("voted_labels") for t in tasks]
+            rows.append([label, *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])
     goal = {}
     for t in tasks:
         source, a = ceilings[t]["source"]["acc"], ceilings[t]["true_labels"]["acc"]
@@ -479,6 +487,9 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_ceilings.py --tasks object_counting,arithmetic --rows "
      "voted_labels --vote-agreement 0.8 --name migration_ceilings_strict --threads 2",
      vote_threshold),
+    (SURE_CHOICES, "Migration ceiling (b) with the options the teacher is sure of",
+     "python benchmarks/migration_ceilings.py --tasks disambiguation_qa --rows voted_labels "
+     "--choice-confidence 0.6 --name migration_ceilings_sure --threads 1", vote_threshold),
     ("migration_quality.json", "Migration quality, Trans-LoRA",
      "python benchmarks/migration_quality.py", migration_quality),
     ("migration_quality_fitted.json", "Migration quality, new defaults",
@@ -525,6 +536,10 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_quality.py --modes filtered --reservoir 256 --limit 100 "
      "--tasks object_counting,disambiguation_qa "
      "--result-name migration_quality_reservoir256_more", migration_quality),
+    ("migration_quality_paired.json",
+     "Migration quality, the defaults run again, paired with the source",
+     "python benchmarks/migration_quality.py --modes filtered --limit 100 "
+     "--result-name migration_quality_paired", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("cpu_lora_profile.json", "Where CPU serving time goes",

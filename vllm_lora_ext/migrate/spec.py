@@ -127,7 +127,10 @@ class MigrationOptions(BaseModel):
     """A multiple-choice training input is dropped when the teacher gives its chosen option a
     probability (among the listed options) below this; seeds keep their answers and the gate
     sees every label. 0: none dropped. The teacher's doubt is the multiple-choice analogue of
-    votes that disagree."""
+    votes that disagree. Off by default: on disambiguation_qa's train inputs the options given
+    p >= 0.6 were right on 0.94 (all: 0.87), yet a student trained on them scored 0.64 held-out
+    against 0.62 on all labels (benchmarks/results/migration_ceilings_sure.json): the doubted
+    inputs are the hard ones, and dropping them loses what they teach."""
     teacher_top_k: int = Field(20, ge=1, le=20)
     """20 is vLLM's default ``--max-logprobs``, the most a served teacher returns."""
     answer_max_tokens: int = Field(64, ge=1)
