@@ -204,7 +204,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
         adapter_dir = ROOT / "adapters" / DEFAULT_MODEL_NAME / args.task
         old_name, new_name = DEFAULT_MODEL_NAME, GEMMA3_270M_NAME
         old_args, new_args = ["--max-lora-rank", "16"], []
-    task = load_task(args.task)
+    card = adapter_dir / "card.json"  # split as the adapter was trained, so held out stays out
+    task = load_task(args.task, seed=json.loads(card.read_text())["seed"] if card.is_file() else 0)
     smol_tok = AutoTokenizer.from_pretrained(old_dir)
     spec = migration_quality.build_spec(spec_args(args), task, args.task, args.data, smol_tok)
     traffic = spec.reservoir
