@@ -330,8 +330,8 @@ MIGRATION_RUNS = [
     ("**migrated: 256 traffic, votes (defaults)**",
      ["migration_quality_reservoir256.json", "migration_quality_reservoir256_more.json"],
      "filtered"),
-    ("**migrated: the same defaults, run again**", ["migration_quality_paired.json"],
-     "filtered"),
+    ("**migrated: defaults again, half the seeds' answers kept for the gate**",
+     ["migration_quality_paired.json"], "filtered"),
 ]  # fmt: skip
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
@@ -537,7 +537,7 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "--tasks object_counting,disambiguation_qa "
      "--result-name migration_quality_reservoir256_more", migration_quality),
     ("migration_quality_paired.json",
-     "Migration quality, the defaults run again, paired with the source",
+     "Migration quality, the defaults again, paired with the source",
      "python benchmarks/migration_quality.py --modes filtered --limit 100 "
      "--result-name migration_quality_paired", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
