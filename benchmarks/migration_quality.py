@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="share of the teacher's answers a label needs, else the input is dropped",
     )  # fmt: skip
     p.add_argument(
+        "--migration-seed", type=int, default=0,
+        help="the migration's seed (synthesis, training order and init, the gate's split): "
+        "another seed is a replicate of the same settings",
+    )  # fmt: skip
+    p.add_argument(
         "--choice-confidence", type=float, default=0.0,
         help="multiple choice: probability the teacher's option needs, else the input is dropped",
     )  # fmt: skip
@@ -364,6 +369,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         votes=args.votes,
         vote_agreement=args.vote_agreement,
         choice_confidence=args.choice_confidence,
+        seed=args.migration_seed,
         sampling=args.sampling,
         discriminator_calibration=args.disc_calibration,
         frame_synthesis=args.frame,
@@ -669,7 +675,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
-                  "generator", "frame", "choice_confidence")
+                  "generator", "frame", "choice_confidence", "migration_seed")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,
