@@ -332,6 +332,8 @@ MIGRATION_RUNS = [
      "filtered"),
     ("**migrated: defaults again, half the seeds' answers kept for the gate**",
      ["migration_quality_paired.json"], "filtered"),
+    ("migrated: the same, another migration seed (a replicate)",
+     ["migration_quality_seed1.json"], "filtered"),
 ]  # fmt: skip
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
@@ -540,6 +542,10 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "Migration quality, the defaults again, paired with the source",
      "python benchmarks/migration_quality.py --modes filtered --limit 100 "
      "--result-name migration_quality_paired", migration_quality),
+    ("migration_quality_seed1.json", "Migration quality, the defaults with another seed",
+     "python benchmarks/migration_quality.py --modes filtered --limit 100 --tasks "
+     "disambiguation_qa --migration-seed 1 --result-name migration_quality_seed1",
+     migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("cpu_lora_profile.json", "Where CPU serving time goes",
