@@ -20,6 +20,12 @@ examples (framed as the migration's student sees them, ``migrate.queries.query_p
   the teacher gives less than ``--choice-confidence`` probability are dropped. The label
   accuracy and the share of inputs kept are recorded: does a surer teacher buy cleaner labels,
   and at what coverage?
+* ``soft_labels`` (ceiling b, multiple choice only): every input appears ``--soft-draws`` times,
+  each with an option drawn from the teacher's probabilities over the options, so the student
+  learns how sure the teacher is (an input it doubts teaches both options) instead of its
+  argmax alone, at the same budget.
+
+``--seed`` seeds the students' LoRA init and batch order (and the soft draws): a replicate.
 
 Between them these rows separate what a migration loses to synthetic inputs (migrated vs b), to
 the teacher's labels (b vs a) and to the student's capacity at this budget (a vs the source).
@@ -48,7 +54,10 @@ import quick
 from migration_quality import DEFAULT_ADAPTERS, DEFAULT_TASKS, QUICK_TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("source", "target_base", "three_shot", "true_labels", "teacher_labels", "voted_labels")
+ROWS = (
+    "source", "target_base", "three_shot", "true_labels", "teacher_labels", "voted_labels",
+    "soft_labels",
+)  # fmt: skip
 LABELS = {
     "source": "source (SmolLM2 + adapter)",
     "target_base": "Gemma 3 base, 0-shot",
@@ -56,6 +65,7 @@ LABELS = {
     "true_labels": "(a) Gemma + LoRA, true labels",
     "teacher_labels": "(b) Gemma + LoRA, teacher labels",
     "voted_labels": "(b) with voted labels",
+    "soft_labels": "(b) with option labels drawn from the teacher",
 }
 
 
@@ -80,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--choice-confidence", type=float, default=0.6,
         help="multiple choice: probability the teacher's option needs, else the input is dropped",
     )  # fmt: skip
+    p.add_argument(
+        "--soft-draws", type=int, default=4, help="multiple choice: labels drawn per input"
+    )
+    p.add_argument("--seed", type=int, default=0, help="the students' init, order and draws")
     p.add_argument("--rows", default=",".join(ROWS), help="the rows to compute (default: all)")
     p.add_argument("--name", default="migration_ceilings", help="the result files' stem")
     p.add_argument("--threads", type=int, default=1)
@@ -138,6 +152,30 @@ def confident_labels(task: Any, teacher: Any, examples: list) -> list[dict]:
             for (c, p), e in zip(chosen, examples, strict=True)]  # fmt: skip
 
 
+def option_spread(task: Any, teacher: Any, examples: list) -> list[list[float]]:
+    """Multiple choice: the teacher's probability for every option of every input."""
+    from vllm_lora_ext.evaluation.prompts import user_message
+    from vllm_lora_ext.migrate.labelling import option_distributions
+
+    inputs = [user_message(task, e) for e in examples]
+    return option_distributions(teacher, inputs, [e.options for e in examples])
+
+
+def soft_draws(
+    task: Any, examples: list, spread: list[list[float]], draws: int, seed: int
+) -> tuple[list, list[str]]:
+    """Each example ``draws`` times, each time with an option drawn from ``spread`` (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    repeated, labels = [], []
+    for e, p in zip(examples, spread, strict=True):
+        for option in rng.choices(e.options, weights=p, k=draws):
+            repeated.append(e)
+            labels.append(option)
+    return repeated, labels
+
+
 def teacher_labels(task: Any, teacher: Any, examples: list) -> list[str]:
     from vllm_lora_ext.evaluation.evaluate import generation_budget
     from vllm_lora_ext.evaluation.prompts import user_message
@@ -156,7 +194,7 @@ def train_student(args: argparse.Namespace, gemma_dir: Path, pairs: list, out: P
 
     hp = LoraHyperparameters(
         rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")),
-        steps=args.steps, batch=args.batch, lr=args.lr,
+        steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
     )  # fmt: skip
     start = time.perf_counter()
     d = distil(gemma_dir, pairs, hp, out, max_len=args.max_len)
@@ -239,9 +277,12 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
             f"three_shot{args.shots}", lambda: framed_score(task, gemma, args.limit, shots)
         )
     budget = f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}"
+    if args.seed:
+        budget += f"seed{args.seed}"
 
-    def ceiling(key: str, labels: list[str | None]) -> dict | None:
-        pairs = [(user_message(task, e), y) for e, y in zip(train, labels, strict=True) if y]
+    def ceiling(key: str, labels: list[str | None], examples: list | None = None) -> dict | None:
+        examples = train if examples is None else examples
+        pairs = [(user_message(task, e), y) for e, y in zip(examples, labels, strict=True) if y]
         if not pairs:  # every input dropped, e.g. no majority among a random teacher's votes
             print(f"  {key}: no labelled input, nothing to train", flush=True)
             return None
@@ -283,6 +324,13 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         row["voted_labels"] = ceiling(
             key, [v["text"] if v["agreement"] >= threshold else None for v in sure]
         )
+    if "soft_labels" in wanted and task.mode != "generate":
+        spread = cached(
+            base / f"distribution-{len(train)}.json",
+            lambda: {"probabilities": option_spread(task, teacher, train)},
+        )["probabilities"]
+        inputs, labels = soft_draws(task, train, spread, args.soft_draws, args.seed)
+        row["soft_labels"] = ceiling(f"soft{args.soft_draws}_labels", labels, inputs)
     for key in ROWS:
         if row[key] is not None:
             row[key].pop("predictions", None)

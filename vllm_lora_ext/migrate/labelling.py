@@ -172,6 +172,20 @@ def choose_all_with_confidence(
 ) -> list[tuple[int, float]]:
     """:func:`choose_all`, with the probability the backend gives its choice among the options
     (see :func:`~vllm_lora_ext.evaluation.scoring.option_probabilities`)."""
+    return [(c, p[c]) for c, p in _scored_options(backend, inputs, options)]
+
+
+def option_distributions(
+    backend: Backend, inputs: Sequence[str], options: Sequence[Sequence[str]]
+) -> list[list[float]]:
+    """Each input's probability over its options (summing to 1): what a student distils when
+    it learns how sure the teacher is, not only which option it picks."""
+    return [p for _, p in _scored_options(backend, inputs, options)]
+
+
+def _scored_options(
+    backend: Backend, inputs: Sequence[str], options: Sequence[Sequence[str]]
+) -> list[tuple[int, list[float]]]:
     tok = backend.tokenizer
     requests, counts = [], []
     for text, opts in zip(inputs, options, strict=True):
@@ -181,13 +195,12 @@ def choose_all_with_confidence(
         requests += [(prompt.ids, answer_ids(tok, prompt, o)) for o in opts]
         counts.append(len(opts))
     logprobs = backend.continuation_logprobs(requests)
-    choices, at = [], 0
+    scored, at = [], 0
     for n in counts:
-        scored = logprobs[at : at + n]
-        chosen = choose_option(scored)
-        choices.append((chosen, option_probabilities(scored)[chosen]))
+        part = logprobs[at : at + n]
+        scored.append((choose_option(part), option_probabilities(part)))
         at += n
-    return choices
+    return scored
 
 
 def parse_options(text: str, choice_prefix: str) -> list[str]:

@@ -17,7 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm_lora_ext.evaluation.backends import TransformersBackend
 from vllm_lora_ext.migrate.discriminator import free_prompt
 from vllm_lora_ext.migrate.gate import decide
-from vllm_lora_ext.migrate.labelling import LabellingStopped, answer_all
+from vllm_lora_ext.migrate.labelling import (
+    LabellingStopped,
+    answer_all,
+    choose_all,
+    option_distributions,
+)
 from vllm_lora_ext.migrate.queries import query_prompt
 from vllm_lora_ext.migrate.synthesis import (
     Frame,
@@ -226,6 +231,36 @@ def test_answer_all_reads_first_line_on_plain_prompts(gemma_tok) -> None:
     assert backend.calls == 2
     with pytest.raises(LabellingStopped):
         answer_all(backend, ["abc"], should_stop=lambda: True)
+
+
+def test_option_distributions_are_the_softmax_of_summed_option_loglikelihoods(
+    tiny_model_dir: Path,
+) -> None:
+    """Oracle: the tiny model's own float64 log-softmax, each option scored as the continuation
+    of the student's query prompt; ragged option counts and lengths."""
+    from vllm_lora_ext.evaluation.prompts import answer_ids
+
+    backend = TransformersBackend.from_pretrained(tiny_model_dir)
+    tok = backend.tokenizer
+    inputs = ["Which is it?", "Pick one of these"]
+    options = [["one", "two three", "four five six"], ["yes", "no"]]
+    got = option_distributions(backend, inputs, options)
+    for text, opts, dist in zip(inputs, options, got, strict=True):
+        prompt = query_prompt(tok, text)
+        sums = []
+        for o in opts:
+            ans = answer_ids(tok, prompt, o)
+            ids = torch.tensor([[*prompt.ids, *ans]])
+            with torch.no_grad():
+                logp = torch.log_softmax(backend.model(input_ids=ids).logits[0].double(), -1)
+            start = len(prompt.ids) - 1
+            sums.append(sum(logp[start + i, t] for i, t in enumerate(ans)))
+        want = torch.softmax(torch.stack(sums), 0).tolist()
+        assert dist == pytest.approx(want, abs=1e-5)
+        assert math.fsum(dist) == pytest.approx(1.0)
+    assert choose_all(backend, inputs, options) == [
+        max(range(len(d)), key=d.__getitem__) for d in got
+    ]
 
 
 def test_query_prompt_chat(llama_tok) -> None:
