@@ -26,6 +26,8 @@ examples (framed as the migration's student sees them, ``migrate.queries.query_p
   argmax alone, at the same budget.
 
 ``--seed`` seeds the students' LoRA init and batch order (and the soft draws): a replicate.
+``--soup K`` trains every student row K times (seeds ``--seed`` onwards), scores each, and
+scores the mean of their LoRA deltas as the row (``members`` keeps each student's score).
 
 Between them these rows separate what a migration loses to synthetic inputs (migrated vs b), to
 the teacher's labels (b vs a) and to the student's capacity at this budget (a vs the source).
@@ -94,6 +96,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--soft-draws", type=int, default=4, help="multiple choice: labels drawn per input"
     )
     p.add_argument("--seed", type=int, default=0, help="the students' init, order and draws")
+    p.add_argument(
+        "--soup", type=int, default=0,
+        help="K >= 2: each trained row is K students (seeds --seed.. --seed+K-1), each scored, "
+        "and the mean of their deltas scored as the row",
+    )  # fmt: skip
+    p.add_argument("--soup-rank", type=int, default=0, help="cut the soup to this rank; 0: K x r")
     p.add_argument("--rows", default=",".join(ROWS), help="the rows to compute (default: all)")
     p.add_argument("--name", default="migration_ceilings", help="the result files' stem")
     p.add_argument("--threads", type=int, default=1)
@@ -188,13 +196,15 @@ def teacher_labels(task: Any, teacher: Any, examples: list) -> list[str]:
     return [e.options[c] for c, e in zip(choices, examples, strict=True)]
 
 
-def train_student(args: argparse.Namespace, gemma_dir: Path, pairs: list, out: Path) -> dict:
+def train_student(
+    args: argparse.Namespace, gemma_dir: Path, pairs: list, out: Path, seed: int
+) -> dict:
     from vllm_lora_ext.migrate.distill import distil
     from vllm_lora_ext.training import LoraHyperparameters
 
     hp = LoraHyperparameters(
         rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")),
-        steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+        steps=args.steps, batch=args.batch, lr=args.lr, seed=seed,
     )  # fmt: skip
     start = time.perf_counter()
     d = distil(gemma_dir, pairs, hp, out, max_len=args.max_len)
@@ -245,6 +255,7 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
     from vllm_lora_ext.evaluation.prompts import user_message
     from vllm_lora_ext.evaluation.scoring import exact_match, wilson_interval
     from vllm_lora_ext.evaluation.tasks import load_task, reference_answer
+    from vllm_lora_ext.migrate.soup import save_soup
 
     card = json.loads((args.adapters / name / "card.json").read_text())
     task = load_task(name, seed=card["seed"])
@@ -276,9 +287,25 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         row["three_shot"] = timed(
             f"three_shot{args.shots}", lambda: framed_score(task, gemma, args.limit, shots)
         )
-    budget = f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}"
-    if args.seed:
-        budget += f"seed{args.seed}"
+
+    def budget(seed: int) -> str:
+        return f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}" + (
+            f"seed{seed}" if seed else ""
+        )
+
+    def student(key: str, pairs: list, seed: int) -> tuple[dict, Path]:
+        """A student trained on ``pairs`` with ``seed``, scored (cached with its adapter)."""
+        out = base / f"{key}-{budget(seed)}"
+        scored = base / f"{key}-{budget(seed)}-{args.limit}.json"
+        if scored.exists() and not (out / "adapter_model.safetensors").exists():
+            scored.unlink()  # the score outlived its adapter: a soup needs the adapter again
+
+        def compute() -> dict:
+            training = train_student(args, models["gemma_dir"], pairs, out, seed)
+            score = framed_score(task, gemma_backend(models["gemma_dir"], out), args.limit)
+            return {**score, "training": training}
+
+        return timed(f"{key}-{budget(seed)}", compute), out
 
     def ceiling(key: str, labels: list[str | None], examples: list | None = None) -> dict | None:
         examples = train if examples is None else examples
@@ -286,14 +313,24 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         if not pairs:  # every input dropped, e.g. no majority among a random teacher's votes
             print(f"  {key}: no labelled input, nothing to train", flush=True)
             return None
+        if args.soup < 2:
+            return student(key, pairs, args.seed)[0]
+        seeds = range(args.seed, args.seed + args.soup)
+        members = [student(key, pairs, seed) for seed in seeds]
+        tag = f"{key}-{budget(0)}-soup{seeds[0]}to{seeds[-1]}"
+        tag += f"-rank{args.soup_rank}" if args.soup_rank else ""
 
         def compute() -> dict:
-            out = base / f"{key}-{budget}"
-            training = train_student(args, models["gemma_dir"], pairs, out)
-            score = framed_score(task, gemma_backend(models["gemma_dir"], out), args.limit)
-            return {**score, "training": training}
+            out = base / tag
+            save_soup([d for _, d in members], out, args.soup_rank or None)
+            return framed_score(task, gemma_backend(models["gemma_dir"], out), args.limit)
 
-        return timed(f"{key}-{budget}", compute)
+        value = timed(tag, compute)
+        kept = ("acc", "n", "correct", "ci95", "hits")
+        scores = [
+            {k: m[k] for k in kept} | {"seed": s} for (m, _), s in zip(members, seeds, strict=True)
+        ]
+        return {**value, "members": scores}
 
     if "true_labels" in wanted:
         row["true_labels"] = ceiling("true_labels", [reference_answer(task, e) for e in train])

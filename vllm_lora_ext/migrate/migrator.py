@@ -27,7 +27,7 @@ from vllm_lora_ext.migrate.discriminator import (
     sample_negatives,
     train_discriminator,
 )
-from vllm_lora_ext.migrate.distill import distil
+from vllm_lora_ext.migrate.distill import CARD_FILE, distil
 from vllm_lora_ext.migrate.excess import excess_scores, top_by_excess
 from vllm_lora_ext.migrate.gate import GateResult, decide
 from vllm_lora_ext.migrate.labelling import (
@@ -40,6 +40,7 @@ from vllm_lora_ext.migrate.labelling import (
     parse_options,
 )
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
+from vllm_lora_ext.migrate.soup import save_soup
 from vllm_lora_ext.migrate.spec import MigrationSpec, real_inputs, split_real
 from vllm_lora_ext.migrate.synthesis import SynthesisCounts, synthesise
 from vllm_lora_ext.training import TrainingDiverged, TrainingStopped
@@ -342,27 +343,48 @@ class Migrator:
         return kept
 
     def _distil(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """One student, or with ``student_soup`` = K the mean of K students' deltas (seeds
+        ``seed`` onwards), cut back to the student rank. A member already trained by an
+        interrupted run is reused."""
         pairs = [(x, y) for x, y in outputs["label"]["train"]]
-        hp = self.spec.student.hyperparameters(self.spec.seed)
-        result = distil(
-            self.new_base,
-            pairs,
-            hp,
-            self.work_dir / STUDENT_DIR,
-            self.spec.max_len,
-            on_step=self._on_train_step(hp.steps),
-            should_stop=self._cancel.is_set,
-            teacher=self.teacher if self.spec.distillation == "token_kl" else None,
-            top_k=self.spec.teacher_top_k,
-            fit_target=self.spec.student_fit or None,
-        )
+        k = self.spec.student_soup
+        members = []
+        for i in range(k):
+            out = self.work_dir / (STUDENT_DIR if k == 1 else f"{STUDENT_DIR}-{i}")
+            if k > 1 and (out / CARD_FILE).is_file():
+                card = json.loads((out / CARD_FILE).read_text())
+                kept = ("rows", "too_long", "final_loss", "steps_run", "fit")
+                members.append({key: card[key] for key in kept} | {"seed_offset": i})
+                continue
+            hp = self.spec.student.hyperparameters(self.spec.seed + i)
+            result = distil(
+                self.new_base,
+                pairs,
+                hp,
+                out,
+                self.spec.max_len,
+                on_step=self._on_train_step(hp.steps),
+                should_stop=self._cancel.is_set,
+                teacher=self.teacher if self.spec.distillation == "token_kl" else None,
+                top_k=self.spec.teacher_top_k,
+                fit_target=self.spec.student_fit or None,
+            )
+            members.append({"rows": result.rows, "too_long": result.too_long,
+                            "final_loss": result.losses[-1], "steps_run": len(result.losses),
+                            "fit": result.fit, "seed_offset": i})  # fmt: skip
+        soup = None
+        if k > 1:
+            dirs = [self.work_dir / f"{STUDENT_DIR}-{i}" for i in range(k)]
+            soup = save_soup(dirs, self.work_dir / STUDENT_DIR, self.spec.student.rank)
+        first = members[0]
         return {
-            "rows": result.rows,
-            "too_long": result.too_long,
-            "final_loss": result.losses[-1],
+            "rows": first["rows"],
+            "too_long": first["too_long"],
+            "final_loss": first["final_loss"],
             "distillation": self.spec.distillation,
-            "steps_run": len(result.losses),
-            "fit": result.fit,
+            "steps_run": first["steps_run"],
+            "fit": first["fit"],
+            "soup": None if soup is None else {"members": members, **soup},
         }
 
     def _gate(self, outputs: dict[str, Any]) -> dict[str, Any]:

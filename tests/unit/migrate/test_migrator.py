@@ -418,3 +418,34 @@ def test_multiple_choice_labels_the_teacher_doubts_are_not_trained_on(parts, tmp
     assert label["unlabelled"] == label["doubted"]
     assert all(a == "two" or x in unsure for x, a, _ in label["gate"])
     assert {x for x in unsure if x in gated} <= {x for x, _, _ in label["gate"]}
+
+
+def test_a_soup_of_students_is_the_mean_of_their_deltas_cut_to_the_student_rank(parts, tmp_path):
+    """``student_soup=2``: two students with seeds 0 and 1, the adapter is their mean delta at
+    the student's rank; a re-run after losing the adapter reuses both trained students."""
+    import torch
+
+    from vllm_lora_ext.adapters.lora_weights import load_lora
+    from vllm_lora_ext.migrate.soup import mean_delta, truncated_with_errors
+
+    spec = make_spec("seeds_only").model_copy(update={"student_soup": 2})
+    work = tmp_path / "soup"
+    result = Migrator(spec, work, **parts).run()
+    soup = result.counts["distil"]["soup"]
+    assert [m["seed_offset"] for m in soup["members"]] == [0, 1]
+    assert all(m["steps_run"] == 40 for m in soup["members"])
+    members = [load_lora(work / f"{STUDENT_DIR}-{i}") for i in range(2)]
+    adapter = load_lora(result.adapter_dir)
+    assert adapter.rank == spec.student.rank == soup["rank"]
+    cut, _ = truncated_with_errors(mean_delta(members), spec.student.rank)
+    module = adapter.modules()[0]
+    torch.testing.assert_close(adapter.delta(module), cut.delta(module), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(members[0].delta(module), members[1].delta(module))
+
+    trained = [(work / f"{STUDENT_DIR}-{i}" / "adapter_model.safetensors").stat().st_mtime_ns
+               for i in range(2)]  # fmt: skip
+    (work / "distil.json").unlink()
+    again = Migrator(spec, work, **parts).run()
+    assert [(work / f"{STUDENT_DIR}-{i}" / "adapter_model.safetensors").stat().st_mtime_ns
+            for i in range(2)] == trained  # fmt: skip
+    assert again.counts["distil"]["soup"]["members"] == soup["members"]

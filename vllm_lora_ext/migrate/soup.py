@@ -1,0 +1,70 @@
+"""A model soup of students: the mean of several students' LoRA deltas, as one adapter.
+
+Students trained from one base by one recipe, differing only in seed (LoRA init, batch order),
+land in one basin; on this project's CPU their held-out accuracy still spread by up to 0.15
+between seeds (benchmarks/results/migration_ceilings_soup.json). Averaging their deltas keeps
+what they agree on and averages out what the seed alone decided. The mean is exact as a cat
+merge (rank K x r); cut back to the students' rank it serves like any one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora, save_lora
+from vllm_lora_ext.adapters.peft_format import CONFIG_FILE
+from vllm_lora_ext.merge.cat import cat_merge
+from vllm_lora_ext.merge.factor import truncate_factors
+
+SOUP_CARD = "soup.json"
+
+
+def mean_delta(students: Sequence[LoraWeights]) -> LoraWeights:
+    """One adapter whose delta is exactly the mean of the students' deltas (rank sum of r)."""
+    return cat_merge(students, [1.0 / len(students)] * len(students))
+
+
+def truncated(adapter: LoraWeights, rank: int) -> LoraWeights:
+    """``adapter``'s best rank-``rank`` approximation, module by module (scale folded in)."""
+    return truncated_with_errors(adapter, rank)[0]
+
+
+def truncated_with_errors(adapter: LoraWeights, rank: int) -> tuple[LoraWeights, dict[str, float]]:
+    """:func:`truncated`, and each module's relative Frobenius error of the cut."""
+    tensors, errors = {}, {}
+    for module in adapter.modules():
+        a = adapter.tensors[f"{module}.lora_A.weight"].float() * adapter.scaling
+        b = adapter.tensors[f"{module}.lora_B.weight"].float()
+        a, b, errors[module] = truncate_factors(a, b, rank)
+        tensors[f"{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"{module}.lora_B.weight"] = b.contiguous()
+    return LoraWeights(tensors=tensors, rank=rank, lora_alpha=float(rank)), errors
+
+
+def save_soup(students: Sequence[Path], out_dir: Path, rank: int | None) -> dict[str, Any]:
+    """The students' mean delta, cut to ``rank`` (``None``: kept whole, rank K x r), written
+    as a PEFT directory at ``out_dir`` (staged beside it, then one rename). Returns what the
+    cut lost: the relative Frobenius error of each module's approximation of the mean."""
+    mean = mean_delta([load_lora(d) for d in students])
+    cut, errors = (mean, {}) if rank is None else truncated_with_errors(mean, rank)
+    config = json.loads((students[0] / CONFIG_FILE).read_text())
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir.parent))
+    try:
+        save_lora(cut, staging, config.get("base_model_name_or_path"))
+        card = {"soup_of": [str(d) for d in students], "rank": cut.rank,
+                "max_cut_error": max(errors.values(), default=0.0)}  # fmt: skip
+        (staging / SOUP_CARD).write_text(json.dumps(card, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"rank": cut.rank, "max_cut_error": card["max_cut_error"],
+            "mean_cut_error": sum(errors.values()) / max(len(errors), 1)}  # fmt: skip
