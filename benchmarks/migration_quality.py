@@ -65,7 +65,8 @@ RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": 
 # defaults, so those runs' work dirs keep their names.
 LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "vote_agreement",
                 "filter", "excess_pool", "discriminator_calibration",
-                "gate_min_checked", "frame_synthesis", "choice_confidence")  # fmt: skip
+                "gate_min_checked", "frame_synthesis", "choice_confidence",
+                "student_soup")  # fmt: skip
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -153,6 +154,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.9,
         help="training ends once the student answers this fraction of its rows as labelled",
     )
+    p.add_argument(
+        "--student-soup", type=int, default=1,
+        help="K > 1: K students, the adapter is the mean of their deltas (spec student_soup)",
+    )  # fmt: skip
     p.add_argument("--warmup", type=float, default=0.1, help="student lr warmup (fraction)")
     p.add_argument("--no-decay", action="store_true", help="constant lr after warmup")
     p.add_argument("--disc-steps", type=int, default=20)
@@ -383,6 +388,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
             lr=args.student_lr, warmup=args.warmup, decay=not args.no_decay,
         ),
         student_fit=args.student_fit,
+        student_soup=args.student_soup,
         choice_prefix=task.format.choice_prefix if task.mode == "multiple_choice" else None,
         answer_max_tokens=generation_budget(task, smol_tok),
         max_len=args.max_len,
@@ -675,7 +681,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
-                  "generator", "frame", "choice_confidence", "migration_seed")
+                  "generator", "frame", "choice_confidence", "migration_seed", "student_soup")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,

@@ -307,6 +307,33 @@ def vote_threshold(doc: dict) -> str:
     return "\n".join(lines)
 
 
+SOUP_ROWS = {
+    "true_labels": "(a) true labels", "teacher_labels": "(b) teacher labels",
+    "voted_labels": "(b) voted labels", "soft_labels": "(b) option labels drawn from the teacher",
+}  # fmt: skip
+
+
+def soup_ceilings(doc: dict) -> str:
+    """Each ceiling row trained with several seeds: every student's held-out accuracy, their
+    mean, and the student whose LoRA delta is their mean (the soup)."""
+    cut = doc["run"]["args"].get("soup_rank") or 0
+    kind = f"cut to rank {cut}" if cut else "kept whole (rank K x r)"
+    lines = [f"The soup: the mean of the students' deltas, {kind}.", "",
+             "| task | row | each seed's student | their mean | soup | soup minus mean |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for t in doc["tasks"]:
+        for key, label in SOUP_ROWS.items():
+            r = t.get(key)
+            if not r or not r.get("members"):
+                continue
+            accs = [m["acc"] for m in r["members"]]
+            mean = sum(accs) / len(accs)
+            each = " / ".join(f"{a:.2f}" for a in accs)
+            lines.append(f"| {t['task']} | {label} | {each} | {mean:.2f} | "
+                         f"{ci(r['acc'], r['ci95'])} | {r['acc'] - mean:+.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 # (row label, result files, mode): every migration run, one row each, beside the ceilings.
 MIGRATION_RUNS = [
     ("migrated: 16 traffic inputs, first defaults (n=50)", ["migration_quality.json"],
@@ -492,6 +519,19 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     (SURE_CHOICES, "Migration ceiling (b) with the options the teacher is sure of",
      "python benchmarks/migration_ceilings.py --tasks disambiguation_qa --rows voted_labels "
      "--choice-confidence 0.6 --name migration_ceilings_sure --threads 1", vote_threshold),
+    ("migration_ceilings_soup.json",
+     "Ceilings on disambiguation_qa, three seeds each, and their soup",
+     "python benchmarks/migration_ceilings.py --tasks disambiguation_qa --rows "
+     "true_labels,teacher_labels,soft_labels --soup 3 --name migration_ceilings_soup --threads 2",
+     soup_ceilings),
+    ("migration_ceilings_soup_rank8.json", "The same soups cut back to the students' rank",
+     "python benchmarks/migration_ceilings.py --tasks disambiguation_qa --rows "
+     "true_labels,teacher_labels --soup 3 --soup-rank 8 --name migration_ceilings_soup_rank8 "
+     "--threads 2", soup_ceilings),
+    ("migration_ceilings_soup_counting.json", "Voted ceiling on object_counting, three seeds "
+     "and their soup at the students' rank",
+     "python benchmarks/migration_ceilings.py --tasks object_counting --rows voted_labels "
+     "--soup 3 --soup-rank 8 --name migration_ceilings_soup_counting --threads 2", soup_ceilings),
     ("migration_quality.json", "Migration quality, Trans-LoRA",
      "python benchmarks/migration_quality.py", migration_quality),
     ("migration_quality_fitted.json", "Migration quality, new defaults",
