@@ -35,6 +35,7 @@ from vllm_lora_ext.evaluation.task_cache import (
     ChecksumError,
     fetch_tasks,
 )
+from vllm_lora_ext.evaluation.task_cache import main as task_cache_main
 from vllm_lora_ext.evaluation.tasks import Example, Task, TaskFormat, load_task
 
 PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
@@ -112,19 +113,21 @@ def local_index(tmp_path: Path):
 
     sdist = make_sdist(tmp_path / "served.tar.gz").read_bytes()
     sha = hashlib.sha256(sdist).hexdigest()
-    state = {"html_only": False, "listed_sha": sha}
+    state = {"html_only": False, "listed_sha": sha, "release_gone": False}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/simple/bigbench/":
                 name, url = "bigbench-1.0.0.tar.gz", "/files/bigbench-1.0.0.tar.gz"
+                if state["release_gone"]:  # as PyPI answered on 2026-12-07
+                    name, url = "bigbench-0.0.1.tar.gz", "/files/bigbench-0.0.1.tar.gz"
                 if "json" in self.headers.get("Accept", "") and not state["html_only"]:
                     body = json.dumps({"files": [
                         {"filename": "bigbench-0.0.1.tar.gz", "url": "/files/old.tar.gz",
                          "hashes": {"sha256": "0" * 64}},
                         {"filename": name, "url": url,
                          "hashes": {"sha256": state["listed_sha"]}},
-                    ]}).encode()  # fmt: skip
+                    ][: 1 if state["release_gone"] else 2]}).encode()  # fmt: skip
                     kind = "application/vnd.pypi.simple.v1+json"
                 else:
                     body = (f'<a href="{url}#sha256={state["listed_sha"]}">{name}</a>').encode()
@@ -175,6 +178,36 @@ def test_fetch_refuses_a_download_or_a_listing_with_another_checksum(
         fetch_tasks(tmp_path / "b", expected_sha256=sha, index=index)
     for d in (tmp_path / "a", tmp_path / "b"):
         assert not (d / MANIFEST).exists() and not list(d.rglob("*.tar.gz*"))
+
+
+@pytest.mark.parametrize("html_only", [False, True])
+def test_cli_says_what_the_index_lists_when_the_release_is_gone(
+    tmp_path: Path, local_index, capsys: pytest.CaptureFixture[str], html_only: bool
+) -> None:
+    """PyPI stopped listing bigbench 1.0.0 (only 0.0.1, seen 2026-12-07): the command exits with
+    a message naming what is listed and the --sdist way round it, not a traceback."""
+    index, _, state = local_index
+    state["release_gone"], state["html_only"] = True, html_only
+    with pytest.raises(SystemExit) as exit_:
+        task_cache_main(["--cache-dir", str(tmp_path / "tasks"), "--index", index])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert "lists: bigbench-0.0.1.tar.gz" in err and "--sdist FILE" in err
+    assert not (tmp_path / "tasks" / MANIFEST).exists()
+
+
+def test_cli_refuses_a_missing_or_wrong_sdist_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache_dir = str(tmp_path / "tasks")
+    with pytest.raises(SystemExit) as exit_:
+        task_cache_main(["--cache-dir", cache_dir, "--sdist", str(tmp_path / "absent.tar.gz")])
+    assert exit_.value.code == 2 and "is not a file" in capsys.readouterr().err
+    fake = make_sdist(tmp_path / "bigbench-1.0.0.tar.gz")  # not the recorded bytes
+    with pytest.raises(SystemExit) as exit_:
+        task_cache_main(["--cache-dir", cache_dir, "--sdist", str(fake)])
+    assert exit_.value.code == 1 and "expected" in capsys.readouterr().err
+    assert not (tmp_path / "tasks" / MANIFEST).exists()
 
 
 def test_tampered_task_file_fails_its_checksum(cache: Path) -> None:

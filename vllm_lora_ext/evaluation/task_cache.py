@@ -60,6 +60,11 @@ class ChecksumError(ValueError):
     """A cached file (or the sdist) does not match its recorded sha256."""
 
 
+class SdistUnavailable(FileNotFoundError):
+    """The index does not list ``SDIST_FILENAME`` (PyPI listed only ``bigbench-0.0.1`` when
+    this was last tried, 2026-12-07): the message names what it lists and the ways round it."""
+
+
 def default_task_dir() -> Path:
     """``<VLLM_LORA_EXT_CACHE_DIR or ~/.cache/vllm-lora-ext>/tasks``."""
     from vllm_lora_ext.settings import Settings
@@ -89,8 +94,10 @@ def sdist_location(index: str, client: httpx.Client) -> tuple[str, str | None]:
     accept = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
     response = client.get(page, headers={"Accept": accept}, follow_redirects=True)
     response.raise_for_status()
+    listed_names: list[str] = []
     if "json" in response.headers.get("content-type", ""):
         for entry in response.json().get("files", []):
+            listed_names.append(str(entry.get("filename")))
             if entry.get("filename") == SDIST_FILENAME:
                 return urljoin(page, entry["url"]), entry.get("hashes", {}).get("sha256")
     else:
@@ -98,10 +105,16 @@ def sdist_location(index: str, client: httpx.Client) -> tuple[str, str | None]:
         links.feed(response.text)
         for href in links.hrefs:
             url, fragment = urldefrag(urljoin(page, href))
+            listed_names.append(url.rsplit("/", 1)[-1])
             if url.rsplit("/", 1)[-1] == SDIST_FILENAME:
                 listed = re.fullmatch(r"sha256=([0-9a-f]{64})", fragment)
                 return url, listed.group(1) if listed else None
-    raise FileNotFoundError(f"{page} does not list {SDIST_FILENAME}")
+    raise SdistUnavailable(
+        f"{page} does not list {SDIST_FILENAME} (it lists: {', '.join(listed_names) or 'nothing'})."
+        f" With a copy of the file (sha256 {SDIST_SHA256}), run `python -m "
+        "vllm_lora_ext.evaluation.task_cache --sdist FILE`; or name an index that has it "
+        "with --index URL"
+    )
 
 
 def download_sdist(
@@ -215,7 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sdist", type=Path, default=None, help="an already downloaded sdist")
     parser.add_argument("--index", default=None, help=f"simple index (default {index_url()})")
     args = parser.parse_args(argv)
-    out = fetch_tasks(args.cache_dir, args.sdist, index=args.index)
+    if args.sdist is not None and not args.sdist.is_file():
+        parser.exit(2, f"task_cache: error: --sdist {args.sdist} is not a file\n")
+    try:
+        out = fetch_tasks(args.cache_dir, args.sdist, index=args.index)
+    except (FileNotFoundError, ChecksumError, tarfile.TarError, httpx.HTTPError) as err:
+        parser.exit(1, f"task_cache: error: {err}\n")
     print(f"BIG-bench tasks cached in {out}")
 
 
