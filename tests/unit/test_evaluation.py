@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vllm_lora_ext.evaluation.backends import BackendError, HttpBackend, TransformersBackend
 from vllm_lora_ext.evaluation.evaluate import (
@@ -31,8 +33,10 @@ from vllm_lora_ext.evaluation.scoring import (
 )
 from vllm_lora_ext.evaluation.task_cache import (
     MANIFEST,
+    RECORDED_SHA256,
     TASK_SOURCES,
     ChecksumError,
+    copy_tasks,
     fetch_tasks,
 )
 from vllm_lora_ext.evaluation.task_cache import main as task_cache_main
@@ -208,6 +212,82 @@ def test_cli_refuses_a_missing_or_wrong_sdist_with_a_message(
         task_cache_main(["--cache-dir", cache_dir, "--sdist", str(fake)])
     assert exit_.value.code == 1 and "expected" in capsys.readouterr().err
     assert not (tmp_path / "tasks" / MANIFEST).exists()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+WANTED = sorted({r for files in TASK_SOURCES.values() for r in files})
+
+
+def make_checkout(root: Path) -> dict[str, str]:
+    """A BIG-bench checkout's layout with the fake task files; returns their sha256."""
+    import hashlib
+
+    hashes = {}
+    for rel in WANTED:
+        data = json.dumps(_task_json(rel)).encode()
+        path = root / "bigbench" / "benchmark_tasks" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        hashes[rel] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def test_recorded_hashes_are_those_of_the_committed_adapters_cards() -> None:
+    """The table a copied file is checked against is what the published adapters trained on."""
+    from_cards: dict[str, str] = {}
+    for card in sorted(ROOT.glob("adapters/*/*/card.json")):
+        from_cards.update(json.loads(card.read_text()).get("task_sources_sha256", {}))
+    assert from_cards and from_cards == RECORDED_SHA256
+    assert set(RECORDED_SHA256) <= set(WANTED)
+
+
+def test_copy_from_a_checkout_checks_every_recorded_file(tmp_path: Path) -> None:
+    hashes = make_checkout(tmp_path / "BIG-bench")
+    recorded = {rel: h for rel, h in hashes.items() if not rel.startswith("sports")}
+    cache = copy_tasks(tmp_path / "BIG-bench", tmp_path / "tasks", recorded)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    assert manifest["files"] == hashes
+    assert manifest["unverified"] == ["sports_understanding/task.json"]
+    assert len(load_task("snarks", cache).examples) == 50  # read back through the manifest
+
+
+@settings(max_examples=15, deadline=None)
+@given(changed=st.sets(st.sampled_from(WANTED)), drop=st.booleans())
+def test_copy_writes_nothing_unless_every_file_is_there_and_matches(
+    tmp_path_factory: pytest.TempPathFactory, changed: set[str], drop: bool
+) -> None:
+    root = tmp_path_factory.mktemp("copy")
+    hashes = make_checkout(root / "src")
+    for rel in changed:  # another version of the file (or, with drop, no file at all)
+        path = root / "src" / "bigbench" / "benchmark_tasks" / rel
+        path.unlink() if drop else path.write_bytes(path.read_bytes() + b" ")
+    if not changed:
+        copy_tasks(root / "src", root / "tasks", hashes)
+        assert (root / "tasks" / MANIFEST).is_file()
+        return
+    with pytest.raises(FileNotFoundError if drop else ChecksumError) as err:
+        copy_tasks(root / "src", root / "tasks", hashes)
+    assert sorted(changed)[0] in str(err.value)
+    assert not (root / "tasks").exists() or not any((root / "tasks").iterdir())
+
+
+def test_cli_copies_from_a_checkout_only_when_it_matches_the_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_checkout(tmp_path / "BIG-bench")  # fake files: none matches the real record
+    cache_dir = str(tmp_path / "tasks")
+    with pytest.raises(SystemExit) as exit_:
+        task_cache_main(["--cache-dir", cache_dir, "--source-dir", str(tmp_path / "BIG-bench")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "differ from the recorded sha256" in err
+    assert not (tmp_path / "tasks" / MANIFEST).exists()
+    for argv, says in (
+        (["--source-dir", str(tmp_path / "nowhere")], "is not a directory"),
+        (["--source-dir", str(tmp_path), "--sdist", str(tmp_path)], "not both"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            task_cache_main(["--cache-dir", cache_dir, *argv])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_tampered_task_file_fails_its_checksum(cache: Path) -> None:

@@ -56,6 +56,32 @@ TASK_SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 
+# sha256 of each task.json as extracted from that sdist, copied from the committed adapters'
+# cards (``task_sources_sha256``): every published result used these bytes. A copy taken from
+# anywhere else (``--source-dir``: a BIG-bench checkout) must match them; a test keeps this table
+# equal to the cards. sports_understanding has no card, so no recorded hash.
+RECORDED_SHA256: dict[str, str] = {
+    "arithmetic/1_digit_addition/task.json":
+        "533525ec8298560cfa7be75399c77538e4d458eb3cfc343b56263e7d879203b1",
+    "arithmetic/1_digit_subtraction/task.json":
+        "c075571c6c5546b313c758d4c9ccc6cda7ae7a6bbf0d6229c60815202523033c",
+    "arithmetic/2_digit_addition/task.json":
+        "1dd3e6fd6bc325a0010b21cef74bd94321b991003715e7299eb0cbd29f1d5582",
+    "arithmetic/2_digit_subtraction/task.json":
+        "7437e2ef68b0725da20a4321c32251c828a7dc062c627da9e63409c1fb2653db",
+    "causal_judgment/task.json":
+        "72dea28a03226a15a6081c7bef3599569887258a90e7db923e98a8232d5d7c29",
+    "date_understanding/task.json":
+        "ff716f0e399109146db3a998281c39954907b78268a9b633a95582d63847822f",
+    "disambiguation_qa/task.json":
+        "118b6a250c6e1744384763d51cfd48c931467325dbe94d79ccb2103805fa4c6a",
+    "object_counting/task.json":
+        "ec6371b4d9078a871ef6962d4991d2318db0b399cca78a0c90678972bdb115d6",
+    "snarks/task.json": "bf78ad6f611db889d1e3cd092a5187c33aee87aa64281c9209809569e8c3dea9",
+    "word_sorting/task.json": "8633aac2c5e59b0580f17a702d78c3a8294092144c7bb1380192dd5bb4255f29",
+}  # fmt: skip
+
+
 class ChecksumError(ValueError):
     """A cached file (or the sdist) does not match its recorded sha256."""
 
@@ -112,8 +138,8 @@ def sdist_location(index: str, client: httpx.Client) -> tuple[str, str | None]:
     raise SdistUnavailable(
         f"{page} does not list {SDIST_FILENAME} (it lists: {', '.join(listed_names) or 'nothing'})."
         f" With a copy of the file (sha256 {SDIST_SHA256}), run `python -m "
-        "vllm_lora_ext.evaluation.task_cache --sdist FILE`; or name an index that has it "
-        "with --index URL"
+        "vllm_lora_ext.evaluation.task_cache --sdist FILE`; with a BIG-bench checkout, "
+        "--source-dir DIR; or name an index that has it with --index URL"
     )
 
 
@@ -171,6 +197,43 @@ def fetch_tasks(
     return _extract(Path(sdist), cache_dir, expected_sha256)
 
 
+def copy_tasks(
+    source_dir: Path, cache_dir: Path | None = None, recorded: dict[str, str] | None = None
+) -> Path:
+    """Fill the cache from a directory that holds the task files (a BIG-bench checkout, an
+    unpacked sdist, or its ``benchmark_tasks``): the way round a package index that no longer
+    serves the sdist. Each file must match its recorded sha256 (``recorded``, default
+    :data:`RECORDED_SHA256`), so results stay comparable with the published ones; files with no
+    recorded hash are copied and named ``unverified`` in the manifest. Nothing is written unless
+    every file is present and matches."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_task_dir()
+    recorded = RECORDED_SHA256 if recorded is None else recorded
+    root = Path(source_dir)
+    for base in (root / "bigbench" / "benchmark_tasks", root / "benchmark_tasks", root):
+        if base.is_dir() and (base / "disambiguation_qa").is_dir():
+            break
+    else:
+        raise FileNotFoundError(f"{root} holds no bigbench/benchmark_tasks/ (nor task folders)")
+    wanted = sorted({rel for files in TASK_SOURCES.values() for rel in files})
+    missing = [rel for rel in wanted if not (base / rel).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{base} lacks {missing}")
+    files = {rel: (base / rel).read_bytes() for rel in wanted}
+    checksums = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    differ = [rel for rel in wanted if rel in recorded and checksums[rel] != recorded[rel]]
+    if differ:
+        raise ChecksumError(f"{base}: {differ} differ from the recorded sha256 (the bytes every "
+                            "published result used); this copy is another version")  # fmt: skip
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        write_atomic(cache_dir / rel, data)
+    unverified = [rel for rel in wanted if rel not in recorded]
+    manifest = {"source": f"directory {base.resolve()}", "sdist_sha256": None,
+                "files": checksums, "unverified": unverified}  # fmt: skip
+    write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return cache_dir
+
+
 def _extract(sdist: Path, cache_dir: Path, expected_sha256: str | None) -> Path:
     sdist_sha = sha256_file(sdist)
     if expected_sha256 is not None and sdist_sha != expected_sha256:
@@ -220,18 +283,31 @@ def read_task_file(rel: str, cache_dir: Path | None = None) -> tuple[dict, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vllm_lora_ext.evaluation.task_cache [--cache-dir DIR] [--sdist FILE]``."""
+    """``python -m vllm_lora_ext.evaluation.task_cache [--cache-dir DIR] [--sdist FILE |
+    --source-dir DIR] [--index URL]``: exit 1 with a message when the tasks cannot be had."""
     import argparse
 
     parser = argparse.ArgumentParser(description="fetch the BIG-bench development tasks")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--sdist", type=Path, default=None, help="an already downloaded sdist")
     parser.add_argument("--index", default=None, help=f"simple index (default {index_url()})")
+    parser.add_argument(
+        "--source-dir", type=Path, default=None,
+        help="a BIG-bench checkout (or unpacked sdist) to copy from, checked file by file "
+        "against the recorded sha256",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.sdist is not None and args.source_dir is not None:
+        parser.exit(2, "task_cache: error: give --sdist or --source-dir, not both\n")
     if args.sdist is not None and not args.sdist.is_file():
         parser.exit(2, f"task_cache: error: --sdist {args.sdist} is not a file\n")
+    if args.source_dir is not None and not args.source_dir.is_dir():
+        parser.exit(2, f"task_cache: error: --source-dir {args.source_dir} is not a directory\n")
     try:
-        out = fetch_tasks(args.cache_dir, args.sdist, index=args.index)
+        if args.source_dir is not None:
+            out = copy_tasks(args.source_dir, args.cache_dir)
+        else:
+            out = fetch_tasks(args.cache_dir, args.sdist, index=args.index)
     except (FileNotFoundError, ChecksumError, tarfile.TarError, httpx.HTTPError) as err:
         parser.exit(1, f"task_cache: error: {err}\n")
     print(f"BIG-bench tasks cached in {out}")
