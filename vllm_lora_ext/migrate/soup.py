@@ -1,10 +1,13 @@
 """A model soup of students: the mean of several students' LoRA deltas, as one adapter.
 
 Students trained from one base by one recipe, differing only in seed (LoRA init, batch order),
-land in one basin; on this project's CPU their held-out accuracy still spread by up to 0.15
-between seeds (benchmarks/results/migration_ceilings_soup.json). Averaging their deltas keeps
-what they agree on and averages out what the seed alone decided. The mean is exact as a cat
-merge (rank K x r); cut back to the students' rank it serves like any one of them.
+land in one basin, yet one student's held-out accuracy moves with its seed: three migrations of
+disambiguation_qa differing in seed and split scored 0.65, 0.55 and 0.61
+(benchmarks/results/migration_quality_*.json). Averaging the students' deltas keeps what they
+agree on and averages out what the seed alone decided. The mean is exact as a cat merge (rank
+K x r); cut back to the students' rank it serves like any one of them. Whether it pays is
+measured by ``benchmarks/migration_ceilings.py --soup`` and ``migration_quality.py
+--student-soup``.
 """
 
 from __future__ import annotations

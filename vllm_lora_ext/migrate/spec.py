@@ -109,9 +109,9 @@ class MigrationOptions(BaseModel):
     student: TrainParams = Field(default_factory=_student)
     student_soup: int = Field(1, ge=1, le=8)
     """K > 1: K students (seeds ``seed`` onwards) and the adapter is the mean of their deltas,
-    cut back to ``student.rank`` (a model soup, ``migrate.soup``): a student's held-out
-    accuracy depends on its seed alone by up to 0.15, and the mean of three beat their average
-    (benchmarks/results/migration_ceilings_soup.json). Costs K trainings."""
+    cut back to ``student.rank`` (a model soup, ``migrate.soup``), to average out what one
+    student's seed decided. Costs K trainings; off until a committed migration run shows it
+    pays (``benchmarks/migration_quality.py --student-soup 3``)."""
     student_fit: float = Field(0.9, ge=0, le=1)
     """Training ends once the student's greedy answer equals its label on this fraction of its
     training rows (checked every 10 steps), or when ``student.steps`` run out; 0: all steps."""
