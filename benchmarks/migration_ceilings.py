@@ -322,8 +322,9 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
 
         def compute() -> dict:
             out = base / tag
-            save_soup([d for _, d in members], out, args.soup_rank or None)
-            return framed_score(task, gemma_backend(models["gemma_dir"], out), args.limit)
+            cut = save_soup([d for _, d in members], out, args.soup_rank or None)
+            score = framed_score(task, gemma_backend(models["gemma_dir"], out), args.limit)
+            return {**score, "soup": cut}  # its rank, and what the cut lost of the mean
 
         value = timed(tag, compute)
         kept = ("acc", "n", "correct", "ci95", "hits")

@@ -318,9 +318,10 @@ def soup_ceilings(doc: dict) -> str:
     mean, and the student whose LoRA delta is their mean (the soup)."""
     cut = doc["run"]["args"].get("soup_rank") or 0
     kind = f"cut to rank {cut}" if cut else "kept whole (rank K x r)"
-    lines = [f"The soup: the mean of the students' deltas, {kind}.", "",
-             "| task | row | each seed's student | their mean | soup | soup minus mean |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"The soup: the mean of the students' deltas, {kind}; the cut's error is the "
+             "largest relative Frobenius error over modules.", "",
+             "| task | row | each seed's student | their mean | soup | soup minus mean | "
+             "cut error |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in doc["tasks"]:
         for key, label in SOUP_ROWS.items():
             r = t.get(key)
@@ -329,8 +330,10 @@ def soup_ceilings(doc: dict) -> str:
             accs = [m["acc"] for m in r["members"]]
             mean = sum(accs) / len(accs)
             each = " / ".join(f"{a:.2f}" for a in accs)
+            err = (r.get("soup") or {}).get("max_cut_error")
             lines.append(f"| {t['task']} | {label} | {each} | {mean:.2f} | "
-                         f"{ci(r['acc'], r['ci95'])} | {r['acc'] - mean:+.2f} |")  # fmt: skip
+                         f"{ci(r['acc'], r['ci95'])} | {r['acc'] - mean:+.2f} | "
+                         f"{'—' if err is None else f'{err:.2f}'} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -184,6 +184,26 @@ def test_migration_ceilings_quick(tmp_path):
     assert png(tmp_path / "out" / "migration_ceilings.png")
 
 
+def test_migration_ceilings_quick_soup(tmp_path):
+    """--soup 2 --soup-rank 2: each row's two students (seeds 0 and 1) scored, and the mean of
+    their deltas cut to rank 2 scored as the row, with what the cut lost."""
+    quick("migration_ceilings.py", tmp_path, "--out", str(tmp_path / "out"),
+          "--rows", "true_labels,soft_labels", "--soup", "2", "--soup-rank", "2")  # fmt: skip
+    doc = load(tmp_path / "out" / "migration_ceilings.json")
+    assert doc["run"]["args"]["soup"] == 2 and doc["run"]["args"]["soup_rank"] == 2
+    rows = {t["task"]: t for t in doc["tasks"]}
+    for task, key in (("arithmetic", "true_labels"), ("disambiguation_qa", "true_labels"),
+                      ("disambiguation_qa", "soft_labels")):  # fmt: skip
+        r = rows[task][key]
+        assert [m["seed"] for m in r["members"]] == [0, 1], (task, key)
+        assert all(accuracy(m["acc"], m["ci95"]) and m["n"] == 6 for m in r["members"])
+        assert accuracy(r["acc"], r["ci95"]) and r["n"] == 6
+        assert r["soup"]["rank"] == 2 and finite(r["soup"]["max_cut_error"], 0.0, 1.0)
+    assert rows["arithmetic"]["soft_labels"] is None  # multiple choice only
+    text = report.soup_ceilings(doc)
+    assert "cut to rank 2" in text and text.count("| disambiguation_qa |") == 2
+
+
 # -- kernels: offline compile, interpreter ---------------------------------------------------------
 
 
@@ -347,6 +367,24 @@ def test_migration_quality_quick(tmp_path, on_server):
     text = report.migration_quality(doc)
     assert "disambiguation_qa" in text and "tiny-gemma3" in text
     assert png(out / "migration_quality.png")
+
+
+def test_migration_quality_quick_student_soup(tmp_path):
+    """--student-soup 2, in process: every migration trains two students and serves the mean of
+    their deltas cut to the student rank; both members and the cut are on record."""
+    out = tmp_path / "out"
+    quick("migration_quality.py", tmp_path, "--in-process", "--modes", "filtered",
+          "--student-soup", "2", "--out", str(out))  # fmt: skip
+    doc = load(out / "migration_quality.json")
+    assert doc["settings"]["student_soup"] == 2
+    for r in doc["tasks"]:
+        m = r["modes"]["filtered"]
+        assert "error" not in m and accuracy(m["acc"], m["ci95"]), (r["task"], m)
+        soup = m["distil"]["soup"]
+        assert [x["seed_offset"] for x in soup["members"]] == [0, 1]
+        assert soup["rank"] == doc["settings"]["rank"]
+        assert finite(soup["max_cut_error"], 0.0, 1.0)
+        assert finite(soup["mean_cut_error"], 0.0, soup["max_cut_error"])
 
 
 @pytest.mark.slow
