@@ -26,8 +26,9 @@ examples (framed as the migration's student sees them, ``migrate.queries.query_p
   argmax alone, at the same budget.
 
 ``--seed`` seeds the students' LoRA init and batch order (and the soft draws): a replicate.
-``--soup K`` trains every student row K times (seeds ``--seed`` onwards), scores each, and
-scores the mean of their LoRA deltas as the row (``members`` keeps each student's score).
+``--soup K`` trains every student row K times (batch orders ``--seed`` onwards, one LoRA init;
+``--soup-init own``: each its own init too), scores each, and scores the mean of their LoRA
+deltas as the row (``members`` keeps each student's score).
 
 Between them these rows separate what a migration loses to synthetic inputs (migrated vs b), to
 the teacher's labels (b vs a) and to the student's capacity at this budget (a vs the source).
@@ -102,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "and the mean of their deltas scored as the row",
     )  # fmt: skip
     p.add_argument("--soup-rank", type=int, default=0, help="cut the soup to this rank; 0: K x r")
+    p.add_argument(
+        "--soup-init", choices=("shared", "own"), default="shared",
+        help="shared: the members share --seed's LoRA init and differ in batch order (what a "
+        "migration does); own: each member's seed sets its init and order",
+    )  # fmt: skip
     p.add_argument("--rows", default=",".join(ROWS), help="the rows to compute (default: all)")
     p.add_argument("--name", default="migration_ceilings", help="the result files' stem")
     p.add_argument("--threads", type=int, default=1)
@@ -197,14 +203,19 @@ def teacher_labels(task: Any, teacher: Any, examples: list) -> list[str]:
 
 
 def train_student(
-    args: argparse.Namespace, gemma_dir: Path, pairs: list, out: Path, seed: int
+    args: argparse.Namespace,
+    gemma_dir: Path,
+    pairs: list,
+    out: Path,
+    seed: int,
+    order_seed: int | None = None,
 ) -> dict:
     from vllm_lora_ext.migrate.distill import distil
     from vllm_lora_ext.training import LoraHyperparameters
 
     hp = LoraHyperparameters(
         rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")),
-        steps=args.steps, batch=args.batch, lr=args.lr, seed=seed,
+        steps=args.steps, batch=args.batch, lr=args.lr, seed=seed, order_seed=order_seed,
     )  # fmt: skip
     start = time.perf_counter()
     d = distil(gemma_dir, pairs, hp, out, max_len=args.max_len)
@@ -293,19 +304,22 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
             f"seed{seed}" if seed else ""
         )
 
-    def student(key: str, pairs: list, seed: int) -> tuple[dict, Path]:
-        """A student trained on ``pairs`` with ``seed``, scored (cached with its adapter)."""
-        out = base / f"{key}-{budget(seed)}"
-        scored = base / f"{key}-{budget(seed)}-{args.limit}.json"
-        if scored.exists() and not (out / "adapter_model.safetensors").exists():
+    def student(key: str, pairs: list, seed: int, order: int | None = None) -> tuple[dict, Path]:
+        """A student trained on ``pairs`` with init ``seed`` and batch order ``order`` (default:
+        ``seed``), scored (cached with its adapter)."""
+        order = None if order == seed else order
+        stem = f"{key}-{budget(seed)}" + ("" if order is None else f"order{order}")
+        out = base / stem
+        scored = base / f"{stem}-{args.limit}.json"
+        if args.soup >= 2 and scored.exists() and not (out / "adapter_model.safetensors").exists():
             scored.unlink()  # the score outlived its adapter: a soup needs the adapter again
 
         def compute() -> dict:
-            training = train_student(args, models["gemma_dir"], pairs, out, seed)
+            training = train_student(args, models["gemma_dir"], pairs, out, seed, order)
             score = framed_score(task, gemma_backend(models["gemma_dir"], out), args.limit)
             return {**score, "training": training}
 
-        return timed(f"{key}-{budget(seed)}", compute), out
+        return timed(stem, compute), out
 
     def ceiling(key: str, labels: list[str | None], examples: list | None = None) -> dict | None:
         examples = train if examples is None else examples
@@ -316,9 +330,13 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         if args.soup < 2:
             return student(key, pairs, args.seed)[0]
         seeds = range(args.seed, args.seed + args.soup)
-        members = [student(key, pairs, seed) for seed in seeds]
+        if args.soup_init == "own":
+            members = [student(key, pairs, seed) for seed in seeds]
+        else:
+            members = [student(key, pairs, args.seed, order=seed) for seed in seeds]
         tag = f"{key}-{budget(0)}-soup{seeds[0]}to{seeds[-1]}"
         tag += f"-rank{args.soup_rank}" if args.soup_rank else ""
+        tag += "-owninit" if args.soup_init == "own" else ""
 
         def compute() -> dict:
             out = base / tag
@@ -328,8 +346,10 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
 
         value = timed(tag, compute)
         kept = ("acc", "n", "correct", "ci95", "hits")
+        init = (lambda s: s) if args.soup_init == "own" else (lambda s: args.seed)
         scores = [
-            {k: m[k] for k in kept} | {"seed": s} for (m, _), s in zip(members, seeds, strict=True)
+            {k: m[k] for k in kept} | {"seed": init(s), "order_seed": s}
+            for (m, _), s in zip(members, seeds, strict=True)
         ]
         return {**value, "members": scores}
 
@@ -368,7 +388,10 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
             lambda: {"probabilities": option_spread(task, teacher, train)},
         )["probabilities"]
         inputs, labels = soft_draws(task, train, spread, args.soft_draws, args.seed)
-        row["soft_labels"] = ceiling(f"soft{args.soft_draws}_labels", labels, inputs)
+        # the draws' seed in the key: a soup's member with seed s must not reuse the student
+        # of a plain --seed s run, whose labels were drawn with another seed
+        key = f"soft{args.soft_draws}d{args.seed}_labels"
+        row["soft_labels"] = ceiling(key, labels, inputs)
     for key in ROWS:
         if row[key] is not None:
             row[key].pop("predictions", None)

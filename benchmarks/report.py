@@ -318,6 +318,9 @@ def soup_ceilings(doc: dict) -> str:
     mean, and the student whose LoRA delta is their mean (the soup)."""
     cut = doc["run"]["args"].get("soup_rank") or 0
     kind = f"cut to rank {cut}" if cut else "kept whole (rank K x r)"
+    init = doc["run"]["args"].get("soup_init", "own")  # runs before the flag: own inits
+    kind += (", members with one LoRA init and their own batch order" if init == "shared"
+             else ", each member with its own LoRA init and batch order")  # fmt: skip
     lines = [f"The soup: the mean of the students' deltas, {kind}; the cut's error is the "
              "largest relative Frobenius error over modules.", "",
              "| task | row | each seed's student | their mean | soup | soup minus mean | "

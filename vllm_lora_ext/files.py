@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,3 +31,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_directory(staging: Path, target: Path) -> Path:
+    """Move the finished folder ``staging`` to ``target`` (same parent folder). An existing
+    ``target`` is renamed aside first and removed afterwards: ``target`` is never a half-written
+    folder, and a crash between the two renames leaves the old one aside, not lost."""
+    staging, target = Path(staging), Path(target)
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+        target.rename(aside / target.name)
+    staging.rename(target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return target

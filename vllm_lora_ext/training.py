@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from vllm_lora_ext.evaluation.prompts import stop_token_ids
+from vllm_lora_ext.files import replace_directory
 
 # (token ids, index of the first answer token)
 Row = tuple[list[int], int]
@@ -45,6 +46,9 @@ class LoraHyperparameters:
     batch: int = 8
     lr: float = 1e-3
     seed: int = 0
+    order_seed: int | None = None
+    """Seeds the batch order when set (else ``seed`` seeds both the LoRA init and the order): a
+    soup's students share their init and differ in order, so their deltas stay comparable."""
     warmup: float = 0.0
     """Fraction of ``steps`` over which the learning rate rises linearly from 0."""
     decay: bool = False
@@ -261,7 +265,8 @@ def train_lora(
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
-    stream = batch_indices(len(rows), hp.batch, hp.steps, hp.seed)
+    order = hp.seed if hp.order_seed is None else hp.order_seed
+    stream = batch_indices(len(rows), hp.batch, hp.steps, order)
     if desc is not None:
         from tqdm import tqdm
 
@@ -314,7 +319,7 @@ def train_lora(
 
 def save_adapter_atomically(model: Any, target: Path, files: dict[str, str] | None = None) -> Path:
     """``model.save_pretrained`` into a staging directory beside ``target`` (plus extra text
-    ``files``), then one rename: readers see the old adapter or the new one, never half."""
+    ``files``), then renamed into place (``files.replace_directory``): never half an adapter."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
@@ -322,9 +327,7 @@ def save_adapter_atomically(model: Any, target: Path, files: dict[str, str] | No
         model.save_pretrained(staging)
         for name, text in (files or {}).items():
             (staging / name).write_text(text)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

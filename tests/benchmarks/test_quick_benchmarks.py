@@ -195,7 +195,8 @@ def test_migration_ceilings_quick_soup(tmp_path):
     for task, key in (("arithmetic", "true_labels"), ("disambiguation_qa", "true_labels"),
                       ("disambiguation_qa", "soft_labels")):  # fmt: skip
         r = rows[task][key]
-        assert [m["seed"] for m in r["members"]] == [0, 1], (task, key)
+        assert [m["order_seed"] for m in r["members"]] == [0, 1], (task, key)
+        assert [m["seed"] for m in r["members"]] == [0, 0], (task, key)  # one LoRA init
         assert all(accuracy(m["acc"], m["ci95"]) and m["n"] == 6 for m in r["members"])
         assert accuracy(r["acc"], r["ci95"]) and r["n"] == 6
         assert r["soup"]["rank"] == 2 and finite(r["soup"]["max_cut_error"], 0.0, 1.0)

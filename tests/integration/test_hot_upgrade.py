@@ -267,6 +267,18 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         assert "hu-kind" not in {a["name"] for a in c.get("/v1/adapters").json()["adapters"]}
         more_records(hammer, len(hammer.records), 5)  # hu-kind forwarded again, under traffic
 
+        # A soup of two students (student_soup: 2): the mean of their deltas, cut to the
+        # student rank, passes the server's adapter checks and the gate, and is switched to.
+        soup = {**OPTIONS, "seed": 9, "student_soup": 2}
+        r = c.post("/v1/migrations", json=request_body(old, adapters=["hu-kind"],
+                   tasks={"hu-kind": {"seeds": seeds("hu-kind")}}, options=soup))  # fmt: skip
+        assert r.status_code == 202, r.text
+        souped = wait_job(c, r.json()["id"])
+        (verdict,) = souped["adapters"]
+        assert verdict["state"] == "switched" and verdict["gate"]["passed"], json.dumps(verdict)
+        assert "hu-kind" in {a["name"] for a in c.get("/v1/adapters").json()["adapters"]}
+        more_records(hammer, len(hammer.records), 5)  # hu-kind served by the soup, under traffic
+
     hammer.halt.set()
     hammer.join(timeout=120)
     records = hammer.records

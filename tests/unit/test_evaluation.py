@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from vllm_lora_ext.evaluation.scoring import (
     exact_match,
     multiple_choice_correct,
     normalize,
+    option_probabilities,
     wilson_interval,
 )
 from vllm_lora_ext.evaluation.task_cache import (
@@ -117,7 +119,7 @@ def local_index(tmp_path: Path):
 
     sdist = make_sdist(tmp_path / "served.tar.gz").read_bytes()
     sha = hashlib.sha256(sdist).hexdigest()
-    state = {"html_only": False, "listed_sha": sha, "release_gone": False}
+    state = {"html_only": False, "listed_sha": sha, "release_gone": False, "malformed": False}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -132,6 +134,7 @@ def local_index(tmp_path: Path):
                         {"filename": name, "url": url,
                          "hashes": {"sha256": state["listed_sha"]}},
                     ][: 1 if state["release_gone"] else 2]}).encode()  # fmt: skip
+                    body = b'{"files": [' if state["malformed"] else body
                     kind = "application/vnd.pypi.simple.v1+json"
                 else:
                     body = (f'<a href="{url}#sha256={state["listed_sha"]}">{name}</a>').encode()
@@ -290,6 +293,20 @@ def test_cli_copies_from_a_checkout_only_when_it_matches_the_record(
         assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_cli_refuses_an_index_with_a_local_source_and_a_malformed_listing(
+    tmp_path: Path, local_index, capsys: pytest.CaptureFixture[str]
+) -> None:
+    index, _, state = local_index
+    with pytest.raises(SystemExit) as exit_:
+        task_cache_main(["--sdist", str(tmp_path), "--index", index])
+    assert exit_.value.code == 2 and "--index is for downloading" in capsys.readouterr().err
+    state["malformed"] = True  # a JSON listing cut short
+    with pytest.raises(SystemExit) as exit_:
+        task_cache_main(["--cache-dir", str(tmp_path / "tasks"), "--index", index])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("task_cache: error:") and "Traceback" not in err
+
+
 def test_tampered_task_file_fails_its_checksum(cache: Path) -> None:
     load_task("snarks", cache)
     path = cache / "snarks" / "task.json"
@@ -360,6 +377,14 @@ def test_choose_option_by_summed_loglikelihood() -> None:
     assert choose_option([[-1.0], [-1.0]]) == 0
     with pytest.raises(ValueError):
         choose_option([])
+
+
+def test_option_probabilities_are_a_softmax_and_uniform_when_no_option_is_possible() -> None:
+    inf = float("-inf")
+    probs = option_probabilities([[-1.0, -1.0], [-0.5], [inf]])  # sums -2, -0.5, -inf
+    total = math.exp(-2.0) + math.exp(-0.5)
+    assert probs == pytest.approx([math.exp(-2.0) / total, math.exp(-0.5) / total, 0.0])
+    assert option_probabilities([[inf], [-1.0, inf]]) == [0.5, 0.5]
 
 
 def test_exact_match_normalisation() -> None:

@@ -33,6 +33,8 @@ def option_probabilities(option_logprobs: Sequence[Sequence[float]]) -> list[flo
     each option's probability given that the answer is one of them."""
     sums = [option_loglikelihood(lp) for lp in option_logprobs]
     top = max(sums)
+    if top == -math.inf:  # every option impossible: no preference, not NaN
+        return [1.0 / len(sums)] * len(sums)
     weights = [math.exp(x - top) for x in sums]
     total = math.fsum(weights)
     return [w / total for w in weights]

@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.sdist is not None and args.source_dir is not None:
         parser.exit(2, "task_cache: error: give --sdist or --source-dir, not both\n")
+    if args.index is not None and (args.sdist or args.source_dir) is not None:
+        parser.exit(2, "task_cache: error: --index is for downloading; it does nothing with "
+                    "--sdist or --source-dir\n")  # fmt: skip
     if args.sdist is not None and not args.sdist.is_file():
         parser.exit(2, f"task_cache: error: --sdist {args.sdist} is not a file\n")
     if args.source_dir is not None and not args.source_dir.is_dir():
@@ -308,7 +311,9 @@ def main(argv: list[str] | None = None) -> None:
             out = copy_tasks(args.source_dir, args.cache_dir)
         else:
             out = fetch_tasks(args.cache_dir, args.sdist, index=args.index)
-    except (FileNotFoundError, ChecksumError, tarfile.TarError, httpx.HTTPError) as err:
+    except (OSError, ValueError, tarfile.TarError, httpx.HTTPError, httpx.InvalidURL) as err:
+        # OSError: missing, unreadable or unwritable paths; ValueError: checksums, a malformed
+        # index page; the rest: a broken sdist or an index that cannot be reached
         parser.exit(1, f"task_cache: error: {err}\n")
     print(f"BIG-bench tasks cached in {out}")
 

@@ -53,9 +53,13 @@ def truncate_factors(
     qb, rb = torch.linalg.qr(b)  # b = qb rb
     qa, ra = torch.linalg.qr(a.T)  # a = ra^T qa^T
     u, s, vh = torch.linalg.svd(rb @ ra.T)
-    b_out = qb @ (u[:, :rank] * s[:rank])
-    a_out = vh[:rank] @ qa.T
+    k = min(rank, s.shape[0])  # fewer singular values than rank when a side is narrower than r
+    b_out = qb @ (u[:, :k] * s[:k])
+    a_out = vh[:k] @ qa.T
+    if k < rank:
+        a_out = torch.cat([a_out, a_out.new_zeros(rank - k, a_out.shape[1])], dim=0)
+        b_out = torch.cat([b_out, b_out.new_zeros(b_out.shape[0], rank - k)], dim=1)
     total = float(s.square().sum())
-    dropped = float(s[rank:].square().sum())
+    dropped = float(s[k:].square().sum())
     error = (dropped / total) ** 0.5 if total > 0 else 0.0
     return a_out, b_out, error

@@ -1,12 +1,12 @@
 """A model soup of students: the mean of several students' LoRA deltas, as one adapter.
 
-Students trained from one base by one recipe, differing only in seed (LoRA init, batch order),
-land in one basin, yet one student's held-out accuracy moves with its seed: three migrations of
-disambiguation_qa differing in seed and split scored 0.65, 0.55 and 0.61
-(benchmarks/results/migration_quality_*.json). Averaging the students' deltas keeps what they
-agree on and averages out what the seed alone decided. The mean is exact as a cat merge (rank
-K x r); cut back to the students' rank it serves like any one of them. Whether it pays is
-measured by ``benchmarks/migration_ceilings.py --soup`` and ``migration_quality.py
+Students trained from one base and one LoRA init by one recipe on the same rows, differing
+only in batch order, land in one basin; averaging their deltas keeps what they agree on and
+averages out what the order alone decided. How much one student's held-out accuracy moves with
+its seed alone has no committed measurement yet (the committed migration replicates, 0.65,
+0.55 and 0.61 on disambiguation_qa, also changed their data and splits). The mean is exact as a
+cat merge (rank K x r); cut back to the students' rank it serves like any one of them. Whether
+it pays is measured by ``benchmarks/migration_ceilings.py --soup`` and ``migration_quality.py
 --student-soup``.
 """
 
@@ -21,10 +21,9 @@ from typing import Any
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora, save_lora
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE
+from vllm_lora_ext.files import replace_directory
 from vllm_lora_ext.merge.cat import cat_merge
 from vllm_lora_ext.merge.factor import truncate_factors
-
-SOUP_CARD = "soup.json"
 
 
 def mean_delta(students: Sequence[LoraWeights]) -> LoraWeights:
@@ -51,8 +50,10 @@ def truncated_with_errors(adapter: LoraWeights, rank: int) -> tuple[LoraWeights,
 
 def save_soup(students: Sequence[Path], out_dir: Path, rank: int | None) -> dict[str, Any]:
     """The students' mean delta, cut to ``rank`` (``None``: kept whole, rank K x r), written
-    as a PEFT directory at ``out_dir`` (staged beside it, then one rename). Returns what the
-    cut lost: the relative Frobenius error of each module's approximation of the mean."""
+    as a PEFT directory at ``out_dir`` (staged beside it, then renamed into place). The folder
+    holds PEFT files only, so a server registers it like any adapter. Returns the record for the
+    caller's card: the rank and what the cut lost (each module's relative Frobenius error of
+    its approximation of the mean)."""
     mean = mean_delta([load_lora(d) for d in students])
     cut, errors = (mean, {}) if rank is None else truncated_with_errors(mean, rank)
     config = json.loads((students[0] / CONFIG_FILE).read_text())
@@ -61,13 +62,9 @@ def save_soup(students: Sequence[Path], out_dir: Path, rank: int | None) -> dict
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir.parent))
     try:
         save_lora(cut, staging, config.get("base_model_name_or_path"))
-        card = {"soup_of": [str(d) for d in students], "rank": cut.rank,
-                "max_cut_error": max(errors.values(), default=0.0)}  # fmt: skip
-        (staging / SOUP_CARD).write_text(json.dumps(card, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        replace_directory(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"rank": cut.rank, "max_cut_error": card["max_cut_error"],
+    return {"soup_of": [str(d) for d in students], "rank": cut.rank,
+            "max_cut_error": max(errors.values(), default=0.0),
             "mean_cut_error": sum(errors.values()) / max(len(errors), 1)}  # fmt: skip

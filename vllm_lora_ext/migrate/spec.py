@@ -42,10 +42,10 @@ class TrainParams(BaseModel):
     decay: bool = False
     """Cosine decay of the learning rate after warmup (to a tenth)."""
 
-    def hyperparameters(self, seed: int) -> LoraHyperparameters:
+    def hyperparameters(self, seed: int, order_seed: int | None = None) -> LoraHyperparameters:
         return LoraHyperparameters(
             self.rank, self.alpha, tuple(self.targets), self.steps, self.batch, self.lr, seed,
-            self.warmup, self.decay,
+            order_seed, self.warmup, self.decay,
         )  # fmt: skip
 
 
@@ -108,10 +108,11 @@ class MigrationOptions(BaseModel):
     discriminator: TrainParams = Field(default_factory=lambda: TrainParams(lr=5e-3))
     student: TrainParams = Field(default_factory=_student)
     student_soup: int = Field(1, ge=1, le=8)
-    """K > 1: K students (seeds ``seed`` onwards) and the adapter is the mean of their deltas,
-    cut back to ``student.rank`` (a model soup, ``migrate.soup``), to average out what one
-    student's seed decided. Costs K trainings; off until a committed migration run shows it
-    pays (``benchmarks/migration_quality.py --student-soup 3``)."""
+    """K > 1: K students (one LoRA init from ``seed``, batch orders ``seed`` onwards) and the
+    adapter is the mean of their deltas, cut back to ``student.rank`` (a model soup,
+    ``migrate.soup``), to average out what one student's batch order decided. Costs K
+    trainings; off until a committed migration run shows it pays
+    (``benchmarks/migration_quality.py --student-soup 3``)."""
     student_fit: float = Field(0.9, ge=0, le=1)
     """Training ends once the student's greedy answer equals its label on this fraction of its
     training rows (checked every 10 steps), or when ``student.steps`` run out; 0: all steps."""

@@ -421,11 +421,13 @@ def test_multiple_choice_labels_the_teacher_doubts_are_not_trained_on(parts, tmp
 
 
 def test_a_soup_of_students_is_the_mean_of_their_deltas_cut_to_the_student_rank(parts, tmp_path):
-    """``student_soup=2``: two students with seeds 0 and 1, the adapter is their mean delta at
-    the student's rank; a re-run after losing the adapter reuses both trained students."""
+    """``student_soup=2``: two students with one LoRA init (the spec's seed) and batch orders
+    0 and 1; the adapter is their mean delta at the student's rank; a re-run after losing the
+    adapter reuses both trained students."""
     import torch
 
     from vllm_lora_ext.adapters.lora_weights import load_lora
+    from vllm_lora_ext.migrate.distill import CARD_FILE
     from vllm_lora_ext.migrate.soup import mean_delta, truncated_with_errors
 
     spec = make_spec("seeds_only").model_copy(update={"student_soup": 2})
@@ -434,6 +436,9 @@ def test_a_soup_of_students_is_the_mean_of_their_deltas_cut_to_the_student_rank(
     soup = result.counts["distil"]["soup"]
     assert [m["seed_offset"] for m in soup["members"]] == [0, 1]
     assert all(m["steps_run"] == 40 for m in soup["members"])
+    cards = [json.loads((work / f"{STUDENT_DIR}-{i}" / CARD_FILE).read_text()) for i in range(2)]
+    assert [(c["hyperparameters"]["seed"], c["hyperparameters"]["order_seed"]) for c in cards] == [
+        (spec.seed, spec.seed), (spec.seed, spec.seed + 1)]  # fmt: skip
     members = [load_lora(work / f"{STUDENT_DIR}-{i}") for i in range(2)]
     adapter = load_lora(result.adapter_dir)
     assert adapter.rank == spec.student.rank == soup["rank"]
