@@ -278,6 +278,7 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         assert verdict["state"] == "switched" and verdict["gate"]["passed"], json.dumps(verdict)
         assert "hu-kind" in {a["name"] for a in c.get("/v1/adapters").json()["adapters"]}
         more_records(hammer, len(hammer.records), 5)  # hu-kind served by the soup, under traffic
+        roll_back(c, r.json()["id"])  # the next test starts from the old routing
 
     hammer.halt.set()
     hammer.join(timeout=120)
