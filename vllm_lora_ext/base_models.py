@@ -12,13 +12,11 @@ absent.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from vllm_lora_ext.files import replace_directory
+from vllm_lora_ext.files import staged_directory
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ALIASES = ("HuggingFaceTB/SmolLM2-135M-Instruct",)
@@ -134,14 +132,9 @@ def _ensure_converted(target: Path, build: Callable[[Path], str]) -> Path:
     from, recorded in the ready mark) in a staging folder beside it, renamed into place."""
     if (target / _READY_MARK).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         source = build(staging)
         (staging / _READY_MARK).write_text(source + "\n")
-        replace_directory(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -46,3 +48,17 @@ def replace_directory(staging: Path, target: Path) -> Path:
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A scratch folder beside ``target`` to fill; when the block ends without an error it
+    replaces ``target`` (:func:`replace_directory`), otherwise it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        yield staging
+        replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import torch
 
 from vllm_lora_ext.evaluation.prompts import stop_token_ids
-from vllm_lora_ext.files import replace_directory
+from vllm_lora_ext.files import staged_directory
 
 # (token ids, index of the first answer token)
 Row = tuple[list[int], int]
@@ -319,15 +317,10 @@ def train_lora(
 
 def save_adapter_atomically(model: Any, target: Path, files: dict[str, str] | None = None) -> Path:
     """``model.save_pretrained`` into a staging directory beside ``target`` (plus extra text
-    ``files``), then renamed into place (``files.replace_directory``): never half an adapter."""
+    ``files``), then renamed into place (``files.staged_directory``): never half an adapter."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         model.save_pretrained(staging)
         for name, text in (files or {}).items():
             (staging / name).write_text(text)
-        replace_directory(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

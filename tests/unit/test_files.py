@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_lora_ext.files import replace_directory
+from vllm_lora_ext.files import replace_directory, staged_directory
 
 
 def folder(path: Path, files: dict[str, str]) -> Path:
@@ -52,3 +52,16 @@ def test_a_failed_move_keeps_the_old_folder_aside_not_lost(
         replace_directory(staging, target)
     (aside,) = tmp_path.glob(".adapter.replaced-*/adapter")
     assert contents(aside) == {"weights": "old"} and not target.exists()
+
+
+def test_staged_directory_replaces_only_when_the_block_succeeds(tmp_path: Path) -> None:
+    target = folder(tmp_path / "adapter", {"weights": "old"})
+    with pytest.raises(RuntimeError, match="half way"), staged_directory(target) as staging:
+        (staging / "weights").write_text("half")
+        raise RuntimeError("half way")
+    assert contents(target) == {"weights": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    with staged_directory(target) as staging:
+        (staging / "weights").write_text("new")
+    assert contents(target) == {"weights": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -13,15 +13,13 @@ it pays is measured by ``benchmarks/migration_ceilings.py --soup`` and ``migrati
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora, save_lora
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE
-from vllm_lora_ext.files import replace_directory
+from vllm_lora_ext.files import staged_directory
 from vllm_lora_ext.merge.cat import cat_merge
 from vllm_lora_ext.merge.factor import truncate_factors
 
@@ -57,14 +55,8 @@ def save_soup(students: Sequence[Path], out_dir: Path, rank: int | None) -> dict
     mean = mean_delta([load_lora(d) for d in students])
     cut, errors = (mean, {}) if rank is None else truncated_with_errors(mean, rank)
     config = json.loads((students[0] / CONFIG_FILE).read_text())
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         save_lora(cut, staging, config.get("base_model_name_or_path"))
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"soup_of": [str(d) for d in students], "rank": cut.rank,
             "max_cut_error": max(errors.values(), default=0.0),
             "mean_cut_error": sum(errors.values()) / max(len(errors), 1)}  # fmt: skip
