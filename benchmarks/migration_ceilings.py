@@ -329,11 +329,9 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
             return None
         if args.soup < 2:
             return student(key, pairs, args.seed)[0]
-        seeds = range(args.seed, args.seed + args.soup)
-        if args.soup_init == "own":
-            members = [student(key, pairs, seed) for seed in seeds]
-        else:
-            members = [student(key, pairs, args.seed, order=seed) for seed in seeds]
+        seeds = range(args.seed, args.seed + args.soup)  # batch orders
+        inits = list(seeds) if args.soup_init == "own" else [args.seed] * args.soup
+        members = [student(key, pairs, i, order=s) for i, s in zip(inits, seeds, strict=True)]
         tag = f"{key}-{budget(0)}-soup{seeds[0]}to{seeds[-1]}"
         tag += f"-rank{args.soup_rank}" if args.soup_rank else ""
         tag += "-owninit" if args.soup_init == "own" else ""
@@ -346,10 +344,9 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
 
         value = timed(tag, compute)
         kept = ("acc", "n", "correct", "ci95", "hits")
-        init = (lambda s: s) if args.soup_init == "own" else (lambda s: args.seed)
         scores = [
-            {k: m[k] for k in kept} | {"seed": init(s), "order_seed": s}
-            for (m, _), s in zip(members, seeds, strict=True)
+            {k: m[k] for k in kept} | {"seed": i, "order_seed": s}
+            for (m, _), i, s in zip(members, inits, seeds, strict=True)
         ]
         return {**value, "members": scores}
 

@@ -27,9 +27,17 @@ def svd_factor(
         hi = torch.quantile(torch.cat([b.flatten(), a.flatten()]), clamp)
         b = b.clamp(-hi, hi)
         a = a.clamp(-hi, hi)
-    if k < rank:
-        a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
-        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
+    return _zero_pad(a, b, rank)
+
+
+def _zero_pad(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` [k, in] and ``b`` [out, k] padded with zero rows / columns up to ``rank``: the same
+    product, at the rank the caller asked for."""
+    k = a.shape[0]
+    if k >= rank:
+        return a, b
+    a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
+    b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
     return a, b
 
 
@@ -46,19 +54,12 @@ def truncate_factors(
     """
     r = a.shape[0]
     if rank >= r:
-        pad = rank - r
-        a_out = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)
-        b_out = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
-        return a_out, b_out, 0.0
+        return (*_zero_pad(a, b, rank), 0.0)
     qb, rb = torch.linalg.qr(b)  # b = qb rb
     qa, ra = torch.linalg.qr(a.T)  # a = ra^T qa^T
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     k = min(rank, s.shape[0])  # fewer singular values than rank when a side is narrower than r
-    b_out = qb @ (u[:, :k] * s[:k])
-    a_out = vh[:k] @ qa.T
-    if k < rank:
-        a_out = torch.cat([a_out, a_out.new_zeros(rank - k, a_out.shape[1])], dim=0)
-        b_out = torch.cat([b_out, b_out.new_zeros(b_out.shape[0], rank - k)], dim=1)
+    a_out, b_out = _zero_pad(vh[:k] @ qa.T, qb @ (u[:, :k] * s[:k]), rank)
     total = float(s.square().sum())
     dropped = float(s[k:].square().sum())
     error = (dropped / total) ** 0.5 if total > 0 else 0.0
