@@ -71,53 +71,48 @@ def random_adapter(
     return out
 
 
-# -- synthetic BIG-bench tasks -------------------------------------------------------------------
+# -- synthetic BBH tasks ------------------------------------------------------------------------
 
 _WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle", "rocket",
           "garden", "pencil", "violin"]  # fmt: skip
+_FREE_FORM = ("object_counting", "multistep_arithmetic_two", "word_sorting", "dyck_languages")
+_CLOSED_PAIR = ("boolean_expressions", "sports_understanding", "web_of_lies")
+_LISTED = ("causal_judgement",)
 
 
-def _task_json(rel: str) -> dict:
-    """A small task file with the shape of the real one: ``exact_str_match`` arithmetic, the
-    rest multiple choice with two or three options."""
-    name, sub = rel.split("/")[0], rel.split("/")[1]
-    if name == "arithmetic":
-        sign = "-" if "subtraction" in sub else "+"
-        examples = []
-        tens = 10 if sub.startswith("2_digit") else 0  # other inputs than the 1-digit file
-        for i in range(12):
-            a, b = (i * 7) % 10 + 1 + tens, (i * 3) % 10 + tens // 2
-            answer = a - b if sign == "-" else a + b
-            examples.append({"input": f"What is {a} {sign} {b}?", "target": str(answer)})
-        return {"name": sub, "preferred_score": "exact_str_match", "examples": examples}
-    options = ["yes", "no"] if len(name) % 2 else ["(A)", "(B)", "(C)"]
+def _task_json(task: str) -> dict:
+    """A small BBH file in the real task's answer format: free form (a count), a closed pair
+    (yes/no with no options listed), listed options (``- Yes``) or lettered ones (``(A)``)."""
     examples = []
     for i in range(40):
         word, other = _WORDS[i % len(_WORDS)], _WORDS[(i * 5 + 1) % len(_WORDS)]
-        right = options[i % len(options)]
-        examples.append({
-            "input": f"{name.replace('_', ' ')} {i}: {word} and {other}?",
-            "target_scores": {o: int(o == right) for o in options},
-        })  # fmt: skip
-    return {
-        "name": name,
-        "preferred_score": "multiple_choice_grade",
-        "task_prefix": "Answer the question.\n",
-        "examples": examples,
-    }
+        question = f"{task.replace('_', ' ')} {i}: {word} and {other}?"
+        if task in _FREE_FORM:
+            examples.append({"input": question + " How many?", "target": str(i % 7 + 1)})
+        elif task in _CLOSED_PAIR:
+            examples.append({"input": question, "target": ("yes", "no")[i % 2]})
+        elif task in _LISTED:
+            examples.append({"input": question + "\nOptions:\n- Yes\n- No",
+                             "target": ("Yes", "No")[i % 2]})  # fmt: skip
+        else:
+            answers = (word, other, "both")
+            options = "".join(f"\n({c}) {w}" for c, w in zip("ABC", answers, strict=True))
+            examples.append({"input": question + "\nOptions:" + options,
+                             "target": f"({'ABC'[i % 3]})"})  # fmt: skip
+    return {"canary": "synthetic (benchmarks/quick.py)", "examples": examples}
 
 
 def write_tasks(dest: Path) -> Path:
-    """Every development task of ``task_cache.TASK_SOURCES`` as a synthetic ``task.json``, with
-    the manifest ``load_task`` checks: the real loader reads them unchanged."""
-    from vllm_lora_ext.evaluation.task_cache import MANIFEST, TASK_SOURCES
+    """Every BBH task of ``task_cache.BBH_SHA256`` as a small synthetic file, with the manifest
+    ``load_task`` checks: the real loader reads them unchanged (arithmetic is generated)."""
+    from vllm_lora_ext.evaluation.task_cache import BBH_SHA256, MANIFEST, task_file
     from vllm_lora_ext.files import write_atomic
 
     checksums = {}
-    for rel in sorted({r for files in TASK_SOURCES.values() for r in files}):
-        data = json.dumps(_task_json(rel), indent=1).encode()
-        write_atomic(dest / rel, data)
-        checksums[rel] = hashlib.sha256(data).hexdigest()
+    for task in sorted(BBH_SHA256):
+        data = json.dumps(_task_json(task), indent=1).encode()
+        write_atomic(dest / task_file(task), data)
+        checksums[task_file(task)] = hashlib.sha256(data).hexdigest()
     manifest = {"source": "synthetic (benchmarks/quick.py)", "files": checksums}
     write_atomic(dest / MANIFEST, json.dumps(manifest, indent=1).encode())
     return dest

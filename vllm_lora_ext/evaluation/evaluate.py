@@ -47,6 +47,8 @@ class EvalResult:
     ci95: tuple[float, float]
     predictions: tuple[str, ...]
     """The chosen option, or the generated answer, per example."""
+    hits: tuple[bool, ...] = ()
+    """Per example, whether it was right: two systems on the same examples pair up here."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ def score_outputs(task: Task, outputs: RawOutputs, limit: int | None = None) -> 
         accuracy=accuracy(hits),
         ci95=wilson_interval(k, len(hits)),
         predictions=tuple(predictions),
+        hits=tuple(hits),
     )
 
 

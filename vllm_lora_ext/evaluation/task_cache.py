@@ -1,94 +1,77 @@
-"""BIG-bench task files from the PyPI sdist ``bigbench==1.0.0``, cached with sha256 checksums.
+"""BIG-Bench Hard task files at a pinned commit, cached with sha256 checksums.
 
-The sdist (358 MB) holds every ``bigbench/benchmark_tasks/<task>/task.json``. We fetch the file
-itself from the package index's listing (the simple API, PEP 691 JSON or PEP 503 HTML), never
-through ``pip download``: pip prepares an sdist's metadata, which pip >= 26.3 refuses for this
-one ("Distributions from PyPI cannot declare direct URL dependencies"). The download is checked
-against the recorded sha256 as it streams. We then write only the development tasks' files into
-the cache (each through a temporary file and a rename, the manifest last), and check every file
-against the manifest when it is read, so a truncated or edited file never reaches an evaluation
-silently.
+BBH (github.com/suzgunmirac/BIG-Bench-Hard, MIT) keeps one ``bbh/<task>.json`` per task. We fetch
+each file by its raw URL at :data:`BBH_COMMIT` (or copy it from a local folder with the same
+layout), check it against the sha256 recorded here, and write it into the cache through a
+temporary file and a rename, the manifest last. Every read checks the file against the manifest
+again, so a truncated or edited file never reaches an evaluation silently.
+
+Only the tasks of :data:`BBH_SHA256` are known here: the other seven BBH tasks are held out for an
+independent check of migration quality and are never fetched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import tarfile
-import tempfile
-from html.parser import HTMLParser
+from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urldefrag, urljoin
 
 import httpx
 
-from vllm_lora_ext.files import sha256_file, write_atomic
+from vllm_lora_ext.files import write_atomic
 
-SDIST_REQUIREMENT = "bigbench==1.0.0"
-SDIST_FILENAME = "bigbench-1.0.0.tar.gz"
-DEFAULT_INDEX = "https://pypi.org/simple"
-# sha256 of bigbench-1.0.0.tar.gz as served by PyPI (checked when the sdist is read).
-SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-_MEMBER_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+BBH_REPOSITORY = "suzgunmirac/BIG-Bench-Hard"
+BBH_COMMIT = "9ee07bd481feebf959a6b59d61ea57bdcf30964d"
+BBH_SOURCE = f"bbh@{BBH_COMMIT[:7]}"
+"""``task_source`` of every BBH task in cards and result files."""
+DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/{BBH_REPOSITORY}/{BBH_COMMIT}"
 MANIFEST = "manifest.json"
 
-# Task name -> its task.json files, relative to ``benchmark_tasks/``. Only the development tasks of
-# issue 3; do not tune on anything else.
-TASK_SOURCES: dict[str, tuple[str, ...]] = {
-    "arithmetic": tuple(
-        f"arithmetic/{sub}/task.json"
-        for sub in (
-            "1_digit_addition",
-            "1_digit_subtraction",
-            "2_digit_addition",
-            "2_digit_subtraction",
-        )
-    ),
-    "causal_judgment": ("causal_judgment/task.json",),
-    "date_understanding": ("date_understanding/task.json",),
-    "disambiguation_qa": ("disambiguation_qa/task.json",),
-    "object_counting": ("object_counting/task.json",),
-    "snarks": ("snarks/task.json",),
-    "sports_understanding": ("sports_understanding/task.json",),
-    "word_sorting": ("word_sorting/task.json",),
-}
-
-
-# sha256 of each task.json as extracted from that sdist, copied from the committed adapters'
-# cards (``task_sources_sha256``): every published result used these bytes. A copy taken from
-# anywhere else (``--source-dir``: a BIG-bench checkout) must match them; a test keeps this table
-# equal to the cards. sports_understanding has no card, so no recorded hash.
-RECORDED_SHA256: dict[str, str] = {
-    "arithmetic/1_digit_addition/task.json":
-        "533525ec8298560cfa7be75399c77538e4d458eb3cfc343b56263e7d879203b1",
-    "arithmetic/1_digit_subtraction/task.json":
-        "c075571c6c5546b313c758d4c9ccc6cda7ae7a6bbf0d6229c60815202523033c",
-    "arithmetic/2_digit_addition/task.json":
-        "1dd3e6fd6bc325a0010b21cef74bd94321b991003715e7299eb0cbd29f1d5582",
-    "arithmetic/2_digit_subtraction/task.json":
-        "7437e2ef68b0725da20a4321c32251c828a7dc062c627da9e63409c1fb2653db",
-    "causal_judgment/task.json":
-        "72dea28a03226a15a6081c7bef3599569887258a90e7db923e98a8232d5d7c29",
-    "date_understanding/task.json":
-        "ff716f0e399109146db3a998281c39954907b78268a9b633a95582d63847822f",
-    "disambiguation_qa/task.json":
-        "118b6a250c6e1744384763d51cfd48c931467325dbe94d79ccb2103805fa4c6a",
-    "object_counting/task.json":
-        "ec6371b4d9078a871ef6962d4991d2318db0b399cca78a0c90678972bdb115d6",
-    "snarks/task.json": "bf78ad6f611db889d1e3cd092a5187c33aee87aa64281c9209809569e8c3dea9",
-    "word_sorting/task.json": "8633aac2c5e59b0580f17a702d78c3a8294092144c7bb1380192dd5bb4255f29",
+# sha256 of bbh/<task>.json at BBH_COMMIT (the repository's bytes, as in
+# ../shared/data/big-bench-hard/SHA256SUMS). The seven held-out tasks are deliberately absent.
+BBH_SHA256: dict[str, str] = {
+    "boolean_expressions": "ea6c754ec005e2d3f2d085d349a740f593b5764f32ea4638ffed4cfc0061b12a",
+    "causal_judgement": "6e8bca44dd402008ed41c07a3d0a1d5e7b03db7001a7e002fcdf4c60985ea081",
+    "date_understanding": "0148d4ac5fca05b2f82373e5fef7208e15363b9c6079493034d77b3dab496bf5",
+    "disambiguation_qa": "cf06df9ebf911b883671cb1b35d3fbd1a1c306b19b9e9a012407e596c85fe8c6",
+    "dyck_languages": "3f9badedf15c2be1ce53d94fdf016299bb30ba231ef087ab9f51a7ed6d0bdc25",
+    "geometric_shapes": "07be68a124420caa2ebc0b2c858ad79fc55c5c8806170e496e1e17ebfb11f31c",
+    "logical_deduction_five_objects":
+        "d2df31394b903b7f0e085d42a69572a092987856eac076799017d70ef266fa8f",
+    "logical_deduction_seven_objects":
+        "2896c7e3482eea318dd37bcc370d24ec3cc91e8374c1784287b5dbd38a529e33",
+    "multistep_arithmetic_two": "c9d5a6433c9b78256422a15c78463949c8bec8d85607aa28b52d7234ad4a8595",
+    "object_counting": "8acef14dbbdd40d2326ef7755750b6b5fe919fef06276af1bab3f1c297f022ff",
+    "reasoning_about_colored_objects":
+        "0a8850cf95166020fce7a78244026ceedd7ea839302471512b4f8744e85a6a49",
+    "ruin_names": "b6f723aef2bafdd4c7bfc3c7e0329c7e8a8279391a609969c8ed76c9319f5f7f",
+    "salient_translation_error_detection":
+        "becf3eb8dd53c821a555ecd5c1334ecd93eb25f980e63be963c518e7138de5da",
+    "snarks": "54a0661fe2de06167645a4965e6bcf963c4ba307e76262a7c750998b0e3d0d0e",
+    "sports_understanding": "63ca262858f6176864515cd8cf53cdaa40839ebecc155b726d77930855d167bf",
+    "tracking_shuffled_objects_five_objects":
+        "2063a46a4fb484236ed4310523606543a3e1dd4a4dc34eda65d407910ece25a5",
+    "tracking_shuffled_objects_seven_objects":
+        "b59fd05b850c37cf57cb514ae1e6975c00b1638ade2291722056b2af3c54084d",
+    "tracking_shuffled_objects_three_objects":
+        "546cc7bf10c6a01a6a4c17ae28a4966485f21f29fd5d111f37858ec78e354f6b",
+    "web_of_lies": "3e60323f8514a107fdb4edf35f8832a9171c5a09c0eaa47823559de905e8ab8b",
+    "word_sorting": "2a6132d2c99f00d0d2eb1113ac6b4a918bd969d863c48749210d969713db8d43",
 }  # fmt: skip
 
 
 class ChecksumError(ValueError):
-    """A cached file (or the sdist) does not match its recorded sha256."""
+    """A task file does not match its recorded sha256."""
 
 
-class SdistUnavailable(FileNotFoundError):
-    """The index does not list ``SDIST_FILENAME`` (PyPI listed only ``bigbench-0.0.1`` when
-    this was last tried, 2026-12-07): the message names what it lists and the ways round it."""
+class TaskFetchError(RuntimeError):
+    """A task file could not be had (no network, HTTP error, missing from a source folder)."""
+
+
+def task_file(task: str) -> str:
+    """A task's path relative to the cache (and to the repository): ``bbh/<task>.json``."""
+    return f"bbh/{task}.json"
 
 
 def default_task_dir() -> Path:
@@ -98,224 +81,150 @@ def default_task_dir() -> Path:
     return Settings().cache_dir / "tasks"
 
 
-def index_url() -> str:
-    """pip's own ``PIP_INDEX_URL`` if set, else PyPI's simple API."""
-    return os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX).rstrip("/")
+def _check(task: str, data: bytes, where: str, recorded: dict[str, str]) -> str:
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != recorded[task]:
+        raise ChecksumError(f"{where} has sha256 {actual}, expected {recorded[task]} "
+                            f"(bbh/{task}.json at {BBH_COMMIT[:7]}): another version or a "
+                            "damaged copy")  # fmt: skip
+    return actual
 
 
-class _Links(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hrefs: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        href = dict(attrs).get("href")
-        if tag == "a" and href:
-            self.hrefs.append(href)
+def _wanted(tasks: Iterable[str] | None, recorded: dict[str, str]) -> list[str]:
+    names = sorted(recorded) if tasks is None else list(dict.fromkeys(tasks))
+    unknown = [t for t in names if t not in recorded]
+    if unknown:
+        raise ValueError(f"unknown BBH task(s) {unknown}; known: {', '.join(sorted(recorded))}")
+    return names
 
 
-def sdist_location(index: str, client: httpx.Client) -> tuple[str, str | None]:
-    """(URL, the sha256 the index lists or None) of ``SDIST_FILENAME`` in the index's listing."""
-    page = f"{index}/bigbench/"
-    accept = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
-    response = client.get(page, headers={"Accept": accept}, follow_redirects=True)
-    response.raise_for_status()
-    listed_names: list[str] = []
-    if "json" in response.headers.get("content-type", ""):
-        for entry in response.json().get("files", []):
-            listed_names.append(str(entry.get("filename")))
-            if entry.get("filename") == SDIST_FILENAME:
-                return urljoin(page, entry["url"]), entry.get("hashes", {}).get("sha256")
-    else:
-        links = _Links()
-        links.feed(response.text)
-        for href in links.hrefs:
-            url, fragment = urldefrag(urljoin(page, href))
-            listed_names.append(url.rsplit("/", 1)[-1])
-            if url.rsplit("/", 1)[-1] == SDIST_FILENAME:
-                listed = re.fullmatch(r"sha256=([0-9a-f]{64})", fragment)
-                return url, listed.group(1) if listed else None
-    raise SdistUnavailable(
-        f"{page} does not list {SDIST_FILENAME} (it lists: {', '.join(listed_names) or 'nothing'})."
-        f" With a copy of the file (sha256 {SDIST_SHA256}), run `python -m "
-        "vllm_lora_ext.evaluation.task_cache --sdist FILE`; with a BIG-bench checkout, "
-        "--source-dir DIR; or name an index that has it with --index URL"
-    )
-
-
-def download_sdist(
-    dest: Path, index: str | None = None, expected_sha256: str | None = SDIST_SHA256
-) -> Path:
-    """Stream the sdist from the index into ``dest`` (a progress bar on stderr), checking it
-    against ``expected_sha256`` before it is renamed into place."""
-    from tqdm import tqdm
-
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / SDIST_FILENAME
-    with httpx.Client(timeout=httpx.Timeout(60.0, read=300.0)) as client:
-        url, listed = sdist_location(index or index_url(), client)
-        if expected_sha256 is not None and listed not in (None, expected_sha256):
-            raise ChecksumError(f"the index lists sha256 {listed} for {url}, expected "
-                                f"{expected_sha256}")  # fmt: skip
-        digest = hashlib.sha256()
-        part = dest / f".{SDIST_FILENAME}.part"
-        with client.stream("GET", url, follow_redirects=True) as response:
-            response.raise_for_status()
-            total = int(response.headers.get("content-length", 0)) or None
-            with part.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True,
-                                               desc=SDIST_FILENAME) as bar:  # fmt: skip
-                for chunk in response.iter_bytes(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
-        part.unlink(missing_ok=True)
-        raise ChecksumError(f"{url} has sha256 {digest.hexdigest()}, expected {expected_sha256}")
-    part.replace(target)
-    return target
+def _commit(cache_dir: Path, files: dict[str, bytes], origin: str) -> Path:
+    """Write the verified files, then merge them into the manifest (written last)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = cache_dir / MANIFEST
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    checksums = dict(previous.get("files", {})) if previous.get("source") == BBH_SOURCE else {}
+    for task, data in files.items():
+        write_atomic(cache_dir / task_file(task), data)
+        checksums[task_file(task)] = hashlib.sha256(data).hexdigest()
+    manifest = {"source": BBH_SOURCE, "commit": BBH_COMMIT, "origin": origin, "files": checksums}
+    write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return cache_dir
 
 
 def fetch_tasks(
     cache_dir: Path | None = None,
-    sdist: Path | None = None,
-    expected_sha256: str | None = SDIST_SHA256,
-    index: str | None = None,
+    tasks: Iterable[str] | None = None,
+    base_url: str = DEFAULT_BASE_URL,
+    recorded: dict[str, str] | None = None,
+    progress: bool = True,
 ) -> Path:
-    """Extract the development tasks into ``cache_dir`` and write its manifest; return the dir.
+    """Download ``bbh/<task>.json`` for each of ``tasks`` (default: all of :data:`BBH_SHA256`)
+    from ``base_url``, check each, and cache them; nothing is written unless all arrive intact.
 
-    ``sdist``: an already downloaded ``bigbench-1.0.0.tar.gz``; without it the sdist is
-    downloaded from ``index`` (default: :func:`index_url`) into a temporary directory and
-    removed afterwards. ``expected_sha256=None``
-    skips the sdist check (tests build small fake sdists).
+    ``recorded`` replaces :data:`BBH_SHA256` (tests serve small files of their own).
     """
+    from tqdm import tqdm
+
+    recorded = BBH_SHA256 if recorded is None else recorded
+    names = _wanted(tasks, recorded)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_task_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    if sdist is None:
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
-            downloaded = download_sdist(Path(tmp), index, expected_sha256)
-            return _extract(downloaded, cache_dir, expected_sha256)
-    return _extract(Path(sdist), cache_dir, expected_sha256)
+    files: dict[str, bytes] = {}
+    base = base_url.rstrip("/")
+    with httpx.Client(timeout=httpx.Timeout(30.0), follow_redirects=True) as client:
+        for task in tqdm(names, desc="BBH tasks", unit="file", disable=not progress):
+            url = f"{base}/{task_file(task)}"
+            try:
+                response = client.get(url)
+            except httpx.HTTPError as err:
+                raise TaskFetchError(f"cannot fetch {url}: {err or type(err).__name__}") from err
+            if response.status_code != 200:
+                raise TaskFetchError(f"{url} answered HTTP {response.status_code}")
+            _check(task, response.content, url, recorded)
+            files[task] = response.content
+    return _commit(cache_dir, files, base)
 
 
 def copy_tasks(
-    source_dir: Path, cache_dir: Path | None = None, recorded: dict[str, str] | None = None
+    source_dir: Path,
+    cache_dir: Path | None = None,
+    tasks: Iterable[str] | None = None,
+    recorded: dict[str, str] | None = None,
 ) -> Path:
-    """Fill the cache from a directory that holds the task files (a BIG-bench checkout, an
-    unpacked sdist, or its ``benchmark_tasks``): the way round a package index that no longer
-    serves the sdist. Each file must match its recorded sha256 (``recorded``, default
-    :data:`RECORDED_SHA256`), so results stay comparable with the published ones; files with no
-    recorded hash are copied and named ``unverified`` in the manifest. Nothing is written unless
-    every file is present and matches."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_task_dir()
-    recorded = RECORDED_SHA256 if recorded is None else recorded
+    """Fill the cache from a local folder with the repository's layout (``bbh/<task>.json``,
+    or the ``bbh`` folder itself), each file checked as :func:`fetch_tasks` checks a download.
+    On this project's machines the folder is ``../shared/data/big-bench-hard``."""
+    recorded = BBH_SHA256 if recorded is None else recorded
+    names = _wanted(tasks, recorded)
     root = Path(source_dir)
-    for base in (root / "bigbench" / "benchmark_tasks", root / "benchmark_tasks", root):
-        if base.is_dir() and (base / "disambiguation_qa").is_dir():
-            break
-    else:
-        raise FileNotFoundError(f"{root} holds no bigbench/benchmark_tasks/ (nor task folders)")
-    wanted = sorted({rel for files in TASK_SOURCES.values() for rel in files})
-    missing = [rel for rel in wanted if not (base / rel).is_file()]
+    base = root if not (root / "bbh").is_dir() else root / "bbh"
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_task_dir()
+    missing = [t for t in names if not (base / f"{t}.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"{base} lacks {missing}")
-    files = {rel: (base / rel).read_bytes() for rel in wanted}
-    checksums = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
-    differ = [rel for rel in wanted if rel in recorded and checksums[rel] != recorded[rel]]
-    if differ:
-        raise ChecksumError(f"{base}: {differ} differ from the recorded sha256 (the bytes every "
-                            "published result used); this copy is another version")  # fmt: skip
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        write_atomic(cache_dir / rel, data)
-    unverified = [rel for rel in wanted if rel not in recorded]
-    manifest = {"source": f"directory {base.resolve()}", "sdist_sha256": None,
-                "files": checksums, "unverified": unverified}  # fmt: skip
-    write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    return cache_dir
-
-
-def _extract(sdist: Path, cache_dir: Path, expected_sha256: str | None) -> Path:
-    sdist_sha = sha256_file(sdist)
-    if expected_sha256 is not None and sdist_sha != expected_sha256:
-        raise ChecksumError(f"{sdist} has sha256 {sdist_sha}, expected {expected_sha256}")
-    wanted = {rel for files in TASK_SOURCES.values() for rel in files}
-    checksums: dict[str, str] = {}
-    # Stream mode: one pass over the gzip; only names from TASK_SOURCES are ever written, so a
-    # hostile member name cannot escape the cache directory.
-    with tarfile.open(sdist, mode="r|gz") as tar:
-        for member in tar:
-            rel = member.name.removeprefix(_MEMBER_PREFIX)
-            if rel not in wanted or not member.isfile():
-                continue
-            handle = tar.extractfile(member)
-            assert handle is not None
-            data = handle.read()
-            write_atomic(cache_dir / rel, data)
-            checksums[rel] = hashlib.sha256(data).hexdigest()
-    missing = sorted(wanted - checksums.keys())
-    if missing:
-        raise FileNotFoundError(f"{sdist} lacks {missing}")
-    manifest = {"source": SDIST_REQUIREMENT, "sdist_sha256": sdist_sha, "files": checksums}
-    write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    return cache_dir
+        raise TaskFetchError(f"{base} lacks {', '.join(f'{t}.json' for t in missing)}")
+    files = {t: (base / f"{t}.json").read_bytes() for t in names}
+    for task, data in files.items():
+        _check(task, data, str(base / f"{task}.json"), recorded)
+    return _commit(cache_dir, files, f"directory {base.resolve()}")
 
 
 def read_task_file(rel: str, cache_dir: Path | None = None) -> tuple[dict, str]:
-    """Parse one cached ``task.json`` after checking it against the manifest: (data, sha256)."""
+    """Parse one cached task file after checking it against the manifest: (data, sha256)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_task_dir()
     manifest_path = cache_dir / MANIFEST
+    hint = ("fetch the tasks with `python -m vllm_lora_ext.evaluation.task_cache` (or "
+            "`--source-dir DIR` for a local copy)")  # fmt: skip
     if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"no BIG-bench task cache in {cache_dir}; fetch it once with "
-            "`python -m vllm_lora_ext.evaluation.task_cache` (downloads the 358 MB sdist)"
-        )
+        raise FileNotFoundError(f"no task cache in {cache_dir}; {hint}")
     expected = json.loads(manifest_path.read_text())["files"].get(rel)
     if expected is None:
-        raise FileNotFoundError(f"{rel} is not in {manifest_path}; fetch the tasks again")
+        raise FileNotFoundError(f"{rel} is not in {manifest_path}; {hint}")
     data = (cache_dir / rel).read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ChecksumError(
             f"{cache_dir / rel} has sha256 {actual}, but the manifest records {expected}: "
-            "the file changed since it was fetched; fetch the tasks again"
+            f"the file changed since it was fetched; {hint}"
         )
     return json.loads(data), actual
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vllm_lora_ext.evaluation.task_cache [--cache-dir DIR] [--sdist FILE |
-    --source-dir DIR] [--index URL]``: exit 1 with a message when the tasks cannot be had."""
+    """``python -m vllm_lora_ext.evaluation.task_cache [--cache-dir DIR] [--source-dir DIR |
+    --base-url URL] [--tasks a,b]``: exit 0 when cached, 1 when the tasks cannot be had, 2 on
+    bad arguments; always one line, never a traceback."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="fetch the BIG-bench development tasks")
+    parser = argparse.ArgumentParser(
+        prog="task_cache", description=f"cache the BIG-Bench Hard tasks at {BBH_COMMIT[:7]}"
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--sdist", type=Path, default=None, help="an already downloaded sdist")
-    parser.add_argument("--index", default=None, help=f"simple index (default {index_url()})")
     parser.add_argument(
         "--source-dir", type=Path, default=None,
-        help="a BIG-bench checkout (or unpacked sdist) to copy from, checked file by file "
-        "against the recorded sha256",
+        help="a local copy with the repository's layout (bbh/<task>.json), checked the same way",
     )  # fmt: skip
+    parser.add_argument("--base-url", default=None, help=f"default {DEFAULT_BASE_URL}")
+    parser.add_argument("--tasks", default=None, help="comma-separated (default: all known)")
     args = parser.parse_args(argv)
-    if args.sdist is not None and args.source_dir is not None:
-        parser.exit(2, "task_cache: error: give --sdist or --source-dir, not both\n")
-    if args.index is not None and (args.sdist or args.source_dir) is not None:
-        parser.exit(2, "task_cache: error: --index is for downloading; it does nothing with "
-                    "--sdist or --source-dir\n")  # fmt: skip
-    if args.sdist is not None and not args.sdist.is_file():
-        parser.exit(2, f"task_cache: error: --sdist {args.sdist} is not a file\n")
+    if args.source_dir is not None and args.base_url is not None:
+        parser.exit(2, "task_cache: error: give --source-dir or --base-url, not both\n")
     if args.source_dir is not None and not args.source_dir.is_dir():
         parser.exit(2, f"task_cache: error: --source-dir {args.source_dir} is not a directory\n")
+    tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
+    if tasks is not None and (not tasks or any(t not in BBH_SHA256 for t in tasks)):
+        unknown = [t for t in tasks if t not in BBH_SHA256] or ["(none given)"]
+        parser.exit(2, f"task_cache: error: unknown task(s) {', '.join(unknown)}; known: "
+                    f"{', '.join(sorted(BBH_SHA256))}\n")  # fmt: skip
     try:
         if args.source_dir is not None:
-            out = copy_tasks(args.source_dir, args.cache_dir)
+            out = copy_tasks(args.source_dir, args.cache_dir, tasks)
         else:
-            out = fetch_tasks(args.cache_dir, args.sdist, index=args.index)
-    except (OSError, ValueError, tarfile.TarError, httpx.HTTPError, httpx.InvalidURL) as err:
-        # OSError: missing, unreadable or unwritable paths; ValueError: checksums, a malformed
-        # index page; the rest: a broken sdist or an index that cannot be reached
+            out = fetch_tasks(args.cache_dir, tasks, args.base_url or DEFAULT_BASE_URL)
+    except (OSError, ValueError, TaskFetchError) as err:
+        # OSError: unreadable or unwritable paths; ValueError: checksums, a malformed manifest
         parser.exit(1, f"task_cache: error: {err}\n")
-    print(f"BIG-bench tasks cached in {out}")
+    count = len(tasks) if tasks is not None else len(BBH_SHA256)
+    print(f"{count} BBH task file(s) at {BBH_COMMIT[:7]} cached in {out}")
 
 
 if __name__ == "__main__":

@@ -1,38 +1,48 @@
-"""BIG-bench tasks as examples with seeded train / validation / held-out splits.
+"""Tasks as examples with seeded train / validation / held-out splits and their provenance.
 
-A task is scored the way its own ``task.json`` prefers: ``multiple_choice_grade`` by comparing
-option log-likelihoods, ``exact_str_match`` by greedy generation. Splits are a seeded permutation
-of the de-duplicated examples, and the seed and sizes travel with the :class:`Task`, so a number
+Two sources: the BIG-Bench Hard files of :mod:`task_cache` (``bbh@9ee07bd``) and the arithmetic
+we generate (``generated:arithmetic@seed0``). A task is multiple choice when its answers come from
+a known set (:mod:`bbh`), scored by option log-likelihood; otherwise it is generated and scored by
+exact match. Splits are a seeded permutation of groups of de-duplicated examples; the seed, the
+sizes and each split's sha256 travel with the :class:`Task` (:meth:`Task.provenance`), so a number
 reported later can be traced to exactly the examples it was measured on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vllm_lora_ext.evaluation.task_cache import TASK_SOURCES, read_task_file
+from vllm_lora_ext.evaluation import arithmetic
+from vllm_lora_ext.evaluation.bbh import answer_sets, scorable
+from vllm_lora_ext.evaluation.task_cache import BBH_SHA256, BBH_SOURCE, read_task_file, task_file
 
 Mode = Literal["multiple_choice", "generate"]
 SPLITS = ("train", "validation", "heldout")
-_MODES: dict[str, Mode] = {
-    "multiple_choice_grade": "multiple_choice",
-    "exact_str_match": "generate",
-}
+DEFAULT_HELDOUT = 100
+"""Held-out examples per task (BBH tasks have 178 to 250): enough for a 95% interval of about
+plus or minus 0.1, and the same examples for every system that is compared. A smaller task (the
+suite's synthetic ones) holds out 60% of its examples instead."""
+DEFAULT_VALIDATION = 20
+"""At most a tenth of a task."""
 
 
 @dataclass(frozen=True)
 class Example:
     input: str
     targets: tuple[str, ...]
-    """Accepted answers: ``target`` of the file, else the options with the top score."""
+    """Accepted answers."""
     options: tuple[str, ...] = ()
-    """Multiple-choice options (``target_scores`` keys), in a fixed per-example shuffled order."""
+    """Multiple choice: the answer strings scored by log-likelihood, in the input's order."""
     scores: tuple[float, ...] = ()
-    """``target_scores`` values aligned with ``options``."""
+    """1.0 for a correct option, else 0.0, aligned with ``options``."""
     subtask: str = ""
+    group: str = ""
+    """Examples sharing a non-empty group land in one split (arithmetic: the operand pair)."""
 
     @property
     def correct(self) -> tuple[int, ...]:
@@ -43,13 +53,14 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskFormat:
-    """The prompt fields of a task.json; ``None`` prefixes mean "not declared by the task"."""
+    """Prompt fields around an input; ``None`` prefixes mean "none declared". BBH inputs carry
+    their own question and options, so its tasks use the defaults."""
 
     task_prefix: str = ""
     input_prefix: str | None = None
     output_prefix: str | None = None
     choice_prefix: str = "\n  choice: "
-    append_choices: bool = True
+    append_choices: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,9 +73,12 @@ class Task:
     heldout: tuple[Example, ...]
     seed: int
     dropped: int
-    """Examples removed before splitting: repeated inputs, and inputs with conflicting answers."""
+    """Examples removed before splitting: repeated inputs, inputs with conflicting answers, and
+    targets that are not among their own options."""
     sources: dict[str, str] = field(default_factory=dict)
-    """task.json path -> sha256, as verified when loaded."""
+    """Task file -> sha256, as verified when loaded (empty for a generated task)."""
+    source: str = ""
+    """Where the examples come from: ``bbh@9ee07bd`` or ``generated:arithmetic@seed0``."""
 
     def split(self, name: str) -> tuple[Example, ...]:
         if name not in SPLITS:
@@ -79,64 +93,104 @@ class Task:
     def examples(self) -> tuple[Example, ...]:
         return self.train + self.validation + self.heldout
 
+    def provenance(self) -> dict:
+        """What every card and result file records about the examples it used."""
+        return {
+            "task": self.name,
+            "task_source": self.source,
+            "task_files_sha256": dict(self.sources),
+            "split_seed": self.seed,
+            "split_sizes": self.sizes,
+            "split_sha256": {s: split_sha256(self.split(s)) for s in SPLITS},
+        }
+
+
+def split_sha256(examples: tuple[Example, ...]) -> str:
+    """sha256 of a split's inputs and answers in order (canonical JSON)."""
+    rows = [[e.input, list(e.targets), list(e.options)] for e in examples]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
 
 def task_names() -> list[str]:
-    return sorted(TASK_SOURCES)
+    return ["arithmetic", *sorted(BBH_SHA256)]
 
 
 def load_task(
     name: str,
     cache_dir: Path | None = None,
     seed: int = 0,
-    validation: float | int = 0.1,
-    heldout: float | int = 0.3,
+    validation: float | int | None = None,
+    heldout: float | int | None = None,
     mode: Mode | None = None,
 ) -> Task:
-    """Load a cached development task and split it.
+    """Load a task and split it.
 
-    ``validation`` / ``heldout``: a fraction of the examples (float) or a count (int); the rest
-    is ``train``. ``mode`` overrides the task's preferred scoring (e.g. arithmetic as
-    multiple choice). Raises ValueError naming the valid tasks for an unknown ``name``.
+    ``validation`` / ``heldout``: a fraction of the examples (float) or a count (int), by default
+    :data:`DEFAULT_VALIDATION` and :data:`DEFAULT_HELDOUT` where the task is large enough; the
+    rest is ``train``. ``mode`` overrides the preferred scoring (e.g. a multiple-choice task
+    generated). Raises ValueError naming the valid tasks for an unknown ``name``.
     """
-    if name not in TASK_SOURCES:
+    if name == "arithmetic":
+        examples = [Example(p.input, (p.target,), subtask=p.subtask, group=p.group)
+                    for p in arithmetic.generate()]  # fmt: skip
+        total, sources, source = len(examples), {}, arithmetic.task_source()
+    elif name in BBH_SHA256:
+        raw, sha = read_task_file(task_file(name), cache_dir)
+        examples = _bbh_examples(name, raw)
+        total, sources, source = len(raw["examples"]), {task_file(name): sha}, BBH_SOURCE
+    else:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(task_names())}")
-    loaded = {rel: read_task_file(rel, cache_dir) for rel in TASK_SOURCES[name]}
-    raws = {rel: data for rel, (data, _) in loaded.items()}
-    fmt, preferred = _format_and_mode(name, list(raws.values()))
-    mode = mode or preferred
-    examples: list[Example] = []
-    for raw in raws.values():
-        examples += [_parse_example(e, raw.get("name", name)) for e in raw["examples"]]
     kept = _deduplicate(examples)
-    if mode == "multiple_choice" and not all(e.options for e in kept):
-        raise ValueError(f"task {name!r} has examples without target_scores: not multiple choice")
+    preferred: Mode = "multiple_choice" if kept and all(e.options for e in kept) else "generate"
+    mode = mode or preferred
+    if mode == "multiple_choice" and preferred != "multiple_choice":
+        raise ValueError(f"task {name!r} has free-form answers: it is not multiple choice")
+    if heldout is None:
+        heldout = min(DEFAULT_HELDOUT, int(0.6 * len(kept)))
+    if validation is None:
+        validation = min(DEFAULT_VALIDATION, len(kept) // 10)
     train, val, held = split_examples(kept, seed, validation, heldout)
-    return Task(
-        name,
-        mode,
-        fmt,
-        train,
-        val,
-        held,
-        seed=seed,
-        dropped=len(examples) - len(kept),
-        sources={rel: sha for rel, (_, sha) in loaded.items()},
-    )
+    return Task(name, mode, TaskFormat(), train, val, held, seed=seed,
+                dropped=total - len(kept), sources=sources, source=source)  # fmt: skip
+
+
+def _bbh_examples(name: str, raw: dict) -> list[Example]:
+    items = raw["examples"]
+    inputs, targets = [str(e["input"]) for e in items], [str(e["target"]) for e in items]
+    options = answer_sets(inputs, targets)
+    return [
+        Example(text, (target,), opts, tuple(float(o == target) for o in opts), subtask=name)
+        for text, target, opts in zip(inputs, targets, options, strict=True)
+        if scorable(opts, target)
+    ]
 
 
 def split_examples(
     examples: list[Example], seed: int, validation: float | int, heldout: float | int
 ) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]:
-    """(train, validation, heldout): a ``random.Random(seed)`` permutation cut into three."""
+    """(train, validation, heldout): groups of examples (:attr:`Example.group`, else each input
+    alone) in a ``random.Random(seed)`` order, whole groups filling held-out, then validation,
+    each until it holds at least its count; the rest is train."""
     n = len(examples)
     n_heldout, n_validation = _count(heldout, n), _count(validation, n)
     if n_heldout + n_validation > n:
         raise ValueError(f"held-out {n_heldout} + validation {n_validation} exceed {n} examples")
-    order = list(range(n))
+    groups: dict[str, list[Example]] = {}
+    for e in examples:
+        groups.setdefault(e.group or "\0" + e.input, []).append(e)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    picked = [examples[i] for i in order]
-    cut = n_heldout + n_validation
-    return tuple(picked[cut:]), tuple(picked[n_heldout:cut]), tuple(picked[:n_heldout])
+    held: list[Example] = []
+    val: list[Example] = []
+    train: list[Example] = []
+    for members in order:
+        if len(held) < n_heldout:
+            held += members
+        elif len(val) < n_validation:
+            val += members
+        else:
+            train += members
+    return tuple(train), tuple(val), tuple(held)
 
 
 def _count(size: float | int, n: int) -> int:
@@ -147,46 +201,6 @@ def _count(size: float | int, n: int) -> int:
             raise ValueError(f"a split fraction must be at most 1, got {size}")
         return round(size * n)
     return size
-
-
-def _format_and_mode(name: str, raws: list[dict]) -> tuple[TaskFormat, Mode]:
-    """The shared prompt format and preferred scoring of a task's files (they must agree)."""
-    formats = {
-        TaskFormat(
-            task_prefix=raw.get("task_prefix", ""),
-            input_prefix=raw.get("example_input_prefix"),
-            output_prefix=raw.get("example_output_prefix"),
-            choice_prefix=raw.get("choice_prefix", "\n  choice: "),
-            append_choices=raw.get("append_choices_to_input", True),
-        )
-        for raw in raws
-    }
-    preferred = {raw.get("preferred_score", "multiple_choice_grade") for raw in raws}
-    if len(formats) != 1 or len(preferred) != 1:
-        raise ValueError(f"the files of task {name!r} disagree on format or scoring")
-    score = preferred.pop()
-    if score not in _MODES:
-        raise ValueError(f"task {name!r} prefers {score!r}, which this harness does not score")
-    return formats.pop(), _MODES[score]
-
-
-def _parse_example(raw: dict, subtask: str) -> Example:
-    options: tuple[str, ...] = ()
-    scores: tuple[float, ...] = ()
-    if "target_scores" in raw:
-        items = list(raw["target_scores"].items())
-        # Files often list the right answer first; a fixed per-example shuffle keeps position
-        # from leaking into prompts that list the choices.
-        random.Random(raw["input"]).shuffle(items)
-        options = tuple(str(k) for k, _ in items)
-        scores = tuple(float(v) for _, v in items)
-    target = raw.get("target")
-    if target is None:
-        top = max(scores)
-        targets = tuple(o for o, s in zip(options, scores, strict=True) if s == top)
-    else:
-        targets = (target,) if isinstance(target, str) else tuple(str(t) for t in target)
-    return Example(raw["input"], targets, options, scores, subtask)
 
 
 def _answer_key(e: Example) -> tuple:
