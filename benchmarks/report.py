@@ -66,6 +66,29 @@ def adapters(doc: dict) -> str:
     )
 
 
+def adapter_screen(doc: dict) -> str:
+    rows = [
+        [r["task"], r["task_source"], r["mode"], str(r["heldout_n"]),
+         ci(r["base_heldout_acc"], r["base_heldout_ci95"]),
+         ci(r["adapter_heldout_acc"], r["adapter_heldout_ci95"]),
+         signed(r["adapter_minus_base"], r["adapter_minus_base_ci95"]),
+         f"{r['epochs']:g} ({r['steps']})", f"{r['train_seconds']:.0f}",
+         "kept" if r["kept"] else "dropped"]
+        for r in doc["rows"]
+    ]  # fmt: skip
+    head = ["task", "source", "scoring", "n", "base", "adapter", "gain (paired)",
+            "epochs (steps)", "train s", ""]  # fmt: skip
+    return (
+        f"Every task a source adapter was trained for, {doc['evaluated_with']}: base and adapter "
+        "on the same held-out examples, the gain with its paired 95% interval (Newcombe); kept "
+        f"when the gain is at least {doc['keep_margin']:.2f}.\n\n" + table(head, rows)
+    )
+
+
+def signed(diff: float, interval: list[float]) -> str:
+    return f"{diff:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
 def cpu_serving(doc: dict) -> str:
     rows = [
         [r["mode"], str(r["n_adapters"]), f"{r['ours_tok_s']:.1f}", f"{r['vllm_tok_s']:.1f}",
@@ -277,7 +300,13 @@ def migration_ceilings(doc: dict) -> str:
          cell(t["teacher_label_acc"]), voted(t)]
         for t in doc["tasks"]
     ]  # fmt: skip
-    return f"Target {doc['target_base']}.\n\n" + table(head, rows)
+    parts = [f"Target {doc['target_base']}.", table(head, rows)]
+    votes = vote_threshold(doc)
+    if votes:
+        parts.append(votes)
+    if doc.get("run", {}).get("args", {}).get("soup"):
+        parts.append(soup_ceilings(doc))
+    return "\n\n".join(parts)
 
 
 def vote_threshold(doc: dict) -> str:
@@ -340,48 +369,16 @@ def soup_ceilings(doc: dict) -> str:
     return "\n".join(lines)
 
 
-# (row label, result files, mode): every migration run, one row each, beside the ceilings.
+# (row label, result file, mode): the migration runs shown beside the ceilings.
 MIGRATION_RUNS = [
-    ("migrated: 16 traffic inputs, first defaults (n=50)", ["migration_quality.json"],
-     "filtered"),
-    ("migrated: 16 traffic, fitted student + seed answers", ["migration_quality_fitted.json"],
-     "filtered"),
-    ("migrated: 16 traffic, excess filter (TiTok)", ["migration_quality_excess.json"], "excess"),
-    ("migrated: 16 traffic, votes", ["migration_quality_votes.json"], "filtered"),
-    ("migrated: 64 traffic, votes",
-     ["migration_quality_traffic64.json", "migration_quality_traffic64_more.json"], "filtered"),
-    ("ablation: 64 traffic, votes, no synthetic inputs", ["migration_quality_traffic64.json"],
-     "seeds_only"),
-    ("migrated: 64 traffic, votes, 256 synthetic", ["migration_quality_traffic64_n256.json"],
-     "filtered"),
-    ("migrated: 64 traffic, votes, new base writes the inputs",
-     ["migration_quality_newgen.json"], "filtered"),
-    ("migrated: 64 traffic, synthesis inside the shared frame",
-     ["migration_quality_frame.json"], "filtered"),
-    ("migrated: 64 traffic, new base writes inside the shared frame",
-     ["migration_quality_newgen_frame.json"], "filtered"),
-    ("**migrated: 256 traffic, votes (defaults)**",
-     ["migration_quality_reservoir256.json", "migration_quality_reservoir256_more.json"],
-     "filtered"),
-    ("**migrated: defaults again, half the seeds' answers kept for the gate**",
-     ["migration_quality_paired.json"], "filtered"),
-    ("migrated: the same, another migration seed (a replicate)",
-     ["migration_quality_seed1.json"], "filtered"),
-]  # fmt: skip
+    ("**migrated: the defaults**", "migration_quality.json", "filtered"),
+]
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
     ("(c) Gemma, 3-shot", "three_shot"), ("(a) LoRA on real train data, true labels",
     "true_labels"), ("(b) LoRA on real train inputs, teacher labels", "teacher_labels"),
     ("(b) same, voted teacher labels", "voted_labels"),
 ]  # fmt: skip
-STRICT_VOTES = "migration_ceilings_strict.json"
-"""The voted ceiling again, keeping only labels 4 of the teacher's 5 answers agree on."""
-SURE_CHOICES = "migration_ceilings_sure.json"
-"""Ceiling (b) on multiple choice, keeping only options the teacher gives p >= 0.6."""
-EXTRA_CEILINGS = [
-    (STRICT_VOTES, "(b) same, voted labels 4 of 5 answers agree on"),
-    (SURE_CHOICES, "(b) same, only options the teacher gives p ≥ 0.6"),
-]
 
 
 def signed_ci(d: dict) -> str:
@@ -404,25 +401,19 @@ def migration_overview(results: Path) -> str | None:
     for label, key in CEILING_ROWS:
         cells = [ceilings[t].get(key) for t in tasks]
         rows.append([label, *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])
-    for name, label in EXTRA_CEILINGS:
-        if (results / name).is_file():
-            extra = {t["task"]: t for t in json.loads((results / name).read_text())["tasks"]}
-            cells = [(extra.get(t) or {}).get("voted_labels") for t in tasks]
-            rows.append([label, *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])
     goal = {}
     for t in tasks:
         source, a = ceilings[t]["source"]["acc"], ceilings[t]["true_labels"]["acc"]
         goal[t] = source if a >= source else 0.9 * a
     rows.append(["goal (source, or 0.9 x (a) where (a) < source)",
                  *(f"{goal[t]:.2f}" for t in tasks), ""])  # fmt: skip
-    for label, names, mode in MIGRATION_RUNS:
+    for label, name, mode in MIGRATION_RUNS:
         found: dict[str, dict] = {}
-        for name in names:
-            if (results / name).is_file():
-                for r in json.loads((results / name).read_text())["tasks"]:
-                    m = r.get("modes", {}).get(mode)
-                    if m and "acc" in m:
-                        found[r["task"]] = m
+        if (results / name).is_file():
+            for r in json.loads((results / name).read_text())["tasks"]:
+                m = r.get("modes", {}).get(mode)
+                if m and "acc" in m:
+                    found[r["task"]] = m
         if not found:
             continue
         cells = []
@@ -437,7 +428,7 @@ def migration_overview(results: Path) -> str | None:
             cells = [signed_ci(paired[t]) if t in paired else NA for t in tasks]
             rows.append(["↳ minus source, paired on the same examples", *cells, ""])
     return (
-        "Held-out accuracy, n=100 (disambiguation_qa: 77) unless marked, 95% intervals; ✓: "
+        "Held-out accuracy, n=100 unless marked, 95% intervals; ✓: "
         "meets the goal; ↳ rows: the student's accuracy minus the source's on the same held-out "
         "examples, with the paired 95% interval (Newcombe), and how many examples only the "
         "student / only the source got right. Traffic inputs: train-split inputs without "
@@ -492,8 +483,11 @@ def gpu_check(doc: dict) -> str:
 
 
 SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
+    ("adapter_screen.json", "Source adapters: the screen of BBH tasks",
+     "python benchmarks/train_adapters.py --screen benchmarks/results/adapter_screen.json",
+     adapter_screen),
     ("adapters.json", "Task adapters through a real server",
-     "python benchmarks/eval_adapters.py --limit 100", adapters),
+     "python benchmarks/eval_adapters.py", adapters),
     ("cpu_serving.json", "CPU LoRA path, ours vs vLLM", "python benchmarks/cpu_serving.py",
      cpu_serving),
     ("serving-cpu-before.json",
@@ -512,86 +506,13 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("max_loras_curve.json", "Capacity against --max-loras (64 adapters)",
      "python benchmarks/max_loras_curve.py --start <SmolLM2 dir>", max_loras_curve),
     ("merge_quality.json", "Merges, IterIS from live traffic vs PEFT",
-     "python benchmarks/merge_quality.py --limit 60 --traffic 64 --iterations 3 --replay 16",
-     merge_quality),
+     "python benchmarks/merge_quality.py", merge_quality),
     ("adaptive_merge.json", "Adaptive merge from a pool, with its controls",
      "python benchmarks/adaptive_merge.py", adaptive_merge),
     ("migration_ceilings.json", "Migration ceilings on the target base",
      "python benchmarks/migration_ceilings.py", migration_ceilings),
-    (STRICT_VOTES, "Migration ceiling (b) with surer votes",
-     "python benchmarks/migration_ceilings.py --tasks object_counting,arithmetic --rows "
-     "voted_labels --vote-agreement 0.8 --name migration_ceilings_strict --threads 2",
-     vote_threshold),
-    (SURE_CHOICES, "Migration ceiling (b) with the options the teacher is sure of",
-     "python benchmarks/migration_ceilings.py --tasks disambiguation_qa --rows voted_labels "
-     "--choice-confidence 0.6 --name migration_ceilings_sure --threads 1", vote_threshold),
-    ("migration_ceilings_soup.json",
-     "Ceilings on disambiguation_qa, three seeds each, and their soup",
-     "python benchmarks/migration_ceilings.py --tasks disambiguation_qa --rows "
-     "true_labels,teacher_labels,soft_labels --soup 3 --name migration_ceilings_soup --threads 2",
-     soup_ceilings),
-    ("migration_ceilings_soup_rank8.json", "The same soups cut back to the students' rank",
-     "python benchmarks/migration_ceilings.py --tasks disambiguation_qa --rows "
-     "true_labels,teacher_labels --soup 3 --soup-rank 8 --name migration_ceilings_soup_rank8 "
-     "--threads 2", soup_ceilings),
-    ("migration_ceilings_soup_counting.json", "Voted ceiling on object_counting, three seeds "
-     "and their soup at the students' rank",
-     "python benchmarks/migration_ceilings.py --tasks object_counting --rows voted_labels "
-     "--soup 3 --soup-rank 8 --name migration_ceilings_soup_counting --threads 2", soup_ceilings),
-    ("migration_quality.json", "Migration quality, Trans-LoRA",
+    ("migration_quality.json", "Migration quality, Trans-LoRA, the defaults",
      "python benchmarks/migration_quality.py", migration_quality),
-    ("migration_quality_fitted.json", "Migration quality, new defaults",
-     "python benchmarks/migration_quality.py --modes filtered --limit 100", migration_quality),
-    ("migration_quality_excess.json", "Migration quality, excess filter (TiTok)",
-     "python benchmarks/migration_quality.py --modes excess --limit 100 "
-     "--result-name migration_quality_excess", migration_quality),
-    ("migration_quality_votes.json", "Migration quality, teacher votes",
-     "python benchmarks/migration_quality.py --modes filtered --votes 4 --limit 100 "
-     "--tasks arithmetic,object_counting --result-name migration_quality_votes",
-     migration_quality),
-    ("migration_quality_traffic64.json", "Migration quality, 64 traffic inputs, votes",
-     "python benchmarks/migration_quality.py --modes filtered,seeds_only --votes 4 "
-     "--reservoir 64 --limit 100 --tasks arithmetic --result-name migration_quality_traffic64",
-     migration_quality),
-    ("migration_quality_traffic64_n256.json",
-     "Migration quality, 64 traffic inputs, votes, 256 synthetic",
-     "python benchmarks/migration_quality.py --modes filtered --votes 4 --reservoir 64 "
-     "--target-count 256 --limit 100 --tasks arithmetic "
-     "--result-name migration_quality_traffic64_n256", migration_quality),
-    ("migration_quality_traffic64_more.json",
-     "Migration quality, 64 traffic inputs, votes (the other tasks)",
-     "python benchmarks/migration_quality.py --modes filtered --votes 4 --reservoir 64 "
-     "--limit 100 --tasks object_counting,disambiguation_qa "
-     "--result-name migration_quality_traffic64_more", migration_quality),
-    ("migration_quality_newgen.json",
-     "Migration quality, 64 traffic inputs, votes, Gemma writes the synthetic inputs",
-     "python benchmarks/migration_quality.py --modes filtered --generator new_base --limit 100 "
-     "--tasks arithmetic --result-name migration_quality_newgen", migration_quality),
-    ("migration_quality_frame.json",
-     "Migration quality, 64 traffic inputs, synthesis inside the shared frame",
-     "python benchmarks/migration_quality.py --modes filtered --frame --limit 100 "
-     "--tasks disambiguation_qa --result-name migration_quality_frame", migration_quality),
-    ("migration_quality_newgen_frame.json",
-     "Migration quality, the new base writes multiple-choice inputs inside the shared frame",
-     "python benchmarks/migration_quality.py --modes filtered --generator new_base --frame "
-     "--limit 100 --tasks disambiguation_qa --result-name migration_quality_newgen_frame",
-     migration_quality),
-    ("migration_quality_reservoir256.json", "Migration quality, 256 traffic inputs, votes",
-     "python benchmarks/migration_quality.py --modes filtered --reservoir 256 --limit 100 "
-     "--tasks arithmetic --result-name migration_quality_reservoir256", migration_quality),
-    ("migration_quality_reservoir256_more.json",
-     "Migration quality, 256 traffic inputs, votes (the other tasks)",
-     "python benchmarks/migration_quality.py --modes filtered --reservoir 256 --limit 100 "
-     "--tasks object_counting,disambiguation_qa "
-     "--result-name migration_quality_reservoir256_more", migration_quality),
-    ("migration_quality_paired.json",
-     "Migration quality, the defaults again, paired with the source",
-     "python benchmarks/migration_quality.py --modes filtered --limit 100 "
-     "--result-name migration_quality_paired", migration_quality),
-    ("migration_quality_seed1.json", "Migration quality, the defaults with another seed",
-     "python benchmarks/migration_quality.py --modes filtered --limit 100 --tasks "
-     "disambiguation_qa --migration-seed 1 --result-name migration_quality_seed1",
-     migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("cpu_lora_profile.json", "Where CPU serving time goes",
@@ -609,13 +530,16 @@ def render() -> str:
         "",
         "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; do not edit "
         "by hand. Machine for every row: this project's 2-core x86_64 CPU, 24 GiB, no GPU "
-        "(each JSON says more). What the numbers mean is discussed in the topic pages.",
+        "(each JSON says more). What the numbers mean is discussed in the topic pages. Every "
+        "quality result here is made on the BBH task suite (`bbh@9ee07bd`, generated arithmetic) "
+        "that a fresh clone can fetch; results made on BIG-bench 1.0.0, which can no longer be "
+        "had, are in `benchmarks/results/archive/` with a note on why.",
     ]
     overview = migration_overview(RESULTS)
     if overview is not None:
         parts += ["", "## Migration: ceilings and every run side by side", "",
-                  "Built from `migration_ceilings.json` and the `migration_quality*.json` "
-                  "files below.", "", overview]  # fmt: skip
+                  "Built from `migration_ceilings.json` and `migration_quality.json` below.",
+                  "", overview]  # fmt: skip
     for name, title, command, render_one in SECTIONS:
         path = RESULTS / name
         if not path.is_file():

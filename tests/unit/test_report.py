@@ -24,7 +24,7 @@ def test_every_result_file_has_a_section() -> None:
 
 def test_check_fails_when_the_page_differs(tmp_path, monkeypatch) -> None:
     stale = tmp_path / "results.md"
-    stale.write_text(report.render().replace("0.433", "0.999"))
+    stale.write_text(report.render().replace("# Results", "# Old results"))
     monkeypatch.setattr(report, "DOC", stale)
     assert report.main(["--check"]) == 1
 
@@ -44,11 +44,13 @@ def test_migration_overview_sets_each_task_its_goal_and_marks_the_runs_that_meet
         {"task": "hard", "modes": {"filtered": {**acc(0.28), "seconds": 200.0}}},
     ]}  # fmt: skip
     (tmp_path / "migration_ceilings.json").write_text(json.dumps(ceilings))
-    (tmp_path / "migration_quality_fitted.json").write_text(json.dumps(run))
+    (tmp_path / "migration_quality.json").write_text(json.dumps(run))
     text = report.migration_overview(tmp_path)
     goal = next(line for line in text.splitlines() if line.startswith("| goal"))
     assert "| 0.40 | 0.27 |" in goal  # 0.9 x 0.3 where (a) < source
-    fitted = next(line for line in text.splitlines() if "fitted" in line)
-    assert "0.35 [0.25, 0.45] |" in fitted and "0.28 [0.18, 0.38] ✓" in fitted
-    assert "100/200" in fitted and "excess" not in text  # runs without a file are left out
+    run_row = next(line for line in text.splitlines() if "the defaults" in line)
+    assert "0.35 [0.25, 0.45] |" in run_row and "0.28 [0.18, 0.38] ✓" in run_row
+    assert "100/200" in run_row
+    (tmp_path / "migration_quality.json").unlink()  # a run without its file is left out
+    assert "the defaults" not in report.migration_overview(tmp_path)
     assert report.migration_overview(tmp_path / "none") is None
