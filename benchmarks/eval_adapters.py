@@ -27,6 +27,7 @@ from run_record import run_record
 from vllm_lora_ext.auth import bearer
 from vllm_lora_ext.evaluation.backends import HttpBackend
 from vllm_lora_ext.evaluation.evaluate import evaluate
+from vllm_lora_ext.evaluation.scoring import paired_difference_interval
 from vllm_lora_ext.evaluation.tasks import load_task
 from vllm_lora_ext.server_process import start_server
 
@@ -126,15 +127,24 @@ def main(argv: list[str] | None = None) -> int:
                     tuned = evaluate(
                         task, HttpBackend(url, name, tokenizer, headers=headers), limit=args.limit
                     )
+                    diff, diff_ci = paired_difference_interval(tuned.hits, base.hits)
+                    record = task.provenance()
                     rows.append(
                         {
                             "task": card["task"],
+                            "task_source": record["task_source"],
+                            "task_files_sha256": record["task_files_sha256"],
+                            "split_seed": record["split_seed"],
+                            "heldout_sha256": record["split_sha256"]["heldout"],
                             "mode": task.mode,
                             "n_heldout": tuned.n,
                             "base_acc": base.accuracy,
                             "base_ci95": base.ci95,
                             "adapter_acc": tuned.accuracy,
                             "adapter_ci95": tuned.ci95,
+                            "adapter_minus_base": diff,
+                            "adapter_minus_base_ci95": diff_ci,
+                            "in_process_adapter_acc": card.get("adapter_heldout_acc"),
                             "train_seconds": card["train_seconds"],
                             "steps": card["steps"],
                             "path": shown(card_path.parent),

@@ -55,14 +55,17 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 def adapters(doc: dict) -> str:
     rows = [
-        [r["task"], r["mode"], str(r["n_heldout"]), ci(r["base_acc"], r["base_ci95"]),
-         ci(r["adapter_acc"], r["adapter_ci95"]),
-         f"{100 * (r['adapter_acc'] - r['base_acc']):+.1f} pt", f"{r['train_seconds']:.0f}"]
+        [r["task"], r["task_source"], r["mode"], str(r["n_heldout"]),
+         ci(r["base_acc"], r["base_ci95"]), ci(r["adapter_acc"], r["adapter_ci95"]),
+         signed(r["adapter_minus_base"], r["adapter_minus_base_ci95"]),
+         f"{r['train_seconds']:.0f}"]
         for r in doc["adapters"]
     ]  # fmt: skip
+    head = ["task", "source", "scoring", "n", "base", "adapter", "gain (paired)", "train s"]
     return (
-        f"{doc['base']}, {doc['evaluated_with']}; held-out accuracy with 95% Wilson intervals.\n\n"
-        + table(["task", "scoring", "n", "base", "adapter", "gain", "train s"], rows)
+        f"{doc['base']}, {doc['evaluated_with']}; held-out accuracy with 95% Wilson intervals, "
+        "the gain with its paired 95% interval (Newcombe) on the same examples.\n\n"
+        + table(head, rows)
     )
 
 
