@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from test_adapters_api import metric
-from test_generation import peft_greedy, upload, vllm_greedy
+from test_generation import chat, peft_greedy, upload, vllm_greedy
 from tiny_model import random_lora_tensors, write_adapter
 
 PROMPT = (12, 250, 3, 3, 91, 40)
@@ -48,17 +48,39 @@ def test_merge_in_a_mixed_batch_equals_peft_cat(server, merge_inputs):
     assert out[MERGE] != out["mx-a"] and out[MERGE] != out[server.base]
 
 
-def test_bad_merges_are_refused(server, merge_inputs):
+BAD_MERGES = [
+    # (model, status, reason, in the message)
+    ("merge:mx-a=1,nobody=1", 404, "unknown_adapter", "'nobody'"),
+    ("merge:mx-a=1,mx-b=1,mx-c=1", 400, "rank_too_high", "rank 24"),  # > --max-lora-rank 16
+    ("merge:mx-a=nan", 400, "non_finite", "'mx-a'"),
+    ("merge:mx-a=0.5,mx-b=inf", 400, "non_finite", "'mx-b'"),
+    ("merge:mx-a=1e999", 400, "non_finite", "'mx-a'"),
+    ("merge:mx-a=1,mx-a=2", 400, "invalid_merge", "twice"),
+    ("merge:mx-a=", 400, "invalid_merge", "weight"),
+    ("merge:mx-a", 400, "invalid_merge", "adapter=weight"),
+    ("merge:", 400, "invalid_merge", "no adapter"),
+    ("merge:" + ",".join(f"s{i}=1" for i in range(40)), 400, "invalid_merge", "at most"),
+]
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_bad_merges_are_refused_before_vllm(server, merge_inputs, route):
+    """A malformed inline merge is 400 with its reason, an unknown source 404 naming it, in our
+    error shape (vLLM would answer "model does not exist"), counted as a validation failure."""
     with server.client() as c:
-        for model, reason in [
-            ("merge:mx-a=1,nobody=1", "unknown_adapter"),
-            ("merge:mx-a=1,mx-b=1,mx-c=1", "rank_too_high"),  # rank 24 > --max-lora-rank 16
-        ]:
+        for model, status, reason, text in BAD_MERGES:
             before = metric(c, "vllm_lora_ext_validation_failures_total", reason=reason)
-            r = c.post("/v1/completions", json={"model": model, "prompt": [1], "max_tokens": 1})
-            assert r.status_code == 404, r.text
+            if route == "completions":
+                r = c.post("/v1/completions", json={"model": model, "prompt": [1], "max_tokens": 1})
+            else:
+                r = chat(c, model, "hi", max_tokens=1)
+            assert r.status_code == status, (model, r.text)
+            error = r.json()["error"]
+            assert (error["reason"], error["code"]) == (reason, status), (model, error)
+            assert text in error["message"], (model, error)
             after = metric(c, "vllm_lora_ext_validation_failures_total", reason=reason)
-            assert after == before + 1, reason
+            assert after == before + 1, model
+        assert vllm_greedy(c, MERGE, PROMPT)  # the server still serves the good one
 
 
 def test_deleting_an_adapter_retires_its_merges(server, tmp_path):

@@ -124,7 +124,8 @@ def test_non_finite_merges_and_too_many_files_are_refused_in_our_shape(server, t
             r = c.post("/v1/merges", content=json.dumps(body),
                        headers={"content-type": "application/json"})  # fmt: skip
             assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
-        assert complete(c, "merge:sec-m=nan").status_code == 404
+        r = complete(c, "merge:sec-m=nan")
+        assert r.status_code == 400 and r.json()["error"]["reason"] == "non_finite", r.text
         files = [("files", (f"f{i}", b"x")) for i in range(20)]
         r = c.post("/v1/adapters", data={"name": "many"}, files=files)
         assert r.status_code == 400, r.text

@@ -1,16 +1,15 @@
-"""The cat merge against PEFT's add_weighted_adapter(combination_type="cat"), and merge names."""
+"""The cat merge against PEFT's add_weighted_adapter(combination_type="cat") (merge names:
+``test_merge_spec.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from tiny_model import random_lora_tensors, write_adapter
 
 from vllm_lora_ext.adapters.lora_weights import load_lora
 from vllm_lora_ext.merge.cat import cat_merge
-from vllm_lora_ext.merge.spec import MergeSpec
 
 
 def delta(w, module: str) -> torch.Tensor:
@@ -63,14 +62,3 @@ def test_missing_module_contributes_nothing(tmp_path: Path) -> None:
     merged = cat_merge([a, b], [1.0, 1.0])
     o_proj = next(m for m in merged.modules() if m.endswith("o_proj"))
     torch.testing.assert_close(delta(merged, o_proj), delta(a, o_proj))
-
-
-def test_merge_spec_parsing() -> None:
-    spec = MergeSpec.parse("merge:b=0.5,a=-1e-1")
-    assert spec.terms == (("a", -0.1), ("b", 0.5))
-    assert spec == MergeSpec.parse("merge:a=-0.1, b=0.5")
-    assert spec.canonical == "merge:a=-0.1,b=0.5"
-    for bad in ["merge:", "merge:a", "merge:a=x", "merge:a=1,a=2", "merge:../x=1", "a=1",
-                "merge:a=nan", "merge:a=inf"]:  # fmt: skip
-        with pytest.raises(ValueError):
-            MergeSpec.parse(bad)

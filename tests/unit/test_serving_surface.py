@@ -229,38 +229,86 @@ def test_migrations_of_an_earlier_run_are_listed_interrupted(tmp_path):
     assert table.auth["http://old"] == {"Authorization": "Bearer k"}
 
 
-def test_inline_merges_can_be_turned_off():
-    """With ``VLLM_LORA_EXT_INLINE_MERGES=false`` the gateway answers a ``merge:`` model itself
-    (400 in our shape) and vLLM's handler never sees it; other models pass through."""
-    from types import SimpleNamespace
-
+def _gateway_app(service: object) -> tuple[object, list[str]]:
+    """vLLM's generation routes behind the gateway: they record the model of what reaches them."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse
     from starlette.routing import Route
-    from starlette.testclient import TestClient
 
     from vllm_lora_ext.server.gateway import GenerationGateway
 
-    reached = []
+    reached: list[str] = []
 
-    async def completions(request):
+    async def generate(request):
         reached.append((await request.json())["model"])
         return JSONResponse({"ok": True})
 
-    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    paths = ("/v1/completions", "/v1/chat/completions")
+    app = Starlette(routes=[Route(p, generate, methods=["POST"]) for p in paths])
     app.add_middleware(GenerationGateway)
-    service = SimpleNamespace(
-        inline_merges=False, names=set(), base=SimpleNamespace(aliases=["base"]),
-        loaded_sha={}, engine=SimpleNamespace(loaded_names=set),
-        sync_with_store=lambda name: _nothing(), load_ahead=lambda name: _nothing(),
-    )  # fmt: skip
     app.state.lora_ext = service
+    return app, reached
+
+
+def _registered_service(root: Path, inline_merges: bool = True):
+    """A real AdapterService (fake engine) holding adapters a, b, c of rank 8 (max rank 16)."""
+    from test_adapter_service import FakeEngine, adapter_dir, make_service
+    from test_adapter_service import run as run_async
+
+    service = make_service(root / "store", FakeEngine(), inline_merges=inline_merges)
+    for seed, name in enumerate("abc"):
+        run_async(service.register_from_path(name, adapter_dir(root / name, seed=seed)))
+    return service
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_the_gateway_answers_inline_merges_it_cannot_serve(tmp_path, path):
+    """A malformed inline merge is 400 with its reason, an unknown source 404 naming it, both in
+    our error shape and before vLLM's handler sees the request; a servable one goes through."""
+    from starlette.testclient import TestClient
+
+    from vllm_lora_ext.server import metrics
+
+    app, reached = _gateway_app(_registered_service(tmp_path))
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": []}
+    cases = [
+        ("merge:a=nan", 400, "non_finite", "'a'"),
+        ("merge:a=1,b=-inf", 400, "non_finite", "'b'"),
+        ("merge:a=1,a=2", 400, "invalid_merge", "twice"),
+        ("merge:a=x", 400, "invalid_merge", "'x'"),
+        ("merge:", 400, "invalid_merge", "no adapter"),
+        ("merge:a 1", 400, "invalid_merge", "adapter=weight"),
+        ("merge:" + ",".join(f"s{i}=1" for i in range(40)), 400, "invalid_merge", "at most"),
+        ("merge:a=1,nobody=0.5", 404, "unknown_adapter", "'nobody'"),
+        ("merge:a=1,b=1,c=1", 400, "rank_too_high", "rank 24"),
+    ]
+    with TestClient(app) as client:
+        for model, status, reason, text in cases:
+            counted = metrics.VALIDATION_FAILURES.labels(reason=reason)
+            before = counted._value.get()
+            r = client.post(path, json={"model": model, **body})
+            assert r.status_code == status, (model, r.text)
+            error = r.json()["error"]
+            assert (error["reason"], error["code"]) == (reason, status), model
+            assert text in error["message"], (model, error)
+            assert counted._value.get() == before + 1, model
+        for model in ("merge:a=0.7,b=-0.3", "a"):
+            assert client.post(path, json={"model": model, **body}).json() == {"ok": True}
+    assert reached == ["merge:a=0.7,b=-0.3", "a"]
+
+
+def test_inline_merges_can_be_turned_off(tmp_path):
+    """With ``VLLM_LORA_EXT_INLINE_MERGES=false`` the gateway answers a ``merge:`` model itself
+    (400 in our shape) and vLLM's handler never sees it; other models pass through."""
+    from starlette.testclient import TestClient
+
+    from vllm_lora_ext.server import metrics
+
+    app, reached = _gateway_app(_registered_service(tmp_path, inline_merges=False))
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"model": "merge:a=1", "prompt": "x"})
         assert r.status_code == 400 and r.json()["error"]["reason"] == "inline_merges_off"
         assert client.post("/v1/completions", json={"model": "a", "prompt": "x"}).json()["ok"]
-        from vllm_lora_ext.server import metrics
-
         refused = metrics.REFUSED_ROUTES.labels(path="/adapters/{name}")
         before = refused._value.get()
         r = client.post("/adapters", json={"name": "x", "src": "/"})
@@ -268,7 +316,3 @@ def test_inline_merges_can_be_turned_off():
         assert client.delete("/adapters/some-name").status_code == 403
         assert refused._value.get() == before + 1  # bounded labels: one per route
     assert reached == ["a"]
-
-
-async def _nothing() -> None:
-    return None

@@ -5,14 +5,18 @@ JSON documents) for its ``model``, then in this order:
 
 1. forwards it to the old server if that adapter is still being migrated (:mod:`.forwarding`);
    such a request never reaches vLLM or the counters here;
-2. has an adapter deleted or replaced in a shared store by another replica unloaded first;
-3. counts it per adapter and offers its prompt to a captured adapter's reservoir;
-4. admits it in the :class:`~.forwarding.ForwardTable` until its response ends, so that
+2. answers an inline merge (``merge:a=0.7,b=0.3``) that cannot be served itself, in our error
+   shape: 400 for a malformed name (``invalid_merge``, ``non_finite``, ``rank_too_high``,
+   ``inline_merges_off``), 404 ``unknown_adapter`` naming the unknown source
+   (:meth:`AdapterService.check_merge`), where vLLM would only say "model does not exist";
+3. has an adapter deleted or replaced in a shared store by another replica unloaded first;
+4. counts it per adapter and offers its prompt to a captured adapter's reservoir;
+5. admits it in the :class:`~.forwarding.ForwardTable` until its response ends, so that
    unloading an adapter waits for the requests that still need it.
-5. has its adapter read back into memory in the background if vLLM's CPU cache lost it
+6. has its adapter read back into memory in the background if vLLM's CPU cache lost it
    (:meth:`AdapterService.load_ahead`): the request waits for the disk, the batch does not.
 
-Step 2 comes before step 4: an unload started by this very request must not wait for it.
+Step 3 comes before step 5: an unload started by this very request must not wait for it.
 vLLM's handler then gets the same body, replayed. ``GET /v1/models`` gets every adapter of the
 store (``loaded`` says whether vLLM holds it now) and the forwarded ones added to vLLM's list.
 
@@ -32,8 +36,10 @@ import json
 import logging
 import time
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapters.service import AdapterService
@@ -98,20 +104,11 @@ class GenerationGateway:
             await forward_request(table, target, scope, data, model, send)
             return
         service: AdapterService | None = getattr(state, "lora_ext", None)
-        if (
-            service is not None
-            and not service.inline_merges
-            and isinstance(model, str)
-            and model.startswith(MERGE_PREFIX)
-        ):
-            refusal = error(
-                400,
-                "inline merges are turned off on this server (VLLM_LORA_EXT_INLINE_MERGES); "
-                "register the merge by name with POST /v1/merges",
-                "inline_merges_off",
-            )
-            await refusal(scope, receive, send)
-            return
+        if service is not None and isinstance(model, str) and model.startswith(MERGE_PREFIX):
+            refusal = check_inline_merge(service, model)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
         await _sync_with_store(service, model)
         count_request(model, service)
         if service is not None and isinstance(model, str) and model.startswith(MERGE_PREFIX):
@@ -127,6 +124,19 @@ class GenerationGateway:
         finally:
             if ticket is not None:
                 table.release(model, ticket)
+
+
+def check_inline_merge(service: AdapterService, model: str) -> JSONResponse | None:
+    """The answer to a request for an inline merge this server cannot serve (a malformed
+    name 400, an unknown source 404: :meth:`AdapterService.check_merge`), before vLLM would
+    answer it "model does not exist"; None if it can be served."""
+    try:
+        service.check_merge(model)
+    except Refused as e:
+        if e.reason != "inline_merges_off":
+            metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
+        return error(e.status, e.message, e.reason)
+    return None
 
 
 async def _models_with_store(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:

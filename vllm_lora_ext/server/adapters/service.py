@@ -339,24 +339,28 @@ class AdapterService:
         self.loaded_sha.pop(name, None)
         metrics.ADAPTERS_REGISTERED.set(len(self.names))
 
-    def materialise_merge(self, merge_name: str) -> Path:
-        """The cat-merged adapter for ``merge:a=w,...`` as a PEFT dir, built once and cached.
+    def check_merge(self, merge_name: str) -> tuple[MergeSpec, list[StoredAdapter]]:
+        """An inline merge this server can serve: its spec and each source's record, in the
+        spec's order; :class:`Refused` otherwise. The gateway calls it before vLLM sees the
+        request, and :meth:`materialise_merge` again (a source may have gone meanwhile).
 
-        The cache key covers each adapter's weight hash, so re-registering a name under new
-        weights never serves a stale merge. Runs in a thread (the resolver); the cache is
-        brought back under its byte budget afterwards (:meth:`evict_merged`).
+        400 ``inline_merges_off``, ``invalid_merge`` / ``non_finite`` (:meth:`MergeSpec.parse`)
+        or ``rank_too_high``; 404 ``unknown_adapter`` naming the first unknown source.
         """
         if not self.inline_merges:
-            raise Refused("inline_merges_off", "inline merges are turned off")
-        try:
-            spec = MergeSpec.parse(merge_name)
-        except ValueError as e:
-            raise Refused("invalid_merge", f"{merge_name!r}: {e}") from e
+            raise Refused(
+                "inline_merges_off",
+                "inline merges are turned off on this server (VLLM_LORA_EXT_INLINE_MERGES); "
+                "register the merge by name with POST /v1/merges",
+            )
+        spec = MergeSpec.parse(merge_name)
         records = []
         for name, _ in spec.terms:
             record = self.get(name)
             if record is None:
-                raise Refused("unknown_adapter", f"merge names unknown adapter {name!r}")
+                raise Refused(
+                    "unknown_adapter", f"the inline merge names unknown adapter {name!r}", 404
+                )
             records.append(record)
         total_rank = sum(r.rank for r in records)
         if total_rank > self.max_rank:
@@ -365,6 +369,16 @@ class AdapterService:
                 f"the merge has rank {total_rank} (sum of ranks); the server's max is "
                 f"{self.max_rank}",
             )
+        return spec, records
+
+    def materialise_merge(self, merge_name: str) -> Path:
+        """The cat-merged adapter for ``merge:a=w,...`` as a PEFT dir, built once and cached.
+
+        The cache key covers each adapter's weight hash, so re-registering a name under new
+        weights never serves a stale merge. Runs in a thread (the resolver); the cache is
+        brought back under its byte budget afterwards (:meth:`evict_merged`).
+        """
+        spec, records = self.check_merge(merge_name)
         key = hashlib.sha256(
             (spec.canonical + "".join(r.weights_sha256 for r in records)).encode()
         ).hexdigest()[:32]
