@@ -53,12 +53,13 @@ def test_help_lists_commands():
 
 def test_adapters_add_list_remove(server, tmp_path):
     d = write_adapter(tmp_path / "cli", random_lora_tensors(8), base=server.base)
+    (d / "notes.txt").write_text("not an adapter file: left here, so the server accepts the rest")
     url = ("--url", server.url)
-    added = cli("adapters", *url, "add", "from-cli", str(d))
+    added = cli("adapters", "add", "from-cli", str(d), *url)  # options after the action
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["name"] == "from-cli"
 
-    listed = cli("adapters", *url, "list")
+    listed = cli("adapters", "list", *url, "--api-key", server.api_key)
     assert listed.returncode == 0
     assert "from-cli" in {a["name"] for a in json.loads(listed.stdout)["adapters"]}
 
@@ -73,6 +74,8 @@ def test_adapters_add_list_remove(server, tmp_path):
 def test_adapters_cli_errors(tmp_path):
     missing = cli("adapters", "add", "x", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+    not_an_adapter = cli("adapters", "add", "x", "/etc", "--url", "http://127.0.0.1:9")
+    assert not_an_adapter.returncode == 2 and "nothing was sent" in not_an_adapter.stderr
     unreachable = cli("adapters", "--url", "http://127.0.0.1:9", "list")
     assert unreachable.returncode == 3 and "cannot reach" in unreachable.stderr
     bad_model = cli("serve", "--model", str(tmp_path))

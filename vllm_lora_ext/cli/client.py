@@ -1,9 +1,11 @@
 """The CLI's side of the HTTP API: one client, one way to read an answer, one exit-code table.
 
 Every subcommand that talks to a server builds its client here (URL, ``--api-key`` or
-``VLLM_API_KEY``, timeout) and turns a server's answer into output or an :class:`CliError`;
-:func:`run_command` prints the error as one line and returns its exit code, so no server
-answer (401, 404, 5xx, a body that is not JSON, a refused connection) ever ends in a traceback.
+``VLLM_API_KEY``, timeout; the options from :func:`client_options`, accepted before and after a
+subcommand's action) and turns a server's answer into output or an :class:`CliError`;
+:func:`run_command` prints the error as one line and returns its exit code, so no input and no
+server answer (401, 404, 5xx, a body that is not JSON, a refused connection) ever ends in a
+traceback: anything unforeseen is one line and exit 6.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ class Exit(IntEnum):
     UNAUTHORIZED = 5
     """401 / 403: no key, a wrong key, or a route the server disables."""
     SERVER_ERROR = 6
-    """5xx, or an answer that is not what the API promises."""
+    """5xx, an answer that is not what the API promises, or any other failure nobody foresaw
+    (a bug, a local file that cannot be written): one line, never a traceback."""
 
 
 EXIT_CODES_HELP = (
     "exit codes: 0 done, 1 refused by the server, 2 bad input, 3 unreachable, 4 not found, "
-    "5 unauthorized, 6 server error"
+    "5 unauthorized, 6 server error or unexpected failure"
 )
 
 
@@ -55,18 +58,35 @@ class CliError(Exception):
         self.message = message
 
 
-def add_client_arguments(
-    parser: argparse.ArgumentParser, default_url: str | None, timeout: float = 120.0
-) -> None:
-    """``--url`` (unless the command names its servers itself), ``--api-key``, ``--timeout``."""
+def client_options(
+    default_url: str | None, timeout: float = 120.0, *, after: bool = False
+) -> argparse.ArgumentParser:
+    """``--url`` (unless the command names its servers itself), ``--api-key``, ``--timeout``, as
+    a parent parser (``parents=[...]``).
+
+    A command with actions (``adapters list``) takes it twice: on its own parser with the
+    defaults, and with ``after=True`` on each action's parser, where an option not given leaves
+    no attribute (``argparse.SUPPRESS``) instead of overwriting one given before the action with
+    its default. So ``adapters --url U list`` and ``adapters list --url U`` are the same.
+    """
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after else value
+
+    parser = argparse.ArgumentParser(add_help=False)
     if default_url is not None:
-        parser.add_argument("--url", default=default_url, help=f"server (default {default_url})")
+        parser.add_argument(
+            "--url", default=default(default_url), help=f"server (default {default_url})"
+        )
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("VLLM_API_KEY"),
+        default=default(os.environ.get("VLLM_API_KEY")),
         help="the server's --api-key (default: $VLLM_API_KEY)",
     )
-    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per request")
+    parser.add_argument(
+        "--timeout", type=float, default=default(timeout), help="seconds per request"
+    )
+    return parser
 
 
 def http_client(args: argparse.Namespace, base_url: str | None = None) -> httpx.Client:
@@ -127,17 +147,24 @@ def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Nam
     try:
         return int(command(args))
     except CliError as e:
-        print(e.message, file=sys.stderr)
+        _say(e.message)
         return int(e.code)
     except httpx.TransportError as e:
-        print(f"error: cannot reach {_url_of(e, args)}: {e or type(e).__name__}", file=sys.stderr)
+        _say(f"error: cannot reach {_url_of(e, args)}: {e or type(e).__name__}")
         return int(Exit.UNREACHABLE)
     except (httpx.HTTPError, KeyError, TypeError) as e:  # an answer not in the API's shape
-        print(f"error: unexpected answer from the server: {type(e).__name__}: {e}",
-              file=sys.stderr)  # fmt: skip
+        _say(f"error: unexpected answer from the server: {type(e).__name__}: {e}")
         return int(Exit.SERVER_ERROR)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # never a traceback: anything else is one line too
+        _say(f"error: unexpected failure: {type(e).__name__}: {e}")
+        return int(Exit.SERVER_ERROR)
+
+
+def _say(message: str) -> None:
+    """``message`` as one line on stderr (a server's text or an exception may hold several)."""
+    print(" ".join(message.split()) or "error", file=sys.stderr)
 
 
 def _url_of(e: httpx.TransportError, args: argparse.Namespace) -> str:

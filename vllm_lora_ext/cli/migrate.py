@@ -21,8 +21,8 @@ from vllm_lora_ext.cli.client import (
     DEFAULT_URL,
     CliError,
     Exit,
-    add_client_arguments,
     checked,
+    client_options,
     http_client,
 )
 from vllm_lora_ext.migrate.migrator import STEPS
@@ -36,10 +36,11 @@ def add_parser(sub: Any, default_url: str = DEFAULT_URL) -> None:
         help="carry the adapters of an old server over to a new base (Trans-LoRA)",
         description="Runs on the NEW server: it forwards the old server's adapters until each "
         "one is migrated, checked and switched.",
+        parents=[client_options(default_url)],
     )
-    add_client_arguments(migrate, default_url)
+    after = [client_options(default_url, after=True)]  # the same options after the action
     actions = migrate.add_subparsers(dest="action", required=True)
-    start = actions.add_parser("start", help="start a migration and follow it")
+    start = actions.add_parser("start", help="start a migration and follow it", parents=after)
     start.add_argument("--from", dest="source_url", required=True, help="the old server's URL")
     start.add_argument("--source-model", help="base model name the old server must serve")
     start.add_argument("--source-model-path", help="local folder of the old base model")
@@ -50,10 +51,12 @@ def add_parser(sub: Any, default_url: str = DEFAULT_URL) -> None:
         help="JSON file with tasks (descriptions, seeds) and options of the request body",
     )  # fmt: skip
     start.add_argument("--no-follow", action="store_true", help="return once it has started")
-    status = actions.add_parser("status", help="show (or follow) a migration")
+    status = actions.add_parser("status", help="show (or follow) a migration", parents=after)
     status.add_argument("id")
     status.add_argument("--follow", action="store_true")
-    rollback = actions.add_parser("rollback", help="cancel and restore the old routing")
+    rollback = actions.add_parser(
+        "rollback", help="cancel and restore the old routing", parents=after
+    )
     rollback.add_argument("id")
     migrate.set_defaults(func=cmd_migrate)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from vllm_lora_ext.cli.client import (
     EXIT_CODES_HELP,
     Exit,
-    add_client_arguments,
+    client_options,
     exit_for,
     http_client,
     server_message,
@@ -174,6 +174,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     actions = stats.add_subparsers(dest="action", required=True)
     g = actions.add_parser(
         "gather",
+        parents=[client_options(None, timeout=300.0)],  # one key for every replica
         help="sum an adapter's statistics over replicas",
         description="GET /v1/stats/ADAPTER/export from every --url, add them, and POST the sum "
         "to --into's /v1/stats/ADAPTER/import (a --url equal to --into is not fetched: import "
@@ -186,5 +187,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dest.add_argument("--into", help="replica that receives the sum (then merge there)")
     dest.add_argument("--out", type=Path, help="file for the sum (safetensors, written atomically)")
     g.add_argument("--skip-missing", action="store_true", help="ignore replicas without statistics")
-    add_client_arguments(g, None, timeout=300.0)  # one key for every replica
     g.set_defaults(func=run)
