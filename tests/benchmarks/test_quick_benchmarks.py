@@ -109,7 +109,9 @@ def test_quick_writes_under_the_temporary_directory_by_default(script):
 def test_train_adapters_quick(tmp_path):
     from safetensors.torch import load_file
 
-    quick("train_adapters.py", tmp_path, "--out", str(tmp_path / "out"))
+    screen = tmp_path / "screen.json"
+    quick("train_adapters.py", tmp_path, "--out", str(tmp_path / "out"), "--screen", str(screen))
+    rows = {r["task"]: r for r in load(screen)["rows"]}
     for task, mode in (("arithmetic", "generate"), ("sports_understanding", "multiple_choice")):
         folder = tmp_path / "out" / task
         card = load(folder / "card.json")
@@ -117,7 +119,14 @@ def test_train_adapters_quick(tmp_path):
         assert card["task"] == task and card["mode"] == mode and card["base"] == "tiny-llama"
         assert card["steps"] == 3 and card["train_rows"] > 0 and card["heldout_n"] == 6
         assert accuracy(card["base_heldout_acc"]) and accuracy(card["adapter_heldout_acc"])
-        assert len(card["task_sources_sha256"]) >= 1 and card["train_seconds"] >= 0
+        assert card["train_seconds"] >= 0 and set(card["split_sha256"]) == {
+            "train", "validation", "heldout"}  # fmt: skip
+        files = 0 if task == "arithmetic" else 1  # arithmetic is generated: no file
+        assert len(card["task_files_sha256"]) == files and card["task_source"] in (
+            "generated:arithmetic@seed0", "bbh@9ee07bd")  # fmt: skip
+        row = rows[task]
+        assert row["kept"] == (row["adapter_minus_base"] >= 0.10)
+        assert row["adapter_minus_base"] == card["adapter_heldout_acc"] - card["base_heldout_acc"]
         config = load(folder / "adapter_config.json")
         assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "v_proj"}
         tensors = load_file(folder / "adapter_model.safetensors")
