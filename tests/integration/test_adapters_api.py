@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -283,6 +284,15 @@ def test_register_and_delete_race_requests_for_the_same_name(server, tmp_path):
         except BaseException as e:  # shown by the assertion below, not lost in the thread
             errors.append(e)
 
+    def answered(status: int, since: int) -> None:
+        """Until the hammer has got ``status`` for a request answered after ``since`` answers:
+        both outcomes are seen in every round, whatever the timing of the two threads."""
+        deadline = time.monotonic() + 120
+        while status not in statuses[since:]:
+            assert thread.is_alive() and not errors, (statuses[since:], errors)
+            assert time.monotonic() < deadline, f"no {status} since answer {since}: {statuses}"
+            time.sleep(0.02)
+
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
@@ -290,8 +300,10 @@ def test_register_and_delete_race_requests_for_the_same_name(server, tmp_path):
             for _ in range(8):
                 r = c.post("/v1/adapters", json={"name": "racy", "path": str(d)})
                 assert r.status_code == 201, r.text
+                answered(200, len(statuses))
                 assert c.delete("/v1/adapters/racy").status_code == 200
                 assert "racy" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+                answered(404, len(statuses))
     finally:
         halt.set()
         # Longer than the unload's drain (120 s): a request aborted by it would answer first.

@@ -36,12 +36,24 @@ from vllm_lora_ext.training import LoraHyperparameters
 DIGITS, LETTERS = "0123456789", "abcdefghij"
 TEACHERS = {"hu-kind": ("number", "word"), "hu-flag": ("yes", "no")}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+N_SEEDS = 96
+"""Seeds (inputs with known answers) per adapter. The gate holds a quarter of the real inputs,
+here ~26 seeds, and decides by exact match on them. With 24 seeds it held 9, too few to
+decide: replayed offline, a student scoring 0.885 on 200 fresh inputs (the teacher 0.925) got
+6 of those 9 against the teacher's 8 and was refused. On 26 (offline, transformers teacher,
+spec seeds 0-15, soup and single students of both adapters) every student passed, at most one
+miss behind the teacher: three misses inside the tolerance."""
 OPTIONS = {
     "data": "seeds_only",
     "gate_fraction": 0.25,
-    "gate_tolerance": 0.15,  # one miss in the ~7 held-out seeds with answers
-    "gate_min_known": 5,  # those seeds decide by the task metric (the default wants 10)
+    "gate_tolerance": 0.15,  # three misses more than the teacher on the ~26 held-out seeds
     "student": {"targets": list(TARGETS), "steps": 80, "batch": 16, "lr": 1e-2},
+    # Trained until it answers every training row as labelled (or 80 steps), not stopped at
+    # 90%: stopped early, whether a student generalised hung on which row it still missed.
+    "student_fit": 1.0,
+    # The teacher's voted labels reproducible: sampled unseeded, the votes that decide a
+    # reservoir input's label differed run to run, and with them the student.
+    "sampling": "seeded",
     "answer_max_tokens": 6,
 }
 
@@ -117,7 +129,7 @@ def old(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Server:
     return server
 
 
-def seeds(name: str, n: int = 24) -> list[dict]:
+def seeds(name: str, n: int = N_SEEDS) -> list[dict]:
     return [{"input": x, "output": label(name, x)} for x in mixed(random.Random(f"s{name}"), n)]
 
 
@@ -223,7 +235,8 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         states = {a["name"]: a["state"] for a in first["adapters"]}
         assert states == dict.fromkeys(TEACHERS, "switched"), json.dumps(first, indent=1)
         for a in first["adapters"]:
-            assert a["examples"] == {"seeds": 24, "reservoir": 12}
+            assert a["examples"] == {"seeds": N_SEEDS, "reservoir": 12}
+            assert a["gate"]["n_with_targets"] >= 20, a["gate"]  # the task metric decides
             assert a["gate"]["passed"] and a["gate"]["student_accuracy"] >= 0.8, a["gate"]
         listed = {a["name"]: a for a in c.get("/v1/adapters").json()["adapters"]}
         assert set(TEACHERS) <= set(listed)
@@ -341,7 +354,7 @@ def test_bad_migration_requests_are_refused_clearly(old: Server, upgrade) -> Non
 
         # The paper's generator: the new base writes the synthetic inputs (through this server).
         before = base_requests(c)
-        own = {**OPTIONS, "data": "unfiltered", "seed": 7, "target_count": 4,
+        own = {**OPTIONS, "data": "unfiltered", "seed": 7, "target_count": 4, "sampling": "batched",
                "synthesis": {"batch": 4, "max_tokens": 8, "attempts_per_input": 2}}  # fmt: skip
         r = c.post("/v1/migrations", json=request_body(old, **flag_only, options=own,
                                                        generator="new_base"))  # fmt: skip
@@ -355,7 +368,10 @@ def test_bad_migration_requests_are_refused_clearly(old: Server, upgrade) -> Non
             roll_back(c, r.json()["id"])
 
         # Cancel: DELETE while it runs; it stops, nothing half-written, routing unchanged.
-        slow = {**OPTIONS, "seed": 6, "student": {**OPTIONS["student"], "steps": 400}}
+        # student_fit 0: all 400 steps, so the cancel lands long before training could end
+        # (fitting its rows would end it after ~50).
+        slow = {**OPTIONS, "seed": 6, "student_fit": 0.0,
+                "student": {**OPTIONS["student"], "steps": 400}}  # fmt: skip
         r = c.post("/v1/migrations", json=request_body(old, adapters=["hu-flag"],
                    tasks={"hu-flag": {"seeds": seeds("hu-flag")}}, options=slow))  # fmt: skip
         assert r.status_code == 202, r.text
