@@ -24,7 +24,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from vllm_lora_ext import plugin
+from vllm_lora_ext import vllm_boundary
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.service_levels import AdapterServiceLevels
 
@@ -240,7 +240,7 @@ def test_dockerfiles_pass_hadolint():
 
 
 def test_images_carry_the_supported_vllm_and_match_the_manifests():
-    version = plugin.SUPPORTED_VLLM_VERSION
+    version = vllm_boundary.SUPPORTED_VLLM_VERSION
     assert f"FROM vllm/vllm-openai:v{version}\n" in _dockerfile("gpu")
     cpu = _dockerfile("cpu")
     assert '".[cpu]"' in cpu and "torch==2.13.0+cpu" in cpu

@@ -1,6 +1,8 @@
 """The package's shape holds: no import cycle between its modules (module-level imports); the
 math packages import neither vLLM nor FastAPI (vLLM's boundary is also ruff's TID251) nor
-argparse (command lines live in ``vllm_lora_ext/cli/``)."""
+argparse (command lines live in ``vllm_lora_ext/cli/``); vLLM is imported only in
+``vllm_lora_ext/vllm_boundary/`` and the punica wrappers, and nothing imports back into the
+boundary."""
 
 from __future__ import annotations
 
@@ -76,4 +78,49 @@ def test_math_code_imports_no_vllm_no_fastapi_no_argparse() -> None:
             for name in module_imports(path):
                 if name.split(".")[0] in ("vllm", "fastapi", "starlette", "argparse"):
                     bad.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not bad, bad
+
+
+BOUNDARY = "vllm_lora_ext/vllm_boundary"
+PUNICA_WRAPPERS = (
+    "vllm_lora_ext/cpu_lora/punica_wrapper.py",
+    "vllm_lora_ext/gpu_lora/punica_wrapper.py",
+    "vllm_lora_ext/gpu_lora/interpreted.py",
+)
+NAMES_THE_BOUNDARY = ("vllm_lora_ext/cli/serve.py",)
+"""Starts vLLM with our entry points and worker extension, by name: above the boundary."""
+
+
+def every_import(path: Path) -> set[str]:
+    """Absolute imports anywhere in the file, lazy ones inside functions included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_vllm_is_imported_only_in_the_boundary_and_the_punica_wrappers() -> None:
+    """ruff's TID251 says the same for module-level and lazy imports; this also fails when
+    someone widens ruff's per-file exceptions."""
+    bad = []
+    for path in sorted((ROOT / "vllm_lora_ext").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel.startswith(BOUNDARY + "/") or rel in PUNICA_WRAPPERS:
+            continue
+        bad += [f"{rel}: {n}" for n in every_import(path) if n.split(".")[0] == "vllm"]
+    assert not bad, bad
+
+
+def test_nothing_below_the_boundary_imports_back_into_it() -> None:
+    bad = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            if rel.startswith(BOUNDARY + "/") or rel in NAMES_THE_BOUNDARY:
+                continue
+            names = every_import(path)
+            bad += [f"{rel}: {n}" for n in names if n.startswith("vllm_lora_ext.vllm_boundary")]
     assert not bad, bad

@@ -1,12 +1,12 @@
-"""The API side of loads ahead (``plugin.VllmEngineAdapters``), against a fake engine client:
-what it asks the worker, when it waits, and when it asks nothing."""
+"""The API side of loads ahead (``vllm_boundary.api.engine.VllmEngineAdapters``), against a
+fake engine client: what it asks the worker, when it waits, and when it asks nothing."""
 
 from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
 
-from vllm_lora_ext.plugin import VllmEngineAdapters
+from vllm_lora_ext.vllm_boundary.api.engine import VllmEngineAdapters
 
 
 class FakeWorker:

@@ -1,19 +1,108 @@
-"""Fails loudly when vLLM moves what plugin.py relies on (pinned to one vLLM release)."""
+"""Fails loudly when vLLM moves what ``vllm_lora_ext/vllm_boundary/`` relies on: the guards
+(the same data start-up checks) against the installed vLLM, the guards' own check on altered
+sources, and the patches' behaviour on vLLM's real classes."""
 
 from __future__ import annotations
 
 import inspect
 from importlib import metadata
 
+import pytest
 import torch
 
-from vllm_lora_ext import plugin
+from vllm_lora_ext import vllm_boundary
+from vllm_lora_ext.vllm_boundary import entry, patches, worker
+from vllm_lora_ext.vllm_boundary.guards import Expect, VllmIncompatible, check, require
 
 
 def test_vllm_is_the_pinned_release() -> None:
     import vllm
 
-    assert vllm.__version__ == plugin.SUPPORTED_VLLM_VERSION
+    assert vllm.__version__ == vllm_boundary.SUPPORTED_VLLM_VERSION
+
+
+def test_every_guard_holds_on_the_installed_vllm() -> None:
+    guards = entry.every_guard()
+    assert len(guards) > 40 and len({g.where for g in guards}) > 30
+    assert check(guards) == []
+
+
+_SOURCE = """
+from x import imported_name
+LIMIT: int = 3
+
+class Manager:
+    count: int
+    name: str
+
+    def __init__(self, a, b=1, *, internal=False):
+        self.slots = []
+        self.table: dict = {}
+        if a:
+            return False
+
+    @property
+    def size(self):
+        return 1
+
+    async def load(self, request, base=None):
+        return x, self.slots, self.table
+"""
+
+
+@pytest.mark.parametrize(
+    ("expect", "problems"),
+    [
+        (Expect("m", "Manager.__init__", "w", params=("self", "a", "b"), keywords=("internal",),
+                assigns=("slots", "table"), contains=("if a:\n   return False",)), []),
+        (Expect("m", "Manager.load", "w", accepts=("self", "request"), is_async=True), []),
+        (Expect("m", "Manager", "w", fields=("count", "name"), assigns=("slots",)), []),
+        (Expect("m", "Manager.size", "w", is_property=True), []),
+        (Expect("m", "imported_name", "w"), []),
+        (Expect("m", "LIMIT", "w"), []),
+        (Expect("m", "", "w", contains=("class Manager:",)), []),
+        (Expect("m", "Manager.gone", "w"), ["m.Manager.gone: not defined (w)"]),
+        (Expect("m", "Manager.load", "w", params=("self", "request")),
+         ["m.Manager.load: positional parameters ('self', 'request', 'base'), expected "
+          "('self', 'request') (w)"]),
+        (Expect("m", "Manager.__init__", "w", accepts=("self",)),
+         ["m.Manager.__init__: positional parameters ('self', 'a', 'b') (1 with defaults), "
+          "called as ('self',) (w)"]),
+        (Expect("m", "Manager.__init__", "w", keywords=("timeout",), is_async=True),
+         ["m.Manager.__init__: no parameter timeout (w)", "m.Manager.__init__: is not async (w)"]),
+        (Expect("m", "Manager.__init__", "w", assigns=("slots", "lora")),
+         ["m.Manager.__init__: assigns no self.lora (w)"]),
+        (Expect("m", "Manager", "w", fields=("name", "count")),
+         ["m.Manager: fields ['count', 'name'], expected ('name', 'count') (w)"]),
+        (Expect("m", "Manager.load", "w", contains=("self.table, self.slots",)),
+         ["m.Manager.load: no longer contains 'self.table, self.slots' (w)"]),
+        (Expect("m", "Manager.load", "w", is_property=True),
+         ["m.Manager.load: is not a property (w)"]),
+        (Expect("gone", "f", "w"), ["gone.f: module gone not found (w)"]),
+    ],
+)  # fmt: skip
+def test_a_guard_names_each_thing_that_changed(expect: Expect, problems: list[str]) -> None:
+    assert check([expect], {"m": _SOURCE}.get) == problems
+
+
+def test_start_up_refuses_a_vllm_without_what_the_patches_need(monkeypatch) -> None:
+    """register() raises (vLLM runs general plugins unguarded: the process stops) and names
+    every mismatch; nothing is patched."""
+    import vllm
+
+    gone = Expect("vllm.lora.model_manager", "LoRAModelManager.gone_in_next", "a test")
+    with pytest.raises(VllmIncompatible) as raised:
+        require([gone, *patches.SLOT_GUARDS], vllm.__version__)
+    assert str(raised.value).splitlines()[1:] == [
+        "  vllm.lora.model_manager.LoRAModelManager.gone_in_next: not defined (a test)"
+    ]
+    monkeypatch.setattr(patches, "GUARDS", (gone,))
+    monkeypatch.setattr(entry, "_registered", False)
+    applied: list[object] = []
+    monkeypatch.setattr(patches, "apply", lambda *a: applied.append(a))
+    with pytest.raises(VllmIncompatible, match="gone_in_next"):
+        entry.register()
+    assert applied == [] and entry._registered is False
 
 
 def test_entry_points_are_installed() -> None:
@@ -21,16 +110,18 @@ def test_entry_points_are_installed() -> None:
         g: {ep.name: ep.value for ep in metadata.entry_points(group=g)}
         for g in ("vllm.general_plugins", "vllm.endpoint_plugins")
     }
-    assert groups["vllm.general_plugins"]["lora_ext"] == "vllm_lora_ext.plugin:register"
+    assert groups["vllm.general_plugins"]["lora_ext"] == (
+        "vllm_lora_ext.vllm_boundary.entry:register"
+    )
     assert groups["vllm.endpoint_plugins"]["lora_ext"] == (
-        "vllm_lora_ext.plugin:LoraExtEndpointPlugin"
+        "vllm_lora_ext.vllm_boundary.entry:LoraExtEndpointPlugin"
     )
 
 
 def test_endpoint_plugin_matches_vllm_protocol() -> None:
     from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
 
-    assert isinstance(plugin.LoraExtEndpointPlugin(), EndpointPlugin)
+    assert isinstance(entry.LoraExtEndpointPlugin(), EndpointPlugin)
 
 
 def test_serving_models_interface_we_use() -> None:
@@ -48,7 +139,7 @@ def test_serving_models_interface_we_use() -> None:
     assert "self.lora_requests" in init_src and "self.lora_resolvers" in init_src
     assert {"lora_name", "lora_path"} <= set(LoadLoRAAdapterRequest.model_fields)
     assert "lora_name" in UnloadLoRAAdapterRequest.model_fields
-    request = LoRARequest("x", 1, "/adapters/x")  # positional, as plugin.py builds it
+    request = LoRARequest("x", 1, "/adapters/x")  # positional, as the resolver builds it
     assert (request.lora_name, request.lora_int_id, request.lora_path) == ("x", 1, "/adapters/x")
     assert "resolve_lora" in LoRAResolver.__abstractmethods__
 
@@ -96,8 +187,8 @@ def test_patched_shrink_leaves_base_tokens_untouched() -> None:
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    plugin.patch_cpu_lora_shrink()
-    plugin.patch_cpu_lora_shrink()  # idempotent
+    patches.patch_cpu_lora_shrink()
+    patches.patch_cpu_lora_shrink()  # idempotent
     assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink
     x, lora_a, indices = _shrink_case()
     out = torch.full((3, 4), float("nan"))
@@ -117,9 +208,9 @@ def test_patched_shrink_leaves_base_tokens_untouched() -> None:
 def test_cpu_punica_wrapper_selection(monkeypatch) -> None:
     from vllm.platforms import current_platform
 
-    plugin.register()
+    entry.register()
     monkeypatch.delenv("VLLM_LORA_EXT_CPU_PUNICA", raising=False)
-    assert current_platform.get_punica_wrapper() == plugin.OUR_CPU_PUNICA
+    assert current_platform.get_punica_wrapper() == patches.OUR_CPU_PUNICA
     monkeypatch.setenv("VLLM_LORA_EXT_CPU_PUNICA", "vllm")
     assert current_platform.get_punica_wrapper() == (
         "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
@@ -162,7 +253,7 @@ def test_capture_hook_point_and_worker_internals_exist() -> None:
     from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    plugin.patch_lora_layer_capture()
+    patches.patch_lora_layer_capture()
     patched = BaseLinearLayerWithLoRA._apply_lora_to_output
     assert patched._vllm_lora_ext
     assert list(inspect.signature(patched.__wrapped__).parameters) == ["self", "x", "output"]
@@ -174,7 +265,7 @@ def test_capture_hook_point_and_worker_internals_exist() -> None:
         import vllm.lora.layers as layers
 
         assert issubclass(getattr(layers, layer), BaseLinearLayerWithLoRA)
-    plugin.patch_lora_layer_capture()  # idempotent
+    patches.patch_lora_layer_capture()  # idempotent
     assert BaseLinearLayerWithLoRA._apply_lora_to_output is patched
 
 
@@ -188,18 +279,18 @@ def test_gpu_punica_wrapper_selection(monkeypatch) -> None:
         def get_punica_wrapper(cls) -> str:
             return "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU"
 
-    plugin.select_gpu_punica_wrapper(FakeCuda)
+    patches.select_gpu_punica_wrapper(FakeCuda)
     monkeypatch.delenv("VLLM_LORA_EXT_GPU_PUNICA", raising=False)
     assert FakeCuda.get_punica_wrapper().endswith("PunicaWrapperGPU")
     assert "lora_ext" not in FakeCuda.get_punica_wrapper()  # vLLM's ops by default
     monkeypatch.setenv("VLLM_LORA_EXT_GPU_PUNICA", "ours")
-    assert FakeCuda.get_punica_wrapper() == plugin.OUR_GPU_PUNICA
-    module, _, name = plugin.OUR_GPU_PUNICA.rpartition(".")
+    assert FakeCuda.get_punica_wrapper() == patches.OUR_GPU_PUNICA
+    module, _, name = patches.OUR_GPU_PUNICA.rpartition(".")
     assert hasattr(importlib.import_module(module), name)
 
 
 def test_cpu_cache_pinning_we_use() -> None:
-    """plugin.pin_in_cpu_cache pins in the worker's LRU of loaded adapters, and not through
+    """worker.pin_in_cpu_cache pins in the worker's LRU of loaded adapters, and not through
     vLLM's pin_lora, which also takes a batch slot: when that changes, reconsider."""
     from vllm.lora.model_manager import LoRAModelManager, LRUCacheLoRAModelManager
     from vllm.utils.cache import LRUCache
@@ -226,8 +317,8 @@ def test_slot_ranks_reach_the_wrapper_when_vllm_fills_a_slot() -> None:
 
     from vllm.lora.model_manager import LoRAModelManager
 
-    plugin.patch_slot_ranks()
-    plugin.patch_slot_ranks()  # idempotent
+    patches.patch_slot_ranks()
+    patches.patch_slot_ranks()  # idempotent
     heard: list[tuple[int, int]] = []
     wrapper = SimpleNamespace(set_slot_rank=lambda i, r: heard.append((i, r)))
     manager = SimpleNamespace(
@@ -247,10 +338,8 @@ def test_load_ahead_and_service_level_hook_points_exist() -> None:
     from vllm.v1.engine.output_processor import OutputProcessor, RequestState
     from vllm.v1.metrics.stats import RequestStateStats
 
-    from vllm_lora_ext import plugin
-
-    plugin.patch_worker_lora_loading()
-    plugin.patch_request_service_levels()
+    patches.patch_worker_lora_loading()
+    patches.patch_request_service_levels()
     load = WorkerLoRAManager._load_adapter
     assert load._vllm_lora_ext
     assert list(inspect.signature(load.__wrapped__).parameters) == ["self", "lora_request"]
@@ -279,9 +368,7 @@ def test_live_rank_hook_point_exists() -> None:
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.model_manager import LoRAModelManager
 
-    from vllm_lora_ext import plugin
-
-    plugin.patch_cpu_live_ranks()
+    patches.patch_cpu_live_ranks()
     patched = LoRAModelManager.activate_adapter
     assert patched._vllm_lora_ext_live
     original = patched.__wrapped__
@@ -292,3 +379,19 @@ def test_live_rank_hook_point_exists() -> None:
     assert "self.lora_index_to_id[index] = lora_model.id" in source
     apply = inspect.getsource(inspect.unwrap(BaseLinearLayerWithLoRA._apply_lora_to_output))
     assert "x, self.lora_a_stacked, self.lora_b_stacked" in apply
+
+
+def test_the_worker_extension_serves_every_call_of_the_api_side() -> None:
+    """``serve`` names the extension by path; each ``collective_rpc`` method the bridge calls
+    is one of its methods."""
+    import importlib
+    import re
+
+    from vllm_lora_ext.vllm_boundary.api import engine
+
+    module, _, name = vllm_boundary.WORKER_EXTENSION.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is worker.LoraExtWorkerExtension
+    called = set(re.findall(r'"(lora_ext_\w+)"', inspect.getsource(engine)))
+    assert len(called) >= 8
+    missing = [m for m in called if not callable(getattr(worker.LoraExtWorkerExtension, m, None))]
+    assert not missing

@@ -236,6 +236,7 @@ def _gateway_app(service: object) -> tuple[object, list[str]]:
     from starlette.routing import Route
 
     from vllm_lora_ext.server.gateway import GenerationGateway
+    from vllm_lora_ext.server.state import LoraExtState, install
 
     reached: list[str] = []
 
@@ -246,7 +247,7 @@ def _gateway_app(service: object) -> tuple[object, list[str]]:
     paths = ("/v1/completions", "/v1/chat/completions")
     app = Starlette(routes=[Route(p, generate, methods=["POST"]) for p in paths])
     app.add_middleware(GenerationGateway)
-    app.state.lora_ext = service
+    install(app.state, LoraExtState(adapters=service))
     return app, reached
 
 

@@ -9,7 +9,8 @@ only copies it into its slot.
 
 Loads are keyed by the adapter's path (a store version path: one path, one set of weights), not by
 vLLM's int id, which a first request only gets after it is resolved. Plain Python: the vLLM side
-(the loader function, the patched ``_load_adapter``) lives in ``plugin.py``.
+(the loader function, the patched ``_load_adapter``) lives in ``vllm_boundary/worker.py`` and
+``vllm_boundary/patches.py``.
 """
 
 from __future__ import annotations

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from vllm_lora_ext.plugin import PLUGIN_NAME
 from vllm_lora_ext.settings import Settings
-
-WORKER_EXTENSION = "vllm_lora_ext.stats.worker_extension.CaptureWorkerExtension"
+from vllm_lora_ext.vllm_boundary import PLUGIN_NAME, WORKER_EXTENSION
 
 
 def vllm_command(args: argparse.Namespace, model: Path, served_name: str) -> list[str]:
@@ -48,7 +46,7 @@ def vllm_command(args: argparse.Namespace, model: Path, served_name: str) -> lis
         str(args.max_loras),
         "--max-cpu-loras",
         str(max(args.max_cpu_loras, args.max_loras)),
-        # Traffic statistics for merging run inside the worker (vllm_lora_ext/stats).
+        # Captures, CPU-cache pins, loads ahead, residency: the worker's side of the plugin.
         "--worker-extension-cls",
         WORKER_EXTENSION,
         *args.vllm_args,

@@ -1,8 +1,9 @@
 """A vLLM punica wrapper for CPU that runs :mod:`segment_ops` instead of per-token gathers.
 
-Selected by ``plugin.py`` on the CPU platform (setting ``VLLM_LORA_EXT_CPU_PUNICA=ours``, the
-default); vLLM's ``PunicaWrapperCPU`` remains the fallback (``=vllm``). The adapter grouping is
-computed once per batch in :meth:`update_metadata` and shared by every LoRA layer of the step.
+Selected by ``vllm_boundary/patches.py`` on the CPU platform (setting
+``VLLM_LORA_EXT_CPU_PUNICA=ours``, the default); vLLM's ``PunicaWrapperCPU`` remains the
+fallback (``=vllm``). The adapter grouping is computed once per batch in
+:meth:`update_metadata` and shared by every LoRA layer of the step.
 """
 
 from __future__ import annotations

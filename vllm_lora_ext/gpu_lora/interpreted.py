@@ -4,8 +4,8 @@ The machines that build and test this project have no GPU. With
 ``VLLM_LORA_EXT_CPU_PUNICA=lora_kernels`` the CPU server's LoRA linear layers run exactly the
 code of :class:`~vllm_lora_ext.gpu_lora.punica_wrapper.LoraKernelsPunicaWrapperGPU` (its
 metadata, custom op, rank-exact slots and kernels) under ``TRITON_INTERPRET=1``, which
-``plugin.register`` sets before the kernels are imported; embeddings and logits stay on vLLM's
-CPU ops. It is for tests: interpreted kernels cost ~2 ms per program.
+``vllm_boundary.patches.apply`` sets before the kernels are imported; embeddings and logits
+stay on vLLM's CPU ops. It is for tests: interpreted kernels cost ~2 ms per program.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A vLLM punica wrapper for CUDA that applies LoRA linear layers with :mod:`lora_kernels`.
 
-Selected by ``plugin.py`` (``VLLM_LORA_EXT_GPU_PUNICA=ours``); vLLM's ``PunicaWrapperGPU`` stays
-the fallback for everything not overridden here (embeddings, logits, MoE, dual-stream writes).
+Selected by ``vllm_boundary/patches.py`` (``VLLM_LORA_EXT_GPU_PUNICA=ours``); vLLM's
+``PunicaWrapperGPU`` stays the fallback for everything not overridden here (embeddings, logits,
+MoE, dual-stream writes).
 
 Only ``add_lora_linear`` is routed: it is where shrink+expand can be fused. The work lists are
 built once per step in :meth:`update_metadata` (outside CUDA graphs, no host sync) into
@@ -115,7 +116,8 @@ class KernelLinearPath:
         self._no_lora = torch.ones(1, dtype=torch.bool)
         self.slot_ranks: list[int] = [_UNKNOWN_RANK] * max_loras
         """Rank of the adapter in each slot, told by the LoRA manager when it fills the slot
-        (``set_slot_rank``, patched in by ``plugin.py``); unknown: the stack's full rank."""
+        (``set_slot_rank``, patched in by ``vllm_boundary/patches.py``); unknown: the stack's
+        full rank."""
         self._slot_ranks = torch.full((max_loras,), _UNKNOWN_RANK, dtype=torch.int32, device=device)
 
     def set_slot_rank(self, index: int, rank: int) -> None:

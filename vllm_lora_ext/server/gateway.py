@@ -44,7 +44,8 @@ from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.http import error
-from vllm_lora_ext.server.migrations.forwarding import ForwardTable, forward_request, list_forwarded
+from vllm_lora_ext.server.migrations.forwarding import forward_request, list_forwarded
+from vllm_lora_ext.server.state import lora_ext_state
 
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 
@@ -96,14 +97,14 @@ class GenerationGateway:
             if len(body) > _MAX_BODY:
                 break
         data = bytes(body)
-        state = scope["app"].state
-        table: ForwardTable | None = getattr(state, "lora_ext_forward", None)
+        ext = lora_ext_state(scope["app"].state)
+        table = ext.forward if ext is not None else None
         model = None if more else model_of_body(data)
         target = table.target(model) if table is not None else None
         if target is not None:
             await forward_request(table, target, scope, data, model, send)
             return
-        service: AdapterService | None = getattr(state, "lora_ext", None)
+        service = ext.adapters if ext is not None else None
         if service is not None and isinstance(model, str) and model.startswith(MERGE_PREFIX):
             refusal = check_inline_merge(service, model)
             if refusal is not None:
@@ -113,7 +114,7 @@ class GenerationGateway:
         count_request(model, service)
         if service is not None and isinstance(model, str) and model.startswith(MERGE_PREFIX):
             service.note_merge_used(model)
-        stats = getattr(state, "lora_ext_stats", None)
+        stats = ext.stats if ext is not None else None
         if stats is not None and len(data) < _MAX_OBSERVED:
             stats.observe_request(model, data)
         ticket = table.admit(model) if table is not None and isinstance(model, str) else None
@@ -143,13 +144,12 @@ async def _models_with_store(app: ASGIApp, scope: Scope, receive: Receive, send:
     """vLLM's model list (a small JSON answer, buffered) with every registered adapter of the
     served base and the forwarded adapters added, so a client choosing from it sees all it can
     request (vLLM lists only what it loaded since start)."""
-    state = scope["app"].state
-    service: AdapterService | None = getattr(state, "lora_ext", None)
-    table: ForwardTable | None = getattr(state, "lora_ext_forward", None)
-    if service is None:
+    ext = lora_ext_state(scope["app"].state)
+    if ext is None:
         await app(scope, receive, send)
         return
-    routes = dict(table.routes) if table is not None else {}
+    service = ext.adapters
+    routes = dict(ext.forward.routes)
     registered = service.list()
     start: Message | None = None
     chunks: list[bytes] = []

@@ -1,5 +1,5 @@
 """What every route shares: the error shape, the one handler that turns :class:`Refused` into
-it, request bodies parsed into pydantic models, and the services as FastAPI dependencies.
+it, request bodies parsed into pydantic models (services reach routes through ``state.py``).
 
 A route raises :class:`Refused` (or lets a service raise it) and never builds an error itself;
 the handler answers in vLLM's error shape with the ``reason`` added and counts the refusal in
@@ -8,8 +8,7 @@ the handler answers in vLLM's error shape with the ``reason`` added and counts t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -65,20 +64,3 @@ async def parse_body(request: Request, model: type[_Model], hint: str = "") -> _
         return model.model_validate_json(await request.body())
     except ValidationError as e:
         raise Refused("invalid_body", f"invalid request body: {pydantic_message(e)}{hint}") from e
-
-
-def service(attribute: str) -> Callable[[Request], Any]:
-    """A dependency returning the plugin's service on ``app.state``; the plugin sets none when
-    the server runs without LoRA, and then every route of that API answers 409."""
-
-    def get(request: Request) -> Any:
-        found = getattr(request.app.state, attribute, None)
-        if found is None:
-            raise Refused(
-                "lora_disabled",
-                "LoRA is not enabled on this server (start it with --enable-lora)",
-                409,
-            )
-        return found
-
-    return get

@@ -7,8 +7,8 @@ the ``top_n`` adapters with the most requests so far under their own name, the r
 monotone counter; an adapter that enters the top moves its counts out of ``other``, which
 Prometheus reads as a reset of ``other`` (``rate()`` copes, the series' sums stay exact).
 
-Fed by ``plugin.patch_request_service_levels`` (vLLM's own timestamps of each finished request)
-and by the residency poll (``plugin.VllmEngineAdapters.residency``, from the worker).
+Fed by ``vllm_boundary.patches.patch_request_service_levels`` (vLLM's own timestamps of each
+finished request) and by the residency poll (``VllmEngineAdapters.residency``, from the worker).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Runs inside the vLLM worker. Every LoRA-wrapped linear layer hands its input row
 batch's per-token adapter slots to :meth:`TrafficCapture.observe`; rows served with a captured
 adapter are added (float64) to that adapter's accumulator for the layer. vLLM fuses q/k/v into
 ``qkv_proj`` and gate/up into ``gate_up_proj``, so layers that share an input already share one
-key. Pure torch: the vLLM glue (which layer, which slot is which adapter) lives in ``plugin.py``.
+key. Pure torch: the vLLM glue (which layer, which slot is which adapter) lives in
+``vllm_boundary/``.
 
 Budgets: a token budget per adapter (rows beyond it are ignored), a sampling rate (a seeded
 Bernoulli draw per step that every layer repeats identically, so all layers see the same

@@ -1,4 +1,5 @@
-"""The worker process's one capture, read by the hook ``plugin.py`` puts on vLLM's LoRA layers."""
+"""The worker process's one capture, read by the hook ``vllm_boundary/patches.py`` puts on
+vLLM's LoRA layers."""
 
 from __future__ import annotations
 

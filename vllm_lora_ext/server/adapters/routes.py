@@ -16,13 +16,14 @@ from vllm_lora_ext.adapters.store import StoredAdapter
 from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapters.service import AdapterService
-from vllm_lora_ext.server.http import parse_body, service
+from vllm_lora_ext.server.http import parse_body
 from vllm_lora_ext.server.schemas import AdapterInfo, AdapterList, ErrorResponse, RegisterFromPath
+from vllm_lora_ext.server.state import depends_on
 
 router = APIRouter(tags=["adapters"])
 _ERRORS: dict[int | str, dict] = {s: {"model": ErrorResponse} for s in (400, 403, 404, 409, 413)}
 _MAX_FILES = 8
-Service = Annotated[AdapterService, Depends(service("lora_ext"))]
+Service = Annotated[AdapterService, Depends(depends_on(lambda s: s.adapters))]
 
 
 def _info(

@@ -1,7 +1,7 @@
 """Register, list and remove adapters: the store and the engine kept in step.
 
-The engine side is reached through :class:`EngineAdapters`, implemented in ``plugin.py`` (the
-one module that touches vLLM), so this module is testable without a server.
+The engine side is reached through :class:`EngineAdapters`, implemented in
+``vllm_boundary/api/engine.py`` (vLLM's side), so this module is testable without a server.
 """
 
 from __future__ import annotations

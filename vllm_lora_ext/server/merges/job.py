@@ -100,7 +100,7 @@ class MergeJob(Job):
 
 
 class Replayer(Protocol):
-    """Runs IterIS replays on the served engine (``plugin.py`` / HTTP to ourselves)."""
+    """Runs IterIS replays on the served engine (``vllm_boundary/api`` / HTTP to ourselves)."""
 
     url: str
     headers: dict[str, str]

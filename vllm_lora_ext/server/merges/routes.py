@@ -14,11 +14,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from vllm_lora_ext.errors import Refused
-from vllm_lora_ext.server.http import ERRORS, parse_body, service
+from vllm_lora_ext.server.http import ERRORS, parse_body
 from vllm_lora_ext.server.merges.jobs import METHODS, MergeJobs, MergeRequest
+from vllm_lora_ext.server.state import depends_on
 
 router = APIRouter(tags=["merges"])
-Jobs = Annotated[MergeJobs, Depends(service("lora_ext_merges"))]
+Jobs = Annotated[MergeJobs, Depends(depends_on(lambda s: s.merges))]
 
 
 @router.post("/v1/merges", status_code=202, responses=ERRORS)

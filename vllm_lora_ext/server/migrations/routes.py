@@ -17,12 +17,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from vllm_lora_ext.errors import Refused
-from vllm_lora_ext.server.http import ERRORS, parse_body, service
+from vllm_lora_ext.server.http import ERRORS, parse_body
 from vllm_lora_ext.server.migrations.jobs import MigrationJobs, MigrationRequest
 from vllm_lora_ext.server.schemas import ErrorResponse
+from vllm_lora_ext.server.state import depends_on
 
 router = APIRouter(tags=["migrations"])
-Jobs = Annotated[MigrationJobs, Depends(service("lora_ext_migrations"))]
+Jobs = Annotated[MigrationJobs, Depends(depends_on(lambda s: s.migrations))]
 _ERRORS = {**ERRORS, 502: {"model": ErrorResponse}}
 
 

@@ -14,11 +14,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_lora_ext.errors import Refused
-from vllm_lora_ext.server.http import ERRORS, pydantic_message, service
+from vllm_lora_ext.server.http import ERRORS, pydantic_message
+from vllm_lora_ext.server.state import depends_on
 from vllm_lora_ext.server.stats.service import CaptureSettings, StatsService
 
 router = APIRouter(tags=["stats"])
-Stats = Annotated[StatsService, Depends(service("lora_ext_stats"))]
+Stats = Annotated[StatsService, Depends(depends_on(lambda s: s.stats))]
 
 
 class StartCapture(BaseModel):

@@ -31,7 +31,7 @@ logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with i
 
 
 class CaptureEngine(Protocol):
-    """The worker calls (``collective_rpc``), implemented in ``plugin.py``."""
+    """The worker calls (``collective_rpc``), implemented in ``vllm_boundary/api/engine.py``."""
 
     async def lora_id(self, name: str) -> int: ...
     async def start(self, request: dict[str, Any], memory_budget_bytes: int) -> dict: ...
