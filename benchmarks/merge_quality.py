@@ -175,6 +175,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "limit": args.limit,
         "traffic_prompts": args.traffic,
         "machine": "2-core CPU, no GPU",
+        "task_provenance": {t: tasks[t].provenance() for t in names},
         "methods": {},
         "plan": plan,
         "quick": args.quick,
@@ -199,9 +200,15 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 )
                 r.raise_for_status()
 
+            intervals: dict[str, dict[str, list[float]]] = {}
+            result["ci95"] = intervals
+
             def score(model: str) -> dict[str, float]:
+                """Accuracy per task (its 95% interval kept in ``result["ci95"][model]``)."""
                 backend = HttpBackend(url, model, tokenizer, headers=headers)
-                return {t: evaluate(tasks[t], backend, limit=args.limit).accuracy for t in names}
+                scored = {t: evaluate(tasks[t], backend, limit=args.limit) for t in names}
+                intervals[model] = {t: list(r.ci95) for t, r in scored.items()}
+                return {t: r.accuracy for t, r in scored.items()}
 
             print("capturing traffic")
             off, on = [], []
