@@ -86,6 +86,15 @@ class current_platform:
         major, minor = torch.cuda.get_device_capability()
         return major * 10 + minor >= capability
 
+    @staticmethod
+    def is_device_capability(capability):  # vLLM 0.33's expand op asks it (sm_90: 1 stage)
+        if not torch.cuda.is_available():
+            return False
+        major, minor = torch.cuda.get_device_capability()
+        if isinstance(capability, tuple):
+            return (major, minor) == capability
+        return major * 10 + minor == capability
+
 
 def next_power_of_2(n):
     return 1 if n < 1 else 1 << (n - 1).bit_length()

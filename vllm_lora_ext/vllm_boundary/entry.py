@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from vllm_lora_ext.vllm_boundary import PLUGIN_NAME, SUPPORTED_VLLM_VERSION
+from vllm_lora_ext.vllm_boundary import GUARDED_VLLM_LINES, PLUGIN_NAME
 
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 _registered = False
@@ -34,13 +34,14 @@ def register() -> None:
     from vllm_lora_ext.vllm_boundary import patches, worker
     from vllm_lora_ext.vllm_boundary.guards import require
 
-    if vllm.__version__ != SUPPORTED_VLLM_VERSION:
+    require((*patches.GUARDS, *worker.GUARDS), vllm.__version__)
+    if ".".join(vllm.__version__.split(".")[:2]) not in GUARDED_VLLM_LINES:
         logger.warning(
-            "vllm-lora-ext is tested against vLLM %s, found %s; its guards passed",
-            SUPPORTED_VLLM_VERSION,
+            "vllm-lora-ext was checked against vLLM %s, found %s: its start-up guards passed, "
+            "but the behaviour of what they check was not tested",
+            " and ".join(GUARDED_VLLM_LINES),
             vllm.__version__,
         )
-    require((*patches.GUARDS, *worker.GUARDS), vllm.__version__)
     patches.apply(current_platform, Settings().cpu_punica)
     _registered = True
 
