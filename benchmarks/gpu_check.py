@@ -4,14 +4,16 @@ Made for the host we can borrow: one H200, Python 3.12, torch 2.11, triton 3.6, 
 network, 64 MiB of files, one command of at most 10 minutes. It needs torch, triton, this
 repository and vLLM's own ``lora_shrink`` / ``lora_expand`` copied beforehand into
 ``benchmarks/_vendor`` (``python benchmarks/vllm_lora_ops.py`` here; the folder travels with the
-command). Parts, each written to ``OUT/gpu_check.json`` as soon as it ends, so a killed run keeps
-what it did:
+command). Problems, tolerances, the float64 reference and the vLLM-ops oracle are the kernel
+test kit's (``lora_kernels/testing.py``), as in the unit tests. Parts, each written to
+``OUT/gpu_check.json`` as soon as it ends, so a killed run keeps what it did:
 
 1. ``env``: versions, device, commit, arguments.
 2. ``ceilings``: device-to-device copy bandwidth (the practical HBM roofline) and bf16 matmul rate.
 3. ``correctness``: ours against a float64 reference on fresh random inputs, fp16 and bf16:
-   ragged ranks, -1 tokens, q/k/v slices; outputs poisoned beforehand (rows no
-   adapter touches must stay bit-identical); each case run twice (a moving result is a race).
+   ragged ranks, -1 tokens, q/k/v slices, and slices an adapter does not target (skipped);
+   outputs poisoned beforehand (rows no adapter touches must stay bit-identical); each case
+   run twice (a moving result is a race).
 4. ``graph``: the wrapper's per-step work (work lists rebuilt into persistent buffers, then the
    launch) captured in a CUDA graph and replayed after the batch's adapter mapping changed.
 5. ``timing``: ours vs vLLM's ops vs a grouped torch baseline, decode and prefill token counts,
@@ -26,7 +28,7 @@ It prints a short table last.
 
     python benchmarks/gpu_check.py --out DIR             # on the GPU (about 6 minutes)
     python benchmarks/gpu_check.py --dry-run --out DIR   # CPU, Triton interpreter, tiny shapes
-    python benchmarks/gpu_check.py --tune --out DIR      # also search configs.json on this GPU
+    python benchmarks/gpu_check.py --tune --out DIR      # also tune lora_kernels/configs/<gpu>.json
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
+from lora_kernels.testing import (  # noqa: E402
+    ORACLE_TOLERANCE,
+    Problem,
+    make_batch,
+    make_problem,
+    reference,
+    small_grid_config,
+    tolerance,
+    vllm_apply,
+)
+
 LLAMA3_8B = {
     "qkv": (4096, (4096, 1024, 1024)),
     "gate_up": (4096, (14336, 14336)),
@@ -64,7 +77,6 @@ TINY = {"qkv": (64, (32, 16, 16))}
 DECODE, PREFILL = (1, 16), (256, 4096)
 SLOTS = 64
 FLUSH_BYTES = 256 << 20  # > the H200's 60 MB L2
-TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
 
 
 class Plan:
@@ -140,45 +152,23 @@ def make_case(
     rank: int,
     dtype: torch.dtype = torch.float16,
     seed: int = 0,
-) -> dict:
+) -> Problem:
+    """A served batch of ``model``'s projection ``op`` (the kit's :func:`make_batch`)."""
     hidden, sizes = plan.models[model][op]
-    g = torch.Generator(device=plan.device).manual_seed(seed)
-
-    def randn(*shape: int, scale: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=plan.device) * scale).to(dtype)
-
-    a = tuple(randn(plan.slots, 1, rank, hidden, scale=hidden**-0.5) for _ in sizes)
-    b = tuple(randn(plan.slots, 1, n, rank, scale=rank**-0.5) for n in sizes)
-    slots = torch.randperm(plan.slots, generator=g, device=plan.device)[:active]
-    idx = slots[torch.arange(tokens, device=plan.device) % active].to(torch.int32)
-    x = randn(tokens, hidden, scale=1.0)
-    y = torch.zeros(tokens, sum(sizes), dtype=dtype, device=plan.device)
-    return dict(
-        a=a,
-        b=b,
-        idx=idx,
-        x=x,
-        y=y,
-        sizes=sizes,
-        hidden=hidden,
-        rank=rank,
-        slots=plan.slots,
-        model=model,
-        op=op,
-    )
+    return make_batch(hidden, sizes, tokens, active, rank, plan.slots, dtype, seed, plan.device)
 
 
-def min_bytes(c: dict, active: int, tokens: int) -> int:
+def min_bytes(p: Problem, active: int, tokens: int) -> int:
     """x once, A and B of every active adapter once, y read and written (2-byte dtypes)."""
-    n, h, r = sum(c["sizes"]), c["hidden"], c["rank"]
-    weights = active * r * (len(c["sizes"]) * h + n)
+    n, h, r = sum(p.sizes), p.hidden, p.r_max
+    weights = active * r * (len(p.sizes) * h + n)
     return 2 * (tokens * h + weights + 2 * tokens * n)
 
 
 def ours_fn(
-    c: dict,
+    p: Problem,
+    y: torch.Tensor,
     ranks: torch.Tensor | None = None,
-    scales: torch.Tensor | None = None,
     work: object | None = None,
 ) -> Callable[[], list]:
     """What our wrapper does per layer: one launch over a work list built beforehand."""
@@ -186,59 +176,35 @@ def ours_fn(
     from lora_kernels.metadata import build_slice_table, build_work_list
     from lora_kernels.multi_lora import launch, r_block_for
 
-    table = build_slice_table(c["a"], c["b"])
-    device = c["x"].device
-    if ranks is None:
-        ranks = torch.full((c["slots"],), c["rank"], dtype=torch.int32, device=device)
-    if scales is None:
-        scales = torch.ones(c["slots"], device=device)
-    cfg = c.get("config") or select_config(c["x"].shape[0], r_block_for(c["rank"]))
+    table = build_slice_table(p.lora_a, p.lora_b, p.offset_start)
+    ranks = p.ranks if ranks is None else ranks
+    cfg = select_config(p.x.shape[0], r_block_for(p.r_max))
     if work is None:
-        work = build_work_list(c["idx"], c["slots"], cfg.block_m)
+        work = build_work_list(p.idx, p.slots, cfg.block_m)
     return lambda: launch(
-        c["y"], c["x"], table, c["idx"], ranks, scales, c["rank"], work=work, config=cfg
-    )
+        y, p.x, table, p.idx, ranks, p.scales, p.r_max, work=work, config=cfg,
+        live_ranks=p.live_ranks,
+    )  # fmt: skip
 
 
-def vllm_fn(c: dict, ops) -> Callable[[], None]:
-    """What vLLM's ``PunicaWrapperGPU.add_lora_linear`` does: shrink, then expand."""
-    ops.utils._LORA_A_PTR_DICT.clear()  # keyed by data_ptr; fresh cases reuse addresses
-    ops.utils._LORA_B_PTR_DICT.clear()
-    tokens = c["x"].shape[0]
-    meta = ops.LoRAKernelMeta.make(c["slots"], tokens, device=c["x"].device)
-    meta.prepare_tensors(c["idx"])
-    args = meta.meta_args(tokens, True)
-    buf = torch.empty(len(c["sizes"]), tokens, c["rank"], dtype=torch.float32, device=c["x"].device)
-
-    def run() -> None:
-        ops.lora_shrink(c["x"], c["a"], buf, *args, 1.0)
-        ops.lora_expand(buf, c["b"], c["y"], *args, offset_start=0, add_inputs=True)
-
-    return run
-
-
-def agree(c: dict, ops) -> bool:
+def agree(p: Problem, ops) -> bool:
     """Ours and vLLM's ops compute the same delta before either is timed."""
-    c["y"].zero_()
-    ours_fn(c)()
-    mine = c["y"].clone()
-    c["y"].zero_()
-    vllm_fn(c, ops)()
-    same = torch.allclose(mine.float(), c["y"].float(), atol=2e-2, rtol=2e-2)
-    c["y"].zero_()
-    return bool(same)
+    mine, theirs = p.fresh_y(), p.fresh_y()
+    ours_fn(p, mine)()
+    vllm_apply(ops, p, theirs)()
+    return bool(torch.allclose(mine.float(), theirs.float(), **ORACLE_TOLERANCE))
 
 
-def torch_fn(c: dict) -> Callable[[], None]:
+def torch_fn(p: Problem, y: torch.Tensor) -> Callable[[], None]:
     """A plain grouped torch baseline: per active adapter, its rows' two matmuls (eager)."""
-    active = torch.unique(c["idx"]).tolist()
-    rows = {s: (c["idx"] == s).nonzero().squeeze(1) for s in active}
+    active = torch.unique(p.idx).tolist()
+    rows = {s: (p.idx == s).nonzero().squeeze(1) for s in active}
 
     def run() -> None:
         for s, r in rows.items():
-            xs, off = c["x"][r], 0
-            for a, b, n in zip(c["a"], c["b"], c["sizes"], strict=True):
-                c["y"][r, off : off + n] += (xs @ a[s, 0].T) @ b[s, 0].T
+            xs, off = p.x[r], 0
+            for a, b, n in zip(p.lora_a, p.lora_b, p.sizes, strict=True):
+                y[r, off : off + n] += (xs @ a[s, 0].T) @ b[s, 0].T
                 off += n
 
     return run
@@ -292,72 +258,57 @@ def part_ceilings(plan: Plan, timer: Timer) -> dict:
 
 
 def part_correctness(plan: Plan) -> dict:
-    from lora_kernels.multi_lora import multi_lora_ref
-
     dtypes = (torch.float16,) if plan.dry else (torch.float16, torch.bfloat16)
     hidden, sizes = (64, (32, 16, 16)) if plan.dry else (512, (256, 128, 128))
+    # Per slice and slot: slot 0 a q/v adapter (k untargeted), slot 3 targets nothing here.
+    live = torch.tensor([[16, 8, 24, 0], [0, 8, 24, 0], [16, 8, 24, 0]], dtype=torch.int32)
     results = []
     for dtype in dtypes:
         for seed, tokens in enumerate((7, 33) if plan.dry else (1, 37, 300)):
-            g = torch.Generator(device=plan.device).manual_seed(seed)
-            ranks = torch.tensor([16, 8, 24, 4], dtype=torch.int32, device=plan.device)
-            slots, r_max = len(ranks), int(ranks.max())
-            a = [
-                (
-                    torch.randn(slots, r_max, hidden, generator=g, device=plan.device) / hidden**0.5
-                ).to(dtype)
-                for _ in sizes
-            ]
-            b = [
-                (torch.randn(slots, n, r_max, generator=g, device=plan.device) / r_max**0.5).to(
-                    dtype
-                )
-                for n in sizes
-            ]
-            x = torch.randn(tokens, hidden, generator=g, device=plan.device).to(dtype)
-            idx = torch.randint(-1, slots, (tokens,), generator=g, device=plan.device)
-            idx = idx.to(torch.int32)
-            scales = torch.rand(slots, generator=g, device=plan.device) + 0.5
-            y0 = torch.randn(tokens, sum(sizes), generator=g, device=plan.device).to(dtype)
-            case = dict(
-                a=tuple(a),
-                b=tuple(b),
-                idx=idx,
-                x=x,
-                sizes=sizes,
-                hidden=hidden,
-                rank=r_max,
-                slots=slots,
-            )
-            runs = []
-            for _ in range(2):
-                case["y"] = y0.clone()
-                ours_fn(case, ranks, scales)()
-                runs.append(case["y"])
-            ref = multi_lora_ref(
-                y0.cpu(),
-                x.cpu(),
-                [t.cpu() for t in a],
-                [t.cpu() for t in b],
-                idx.cpu(),
-                ranks.cpu(),
-                scales.cpu(),
-            )
-            results.append(_compare("multi_lora", dtype, tokens, runs, ref, idx))
+            for skip in (False, True):
+                torch.manual_seed(seed)
+                p = make_problem(dtype, tokens, [16, 8, 24, 4], sizes, hidden, 0, 0)
+                p = _on(p, plan.device, live if skip else None)
+                runs = []
+                for _ in range(2):
+                    y = p.fresh_y()
+                    ours_fn(p, y)()
+                    runs.append(y)
+                results.append(_compare(p, runs, skip))
     return dict(cases=results, ok=all(r["ok"] for r in results))
 
 
-def _compare(kernel: str, dtype, tokens: int, runs: list, ref: torch.Tensor, idx) -> dict:
+def _on(p: Problem, device: str, live: torch.Tensor | None) -> Problem:
+    """``p`` on ``device``; with ``live``, the untargeted slices' weights set to NaN (a kernel
+    reading them would write NaN)."""
+    moved = [[t.to(device) for t in ts] for ts in (p.lora_a, p.lora_b)]
+    if live is not None:
+        for s, row in enumerate(live.tolist()):
+            for slot, rank in enumerate(row):
+                if rank == 0:
+                    moved[0][s][slot] = float("nan")
+                    moved[1][s][slot] = float("nan")
+    return Problem(
+        p.x.to(device), moved[0], moved[1], p.idx.to(device), p.ranks.to(device),
+        p.scales.to(device), p.y0.to(device), p.offset_start,
+        None if live is None else live.to(device),
+    )  # fmt: skip
+
+
+def _compare(p: Problem, runs: list, skip: bool) -> dict:
     first, second = (r.cpu() for r in runs)
-    untouched = idx.cpu() < 0
-    poisoned_ok = bool(torch.equal(first[untouched], ref[untouched].to(first.dtype)))
+    ref = reference(p)
+    untouched = p.idx.cpu() < 0
+    poisoned_ok = bool(torch.equal(first[untouched], p.y0.cpu()[untouched]))
     err = (first.double() - ref).abs()
-    bound = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * ref.abs()
+    tol = tolerance(first.dtype, p.x.device)
+    bound = tol["atol"] + tol["rtol"] * ref.abs()
     ok = bool((err <= bound).all()) and poisoned_ok and bool(torch.equal(first, second))
     return dict(
-        kernel=kernel,
-        dtype=str(dtype),
-        tokens=tokens,
+        kernel="multi_lora",
+        dtype=str(first.dtype),
+        tokens=p.x.shape[0],
+        untargeted_slices_skipped=skip,
         max_abs_err=float(err.max()),
         untouched_rows_bit_identical=poisoned_ok,
         repeat_identical=bool(torch.equal(first, second)),
@@ -368,46 +319,39 @@ def _compare(kernel: str, dtype, tokens: int, runs: list, ref: torch.Tensor, idx
 def part_graph(plan: Plan) -> dict:
     """Capture once, change the batch's mapping (work lists rebuilt into the same buffers, as
     ``update_metadata`` does between steps), replay: the new mapping must be served."""
+    from dataclasses import replace
+
     from lora_kernels.configs import select_config
     from lora_kernels.metadata import WorkList, build_work_list, max_work_items
-    from lora_kernels.multi_lora import multi_lora_ref, r_block_for
+    from lora_kernels.multi_lora import r_block_for
 
     tokens, dev = (8 if plan.dry else 64), plan.device
-    c = make_case(plan, next(iter(plan.models)), "qkv", tokens, 2, 16)
-    ranks = torch.full((c["slots"],), 16, dtype=torch.int32, device=dev)
-    scales = torch.ones(c["slots"], device=dev)
+    p = make_case(plan, next(iter(plan.models)), "qkv", tokens, 2, 16)
     cfg = select_config(tokens, r_block_for(16))
-    n = max_work_items(tokens, c["slots"], cfg.block_m)
+    n = max_work_items(tokens, p.slots, cfg.block_m)
     work_buf = torch.full((n, 3), -1, dtype=torch.int32, device=dev)
     sorted_buf = torch.zeros(tokens, dtype=torch.int32, device=dev)
-    idx_buf = c["idx"].clone()
+    idx_buf = p.idx.clone()
 
     def step_metadata(idx: torch.Tensor) -> None:
         idx_buf.copy_(idx)
-        wl = build_work_list(idx_buf, c["slots"], cfg.block_m)
+        wl = build_work_list(idx_buf, p.slots, cfg.block_m)
         work_buf[: wl.max_work].copy_(wl.work)
         sorted_buf.copy_(wl.sorted_tokens)
 
     work = WorkList(work_buf, sorted_buf, cfg.block_m, tokens)
-    step_metadata(c["idx"])
+    step_metadata(p.idx)
+    y = p.fresh_y()
     # The dry run replays the same closure without a graph (no CUDA): the logic is checked.
-    graph = (_Eager if plan.dry else capture)(ours_fn({**c, "idx": idx_buf}, ranks, scales, work))
-    new_idx = torch.randint(-1, c["slots"], (tokens,), device=dev, dtype=torch.int32)
+    served = replace(p, idx=idx_buf)
+    graph = (_Eager if plan.dry else capture)(ours_fn(served, y, work=work))
+    new_idx = torch.randint(-1, p.slots, (tokens,), device=dev, dtype=torch.int32)
     step_metadata(new_idx)  # outside the graph, between steps
-    c["y"].zero_()
+    y.zero_()
     graph.replay()
     if not plan.dry:
         torch.cuda.synchronize()
-    ref = multi_lora_ref(
-        torch.zeros_like(c["y"]).cpu(),
-        c["x"].cpu(),
-        [t.cpu() for t in c["a"]],
-        [t.cpu() for t in c["b"]],
-        new_idx.cpu(),
-        ranks.cpu(),
-        scales.cpu(),
-    )
-    err = float((c["y"].cpu().double() - ref).abs().max())
+    err = float((y.cpu().double() - reference(p, idx=new_idx)).abs().max())
     return dict(
         cuda_graph=not plan.dry, replayed_after_new_mapping=True, max_abs_err=err, ok=err < 2e-2
     )
@@ -426,6 +370,7 @@ def part_timing(plan: Plan, timer: Timer, bw: float, deadline: float, ops) -> di
                             stopped = True
                             break
                         c = make_case(plan, model, op, tokens, active, rank)
+                        y = c.fresh_y()
                         row = dict(
                             model=model,
                             op=op,
@@ -436,9 +381,9 @@ def part_timing(plan: Plan, timer: Timer, bw: float, deadline: float, ops) -> di
                         )
                         row["agrees_with_vllm"] = agree(c, ops)
                         for name, fn, graph in (
-                            ("ours", ours_fn(c), True),
-                            ("vllm", vllm_fn(c, ops), True),
-                            ("torch", torch_fn(c), False),
+                            ("ours", ours_fn(c, y), True),
+                            ("vllm", vllm_apply(ops, c, y), True),
+                            ("torch", torch_fn(c, y), False),
                         ):
                             twice = [timer(fn, graph) for _ in range(2)]
                             row[f"{name}_us"] = round(min(twice), 2)
@@ -466,13 +411,13 @@ def part_rank_exact(plan: Plan, timer: Timer) -> dict:
     for tokens in plan.tokens:
         for r in (8,) if plan.dry else (8, 16):
             c = make_case(plan, model, "qkv", tokens, min(8, tokens, plan.slots), padded)
-            for a, b in zip(c["a"], c["b"], strict=True):  # zero padding, as in vLLM's slots
+            for a, b in zip(c.lora_a, c.lora_b, strict=True):  # zero padding, as in vLLM's slots
                 a[..., r:, :].zero_()
                 b[..., r:].zero_()
             own = torch.full((plan.slots,), r, dtype=torch.int32, device=plan.device)
-            pad = torch.full((plan.slots,), padded, dtype=torch.int32, device=plan.device)
-            own_us = timer(ours_fn(c, own))
-            pad_us = timer(ours_fn(c, pad))
+            y = c.fresh_y()
+            own_us = timer(ours_fn(c, y, own))
+            pad_us = timer(ours_fn(c, y))
             rows.append(
                 dict(
                     tokens=tokens,
@@ -490,24 +435,10 @@ def part_rank_exact(plan: Plan, timer: Timer) -> dict:
 
 
 def small_vllm_grid(ops) -> None:
-    """Dry run only: one split and wide blocks for vLLM's kernels (the interpreter pays ~2 ms
-    per program); the code path is what the dry run checks, not the configs."""
-
-    def config(op_type: str, **shape: int) -> dict:
-        return dict(
-            block_m=16,
-            block_n=32,
-            block_k=64,
-            split_k=1,
-            num_warps=4,
-            num_ctas=1,
-            num_stages=1,
-            group_size_m=8,
-            max_nreg=None,
-        )
-
-    ops.lora_shrink_op.get_lora_op_configs = config
-    ops.lora_expand_op.get_lora_op_configs = config
+    """Dry run only: the kit's one-split, wide-block configs for vLLM's kernels (the
+    interpreter pays ~2 ms per program); the code path is what the dry run checks."""
+    ops.lora_shrink_op.get_lora_op_configs = small_grid_config
+    ops.lora_expand_op.get_lora_op_configs = small_grid_config
 
 
 def write(doc: dict, out: Path) -> None:
@@ -580,7 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json")
     p.add_argument("--dry-run", action="store_true", help="CPU, interpreter, tiny shapes")
     p.add_argument("--budget-s", type=float, default=360.0, help="timing stops past this")
-    p.add_argument("--tune", action="store_true", help="search configs.json buckets first")
+    p.add_argument("--tune", action="store_true", help="tune lora_kernels/configs/<gpu>.json first")
     p.add_argument("--tune-candidates", type=int, default=24)
     p.add_argument(
         "--vendor",

@@ -1,4 +1,4 @@
-"""Compile every kernel of every ``lora_kernels/configs.json`` entry for sm_90 and sm_80, offline.
+"""Compile every kernel of every ``lora_kernels/configs/*.json`` entry for sm_90 and sm_80, offline.
 
 No GPU needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs ptxas
 from the Triton wheel, and the wheel's ``cuobjdump --dump-resource-usage`` reads registers,
@@ -32,7 +32,7 @@ from run_record import run_record  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from lora_kernels.configs import CONFIG_PATH, ConfigEntry, load_entries  # noqa: E402
+from lora_kernels.configs import ConfigEntry, every_config_file, load_entries  # noqa: E402
 from lora_kernels.multi_lora import KERNELS  # noqa: E402
 
 ARCHS = (90, 80)
@@ -87,18 +87,19 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def report(
-    config_path: Path = CONFIG_PATH, entries: int | None = None, archs: tuple[int, ...] = ARCHS
+    config_paths: list[Path], entries: int | None = None, archs: tuple[int, ...] = ARCHS
 ) -> list[dict]:
-    """A row per kernel, entry and arch; ``entries``: only the first so many entries."""
+    """A row per file, kernel, entry and arch; ``entries``: the first so many of each file."""
     rows = []
-    for entry in load_entries(config_path)[:entries]:
+    every = [(path, entry) for path in config_paths for entry in load_entries(path)[:entries]]
+    for path, entry in every:
         c = entry.config
         for kernel in KERNELS[c.path]:
             consts = constexprs(entry, kernel)
             for arch in archs:
                 t0 = time.perf_counter()
                 row = dict(
-                    kernel=kernel.__name__, arch=f"sm_{arch}",
+                    kernel=kernel.__name__, arch=f"sm_{arch}", configs=path.name,
                     r_block=entry.r_block, max_tokens=entry.max_tokens, **c.to_dict(),
                 )  # fmt: skip
                 try:
@@ -141,7 +142,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", type=Path, default=CONFIG_PATH)
+    parser.add_argument("--configs", type=Path, action="append",
+                        help="a configs file (repeatable; default: every file of lora_kernels/"
+                        "configs/)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kernel_compile.json")
     parser.add_argument("--quick", action="store_true", help="the first entry, for sm_90 only")
     args = parser.parse_args(argv)
@@ -149,11 +152,12 @@ def main(argv: list[str] | None = None) -> None:
         args.out = quick.out_dir("kernel_compile_report") / "kernel_compile.json"
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    args.configs = args.configs or every_config_file()
     rows = report(args.configs, 1, ARCHS[:1]) if args.quick else report(args.configs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "triton": triton.__version__,
-        "configs": args.configs.name,
+        "configs": [p.name for p in args.configs],
         "dtype": "fp16",
         "rows": rows,
         "quick": args.quick,

@@ -1,11 +1,13 @@
-"""``benchmarks/gpu_check.py --tune``: search block configs per configs.json bucket on this GPU.
+"""``benchmarks/gpu_check.py --tune``: search block configs per configs bucket on this GPU.
 
 For every bucket (r_block, max_tokens) the current config and ``n`` random candidates are
 timed on the bucket's edge shapes (fewest and most tokens it serves; qkv and down
 projections; min(T, 8) adapters). A candidate that fails
 to build or spills registers is dropped. The winner minimises the geometric mean of its time
-relative to the current config. The file is rewritten with the device name as provenance;
-``tests/unit/kernels/test_compile_hopper.py`` then checks the new entries offline.
+relative to the current config. The winners go to ``lora_kernels/configs/<device>.json`` (the
+seed ``default.json`` is never overwritten; the device's file then serves that device), with
+the device name as provenance; ``tests/unit/kernels/test_compile_hopper.py`` then checks the
+new entries offline.
 
     python benchmarks/kernel_tune.py --quick    # the search on CPU: interpreter, tiny shapes
 
@@ -13,8 +15,8 @@ Timing needs the GPU, so run on its own this script only has ``--quick``: the sa
 the first bucket, 2 candidates, on tiny shapes and a few tokens, under the Triton interpreter
 (wall time of one call stands in for the GPU timer: the path is checked, not the numbers). It
 writes the tuned ``configs.json`` and ``kernel_tune.json`` (per bucket: old and new config,
-score, candidates) to ``<tmp>/kernel_tune_quick/`` unless ``--out`` says otherwise, never over
-``lora_kernels/configs.json``.
+score, candidates) to ``<tmp>/kernel_tune_quick/`` unless ``--out`` says otherwise, never into
+``lora_kernels/configs/``.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from pathlib import Path
 import torch
 
 from lora_kernels.configs import (
-    CONFIG_PATH,
     ConfigEntry,
     KernelConfig,
+    device_file,
     load_entries,
     write_entries,
 )
 from lora_kernels.metadata import build_slice_table, build_work_list
+from lora_kernels.testing import Problem, make_batch
 
 # The GPU's token range; the quick run caps it (the interpreter pays per program).
 TOKEN_CAP = 4096
@@ -75,21 +78,20 @@ def edge_tokens(entry: ConfigEntry, lower: int, cap: int = TOKEN_CAP) -> tuple[i
     return tuple(sorted({max(1, lower), min(entry.max_tokens, cap)}))
 
 
-def shape_runner(make_case: Callable, op: str, tokens: int, entry: ConfigEntry):
-    """A function cfg -> (launch closure, compiled kernels) for one representative shape."""
+def shape_runner(
+    make_case: Callable[[str, int, int, int], Problem], op: str, tokens: int, entry: ConfigEntry
+):
+    """A function cfg -> (launch closure, compiled kernels) for one representative shape;
+    ``make_case(op, tokens, active, rank)`` builds its problem (the kit's)."""
     from lora_kernels.multi_lora import launch  # after TRITON_INTERPRET is decided
 
-    active = min(tokens, 8)
-    c = make_case(op, tokens, active, entry.r_block)
-    table, dev = build_slice_table(c["a"], c["b"]), c["x"].device
-    slots = c["a"][0].shape[0]
-    ranks = torch.full((slots,), entry.r_block, dtype=torch.int32, device=dev)
-    scales = torch.ones(slots, device=dev)
+    p = make_case(op, tokens, min(tokens, 8), entry.r_block)
+    table, y = build_slice_table(p.lora_a, p.lora_b), p.fresh_y()
 
     def run(cfg: KernelConfig):
-        work = build_work_list(c["idx"], slots, cfg.block_m)
+        work = build_work_list(p.idx, p.slots, cfg.block_m)
         return lambda: launch(
-            c["y"], c["x"], table, c["idx"], ranks, scales, entry.r_block, work=work, config=cfg
+            y, p.x, table, p.idx, p.ranks, p.scales, entry.r_block, work=work, config=cfg
         )
 
     return run
@@ -108,11 +110,11 @@ def tune(
     n: int,
     seed: int = 0,
     entries: Sequence[ConfigEntry] | None = None,
-    path: Path = CONFIG_PATH,
+    path: Path | None = None,
     token_cap: int = TOKEN_CAP,
 ) -> list[dict]:
-    """Search every bucket of ``entries`` (default: all of ``configs.json``), write the winners
-    to ``path``; returns a record per bucket."""
+    """Search every bucket of ``entries`` (default: this device's configs), write the winners
+    to ``path`` (default: ``lora_kernels/configs/<device>.json``); a record per bucket."""
     rng = random.Random(seed)
     entries = list(load_entries() if entries is None else entries)
     tuned, records = [], []
@@ -155,19 +157,20 @@ def tune(
             scored=scored, skipped=skipped, seconds=round(took, 2),
         ))  # fmt: skip
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
+    path = path or device_file(device)
     write_entries(tuned, f"tuned by `benchmarks/gpu_check.py --tune` ({n} candidates per bucket, "
                   f"seed {seed}) on {device}", device, path)  # fmt: skip
     return records
 
 
-def quick_case(op: str, tokens: int, active: int, rank: int) -> dict:
-    """``gpu_check``'s case on its dry-run plan, with a tiny down projection beside its qkv."""
-    from gpu_check import TINY, Plan, make_case
+QUICK_SHAPES = {"qkv": (64, (32, 16, 16)), "down": (128, (64,))}
+"""Tiny q/k/v and down projections (hidden, output slices) for the CPU run."""
 
-    plan = Plan(dry=True)
-    plan.models = {"tiny": {**TINY, "down": (128, (64,))}}
-    plan.slots = 8  # shape_runner spreads tokens over up to 8 adapters
-    return make_case(plan, "tiny", op, tokens, active, rank)
+
+def quick_case(op: str, tokens: int, active: int, rank: int) -> Problem:
+    """A tiny served batch on the CPU, 8 slots (shape_runner spreads tokens over up to 8)."""
+    hidden, sizes = QUICK_SHAPES[op]
+    return make_batch(hidden, sizes, tokens, active, rank, slots=8)
 
 
 def main(argv: list[str] | None = None) -> int:

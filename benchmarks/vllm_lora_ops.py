@@ -13,7 +13,8 @@ no custom-op registration (the ops then use their plain launchers, as vLLM's cod
 
 ``--quick`` copies the ops into a scratch folder (``benchmarks/_vendor`` is left alone) and runs
 the copy's ``lora_shrink`` + ``lora_expand`` on CPU under the Triton interpreter, on tiny shapes
-against a float64 torch reference, as ``gpu_check.py`` will call them; it writes
+against the kernel test kit's float64 reference (``lora_kernels/testing.py``), as
+``gpu_check.py`` will call them; it writes
 ``vllm_lora_ops.json`` to ``<tmp>/vllm_lora_ops_quick/`` unless ``--out`` says otherwise. (Timing
 them needs the GPU: ``gpu_check.py``.)
 """
@@ -161,37 +162,29 @@ def load(dest: Path = VENDOR):
     return importlib.import_module(PACKAGE)
 
 
-def reference(c: dict):
-    """``y[t] = (x[t] @ A[i].T) @ B[i].T`` per slice for ``i = idx[t]``, in float64."""
-    import torch
-
-    y = torch.zeros(c["x"].shape[0], sum(c["sizes"]), dtype=torch.float64)
-    for t, slot in enumerate(c["idx"].tolist()):
-        x, off = c["x"][t].double(), 0
-        for a, b, n in zip(c["a"], c["b"], c["sizes"], strict=True):
-            y[t, off : off + n] = (x @ a[slot, 0].double().T) @ b[slot, 0].double().T
-            off += n
-    return y
-
-
 def quick_check(dest: Path) -> dict:
-    """Vendor into ``dest``, then run the copy's shrink + expand (interpreted) on tiny cases."""
+    """Vendor into ``dest``, then run the copy's shrink + expand (interpreted) on tiny cases
+    against the kernel test kit's float64 reference."""
     import torch
-    from gpu_check import Plan, make_case, small_vllm_grid, vllm_fn
+
+    from lora_kernels.testing import make_batch, reference, small_grid_config, vllm_apply
 
     source = installed_ops_dir()
     ops = load(vendor(source, dest).parent)
-    small_vllm_grid(ops)  # the interpreter pays per program: one split, wide blocks
-    plan, cases = Plan(dry=True), []
+    # The interpreter pays per program: one split, wide blocks.
+    ops.lora_shrink_op.get_lora_op_configs = small_grid_config
+    ops.lora_expand_op.get_lora_op_configs = small_grid_config
+    cases = []
     # vLLM's ops take fp16 or bf16 only, and the interpreter computes bf16 wrongly: fp16.
     for dtype, tol in ((torch.float16, 2e-2),):
         for seed, (tokens, active) in enumerate(((3, 1), (9, 2), (16, 4))):
-            c = make_case(plan, "tiny", "qkv", tokens, active, 16, dtype=dtype, seed=seed)
-            vllm_fn(c, ops)()
-            ref = reference(c)
-            err = (c["y"].double() - ref).abs().max().item()
+            p = make_batch(64, (32, 16, 16), tokens, active, 16, slots=4, dtype=dtype, seed=seed)
+            y = p.fresh_y()
+            vllm_apply(ops, p, y)()
+            ref = reference(p)
+            err = (y.double() - ref).abs().max().item()
             cases.append(dict(dtype=str(dtype).removeprefix("torch."), tokens=tokens,
-                              active=active, rank=16, sizes=list(c["sizes"]),
+                              active=active, rank=16, sizes=list(p.sizes),
                               max_abs_err=err, max_abs_ref=ref.abs().max().item(),
                               ok=err <= tol))  # fmt: skip
     return {

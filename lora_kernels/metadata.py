@@ -71,6 +71,16 @@ def build_work_list(group_idx: torch.Tensor, num_groups: int, block_m: int) -> W
     return WorkList(work, sorted_tokens, block_m, num_tokens)
 
 
+def live_rank(lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int) -> int:
+    """How many leading rank rows of ``slot`` are live in one slice's stacks (vLLM's
+    ``[slots, 1, R, H]`` and ``[slots, 1, N, R]``): past the last row whose A row and B column
+    are both nonzero, nothing is added. 0: the adapter in the slot does not target the slice
+    (vLLM leaves it at zero). Reads the device: call it when a slot is filled, not per step."""
+    live = (lora_a[slot, 0].abs().amax(dim=1) > 0) & (lora_b[slot, 0].abs().amax(dim=0) > 0)
+    rows = torch.nonzero(live)
+    return int(rows[-1]) + 1 if len(rows) else 0
+
+
 @dataclass(frozen=True)
 class SliceTable:
     """Where each output slice's A and B live and where its columns go in ``y``.

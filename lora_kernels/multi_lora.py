@@ -2,9 +2,11 @@
 
 Tokens are grouped by adapter slot (a work list of token blocks, built on the device). Each
 program computes with its slot's own rank: columns past it are masked, so a rank-8 adapter in
-a rank-64 launch reads 8 rows of A and B, not 64. A merge of K adapters is served as one
-adapter (the "cat" merge: stacked factors of rank Σ r_k), so it costs what one adapter of
-that rank costs.
+a rank-64 launch reads 8 rows of A and B, not 64. A rank can also be told per slice
+(``live_ranks``): a slice the adapter does not target (rank 0 there, e.g. k of q/k/v for a q/v
+adapter, or a whole module) is skipped by its programs before they read anything. A merge of
+K adapters is served as one adapter (the "cat" merge: stacked factors of rank Σ r_k), so it
+costs what one adapter of that rank costs.
 
 Two paths, chosen per shape by :mod:`lora_kernels.configs`:
 
@@ -46,14 +48,19 @@ def _block_rows(work_ptr, sorted_ptr, w, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _rank_columns(slot, ranks_ptr, scales_ptr, R_BLOCK: tl.constexpr):
+def _slice_rank(slot, s, ranks_ptr, live_ptr, live_s0):
+    """Rank of ``slot`` in slice ``s``: its adapter's rank, cut to the slice's live rows."""
+    return tl.minimum(tl.load(ranks_ptr + slot), tl.load(live_ptr + s * live_s0 + slot))
+
+
+@triton.jit
+def _rank_columns(slot, rank, scales_ptr, R_BLOCK: tl.constexpr):
     """Per rank column (``R_BLOCK``): rank row, memory mask and coefficient of ``slot``.
 
     Memory is masked in runs of 8 columns (16-byte vectors); the coefficient zeroes the columns
     between the rank and its round-up, so finite padding there adds nothing.
     """
     r = tl.arange(0, R_BLOCK)
-    rank = tl.load(ranks_ptr + slot)
     rank8 = tl.multiple_of((rank + 7) // 8 * 8, 8)
     return r, r < rank8, tl.where(r < rank, tl.load(scales_ptr + slot), 0.0)
 
@@ -101,8 +108,8 @@ def _expand_chunk(
 @triton.jit
 def _multi_lora_fused_kernel(
     x_ptr, y_ptr, a_ptrs, b_ptrs, b_s0_ptr, slice_off_ptr, slice_n_ptr,
-    work_ptr, sorted_ptr, ranks_ptr, scales_ptr,
-    H, x_s0, y_s0, a_s0, a_s1, b_s1,
+    work_ptr, sorted_ptr, ranks_ptr, live_ptr, scales_ptr,
+    H, x_s0, y_s0, a_s0, a_s1, b_s1, live_s0,
     R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, N_PER_PROG: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
@@ -114,8 +121,11 @@ def _multi_lora_fused_kernel(
     n_s = tl.multiple_of(tl.load(slice_n_ptr + s), ALIGN)
     if slot < 0 or n_lo >= n_s:
         return
+    rank = _slice_rank(slot, s, ranks_ptr, live_ptr, live_s0)
+    if rank <= 0:  # a slice the adapter does not target
+        return
     dt = x_ptr.dtype.element_ty
-    col_r, col_mask, coef = _rank_columns(slot, ranks_ptr, scales_ptr, R_BLOCK)
+    col_r, col_mask, coef = _rank_columns(slot, rank, scales_ptr, R_BLOCK)
     a_ptr = tl.multiple_of(tl.load(a_ptrs + s).to(tl.pointer_type(dt)), 16)
     acc = _shrink_tile(
         x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, slot, col_r, col_mask, 0, H,
@@ -134,8 +144,8 @@ def _multi_lora_fused_kernel(
 
 @triton.jit
 def _multi_lora_shrink_kernel(
-    x_ptr, buf_ptr, a_ptrs, work_ptr, sorted_ptr, ranks_ptr, scales_ptr,
-    H, k_per_split, x_s0, a_s0, a_s1, buf_s0, buf_s1,
+    x_ptr, buf_ptr, a_ptrs, work_ptr, sorted_ptr, ranks_ptr, live_ptr, scales_ptr,
+    H, k_per_split, x_s0, a_s0, a_s1, buf_s0, buf_s1, live_s0,
     R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):  # fmt: skip
@@ -146,7 +156,10 @@ def _multi_lora_shrink_kernel(
     slot, start, rows, m_mask = _block_rows(work_ptr, sorted_ptr, w, BLOCK_M)
     if slot < 0 or k_lo >= H:
         return
-    col_r, col_mask, coef = _rank_columns(slot, ranks_ptr, scales_ptr, R_BLOCK)
+    rank = _slice_rank(slot, s, ranks_ptr, live_ptr, live_s0)
+    if rank <= 0:  # a slice the adapter does not target: the expand skips it too
+        return
+    col_r, col_mask, coef = _rank_columns(slot, rank, scales_ptr, R_BLOCK)
     a_ptr = tl.multiple_of(tl.load(a_ptrs + s).to(tl.pointer_type(x_ptr.dtype.element_ty)), 16)
     acc = _shrink_tile(
         x_ptr, x_s0, rows, m_mask, a_ptr, a_s0, a_s1, slot, col_r, col_mask,
@@ -164,8 +177,8 @@ def _multi_lora_shrink_kernel(
 @triton.jit
 def _multi_lora_expand_kernel(
     y_ptr, buf_ptr, b_ptrs, b_s0_ptr, slice_off_ptr, slice_n_ptr,
-    work_ptr, sorted_ptr, ranks_ptr, scales_ptr,
-    y_s0, buf_s0, buf_s1, b_s1,
+    work_ptr, sorted_ptr, ranks_ptr, live_ptr, scales_ptr,
+    y_s0, buf_s0, buf_s1, b_s1, live_s0,
     R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     N_PER_PROG: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
@@ -177,8 +190,11 @@ def _multi_lora_expand_kernel(
     n_s = tl.multiple_of(tl.load(slice_n_ptr + s), ALIGN)
     if slot < 0 or n_lo >= n_s:
         return
+    rank = _slice_rank(slot, s, ranks_ptr, live_ptr, live_s0)
+    if rank <= 0:
+        return
     dt = y_ptr.dtype.element_ty
-    col_r, col_mask, _ = _rank_columns(slot, ranks_ptr, scales_ptr, R_BLOCK)
+    col_r, col_mask, _ = _rank_columns(slot, rank, scales_ptr, R_BLOCK)
     pos = start + tl.arange(0, BLOCK_M)
     src = buf_ptr + s * buf_s0 + pos[:, None].to(tl.int64) * buf_s1 + col_r[None, :]
     t = tl.load(src, mask=m_mask[:, None], other=0.0).to(dt)
@@ -213,6 +229,7 @@ def launch(
     max_rank: int,
     work: WorkList | None = None,
     config: KernelConfig | None = None,
+    live_ranks: torch.Tensor | None = None,  # [slices, slots] int32; 0 = slice not targeted
 ) -> list:
     """Launch the kernels of one multi-LoRA application (see module doc).
 
@@ -227,6 +244,13 @@ def launch(
     assert ranks.shape == scales.shape == (table.num_slots,), "one rank and scale per slot"
     assert ranks.dtype == torch.int32 and scales.dtype == torch.float32
     assert y.shape[1] >= table.col_end, f"y has {y.shape[1]} columns, slices end at {table.col_end}"
+    slices = table.a_ptrs.shape[0]
+    if live_ranks is None:
+        live, live_s0 = ranks, 0  # min(rank, rank): every slice at the slot's rank
+    else:
+        assert live_ranks.shape == (slices, table.num_slots), "a live rank per slice and slot"
+        assert live_ranks.dtype == torch.int32 and live_ranks.is_contiguous()
+        live, live_s0 = live_ranks, live_ranks.stride(0)
     if num_tokens == 0:
         return []
     r_block = r_block_for(min(max_rank, table.r_max))
@@ -235,15 +259,14 @@ def launch(
         work = build_work_list(adapter_idx, table.num_slots, cfg.block_m)
     assert work.block_m == cfg.block_m and work.num_tokens == num_tokens, "stale work list"
     common = dict(R_BLOCK=r_block, BLOCK_M=cfg.block_m)
-    meta = (work.work, work.sorted_tokens, ranks, scales)
+    meta = (work.work, work.sorted_tokens, ranks, live, scales)
     warps = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     n_grid = cdiv(table.max_n, cfg.n_per_prog)
-    slices = table.a_ptrs.shape[0]
     if cfg.path == "fused":
         fused = _multi_lora_fused_kernel[(work.max_work, slices, n_grid)](
             x, y, table.a_ptrs, table.b_ptrs, table.b_stride0, table.offsets, table.sizes,
             *meta, table.hidden, x.stride(0), y.stride(0),
-            table.a_stride0, table.a_stride1, table.b_stride1,
+            table.a_stride0, table.a_stride1, table.b_stride1, live_s0,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, N_PER_PROG=cfg.n_per_prog,
             ALIGN=table.align, **common, **warps,
         )  # fmt: skip
@@ -253,12 +276,12 @@ def launch(
     k_per_split = cdiv(cdiv(table.hidden, cfg.split_k), cfg.block_k) * cfg.block_k
     shrink = _multi_lora_shrink_kernel[(work.max_work, slices, cfg.split_k)](
         x, buf, table.a_ptrs, *meta, table.hidden, k_per_split, x.stride(0),
-        table.a_stride0, table.a_stride1, buf.stride(0), buf.stride(1),
+        table.a_stride0, table.a_stride1, buf.stride(0), buf.stride(1), live_s0,
         BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, **common, **warps,
     )  # fmt: skip
     expand = _multi_lora_expand_kernel[(work.max_work, slices, n_grid)](
         y, buf, table.b_ptrs, table.b_stride0, table.offsets, table.sizes, *meta,
-        y.stride(0), buf.stride(0), buf.stride(1), table.b_stride1,
+        y.stride(0), buf.stride(0), buf.stride(1), table.b_stride1, live_s0,
         BLOCK_N=cfg.block_n, N_PER_PROG=cfg.n_per_prog, ALIGN=table.align,
         **common, **warps,
     )  # fmt: skip
@@ -278,39 +301,15 @@ def multi_lora(
     max_rank: int | None = None,  # host-known max rank in the batch; narrows R_BLOCK
     table: SliceTable | None = None,  # prebuilt by build_slice_table(lora_a, lora_b, offset)
     work: WorkList | None = None,  # prebuilt by build_work_list(adapter_idx, slots, block_m)
-    config: KernelConfig | None = None,  # default: configs.json for this shape
+    config: KernelConfig | None = None,  # default: this device's configs for this shape
+    live_ranks: torch.Tensor | None = None,  # [slices, slots] int32; 0 = slice not targeted
 ) -> None:
-    """y[t, off_s:off_s+N_s] += scale[i] · (x[t] @ A_s[i, :r_i]ᵀ) @ B_s[i, :, :r_i]ᵀ, i = idx[t].
+    """y[t, off_s:off_s+N_s] += scale[i] · (x[t] @ A_s[i, :r]ᵀ) @ B_s[i, :, :r]ᵀ, i = idx[t],
+    r = min(r_i, live[s, i]).
 
-    ``off_s = offset_start + Σ_{s'<s} N_s'``; tokens with ``idx[t] == -1`` are untouched.
+    ``off_s = offset_start + Σ_{s'<s} N_s'``; tokens with ``idx[t] == -1`` are untouched, and
+    so is slice ``s`` of a token whose adapter has ``live[s, i] == 0`` (its weights not read).
     """
     table = table or build_slice_table(lora_a, lora_b, offset_start)
-    launch(
-        y, x, table, adapter_idx, ranks, scales, max_rank or table.r_max, work=work, config=config
-    )
-
-
-def multi_lora_ref(
-    y: torch.Tensor,  # [T, N_y]
-    x: torch.Tensor,  # [T, H]
-    lora_a: Sequence[torch.Tensor],  # per slice [slots, R_max, H]
-    lora_b: Sequence[torch.Tensor],  # per slice [slots, N_s, R_max]
-    adapter_idx: torch.Tensor,  # [T]
-    ranks: torch.Tensor,  # [slots]
-    scales: torch.Tensor,  # [slots]
-    offset_start: int = 0,
-) -> torch.Tensor:
-    """float64 reference of :func:`multi_lora`; returns the new ``y`` (input untouched)."""
-    out = y.to(torch.float64).clone()
-    xd = x.to(torch.float64)
-    for t, i in enumerate(adapter_idx.tolist()):
-        if i < 0:
-            continue
-        r, off = int(ranks[i]), offset_start
-        for a, b in zip(lora_a, lora_b, strict=True):
-            a_i = a.reshape(a.shape[0], *a.shape[-2:])[i]
-            b_i = b.reshape(b.shape[0], *b.shape[-2:])[i]
-            delta = (xd[t] @ a_i[:r].double().T) @ b_i[:, :r].double().T * float(scales[i])
-            out[t, off : off + b_i.shape[0]] += delta
-            off += b_i.shape[0]
-    return out
+    launch(y, x, table, adapter_idx, ranks, scales, max_rank or table.r_max, work=work,
+           config=config, live_ranks=live_ranks)  # fmt: skip

@@ -235,11 +235,14 @@ def test_kernel_compile_report_quick(tmp_path):
 
 
 def test_kernel_tune_quick(tmp_path):
-    from lora_kernels.configs import CONFIG_PATH, load_entries
+    from lora_kernels.configs import CONFIG_DIR, load_entries
 
-    committed = hashlib.sha256(CONFIG_PATH.read_bytes()).hexdigest()
+    def committed() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in CONFIG_DIR.iterdir()}
+
+    before = committed()
     quick("kernel_tune.py", tmp_path, "--out", str(tmp_path / "out"))
-    assert hashlib.sha256(CONFIG_PATH.read_bytes()).hexdigest() == committed
+    assert committed() == before, "the quick run writes only under --out"
     doc = load(tmp_path / "out" / "kernel_tune.json")
     check_record(doc)
     (bucket,) = doc["buckets"]

@@ -70,6 +70,22 @@ def test_no_import_cycles() -> None:
     assert find_cycles(graph()) == []
 
 
+def benchmark_graph() -> dict[str, set[str]]:
+    """The benchmark scripts import each other as top-level modules (``benchmarks/`` on
+    ``sys.path``); every import counts, lazy ones inside functions too."""
+    files = {p.stem: p for p in (ROOT / "benchmarks").glob("*.py")}
+    return {m: {i for i in every_import(p) if i in files and i != m} for m, p in files.items()}
+
+
+def test_no_import_cycles_among_the_benchmarks() -> None:
+    edges = benchmark_graph()
+    assert {"gpu_check", "kernel_tune", "vllm_lora_ops"} <= set(edges)
+    assert find_cycles(edges) == []
+    # The kernel fixtures live in the test kit (lora_kernels/testing.py), not in gpu_check:
+    # the scripts it runs import nothing of it.
+    assert not [m for m, deps in edges.items() if "gpu_check" in deps]
+
+
 def test_math_code_imports_no_vllm_no_fastapi_no_argparse() -> None:
     bad = []
     for prefix in MATH:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_kernels.metadata import live_rank
+
 GATHER_MIN_GROUPS = 4
 GATHER_TOKENS_PER_GROUP = 4
 GATHER_MAX_BYTES = 32 << 20  # per module slice: larger copies go the grouped way
@@ -100,9 +102,7 @@ def note_live_ranks(
     for a, b in zip(lora_a, lora_b, strict=True):
         if a.dim() != 4 or b.dim() != 4 or a.shape[2] != b.shape[3]:
             continue
-        live = (a[slot, 0].abs().amax(dim=1) > 0) & (b[slot, 0].abs().amax(dim=0) > 0)
-        rows = torch.nonzero(live)
-        rank = int(rows[-1]) + 1 if len(rows) else 0
+        rank = live_rank(a, b, slot)
         ranks = getattr(a, "_lora_ext_live_ranks", None)
         if ranks is None:
             ranks = [a.shape[2]] * a.shape[0]

@@ -6,7 +6,7 @@ MoE, dual-stream writes).
 
 Only ``add_lora_linear`` is routed: it is where shrink+expand can be fused. The work lists are
 built once per step in :meth:`update_metadata` (outside CUDA graphs, no host sync) into
-persistent buffers, one per block size used by ``configs.json``; the kernels run inside a
+persistent buffers, one per block size of ``lora_kernels/configs``; the kernels run inside a
 registered torch custom op so ``torch.compile`` treats them as opaque, as vLLM's own ops are.
 """
 
@@ -19,7 +19,13 @@ import torch
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
 from lora_kernels.configs import load_entries, select_config
-from lora_kernels.metadata import SliceTable, WorkList, build_slice_table, build_work_list
+from lora_kernels.metadata import (
+    SliceTable,
+    WorkList,
+    build_slice_table,
+    build_work_list,
+    live_rank,
+)
 from lora_kernels.metadata import max_work_items as _max_work
 from lora_kernels.multi_lora import launch, r_block_for
 
@@ -29,14 +35,29 @@ _FELL_BACK: list[bool] = []
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 _TABLES: dict[tuple, SliceTable] = {}
 _SCALES: dict[tuple, torch.Tensor] = {}
+_LIVE: dict[tuple, torch.Tensor] = {}
+
+
+def _stacks_key(lora_a: list[torch.Tensor], lora_b: list[torch.Tensor]) -> tuple:
+    # Keyed like vLLM's own pointer LUT: filled during profiling, before any graph capture.
+    return tuple((t.data_ptr(), *t.shape) for t in (*lora_a, *lora_b))
 
 
 def _slice_table(lora_a: list[torch.Tensor], lora_b: list[torch.Tensor]) -> SliceTable:
-    # Keyed like vLLM's own pointer LUT: filled during profiling, before any graph capture.
-    key = tuple((t.data_ptr(), *t.shape) for t in (*lora_a, *lora_b))
+    key = _stacks_key(lora_a, lora_b)
     if key not in _TABLES:
         _TABLES[key] = build_slice_table(lora_a, lora_b)
     return _TABLES[key]
+
+
+def _live_ranks(lora_a: list[torch.Tensor], lora_b: list[torch.Tensor]) -> torch.Tensor:
+    """One module's live rank per slice and slot ``[slices, slots]`` int32, on its device, kept
+    for the life of its stacks (CUDA graphs read it in place); unknown: the full rank."""
+    key = _stacks_key(lora_a, lora_b)
+    if key not in _LIVE:
+        shape = (len(lora_a), lora_a[0].shape[0])
+        _LIVE[key] = torch.full(shape, _UNKNOWN_RANK, dtype=torch.int32, device=lora_a[0].device)
+    return _LIVE[key]
 
 
 def _scales(table: SliceTable, scale: float, device: torch.device) -> torch.Tensor:
@@ -66,8 +87,10 @@ def multi_lora_linear(
         return
     table = _slice_table(lora_a, lora_b)
     # Each slot computes with its adapter's own rank: the columns vLLM zero-pads up to
-    # max_lora_rank are not loaded (the kernels mask by rank, rounded up to 8).
+    # max_lora_rank are not loaded (the kernels mask by rank, rounded up to 8); a slice the
+    # adapter does not target (live rank 0) is skipped.
     ranks = slot_ranks.clamp(max=table.r_max)
+    live = _live_ranks(lora_a, lora_b)
     scales = _scales(table, scale, x.device)
     num_tokens = x.shape[0]
     cfg = select_config(num_tokens, r_block_for(table.r_max))
@@ -78,7 +101,7 @@ def multi_lora_linear(
         work = WorkList(works[i][:n], sorted_tokens[i][:num_tokens], cfg.block_m, num_tokens)
     else:  # fewer rows than mapped (dummy runs): build a list for exactly these rows
         work = build_work_list(token_mapping[:num_tokens], table.num_slots, cfg.block_m)
-    launch(y, x, table, token_mapping[:num_tokens], ranks, scales, table.r_max, work, cfg)
+    launch(y, x, table, token_mapping[:num_tokens], ranks, scales, table.r_max, work, cfg, live)
     if not _LAUNCHED:
         _LAUNCHED.append(True)
         logger.info("vllm-lora-ext: LoRA linear layers run on lora_kernels (%d slots, rank "
@@ -122,6 +145,22 @@ class KernelLinearPath:
 
     def set_slot_rank(self, index: int, rank: int) -> None:
         self.slot_ranks[index] = int(rank)
+
+    def note_live_ranks(
+        self,
+        lora_a_stacked: tuple[torch.Tensor, ...],  # one module's, per slice [slots, 1, R, H]
+        lora_b_stacked: tuple[torch.Tensor, ...],  # per slice [slots, 1, N_s, R]
+        index: int,
+    ) -> None:
+        """The slot ``index`` was just filled (``vllm_boundary/patches.py``): note how many of
+        its rank rows each slice of this module holds; 0 (a slice or module the adapter does
+        not target) makes the kernels skip it. Reads the device once per slice: when a slot is
+        filled, never per step."""
+        a, b = list(lora_a_stacked), list(lora_b_stacked)
+        live = _live_ranks(a, b)
+        for s, (a_s, b_s) in enumerate(zip(a, b, strict=True)):
+            if a_s.dim() == 4 and b_s.dim() == 4:
+                live[s, index] = live_rank(a_s, b_s, index)
 
     def update_metadata(
         self,

@@ -96,6 +96,9 @@ SLOT_GUARDS = (
                     "punica_wrapper_mapping")),
     Expect(_LINEAR, "BaseLinearLayerWithLoRA", "live ranks read the stacked weights",
            assigns=("lora_a_stacked", "lora_b_stacked")),
+    Expect("vllm.lora.layers.base", "BaseLayerWithLoRA.set_mapping",
+           "live ranks reach each module's punica wrapper", params=("self", "punica_wrapper"),
+           assigns=("punica_wrapper",)),
     Expect(_LINEAR, "BaseLinearLayerWithLoRA._apply_lora_to_output",
            "live ranks: the wrapper gets the module's own stacked tuples",
            contains=("x, self.lora_a_stacked, self.lora_b_stacked",)),
@@ -168,11 +171,14 @@ def _select_punica_wrapper(platform_cls: type, choose: Callable[[Any], str | Non
 
 
 def patch_slot_ranks() -> None:
-    """Tell the punica wrapper the rank of the adapter each slot holds, when vLLM fills it.
+    """Tell the punica wrapper the rank of the adapter each slot holds, when vLLM fills it,
+    and per module how many of those rows each slice holds.
 
     vLLM pads every slot to ``max_lora_rank`` and its wrappers never learn the real ranks; ours
-    (``set_slot_rank``) then computes each slot with its own rank. ``activate_adapter`` is
-    where vLLM's LoRA manager writes an adapter into a slot (``lora_index_to_id[index]``).
+    (``set_slot_rank``) then computes each slot with its own rank, and skips the slices and
+    modules the adapter does not target (``note_live_ranks``: vLLM leaves them at zero).
+    ``activate_adapter`` is where vLLM's LoRA manager writes an adapter into a slot
+    (``lora_index_to_id[index]``; True only when it did).
     """
     from vllm.lora.model_manager import LoRAModelManager
 
@@ -184,6 +190,12 @@ def patch_slot_ranks() -> None:
             for wrapper in self.punica_wrapper_mapping.values():
                 if hasattr(wrapper, "set_slot_rank"):
                     wrapper.set_slot_rank(index, rank)
+            for module in self.modules.values() if result else ():
+                wrapper = getattr(module, "punica_wrapper", None)
+                a = getattr(module, "lora_a_stacked", None)
+                b = getattr(module, "lora_b_stacked", None)
+                if hasattr(wrapper, "note_live_ranks") and isinstance(a, tuple | list):
+                    wrapper.note_live_ranks(a, b, index)
             return result
 
         return activate_adapter

@@ -1,4 +1,4 @@
-"""Every kernel of every configs.json entry builds for sm_90 and sm_80, and none spills.
+"""Every kernel of every entry of every configs file builds for sm_90 and sm_80, none spills.
 
 The compile runs in a subprocess without ``TRITON_INTERPRET`` (this test session has it set,
 which turns ``@triton.jit`` into the interpreter). It uses the Triton wheel's ptxas and
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_kernels.configs import load_entries
+from lora_kernels.configs import every_config_file, load_entries
 from lora_kernels.multi_lora import KERNELS
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -58,12 +58,17 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_every_entry_kernel_and_arch_was_compiled(report):
     expected = {
-        (k.__name__, arch, e.r_block, e.max_tokens)
-        for e in load_entries()
+        (path.name, k.__name__, arch, e.r_block, e.max_tokens)
+        for path in every_config_file()
+        for e in load_entries(path)
         for k in KERNELS[e.config.path]
         for arch in ("sm_90", "sm_80")
     }
-    got = {(r["kernel"], r["arch"], r["r_block"], r["max_tokens"]) for r in report["rows"]}
+    assert "default.json" in {p.name for p in every_config_file()}
+    got = {
+        (r["configs"], r["kernel"], r["arch"], r["r_block"], r["max_tokens"])
+        for r in report["rows"]
+    }
     assert got == expected
 
 

@@ -1,5 +1,6 @@
 """The GPU check's dry run: the same code path as on the H200 (interpreter, tiny shapes), in a
-process where importing vLLM fails, with vLLM's ops copied the way the GPU host gets them."""
+process where importing vLLM or pydantic fails (the host has neither), with vLLM's ops copied
+the way the GPU host gets them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from vllm_lora_ops import PACKAGE, vendor  # noqa: E402
 NO_VLLM = """
 import runpy, sys
 sys.modules["vllm"] = None  # any `import vllm` now fails: the GPU host has none
+sys.modules["pydantic"] = None  # nor pydantic
 sys.argv = ["gpu_check.py", *sys.argv[1:]]
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -47,6 +49,8 @@ def test_dry_run_writes_every_part(tmp_path):
     assert doc["correctness"]["ok"], doc["correctness"]
     kernels = {(c["kernel"], c["tokens"]) for c in doc["correctness"]["cases"]}
     assert {k for k, _ in kernels} == {"multi_lora"} and len(kernels) >= 2
+    skipped = {c["untargeted_slices_skipped"] for c in doc["correctness"]["cases"]}
+    assert skipped == {False, True}, "untargeted slices are checked on the GPU too"
     assert all(c["repeat_identical"] and c["untouched_rows_bit_identical"]
                for c in doc["correctness"]["cases"])  # fmt: skip
     timing = doc["timing"]["cases"]
@@ -61,7 +65,8 @@ def test_dry_run_writes_every_part(tmp_path):
 
 def test_the_tested_triton_is_the_pinned_one():
     import triton
-    from lora_problem import TESTED_TRITON
+
+    from lora_kernels.testing import TESTED_TRITON
 
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"triton=={TESTED_TRITON}"' in pyproject

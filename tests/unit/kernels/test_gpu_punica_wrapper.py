@@ -11,11 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lora_problem import TOLERANCES, make_problem
 from vllm.lora.layers.utils import LoRAMapping
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
-from lora_kernels.multi_lora import multi_lora_ref
+from lora_kernels.testing import TOLERANCES, make_problem, multi_lora_ref
 from vllm_lora_ext.gpu_lora.punica_wrapper import LoraKernelsPunicaWrapperGPU
 
 OVERRIDDEN = ("__init__", "update_metadata", "add_lora_linear")
@@ -39,7 +38,10 @@ def test_everything_else_is_vllms():
         for k, v in vars(cls).items()
         if inspect.isfunction(v)
     }
-    helpers = {"_supported", "_build_work_lists", "set_slot_rank", "_init_kernel_buffers"}
+    helpers = {
+        "_supported", "_build_work_lists", "set_slot_rank", "note_live_ranks",
+        "_init_kernel_buffers",
+    }  # fmt: skip
     assert own - helpers == set(OVERRIDDEN)
     assert issubclass(LoraKernelsPunicaWrapperGPU, PunicaWrapperGPU)
 
@@ -52,6 +54,11 @@ def _kernel_meta_on_cpu(monkeypatch):
     from vllm.lora.punica_wrapper import punica_gpu
 
     monkeypatch.setattr(punica_gpu, "LoRAKernelMeta", LoRAKernelMeta, raising=False)
+    # Keyed by data pointer, as vLLM's own tables: freed test tensors reuse addresses.
+    from vllm_lora_ext.gpu_lora import punica_wrapper
+
+    monkeypatch.setattr(punica_wrapper, "_TABLES", {})
+    monkeypatch.setattr(punica_wrapper, "_LIVE", {})
 
 
 def make_wrapper(max_loras: int, max_tokens: int) -> LoraKernelsPunicaWrapperGPU:
@@ -76,7 +83,7 @@ def test_add_lora_linear_through_the_custom_op(padding):
     assert w.token_lora_indices.tolist() == slots
     a = tuple(t.unsqueeze(1) for t in p.lora_a)
     b = tuple(t.unsqueeze(1) for t in p.lora_b)
-    y = p.y()
+    y = p.fresh_y()
     w.add_lora_linear(y, p.x, a, b, 0.5, (32, 16, 16))
     idx = torch.tensor(slots + [-1] * padding)
     ref = multi_lora_ref(p.y0, p.x, p.lora_a, p.lora_b, idx, p.ranks, torch.full((3,), 0.5))
@@ -89,15 +96,15 @@ def test_no_lora_batch_and_unsupported_calls(monkeypatch):
     w = make_wrapper(2, 16)
     set_mapping(w, [-1, -1, -1, -1], 2)
     a, b = (p.lora_a[0].unsqueeze(1),), (p.lora_b[0].unsqueeze(1),)
-    y = p.y()
+    y = p.fresh_y()
     w.add_lora_linear(y, p.x, a, b, 1.0, (32,))
     assert torch.equal(y, p.y0), "all -1: nothing applied"
 
     calls = []
     monkeypatch.setattr(PunicaWrapperGPU, "add_lora_linear", lambda *a, **k: calls.append(k))
     set_mapping(w, [0, 1, -1, 0], 2)
-    w.add_lora_linear(p.y(), p.x, a, b, 1.0, (32,), add_inputs=False)  # dual-stream write
-    w.add_lora_linear(p.y().float(), p.x.float(), a, b, 1.0, (32,))  # fp32 activations
+    w.add_lora_linear(p.fresh_y(), p.x, a, b, 1.0, (32,), add_inputs=False)  # dual-stream write
+    w.add_lora_linear(p.fresh_y().float(), p.x.float(), a, b, 1.0, (32,))  # fp32 activations
     assert len(calls) == 2, "both went to vLLM's implementation"
 
 
@@ -141,7 +148,7 @@ def test_add_lora_linear_compiles_with_fullgraph(backend):
 
     torch._dynamo.reset()
     compiled = torch.compile(apply, fullgraph=True, backend=backend)
-    y = compiled(p.y(), p.x)
+    y = compiled(p.fresh_y(), p.x)
     ref = multi_lora_ref(p.y0, p.x, p.lora_a, p.lora_b, torch.tensor(slots), p.ranks,
                          torch.full((2,), 0.5))  # fmt: skip
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float16])
@@ -164,7 +171,7 @@ def test_each_slot_computes_with_its_own_rank():
     for slot, rank in enumerate(ranks):
         w.set_slot_rank(slot, rank)
     set_mapping(w, slots, 3)
-    y = p.y()
+    y = p.fresh_y()
     a = tuple(t.unsqueeze(1) for t in p.lora_a)
     b = tuple(t.unsqueeze(1) for t in p.lora_b)
     w.add_lora_linear(y, p.x, a, b, 0.5, (32, 16))
@@ -174,3 +181,35 @@ def test_each_slot_computes_with_its_own_rank():
     ref = multi_lora_ref(p.y0, p.x, clean_a, clean_b, torch.tensor(slots), p.ranks,
                          torch.full((3,), 0.5))  # fmt: skip
     torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float16])
+
+
+def test_slices_and_modules_an_adapter_does_not_target_are_skipped():
+    """vLLM leaves the slices an adapter does not target at zero in its slot; told so when the
+    slot is filled (``note_live_ranks``), the kernels skip them: NaN written there afterwards is
+    never read. Slot 0 is a q/v adapter (k untouched), slot 1 targets nothing of this module."""
+    p = make_problem(torch.float16, 10, [16, 16], sizes=(32, 16, 16), hidden=64,
+                     offset_start=0, tail=0)  # fmt: skip
+    p.lora_a[1][0], p.lora_b[1][0] = 0, 0
+    for s in range(3):
+        p.lora_a[s][1], p.lora_b[s][1] = 0, 0
+    a = tuple(t.unsqueeze(1) for t in p.lora_a)
+    b = tuple(t.unsqueeze(1) for t in p.lora_b)
+    w = make_wrapper(2, 64)
+    for slot in (0, 1):
+        w.note_live_ranks(a, b, slot)
+    for t in (*a, *b):  # what the kernels must not read any more
+        t.masked_fill_(t == 0, float("nan"))
+    slots = [0, 1, -1, 0, 1, 1, 0, -1, 0, 1]
+    set_mapping(w, slots, 2)
+    y = p.fresh_y()
+    w.add_lora_linear(y, p.x, a, b, 0.5, (32, 16, 16))
+    assert torch.isfinite(y).all()
+    live = torch.tensor([[16, 0], [0, 0], [16, 0]], dtype=torch.int32)
+    idx = torch.tensor(slots)
+    clean_a = [t.nan_to_num(0.0) for t in p.lora_a]
+    clean_b = [t.nan_to_num(0.0) for t in p.lora_b]
+    ref = multi_lora_ref(p.y0, p.x, clean_a, clean_b, idx, p.ranks, torch.full((2,), 0.5),
+                         live_ranks=live)  # fmt: skip
+    torch.testing.assert_close(y.double(), ref, **TOLERANCES[torch.float16])
+    assert torch.equal(y[idx != 0], p.y0[idx != 0]), "slot 1 targets nothing here"
+    assert torch.equal(y[idx == 0, 32:48], p.y0[idx == 0, 32:48]), "k is not slot 0's"

@@ -6,12 +6,19 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from lora_problem import TOLERANCES, assert_matches, make_problem
-from vllm_oracle import vllm_triton_lora_ops
 
 from lora_kernels.configs import KernelConfig, load_entries, select_config
 from lora_kernels.metadata import build_work_list, max_work_items
-from lora_kernels.multi_lora import multi_lora, multi_lora_ref
+from lora_kernels.multi_lora import multi_lora
+from lora_kernels.testing import (
+    TOLERANCES,
+    assert_matches,
+    interpreted_vllm_ops,
+    make_problem,
+    multi_lora_ref,
+    reference,
+    vllm_apply,
+)
 
 # Large blocks, small grids: the interpreter costs ~2 ms per program.
 CONFIGS = {
@@ -24,79 +31,108 @@ DTYPES = [torch.float16, torch.float32]
 RAGGED = [16, 8, 12, 4]  # four slots, R_max 16, three ranks below it
 
 
-def run(p, idx, cfg, **kw) -> torch.Tensor:
-    y = p.y()
-    multi_lora(y, p.x, p.lora_a, p.lora_b, idx, p.ranks, p.scales,
-               offset_start=p.offset_start, config=cfg, **kw)  # fmt: skip
+def run(p, cfg, **kw) -> torch.Tensor:
+    y = p.fresh_y()
+    multi_lora(y, p.x, p.lora_a, p.lora_b, p.idx, p.ranks, p.scales,
+               offset_start=p.offset_start, config=cfg, live_ranks=p.live_ranks, **kw)  # fmt: skip
     return y
 
 
-def check(p, idx, cfg, **kw) -> None:
-    y = run(p, idx, cfg, **kw)
-    ref = multi_lora_ref(p.y0, p.x, p.lora_a, p.lora_b, idx, p.ranks, p.scales, p.offset_start)
-    assert_matches(y, ref, p, idx >= 0)
+def check(p, cfg, **kw) -> None:
+    assert_matches(run(p, cfg, **kw), reference(p), p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_mixed_batch_ragged_ranks_three_slices(name, dtype):
-    p = make_problem(dtype, 21, RAGGED)
     idx = torch.tensor([0, -1, 2, 3, 3, 1, -1, 0, 2, 2, 1, 3, -1, 0, 0, 1, 2, 3, 3, 3, 0])
-    check(p, idx, CONFIGS[name])
+    check(make_problem(dtype, 21, RAGGED, idx=idx), CONFIGS[name])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["fused", "two-pass-split-k"])
 def test_all_tokens_without_adapter_leave_y_bit_identical(name, dtype):
-    p = make_problem(dtype, 9, RAGGED)
-    y = run(p, torch.full((9,), -1), CONFIGS[name])
-    assert torch.equal(y, p.y0)
+    p = make_problem(dtype, 9, RAGGED, idx=torch.full((9,), -1))
+    assert torch.equal(run(p, CONFIGS[name]), p.y0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["fused", "two-pass"])
 @pytest.mark.parametrize("slot", [-1, 1])
 def test_one_token(slot, name, dtype):
-    p = make_problem(dtype, 1, RAGGED)
-    check(p, torch.tensor([slot]), CONFIGS[name])
+    check(make_problem(dtype, 1, RAGGED, idx=torch.tensor([slot])), CONFIGS[name])
 
 
 @pytest.mark.parametrize("name", ["fused", "two-pass-split-k"])
 def test_many_adapters_more_blocks_than_tokens_per_adapter(name):
     ranks = [8, 16, 32, 24] * 6  # 24 slots, R_max 32
-    p = make_problem(torch.float16, 53, ranks, sizes=(48,), hidden=64, offset_start=0)
     idx = torch.randint(-1, len(ranks), (53,))
     idx[:20] = 5  # one adapter spans two token blocks
-    check(p, idx, CONFIGS[name])
+    p = make_problem(torch.float16, 53, ranks, sizes=(48,), hidden=64, offset_start=0, idx=idx)
+    check(p, CONFIGS[name])
+
+
+def _untargeted(p, live: list[list[int]]):
+    """``live`` as the problem's per-slice ranks; where it is 0 the slot's weights of that slice
+    are NaN: a program that read them would write NaN."""
+    p.live_ranks = torch.tensor(live, dtype=torch.int32)
+    for s, row in enumerate(live):
+        for slot, rank in enumerate(row):
+            if rank == 0:
+                p.lora_a[s][slot] = float("nan")
+                p.lora_b[s][slot] = float("nan")
+    return p
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["fused", "two-pass", "two-pass-split-k"])
+def test_slices_an_adapter_does_not_target_are_skipped(name, dtype):
+    """Per-slice ranks (as vLLM's slots hold them: a q/v adapter leaves k at zero): a slice at
+    rank 0 for a slot is neither read nor written for its tokens, one below the slot's rank is
+    computed to that rank only (junk past it), against the float64 reference."""
+    idx = torch.tensor([0, -1, 2, 3, 3, 1, -1, 0, 2, 2, 1, 3, 0, 1, 2])
+    p = make_problem(dtype, 15, RAGGED, idx=idx)
+    _untargeted(p, [[16, 0, 12, 4], [0, 8, 0, 2], [16, 8, 6, 0]])
+    y = run(p, CONFIGS[name])
+    assert torch.isfinite(y).all()
+    assert_matches(y, reference(p), p)
+    slice_1 = slice(p.offset_start + p.sizes[0], p.offset_start + sum(p.sizes[:2]))
+    for slot in (0, 2):  # untargeted there: bit-identical to the poison
+        assert torch.equal(y[idx == slot, slice_1], p.y0[idx == slot, slice_1])
+
+
+@pytest.mark.parametrize("name", ["fused", "two-pass-split-k"])
+def test_a_module_no_adapter_of_the_batch_targets_costs_nothing_and_changes_nothing(name):
+    """Every slice at rank 0 for every slot in the batch (a module outside the adapters'
+    targets): all NaN weights, the output bit-identical to the input."""
+    p = make_problem(torch.float16, 9, RAGGED, idx=torch.tensor([0, 1, 2, 3, -1, 3, 2, 1, 0]))
+    _untargeted(p, [[0] * 4 for _ in p.sizes])
+    assert torch.equal(run(p, CONFIGS[name]), p.y0)
 
 
 def test_max_rank_narrows_the_tile_and_keeps_the_result():
-    p = make_problem(torch.float32, 12, [8, 4, 8], sizes=(32,))
-    idx = torch.tensor([0, 1, 2, -1] * 3)
-    check(p, idx, CONFIGS["fused"], max_rank=8)
+    p = make_problem(torch.float32, 12, [8, 4, 8], sizes=(32,), idx=torch.tensor([0, 1, 2, -1] * 3))
+    check(p, CONFIGS["fused"], max_rank=8)
 
 
 def test_offset_start_and_column_tail_are_respected_with_4d_vllm_weights():
-    p = make_problem(torch.float16, 7, RAGGED, sizes=(24, 8), offset_start=11, tail=13)
-    p.lora_a = [a.unsqueeze(1) for a in p.lora_a]  # vLLM's [slots, 1, R, H]
-    p.lora_b = [b.unsqueeze(1) for b in p.lora_b]
-    check(p, torch.tensor([3, 0, -1, 1, 2, 2, 3]), CONFIGS["two-pass"])
+    idx = torch.tensor([3, 0, -1, 1, 2, 2, 3])
+    p = make_problem(torch.float16, 7, RAGGED, sizes=(24, 8), offset_start=11, tail=13, idx=idx)
+    check(p.vllm_layout(), CONFIGS["two-pass"])  # vLLM's [slots, 1, R, H]
 
 
 def test_scale_error_of_two_percent_is_caught_by_the_tolerance():
-    p = make_problem(torch.float16, 8, RAGGED)
-    idx = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    y = run(p, idx, CONFIGS["fused"])
-    wrong = multi_lora_ref(p.y0, p.x, p.lora_a, p.lora_b, idx, p.ranks, p.scales * 1.02, 3)
+    p = make_problem(torch.float16, 8, RAGGED, idx=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    y = run(p, CONFIGS["fused"])
+    wrong = multi_lora_ref(p.y0, p.x, p.lora_a, p.lora_b, p.idx, p.ranks, p.scales * 1.02, 3)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(y.double(), wrong, **TOLERANCES[torch.float16])
 
 
 def test_configs_from_the_file_run_end_to_end():
-    """Default config selection (configs.json) on a decode-sized and a larger batch."""
+    """Default config selection (configs/default.json) on a decode-sized and a larger batch."""
     for tokens in (3, 40):
-        p = make_problem(torch.float16, tokens, [16, 8], sizes=(64, 32), hidden=128)
-        check(p, torch.randint(-1, 2, (tokens,)), None)
+        check(make_problem(torch.float16, tokens, [16, 8], sizes=(64, 32), hidden=128), None)
 
 
 def test_work_list_covers_each_adapter_token_once_in_blocks():
@@ -161,20 +197,47 @@ def test_agrees_with_vllm_lora_shrink_expand(name):
 
     vLLM's ops have no per-adapter rank or scale, so every slot uses R_max and the same scale.
     """
-    from vllm.lora.ops.triton_ops import LoRAKernelMeta
+    from vllm.lora.ops.triton_ops import (
+        LoRAKernelMeta,
+        kernel_utils,
+        lora_expand_op,
+        lora_shrink_op,
+        utils,
+    )
 
-    p = make_problem(torch.float16, 11, [16, 16, 16], offset_start=0, tail=0)
-    p.lora_a = [a.unsqueeze(1) for a in p.lora_a]
-    p.lora_b = [b.unsqueeze(1) for b in p.lora_b]
-    p.scales = torch.full((3,), 0.75)
     idx = torch.tensor([2, 0, -1, 2, 1, 1, 0, -1, 2, 2, 0])
-    ours = run(p, idx, CONFIGS[name])
-    meta = LoRAKernelMeta.make(max_loras=3, max_num_tokens=11, device="cpu")
-    meta.prepare_tensors(idx)
-    theirs = p.y()
-    buf = torch.empty(len(p.lora_a), 11, 16, dtype=torch.float32)
-    with vllm_triton_lora_ops() as (shrink, expand):
-        shrink(p.x, p.lora_a, buf, *meta.meta_args(11, True), 0.75)
-        expand(buf, p.lora_b, theirs, *meta.meta_args(11, True), offset_start=0, add_inputs=True)
+    p = make_problem(torch.float16, 11, [16, 16, 16], offset_start=0, tail=0, idx=idx)
+    p = p.vllm_layout()
+    p.scales = torch.full((3,), 0.75)
+    ours = run(p, CONFIGS[name])
+    theirs = p.fresh_y()
+    modules = (kernel_utils, lora_shrink_op, lora_expand_op, utils, LoRAKernelMeta)
+    with interpreted_vllm_ops(*modules) as ops:
+        vllm_apply(ops, p, theirs, scale=0.75)()
     torch.testing.assert_close(ours, theirs, **TOLERANCES[torch.float16])
     assert not torch.equal(theirs, p.y0), "vLLM's ops did something"
+
+
+def test_a_device_takes_its_tuned_file_and_every_other_the_default(tmp_path, monkeypatch):
+    """``configs/<gpu>.json`` serves that GPU once a tuning run wrote it; the seed
+    ``default.json`` serves the rest and is never written by a tuning run."""
+    from dataclasses import replace
+
+    from lora_kernels import configs
+
+    assert configs.device_file("NVIDIA H200").name == "NVIDIA_H200.json"
+    assert configs.config_path("No Such GPU") == configs.DEFAULT_PATH
+    assert configs.config_path() == configs.DEFAULT_PATH  # no CUDA device here
+    seed = load_entries(configs.DEFAULT_PATH)
+    tuned = [replace(e, config=replace(e.config, num_warps=8)) for e in seed]
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    try:
+        configs.config_path.cache_clear()
+        configs.write_entries(tuned, "test", "NVIDIA H200", configs.device_file("NVIDIA H200"))
+        assert configs.config_path("NVIDIA H200") == tmp_path / "NVIDIA_H200.json"
+        assert select_config(1, 16, configs.config_path("NVIDIA H200")).num_warps == 8
+        assert configs.config_path("NVIDIA H100") == configs.DEFAULT_PATH
+        with pytest.raises(AssertionError, match="not the seed"):
+            configs.write_entries(tuned, "test", None, configs.DEFAULT_PATH)
+    finally:
+        configs.config_path.cache_clear()
