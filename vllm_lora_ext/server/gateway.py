@@ -8,7 +8,7 @@ JSON documents) for its ``model``, then in this order:
 2. answers an inline merge (``merge:a=0.7,b=0.3``) that cannot be served itself, in our error
    shape: 400 for a malformed name (``invalid_merge``, ``non_finite``, ``rank_too_high``,
    ``inline_merges_off``), 404 ``unknown_adapter`` naming the unknown source
-   (:meth:`AdapterService.check_merge`), where vLLM would only say "model does not exist";
+   (:meth:`InlineMerges.check`), where vLLM would only say "model does not exist";
 3. has an adapter deleted or replaced in a shared store by another replica unloaded first;
 4. counts it per adapter and offers its prompt to a captured adapter's reservoir;
 5. admits it in the :class:`~.forwarding.ForwardTable` until its response ends, so that
@@ -40,8 +40,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_lora_ext.errors import Refused
-from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
 from vllm_lora_ext.server import metrics
+from vllm_lora_ext.server.adapters.inline_merges import InlineMerges, is_merge
 from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.http import error
 from vllm_lora_ext.server.migrations.forwarding import forward_request, list_forwarded
@@ -105,15 +105,15 @@ class GenerationGateway:
             await forward_request(table, target, scope, data, model, send)
             return
         service = ext.adapters if ext is not None else None
-        if service is not None and isinstance(model, str) and model.startswith(MERGE_PREFIX):
-            refusal = check_inline_merge(service, model)
+        if service is not None and is_merge(model):
+            refusal = check_inline_merge(service.merges, model)
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
         await _sync_with_store(service, model)
         count_request(model, service)
-        if service is not None and isinstance(model, str) and model.startswith(MERGE_PREFIX):
-            service.note_merge_used(model)
+        if service is not None and is_merge(model):
+            service.merges.touch(model)
         stats = ext.stats if ext is not None else None
         if stats is not None and len(data) < _MAX_OBSERVED:
             stats.observe_request(model, data)
@@ -127,12 +127,12 @@ class GenerationGateway:
                 table.release(model, ticket)
 
 
-def check_inline_merge(service: AdapterService, model: str) -> JSONResponse | None:
+def check_inline_merge(merges: InlineMerges, model: str) -> JSONResponse | None:
     """The answer to a request for an inline merge this server cannot serve (a malformed
-    name 400, an unknown source 404: :meth:`AdapterService.check_merge`), before vLLM would
-    answer it "model does not exist"; None if it can be served."""
+    name 400, an unknown source 404: :meth:`InlineMerges.check`), before vLLM would answer it
+    "model does not exist"; None if it can be served."""
     try:
-        service.check_merge(model)
+        merges.check(model)
     except Refused as e:
         if e.reason != "inline_merges_off":
             metrics.VALIDATION_FAILURES.labels(reason=e.reason).inc()
@@ -227,7 +227,7 @@ def count_request(model: object, service: AdapterService | None) -> None:
         metrics.REQUESTS.labels(adapter=model).inc()
     elif model in service.base.aliases:
         metrics.REQUESTS.labels(adapter="base").inc()
-    elif model.startswith("merge:"):
+    elif is_merge(model):
         metrics.REQUESTS.labels(adapter="merge").inc()
 
 

@@ -1,5 +1,8 @@
 """Register, list and remove adapters: the store and the engine kept in step.
 
+Inline merges (``merge:a=0.7,b=0.3``) are :class:`InlineMerges`' (``self.merges``): the service
+only tells it when an adapter goes.
+
 The engine side is reached through :class:`EngineAdapters`, implemented in
 ``vllm_boundary/api/engine.py`` (vLLM's side), so this module is testable without a server.
 """
@@ -8,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -16,21 +18,16 @@ from pathlib import Path
 from typing import Protocol
 
 from vllm_lora_ext.adapters.base_model import BaseModelInfo
-from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
-from vllm_lora_ext.adapters.merged_cache import MergedCache
 from vllm_lora_ext.adapters.store import AdapterStore, StoredAdapter
 from vllm_lora_ext.adapters.validation import (
     Refused,
     check_allowed_path,
     check_file_name,
     check_file_names,
-    inspect_adapter_dir,
     validate_name,
 )
-from vllm_lora_ext.merge.cat import cat_merge
-from vllm_lora_ext.merge.spec import PREFIX as MERGE_PREFIX
-from vllm_lora_ext.merge.spec import MergeSpec
 from vllm_lora_ext.server import metrics
+from vllm_lora_ext.server.adapters.inline_merges import InlineMerges
 
 VERSIONS_DIR = ".versions"
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
@@ -76,11 +73,10 @@ class AdapterService:
         """Names being deleted: hidden from the resolver while vLLM lets go of them."""
         self.names = {a.name for a in self._adapters_of_base()}
         metrics.ADAPTERS_REGISTERED.set(len(self.names))
-        self.inline_merges = inline_merges
-        self.merged = MergedCache(store.root, merged_cache_bytes)
-        self._merge_names: dict[str, set[str]] = {}
-        """Merged-cache key -> the ``merge:...`` names vLLM may hold it under."""
-        self._evictions: set[asyncio.Task] = set()
+        self.merges = InlineMerges(
+            store, base, max_rank, engine, self.get, self._lock, inline_merges,
+            merged_cache_bytes,
+        )  # fmt: skip
         self.allowed_paths = [Path(p).resolve() for p in allowed_paths]
         self.on_remove: list[Callable[[str], None]] = []
         """Called with the name of a deleted or replaced adapter: what was derived from it
@@ -279,11 +275,8 @@ class AdapterService:
             await self.engine.settle(name)
             self._removing.add(name)
             try:
-                # Inline merges that include this adapter must not outlive it. The name itself
-                # even if not loaded yet: unload waits for a resolve of it in flight.
-                for loaded in {name, *self.engine.loaded_names()}:
-                    if _served_from(loaded, name) and await self.engine.unload(loaded):
-                        metrics.ADAPTER_UNLOADS.inc()
+                # Inline merges that include this adapter must not outlive it.
+                await self.merges.unload_using(name)
                 self.store.remove(name)
                 self.serving_path(record).unlink(missing_ok=True)
                 self._forget(name)
@@ -295,9 +288,7 @@ class AdapterService:
     def _drop_derived(self, name: str) -> None:
         """A deleted or replaced adapter's inline merges, statistics and reservoir go too
         (the merges built from it are unloaded by the caller first)."""
-        for entry in self.merged.built_from(name):
-            self._merge_names.pop(entry.key, None)
-            self.merged.remove(entry)
+        self.merges.drop_built_from(name)
         for listener in self.on_remove:
             try:
                 listener(name)
@@ -319,9 +310,7 @@ class AdapterService:
         if record is not None and record.weights_sha256 == held:
             return
         async with self._lock:
-            for loaded in self.engine.loaded_names():
-                if _served_from(loaded, name) and await self.engine.unload(loaded):
-                    metrics.ADAPTER_UNLOADS.inc()
+            await self.merges.unload_using(name)
             was_pinned = name in self.pinned
             self._forget(name)
             self._drop_derived(name)
@@ -338,92 +327,6 @@ class AdapterService:
         self.pinned.discard(name)  # vLLM's cache drops the pin with the adapter
         self.loaded_sha.pop(name, None)
         metrics.ADAPTERS_REGISTERED.set(len(self.names))
-
-    def check_merge(self, merge_name: str) -> tuple[MergeSpec, list[StoredAdapter]]:
-        """An inline merge this server can serve: its spec and each source's record, in the
-        spec's order; :class:`Refused` otherwise. The gateway calls it before vLLM sees the
-        request, and :meth:`materialise_merge` again (a source may have gone meanwhile).
-
-        400 ``inline_merges_off``, ``invalid_merge`` / ``non_finite`` (:meth:`MergeSpec.parse`)
-        or ``rank_too_high``; 404 ``unknown_adapter`` naming the first unknown source.
-        """
-        if not self.inline_merges:
-            raise Refused(
-                "inline_merges_off",
-                "inline merges are turned off on this server (VLLM_LORA_EXT_INLINE_MERGES); "
-                "register the merge by name with POST /v1/merges",
-            )
-        spec = MergeSpec.parse(merge_name)
-        records = []
-        for name, _ in spec.terms:
-            record = self.get(name)
-            if record is None:
-                raise Refused(
-                    "unknown_adapter", f"the inline merge names unknown adapter {name!r}", 404
-                )
-            records.append(record)
-        total_rank = sum(r.rank for r in records)
-        if total_rank > self.max_rank:
-            raise Refused(
-                "rank_too_high",
-                f"the merge has rank {total_rank} (sum of ranks); the server's max is "
-                f"{self.max_rank}",
-            )
-        return spec, records
-
-    def materialise_merge(self, merge_name: str) -> Path:
-        """The cat-merged adapter for ``merge:a=w,...`` as a PEFT dir, built once and cached.
-
-        The cache key covers each adapter's weight hash, so re-registering a name under new
-        weights never serves a stale merge. Runs in a thread (the resolver); the cache is
-        brought back under its byte budget afterwards (:meth:`evict_merged`).
-        """
-        spec, records = self.check_merge(merge_name)
-        key = hashlib.sha256(
-            (spec.canonical + "".join(r.weights_sha256 for r in records)).encode()
-        ).hexdigest()[:32]
-        self._merge_names.setdefault(key, set()).add(merge_name)
-        if (target := self.merged.hit(key)) is not None:
-            return target
-        merged = cat_merge(
-            [load_lora(self.store.path(n)) for n, _ in spec.terms], [w for _, w in spec.terms]
-        )
-        with self.store.staging() as staged:
-            save_lora(merged, staged, base=self.base.name)
-            inspect_adapter_dir(staged, self.base, self.max_rank)
-            terms = zip(records, spec.terms, strict=True)
-            sources = [(r.name, w, r.weights_sha256) for r, (_, w) in terms]
-            return self.merged.commit(staged, key, self.merged.recipe(sources))
-
-    def note_merge_used(self, merge_name: str) -> None:
-        """A request for an inline merge vLLM holds: it is the most recently used entry."""
-        # A copy: the resolver adds entries from its thread (materialise_merge).
-        for key, names in list(self._merge_names.items()):
-            if merge_name in names:
-                self.merged.touch(key)
-                return
-
-    def schedule_merged_eviction(self, keep: Path) -> None:
-        """Bring the merged cache under its budget soon, in the event loop (the resolver that
-        built ``keep`` holds vLLM's lock on that name: unloading under it could deadlock)."""
-        task = asyncio.get_running_loop().create_task(self.evict_merged(keep.name))
-        self._evictions.add(task)  # tasks run one at a time (the service lock)
-        task.add_done_callback(self._evictions.discard)
-
-    async def evict_merged(self, keep: str | None = None) -> int:
-        """Drop least recently used merged entries over the budget: unload each from vLLM
-        (after its admitted requests), then delete its files. Returns the entries dropped."""
-        async with self._lock:
-            victims = self.merged.over_budget(keep)
-            for entry in victims:
-                for merge_name in self._merge_names.pop(entry.key, set()):
-                    if merge_name in self.engine.loaded_names():
-                        await self.engine.unload(merge_name)
-                        metrics.ADAPTER_UNLOADS.inc()
-                self.merged.remove(entry)
-                metrics.MERGED_EVICTIONS.inc()
-            metrics.MERGED_CACHE_BYTES.set(self.merged.total_bytes())
-        return len(victims)
 
     async def _write_files(
         self, staged: Path, files: AsyncIterator[tuple[str, Iterable[bytes]]]
@@ -446,13 +349,6 @@ class AdapterService:
                         )
                     out.write(chunk)
         check_file_names(names)
-
-
-def _served_from(loaded: str, name: str) -> bool:
-    """Whether the loaded model ``loaded`` (an adapter or an inline merge) uses ``name``."""
-    if loaded.startswith(MERGE_PREFIX):
-        return name in dict(MergeSpec.parse(loaded).terms)
-    return loaded == name
 
 
 def _chunks(path: Path, size: int = 1 << 20) -> Iterable[bytes]:

@@ -33,13 +33,13 @@ def store_resolver(service: Any, engine: VllmEngineAdapters) -> Any:
     class StoreResolver(LoRAResolver):
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             from vllm_lora_ext.errors import Refused
-            from vllm_lora_ext.merge.spec import PREFIX
             from vllm_lora_ext.server import metrics
+            from vllm_lora_ext.server.adapters.inline_merges import is_merge
 
             try:
-                if lora_name.startswith(PREFIX):
-                    path = await asyncio.to_thread(service.materialise_merge, lora_name)
-                    service.schedule_merged_eviction(path)
+                if is_merge(lora_name):
+                    path = await asyncio.to_thread(service.merges.materialise, lora_name)
+                    service.merges.schedule_eviction(path)
                 else:
                     record = service.get(lora_name)
                     if record is None:

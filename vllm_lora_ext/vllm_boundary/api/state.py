@@ -101,7 +101,7 @@ async def init_state(engine_client: Any, app_state: Any, args: Namespace) -> Non
         reservoir_size=settings.stats_reservoir_size,
         stats_dir=settings.stats_dir,
     )
-    await adapters.evict_merged()  # the budget may have shrunk since last start
+    await adapters.merges.evict()  # the budget may have shrunk since last start
     SERVICE_LEVELS.top_n = settings.metrics_top_adapters
     state.residency = asyncio.create_task(
         follow_residency(bridge, adapters, engine_client, settings.residency_poll_seconds)
