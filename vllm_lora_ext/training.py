@@ -1,7 +1,8 @@
 """One LoRA training loop for every place that trains an adapter on CPU (or one GPU).
 
-Used by ``benchmarks/train_adapters.py`` (task adapters) and by ``migrate/`` (the discriminator
-and the distilled student). Rows are ``(token ids, answer start)``: the loss covers the answer
+Used by ``benchmarks/train_adapters.py`` (task adapters), by ``migrate/`` (the discriminator
+and the distilled student) and by pool merges. Rows are ``(token ids, answer start)``
+(:func:`distillation_rows` frames (input, answer) pairs into them): the loss covers the answer
 tokens only, so a model learns what to answer, not to repeat prompts. Everything is seeded (LoRA
 init, batch order), float32, and a NaN/inf loss stops training with :class:`TrainingDiverged`
 instead of saving a broken adapter.
@@ -18,8 +19,9 @@ from typing import Any
 
 import torch
 
-from vllm_lora_ext.evaluation.prompts import stop_token_ids
+from vllm_lora_ext.evaluation.prompts import answer_ids, stop_token_ids
 from vllm_lora_ext.files import staged_directory
+from vllm_lora_ext.migrate.queries import query_prompt
 
 # (token ids, index of the first answer token)
 Row = tuple[list[int], int]
@@ -73,6 +75,22 @@ def answer_end_ids(tokenizer: Any) -> list[int]:
     if "<|im_end|>" in tokenizer.get_vocab():
         return [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     return list(stop_token_ids(tokenizer)[:1])
+
+
+def distillation_rows(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_len: int = 256
+) -> tuple[list[Row], int]:
+    """(rows, number dropped as too long) for (input, answer) pairs: each input framed as every
+    migration step frames it (``migrate.queries.query_prompt``), the answer and its end token
+    after it."""
+    end = answer_end_ids(tokenizer)
+    rows: list[Row] = []
+    for text, answer in pairs:
+        prompt = query_prompt(tokenizer, text)
+        ids = [*prompt.ids, *answer_ids(tokenizer, prompt, answer), *end]
+        if len(ids) <= max_len:
+            rows.append((ids, len(prompt.ids)))
+    return rows, len(pairs) - len(rows)
 
 
 def attach_lora(base: Any, hp: LoraHyperparameters) -> Any:

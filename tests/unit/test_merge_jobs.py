@@ -20,9 +20,9 @@ from tiny_model import random_lora_tensors, write_adapter
 
 from vllm_lora_ext.adapters.base_model import BaseModelInfo
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora
+from vllm_lora_ext.adapters.recipe import RECIPE_FILE
 from vllm_lora_ext.adapters.store import AdapterStore
 from vllm_lora_ext.errors import Refused
-from vllm_lora_ext.merge.offline import RECIPE_FILE
 from vllm_lora_ext.server import job_records
 from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.job_records import JOBS_DIR, JobRecords

@@ -11,8 +11,9 @@ import torch
 from tiny_model import random_lora_tensors, write_adapter
 
 from vllm_lora_ext.adapters.lora_weights import load_lora
+from vllm_lora_ext.adapters.recipe import RECIPE_FILE
 from vllm_lora_ext.merge.methods import merge_adapters
-from vllm_lora_ext.merge.offline import RECIPE_FILE, merge_folders
+from vllm_lora_ext.merge.offline import merge_folders
 
 
 def two_adapters(tmp: Path, base_b: str = "tiny") -> list[Path]:

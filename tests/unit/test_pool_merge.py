@@ -72,7 +72,7 @@ def test_the_merge_is_scored_as_its_fold_serves(tiny_model_dir, pool):
     from transformers import AutoTokenizer
 
     from vllm_lora_ext.adapters.lora_weights import save_lora
-    from vllm_lora_ext.migrate.distill import distillation_rows
+    from vllm_lora_ext.training import distillation_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows, _ = distillation_rows(tok, EXAMPLES)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
 from vllm_lora_ext.adapters.peft_format import WEIGHTS_FILE
+from vllm_lora_ext.adapters.recipe import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
 from vllm_lora_ext.files import sha256_file
-from vllm_lora_ext.merge.offline import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION, common_base
+from vllm_lora_ext.merge.offline import common_base
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

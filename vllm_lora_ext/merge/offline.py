@@ -19,15 +19,12 @@ import torch
 
 from vllm_lora_ext.adapters.lora_weights import load_lora, save_lora
 from vllm_lora_ext.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, PeftLoraConfig
+from vllm_lora_ext.adapters.recipe import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
 from vllm_lora_ext.adapters.validation import validate_name
 from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.files import sha256_file
 from vllm_lora_ext.merge.methods import merge_adapters, validate_params
 from vllm_lora_ext.merge.params import MergeParams
-
-RECIPE_FILE = "recipe.json"
-RECIPE_FORMAT = "vllm-lora-ext/merge-recipe"
-RECIPE_VERSION = 1
 
 
 def common_base(paths: Sequence[Path]) -> str:

@@ -122,7 +122,7 @@ def pool_merge(
     """Select, merge, fold (and run the controls) for ``examples`` = (input, output) pairs."""
     from transformers import AutoTokenizer
 
-    from vllm_lora_ext.migrate.distill import distillation_rows
+    from vllm_lora_ext.training import distillation_rows
 
     if not 1 <= params.k <= len(pool):
         raise ValueError(f"k={params.k} but the pool holds {len(pool)} adapters")

@@ -13,16 +13,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from vllm_lora_ext.evaluation.backends import Backend
-from vllm_lora_ext.evaluation.prompts import answer_ids
-from vllm_lora_ext.migrate.queries import query_prompt, tokenizer_mismatch
+from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.training import (
     LoraHyperparameters,
-    Row,
-    answer_end_ids,
     attach_lora,
+    distillation_rows,
     save_adapter_atomically,
     train_lora,
 )
@@ -39,20 +36,6 @@ class Distillation:
     """Pairs dropped because prompt + answer exceeded ``max_len`` tokens."""
     fit: list[tuple[int, float]]
     """(step, fraction of training rows the student answers exactly as labelled), as measured."""
-
-
-def distillation_rows(
-    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_len: int = 256
-) -> tuple[list[Row], int]:
-    """(rows, number dropped as too long) for (input, teacher answer) pairs."""
-    end = answer_end_ids(tokenizer)
-    rows: list[Row] = []
-    for text, answer in pairs:
-        prompt = query_prompt(tokenizer, text)
-        ids = [*prompt.ids, *answer_ids(tokenizer, prompt, answer), *end]
-        if len(ids) <= max_len:
-            rows.append((ids, len(prompt.ids)))
-    return rows, len(pairs) - len(rows)
 
 
 def distil(

@@ -25,10 +25,11 @@ from vllm_lora_ext.migrate.discriminator import (
     holdout_split,
     train_discriminator,
 )
-from vllm_lora_ext.migrate.distill import CARD_FILE, distil, distillation_rows
+from vllm_lora_ext.migrate.distill import CARD_FILE, distil
 from vllm_lora_ext.migrate.labelling import answer_all
 from vllm_lora_ext.training import (
     LoraHyperparameters,
+    distillation_rows,
     distribution_loss,
     pad_rows,
     teacher_tensors,

@@ -394,8 +394,7 @@ def test_fitted_rows_is_greedy_agreement_and_training_stops_once_rows_fit(
     tiny_model_dir: Path, llama_tok
 ) -> None:
     """Oracle: the model's own greedy generation. Training with a fit target stops early."""
-    from vllm_lora_ext.migrate.distill import distillation_rows
-    from vllm_lora_ext.training import answer_end_ids, fitted_rows
+    from vllm_lora_ext.training import answer_end_ids, distillation_rows, fitted_rows
 
     pairs = [(x, number_or_word(x)) for x in strings(random.Random(3), DIGITS + LETTERS, 12)]
     rows, _ = distillation_rows(llama_tok, pairs)

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from vllm_lora_ext.adapters.lora_weights import save_lora
+from vllm_lora_ext.adapters.recipe import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
 from vllm_lora_ext.adapters.validation import validate_name
 from vllm_lora_ext.errors import Refused
-from vllm_lora_ext.merge.offline import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.job_records import JOBS_DIR
