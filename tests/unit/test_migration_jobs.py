@@ -29,12 +29,8 @@ from vllm_lora_ext.migrate.spec import MigrationSpec, Seed
 from vllm_lora_ext.server.job_records import JOBS_DIR
 from vllm_lora_ext.server.migrations import jobs as jobs_module
 from vllm_lora_ext.server.migrations.forwarding import ForwardTable
-from vllm_lora_ext.server.migrations.jobs import (
-    AdapterMigration,
-    MigrationJob,
-    MigrationJobs,
-    MigrationRequest,
-)
+from vllm_lora_ext.server.migrations.job import AdapterMigration, MigrationJob, MigrationRequest
+from vllm_lora_ext.server.migrations.jobs import MigrationJobs
 
 T = TypeVar("T")
 OLD = "http://old:8000"

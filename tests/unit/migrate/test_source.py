@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from vllm_lora_ext.migrate.source import SourceError, describe_source, prompt_text
 from vllm_lora_ext.server.migrations.forwarding import ForwardTable, list_forwarded
-from vllm_lora_ext.server.migrations.jobs import MigrationRequest
+from vllm_lora_ext.server.migrations.job import MigrationRequest
 
 
 def test_prompt_text_reads_every_reservoir_shape(tiny_model_dir: Path) -> None:

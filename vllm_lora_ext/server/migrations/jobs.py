@@ -11,7 +11,8 @@ adapter on the old server and says why. ``DELETE`` cancels and rolls back: switc
 forwarded again and their migrated copies removed.
 
 Checkpoints live in ``<store>/.migrations/<adapter>-<spec hash>/``: a restarted server given
-the same request resumes each adapter where it stopped.
+the same request resumes each adapter where it stopped. The request and a job's state are
+:mod:`.job`; this module is the service that runs them.
 """
 
 from __future__ import annotations
@@ -22,29 +23,31 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import ValidationError
 
 from vllm_lora_ext.auth import bearer
 from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.migrate.migrator import MigrationCancelled, MigrationResult, Migrator
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.source import SourceError, SourceInfo, describe_source, observed_inputs
-from vllm_lora_ext.migrate.spec import MigrationOptions, MigrationSpec, Seed
+from vllm_lora_ext.migrate.spec import MigrationSpec
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.job_records import JOBS_DIR
-from vllm_lora_ext.server.jobs import Job, JobBook, new_job_id
+from vllm_lora_ext.server.jobs import JobBook, new_job_id
 from vllm_lora_ext.server.migrations.forwarding import ForwardTable
+from vllm_lora_ext.server.migrations.job import (
+    AdapterMigration,
+    AdapterState,
+    AdapterTask,
+    MigrationJob,
+    MigrationRequest,
+)
 
-AdapterState = Literal[
-    "pending", "running", "switched", "kept_old", "failed", "cancelled", "rolled_back",
-    "interrupted",
-]  # fmt: skip
-JobState = Literal["running", "done", "cancelled", "rolling_back", "rolled_back", "interrupted"]
 WORK_DIR = ".migrations"
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 _POLL_SECONDS = 0.5
@@ -52,95 +55,6 @@ _BUSY = frozenset({"running", "rolling_back"})
 
 # source base name -> a local folder of that model, if this server knows one (e.g. the default)
 SourceModelFinder = Callable[[str], Path | None]
-
-
-class AdapterTask(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    task_description: str | None = Field(
-        None, min_length=1, description="What the adapter does, e.g. 'two-digit arithmetic'"
-    )
-    seeds: list[Seed] = Field(default_factory=list, description="Example inputs (+ answers)")
-    choice_prefix: str | None = Field(
-        None,
-        min_length=1,
-        description="Multiple choice: the marker before each option in an input (e.g. "
-        "'\\n  choice: '); the teacher then labels by its most likely option",
-    )
-
-
-class MigrationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source_url: str = Field(pattern=r"^https?://", description="The old server")
-    source_model: str | None = Field(None, description="Base the old server must be serving")
-    source_model_path: str | None = Field(
-        None, description="Local folder of the old base (tokenizer, discriminator training)"
-    )
-    adapters: list[str] | None = Field(None, min_length=1, description="Default: all of them")
-    generator: Literal["old_base", "new_base"] = Field(
-        "old_base",
-        description="Who writes synthetic inputs: the old server's base (already loaded and "
-        "batched) or this server's base (the paper's choice: the target model)",
-    )
-    tasks: dict[str, AdapterTask] = Field(default_factory=dict)
-    options: MigrationOptions = Field(default_factory=MigrationOptions)
-    source_api_key: SecretStr | None = Field(
-        None,
-        description="The old server's --api-key (default: this server's own); never shown "
-        "or stored",
-    )
-
-
-@dataclass
-class AdapterMigration:
-    name: str
-    spec: MigrationSpec
-    work_dir: Path
-    state: AdapterState = "pending"
-    error: str | None = None
-    gate: dict[str, Any] | None = None
-    seconds: float | None = None
-    migrator: Migrator | None = None
-
-    def view(self) -> dict[str, Any]:
-        progress = asdict(self.migrator.progress) if self.migrator is not None else None
-        if progress is not None:
-            progress.pop("gate", None)
-        return {
-            "name": self.name,
-            "state": self.state,
-            "examples": {"seeds": len(self.spec.seeds), "reservoir": len(self.spec.reservoir)},
-            "progress": progress,
-            "gate": self.gate,
-            "error": self.error,
-            "seconds": self.seconds,
-        }
-
-
-@dataclass
-class MigrationJob(Job):
-    request: MigrationRequest
-    source: SourceInfo
-    old_base: Path
-    adapters: list[AdapterMigration]
-    state: JobState = "running"
-    rollback_task: asyncio.Task | None = None
-    cancelled: bool = False
-
-    def record(self) -> dict[str, Any]:
-        """The view and the request (to post again after a restart), never its source key."""
-        request = self.request.model_dump(mode="json", exclude={"source_api_key"})
-        return self.view() | {"request": request}
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "state": self.state,
-            "source_url": self.source.url,
-            "source_base": self.source.base,
-            "adapters": [a.view() for a in self.adapters],
-            "created_at": self.created_at,
-            "finished_at": self.finished_at,
-        }
 
 
 class MigrationJobs:

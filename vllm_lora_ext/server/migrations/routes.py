@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse
 
 from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.server.http import ERRORS, parse_body
-from vllm_lora_ext.server.migrations.jobs import MigrationJobs, MigrationRequest
+from vllm_lora_ext.server.migrations.job import MigrationRequest
+from vllm_lora_ext.server.migrations.jobs import MigrationJobs
 from vllm_lora_ext.server.schemas import ErrorResponse
 from vllm_lora_ext.server.state import depends_on
 

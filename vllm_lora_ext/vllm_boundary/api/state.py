@@ -23,7 +23,8 @@ from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.merges.jobs import MergeJobs
 from vllm_lora_ext.server.merges.replay import HttpReplayer
 from vllm_lora_ext.server.migrations.forwarding import ForwardTable
-from vllm_lora_ext.server.migrations.jobs import MigrationJobs, MigrationRequest, known_model_finder
+from vllm_lora_ext.server.migrations.job import MigrationRequest
+from vllm_lora_ext.server.migrations.jobs import MigrationJobs, known_model_finder
 from vllm_lora_ext.server.service_levels import SERVICE_LEVELS
 from vllm_lora_ext.server.state import LoraExtState, install
 from vllm_lora_ext.server.stats.service import StatsService
