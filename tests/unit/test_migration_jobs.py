@@ -22,10 +22,18 @@ from typing import Any, ClassVar, TypeVar
 import pytest
 
 from vllm_lora_ext.errors import Refused
+from vllm_lora_ext.migrate.checkpoints import (
+    DiscriminatorSkipped,
+    DistilOutput,
+    LabelOutput,
+    StepOutputs,
+    SynthesisOutput,
+)
 from vllm_lora_ext.migrate.gate import GateResult
 from vllm_lora_ext.migrate.migrator import MigrationCancelled, MigrationProgress, MigrationResult
 from vllm_lora_ext.migrate.source import SourceError, SourceInfo
 from vllm_lora_ext.migrate.spec import MigrationSpec, Seed
+from vllm_lora_ext.migrate.synthesis import SynthesisCounts
 from vllm_lora_ext.server.job_records import JOBS_DIR
 from vllm_lora_ext.server.migrations import jobs as jobs_module
 from vllm_lora_ext.server.migrations.forwarding import ForwardTable
@@ -87,17 +95,27 @@ class FakeMigrator:
         return self.outcomes[self.spec.adapter](self)
 
 
-def gate(passed: bool) -> GateResult:
+def result(m: FakeMigrator, passed: bool) -> MigrationResult:
+    """A finished migration: seeds only, no row trained, and the gate's verdict."""
     reason = "ok" if passed else "agreement 0.2 < 0.8"
-    return GateResult(passed=passed, reason=reason, n=5, agreement=0.2)
+    steps = StepOutputs(
+        DiscriminatorSkipped(),
+        SynthesisOutput(inputs=[], counts=SynthesisCounts()),
+        LabelOutput(train=[], gate=[], seed_answers=0, unlabelled=0, doubted=0, gate_synthetic=0,
+                    truncated=0, agreement=[], synthetic_pool=0, synthetic_kept=0),
+        DistilOutput(rows=0, too_long=0, final_loss=0.0, distillation="sequence", steps_run=0,
+                     fit=[]),
+        GateResult(passed=passed, reason=reason, n=5, agreement=0.2),
+    )  # fmt: skip
+    return MigrationResult(m.work_dir / "student", steps)
 
 
 def passes(m: FakeMigrator) -> MigrationResult:
-    return MigrationResult(m.work_dir / "student", gate(True), {})
+    return result(m, passed=True)
 
 
 def refused_by_gate(m: FakeMigrator) -> MigrationResult:
-    return MigrationResult(m.work_dir / "student", gate(False), {})
+    return result(m, passed=False)
 
 
 def crashes(m: FakeMigrator) -> MigrationResult:

@@ -9,6 +9,7 @@ server over HTTP, or transformers in process):
 (a LoRA on the old base keeps those that look real) -> ``labelling`` (the old base + old adapter,
 the teacher, answers them) -> ``distill`` (a new LoRA on the new base learns the answers) ->
 ``gate`` (the new adapter is checked against the teacher on held-out inputs). ``migrator`` runs
-the steps as one resumable, cancellable job with a checkpoint per step. Nothing here imports
-vLLM or FastAPI.
+the steps as one resumable, cancellable job with a checkpoint per step: each step's typed output
+(``checkpoints``), written as JSON and validated back on resume. Nothing here imports vLLM or
+FastAPI.
 """

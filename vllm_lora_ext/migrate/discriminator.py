@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -239,10 +239,6 @@ def train_discriminator(
     threshold, accuracy = best_threshold(pos, neg)
     save_adapter_atomically(model, out_dir)
     return losses, Calibration(threshold, accuracy, pos, neg, best["step"], checks)
-
-
-def calibration_record(calibration: Calibration | None) -> dict[str, Any] | None:
-    return None if calibration is None else asdict(calibration)
 
 
 def discriminator_margins(backend: Backend, description: str, texts: Sequence[str]) -> list[float]:

@@ -1,7 +1,8 @@
 """One migration as a resumable job: synthesise -> filter -> label -> distil -> gate.
 
-Each finished step writes ``<work_dir>/<step>.json`` atomically; a later :meth:`Migrator.run` on
-the same directory (and spec) loads those and starts at the first missing step, so an
+Each finished step writes its typed output (:mod:`~vllm_lora_ext.migrate.checkpoints`) to
+``<work_dir>/<step>.json`` atomically; a later :meth:`Migrator.run` on the same directory (and
+spec) validates those back into their records and starts at the first missing step, so an
 interrupted or cancelled job never pays twice for generation or training. ``run()`` is
 synchronous and blocking: an async HTTP route drives it with ``await asyncio.to_thread(m.run)``,
 polls ``m.progress`` (a snapshot, safe from another thread) and calls ``m.cancel()`` (checked
@@ -15,14 +16,28 @@ import copy
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from vllm_lora_ext.evaluation.backends import Backend
-from vllm_lora_ext.files import write_atomic
+from vllm_lora_ext.migrate.checkpoints import (
+    SCHEMAS,
+    CheckpointInvalid,
+    DiscriminatorOutput,
+    DiscriminatorSkipped,
+    DiscriminatorTrained,
+    DistilOutput,
+    LabelOutput,
+    SoupRecord,
+    StepOutputs,
+    StudentRecord,
+    SynthesisOutput,
+    read_checkpoint,
+    write_checkpoint,
+    write_json,
+)
 from vllm_lora_ext.migrate.discriminator import (
-    calibration_record,
     discriminator_filter,
     sample_negatives,
     train_discriminator,
@@ -45,7 +60,8 @@ from vllm_lora_ext.migrate.spec import MigrationSpec, real_inputs, split_real
 from vllm_lora_ext.migrate.synthesis import SynthesisCounts, synthesise
 from vllm_lora_ext.training import TrainingDiverged, TrainingStopped
 
-STEPS = ("discriminator", "synthesise", "label", "distil", "gate")
+STEPS = tuple(SCHEMAS)
+"""discriminator, synthesise, label, distil, gate: each writes ``<step>.json``."""
 SPEC_FILE = "spec.json"
 DISCRIMINATOR_DIR = "discriminator"
 STUDENT_DIR = "adapter"
@@ -54,6 +70,7 @@ CANDIDATES_FILE = "candidates.json"
 
 # adapter directory -> a backend serving (base + that adapter)
 BackendFactory = Callable[[Path], Backend]
+T = TypeVar("T")
 
 
 class MigrationError(RuntimeError):
@@ -85,13 +102,21 @@ class MigrationProgress:
 @dataclass(frozen=True)
 class MigrationResult:
     adapter_dir: Path
-    gate: GateResult
-    counts: dict[str, Any]
-    """Per step: what it produced (synthesis counts, rows, final losses)."""
+    steps: StepOutputs
+    """What each step produced (synthesis counts, labels, final losses, the gate's verdict)."""
+
+    @property
+    def gate(self) -> GateResult:
+        return self.steps.gate
 
     @property
     def passed(self) -> bool:
         return self.gate.passed
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        """Per step, its output as its checkpoint holds it (JSON)."""
+        return self.steps.as_json()
 
 
 class Migrator:
@@ -149,17 +174,14 @@ class Migrator:
             self._update(state="running", error=None, completed=[], from_checkpoint=[])
             self._claim_work_dir()
             self._check_distillation()
-            outputs = {}
-            for step in STEPS:
-                saved = self._checkpoint(step)
-                outputs[step] = saved or self._run_step(step, outputs)
-                with self._lock:
-                    self._progress.completed.append(step)
-                    if saved:
-                        self._progress.from_checkpoint.append(step)
-            gate = GateResult(**outputs["gate"])
+            discriminator = self._step("discriminator", self._discriminator)
+            synthesis = self._step("synthesise", lambda: self._synthesise(discriminator))
+            labels = self._step("label", lambda: self._label(synthesis))
+            student = self._step("distil", lambda: self._distil(labels))
+            gate = self._step("gate", lambda: self._gate(labels))
             self._update(state="done", step=None, gate=gate)
-            return MigrationResult(self.work_dir / STUDENT_DIR, gate, outputs)
+            steps = StepOutputs(discriminator, synthesis, labels, student, gate)
+            return MigrationResult(self.work_dir / STUDENT_DIR, steps)
         except MigrationCancelled as e:
             self._update(state="cancelled", error=str(e))
             raise
@@ -171,15 +193,25 @@ class Migrator:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def _run_step(self, step: str, outputs: dict[str, Any]) -> dict[str, Any]:
+    def _step(self, step: str, run: Callable[[], T]) -> T:
+        """The step's output: from its checkpoint if there is one, else run and checkpointed."""
+        saved: T | None = self._checkpoint(step)
+        out = saved if saved is not None else self._run_step(step, run)
+        with self._lock:
+            self._progress.completed.append(step)
+            if saved is not None:
+                self._progress.from_checkpoint.append(step)
+        return out
+
+    def _run_step(self, step: str, run: Callable[[], T]) -> T:
         self._update(step=step)
         try:
-            out = getattr(self, f"_{step}")(outputs)
+            out = run()
         except (TrainingStopped, LabellingStopped) as e:
             raise MigrationCancelled(f"cancelled during {step}: {e}") from e
         except TrainingDiverged as e:
             raise MigrationError(f"{step} training diverged: {e}") from e
-        _write_json(self.work_dir / f"{step}.json", out)  # kept even if cancelled just now
+        write_checkpoint(self.work_dir, step, out)  # kept even if cancelled just now
         self._check_cancel(step)
         return out
 
@@ -187,9 +219,9 @@ class Migrator:
         """Which filter synthetic inputs go through, if any."""
         return self.spec.filter if self.spec.data == "filtered" else None
 
-    def _discriminator(self, outputs: dict[str, Any]) -> dict[str, Any]:
+    def _discriminator(self) -> DiscriminatorOutput:
         if self._filter() != "discriminator":
-            return {"skipped": True}
+            return DiscriminatorSkipped()
         _, positives = split_real(self.spec)
         negatives = sample_negatives(
             self.generator,
@@ -214,20 +246,19 @@ class Migrator:
             should_stop=self._cancel.is_set,
             calibrate=self.spec.discriminator_calibration,
         )
-        return {"skipped": False, "positives": len(positives), "negatives": len(negatives),
-                "final_loss": losses[-1], "steps_run": len(losses),
-                "calibration": calibration_record(calibration)}  # fmt: skip
+        return DiscriminatorTrained(positives=len(positives), negatives=len(negatives),
+                                    final_loss=losses[-1], steps_run=len(losses),
+                                    calibration=calibration)  # fmt: skip
 
-    def _synthesise(self, outputs: dict[str, Any]) -> dict[str, Any]:
+    def _synthesise(self, discriminator: DiscriminatorOutput) -> SynthesisOutput:
         _, real = split_real(self.spec)
         if self.spec.data == "seeds_only":
-            return {"inputs": [], "counts": asdict(SynthesisCounts())}
+            return SynthesisOutput(inputs=[], counts=SynthesisCounts())
         accept = None
         count = self.spec.target_count
-        if self._filter() == "discriminator":
+        if isinstance(discriminator, DiscriminatorTrained):
             backend = self._disc_backend(self.work_dir / DISCRIMINATOR_DIR)
-            calibration = outputs["discriminator"].get("calibration") or {}
-            threshold = calibration.get("threshold", 0.0)
+            threshold = discriminator.threshold
             accept = discriminator_filter(backend, self.spec.task_description, threshold)
         elif self._filter() == "excess":  # a pool to rank once labelled
             count = round(count * self.spec.excess_pool)
@@ -254,20 +285,20 @@ class Migrator:
         if accept is not None:
             audit = [{"text": t, "kept": k, "score": accept.scores.get(t)}
                      for t, k in result.candidates]  # fmt: skip
-            _write_json(self.work_dir / CANDIDATES_FILE, audit)
-        out: dict[str, Any] = {"inputs": result.inputs, "counts": asdict(result.counts)}
+            write_json(self.work_dir / CANDIDATES_FILE, audit)
+        fallback = None
         if not result.inputs:
             # The observed inputs carry most of what a student learns (a migration from them
             # alone scored as well as one with synthetic inputs: migration_quality_traffic64),
             # so a generator that cannot write the task's format costs the synthetic rows, not
             # the migration. The gate still decides.
             c = result.counts
-            out["fallback"] = (
+            fallback = (
                 f"no synthetic input survived after {c.generated} generations ({c.unparsable} "
                 f"unparsable, {c.duplicates} duplicates, {c.rejected} rejected by the filter): "
                 f"the student learns from the {len(real)} observed inputs alone"
             )
-        return out
+        return SynthesisOutput(inputs=result.inputs, counts=result.counts, fallback=fallback)
 
     def _well_formed(self) -> Callable[[str], bool] | None:
         """A multiple-choice input must list two options the teacher can choose from."""
@@ -276,12 +307,12 @@ class Migrator:
             return None
         return lambda text: lists_options(parse_options(text, prefix))
 
-    def _label(self, outputs: dict[str, Any]) -> dict[str, Any]:
+    def _label(self, synthesis: SynthesisOutput) -> LabelOutput:
         """Labels for training and gate. A seed's known answer is its label; everything else
         is labelled by the teacher. Some synthetic inputs are held out for the gate."""
         gate, real = split_real(self.spec)
         known = {x: y for x, y in real_inputs(self.spec) if y is not None}
-        synthetic = outputs["synthesise"]["inputs"]
+        synthetic = synthesis.inputs
         asked = [x for x in real if x not in known] + synthetic + [x for x, _ in gate]
         s = self.spec
         labels = label_all(
@@ -315,18 +346,18 @@ class Migrator:
         train = [
             (x, known[x] if x in known else None if x in doubted else answers[x]) for x in inputs
         ]
-        return {
-            "train": [[x, y] for x, y in train if y is not None],
-            "gate": [[x, answers[x], y] for x, y in gate if answers[x] is not None],
-            "seed_answers": sum(x in known for x in inputs),
-            "unlabelled": sum(y is None for _, y in train),
-            "doubted": sum(x in doubted for x in inputs if x not in known),
-            "gate_synthetic": n_held,
-            "truncated": sum(label.truncated for label in labels),
-            "agreement": [round(label.agreement, 3) for label in labels],
-            "synthetic_pool": pool,
-            "synthetic_kept": len(synthetic),
-        }
+        return LabelOutput(
+            train=[(x, y) for x, y in train if y is not None],
+            gate=[(x, a, y) for x, y in gate if (a := answers[x]) is not None],
+            seed_answers=sum(x in known for x in inputs),
+            unlabelled=sum(y is None for _, y in train),
+            doubted=sum(x in doubted for x in inputs if x not in known),
+            gate_synthetic=n_held,
+            truncated=sum(label.truncated for label in labels),
+            agreement=[round(label.agreement, 3) for label in labels],
+            synthetic_pool=pool,
+            synthetic_kept=len(synthetic),
+        )
 
     def _select_by_excess(self, synthetic: list[str], answers: dict[str, str | None]) -> list[str]:
         """The ``target_count`` labelled synthetic inputs with the largest contrastive excess;
@@ -338,23 +369,21 @@ class Migrator:
         by_text = dict(zip(labelled, scores, strict=True))
         chosen = set(kept)
         audit = [{"text": x, "kept": x in chosen, "score": by_text.get(x)} for x in synthetic]
-        _write_json(self.work_dir / CANDIDATES_FILE, audit)
+        write_json(self.work_dir / CANDIDATES_FILE, audit)
         self._update(kept=len(kept), rejected=len(synthetic) - len(kept))
         return kept
 
-    def _distil(self, outputs: dict[str, Any]) -> dict[str, Any]:
+    def _distil(self, labels: LabelOutput) -> DistilOutput:
         """One student, or with ``student_soup`` = K the mean of K students' deltas (one init,
         batch orders ``seed`` onwards), cut back to the student rank. A member already trained
         by an interrupted run is reused."""
-        pairs = [(x, y) for x, y in outputs["label"]["train"]]
         k = self.spec.student_soup
         members = []
         for i in range(k):
             out = self.work_dir / (STUDENT_DIR if k == 1 else f"{STUDENT_DIR}-{i}")
             if k > 1 and (out / CARD_FILE).is_file():
                 card = json.loads((out / CARD_FILE).read_text())
-                kept = ("rows", "too_long", "final_loss", "steps_run", "fit")
-                members.append({key: card[key] for key in kept} | {"seed_offset": i})
+                members.append(StudentRecord.from_card(card, seed_offset=i))
                 continue
             # One LoRA init for all, the batch order by member: deltas grown from unlike inits
             # lie in unlike subspaces, and their mean cut back to one rank loses much of each
@@ -363,7 +392,7 @@ class Migrator:
             hp = self.spec.student.hyperparameters(self.spec.seed, order_seed=self.spec.seed + i)
             result = distil(
                 self.new_base,
-                pairs,
+                labels.train,
                 hp,
                 out,
                 self.spec.max_len,
@@ -373,26 +402,28 @@ class Migrator:
                 top_k=self.spec.teacher_top_k,
                 fit_target=self.spec.student_fit or None,
             )
-            members.append({"rows": result.rows, "too_long": result.too_long,
-                            "final_loss": result.losses[-1], "steps_run": len(result.losses),
-                            "fit": result.fit, "seed_offset": i})  # fmt: skip
+            members.append(StudentRecord(rows=result.rows, too_long=result.too_long,
+                                         final_loss=result.losses[-1],
+                                         steps_run=len(result.losses), fit=result.fit,
+                                         seed_offset=i))  # fmt: skip
         soup = None
         if k > 1:
             dirs = [self.work_dir / f"{STUDENT_DIR}-{i}" for i in range(k)]
-            soup = save_soup(dirs, self.work_dir / STUDENT_DIR, self.spec.student.rank)
+            cut = save_soup(dirs, self.work_dir / STUDENT_DIR, self.spec.student.rank)
+            soup = SoupRecord(members=members, **cut)
         first = members[0]
-        return {
-            "rows": first["rows"],
-            "too_long": first["too_long"],
-            "final_loss": first["final_loss"],
-            "distillation": self.spec.distillation,
-            "steps_run": first["steps_run"],
-            "fit": first["fit"],
-            "soup": None if soup is None else {"members": members, **soup},
-        }
+        return DistilOutput(
+            rows=first.rows,
+            too_long=first.too_long,
+            final_loss=first.final_loss,
+            distillation=self.spec.distillation,
+            steps_run=first.steps_run,
+            fit=first.fit,
+            soup=soup,
+        )
 
-    def _gate(self, outputs: dict[str, Any]) -> dict[str, Any]:
-        held = outputs["label"]["gate"]
+    def _gate(self, labels: LabelOutput) -> GateResult:
+        held = labels.gate
         student = self._student_backend(self.work_dir / STUDENT_DIR)
         inputs = [x for x, _, _ in held]
         chosen: list[str | None] = [None] * len(inputs)
@@ -418,7 +449,7 @@ class Migrator:
             self.spec.gate_min_checked,
         )
         self._update(gate=result)
-        return asdict(result)
+        return result
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -445,22 +476,23 @@ class Migrator:
                     "use a fresh work directory"
                 )
         else:
-            _write_json(path, mine)
+            write_json(path, mine)
 
-    def _checkpoint(self, step: str) -> dict[str, Any] | None:
+    def _checkpoint(self, step: str) -> Any | None:
         """A finished step's output, if its checkpoint (and any adapter it made) exists."""
-        path = self.work_dir / f"{step}.json"
-        if not path.is_file():
-            return None
+        try:
+            out = read_checkpoint(self.work_dir, step)
+        except CheckpointInvalid as e:
+            raise MigrationError(f"{e}; use a fresh work directory") from e
         needs = {"discriminator": DISCRIMINATOR_DIR, "distil": STUDENT_DIR}.get(step)
-        out = json.loads(path.read_text())
-        if needs and not out.get("skipped") and not (self.work_dir / needs).is_dir():
+        if out is None or isinstance(out, DiscriminatorSkipped):
+            return out
+        if needs and not (self.work_dir / needs).is_dir():
             return None
-        if step == "synthesise":
-            c = out["counts"]
-            self._update(generated=c["generated"], kept=c["kept"], rejected=c["rejected"])
-        elif step == "label":
-            self._update(labelled=len(out["train"]) + len(out["gate"]))
+        if isinstance(out, SynthesisOutput):
+            self._on_round(out.counts)
+        elif isinstance(out, LabelOutput):
+            self._update(labelled=len(out.train) + len(out.gate))
         return out
 
     def _check_cancel(self, step: str) -> None:
@@ -501,8 +533,3 @@ def _saved_spec(path: Path) -> MigrationSpec | None:
         return MigrationSpec.model_validate(json.loads(path.read_text()))
     except ValueError:
         return None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """A checkpoint is whole or absent, never half-written."""
-    write_atomic(path, json.dumps(data, indent=1).encode())

@@ -22,9 +22,11 @@ from migrate_fakes import DIGITS, LETTERS, FunctionBackend, number_or_word, quer
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
+from vllm_lora_ext.migrate.checkpoints import SCHEMAS
 from vllm_lora_ext.migrate.migrator import (
     CANDIDATES_FILE,
     DISCRIMINATOR_DIR,
+    STEPS,
     STUDENT_DIR,
     MigrationCancelled,
     MigrationError,
@@ -127,6 +129,11 @@ def test_full_migration_resumes_after_cancel_without_redoing_steps(parts, tmp_pa
     print(f"gate: {gate.reason}")
     assert result.passed and gate.n_with_targets >= 1 and gate.student_accuracy == 1.0
     assert (result.adapter_dir / "adapter_config.json").is_file()
+    # Each step's output is its checkpoint: the ones taken from the first run's files and the
+    # ones made now alike, each of its schema's types throughout (no serialiser warning).
+    for step in STEPS:
+        SCHEMAS[step].dump_python(getattr(result.steps, step), warnings="error")
+    assert result.counts == {s: json.loads((work / f"{s}.json").read_text()) for s in STEPS}
 
 
 def test_unfiltered_and_seeds_only_modes(parts, tmp_path: Path):
