@@ -9,6 +9,7 @@ themselves must match.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from pathlib import Path
@@ -231,7 +232,35 @@ def test_dare_keeps_the_expectation() -> None:
     deltas = [torch.randn(6, 5, generator=g) for _ in range(2)]
     w = torch.tensor([0.5, -1.5])
     mean = sum(tt.dare_linear(deltas, w, 0.5, g) for _ in range(draws)) / draws
-    torch.testing.assert_close(mean, tt.linear(deltas, w), atol=0.15, rtol=0)
+    torch.testing.assert_close(mean, tt.task_arithmetic(deltas, w), atol=0.15, rtol=0)
+
+
+def test_task_tensors_keep_peft_names_and_their_results() -> None:
+    """Every function of PEFT's ``merge_utils`` has its namesake in ``task_tensors``, and each
+    gives PEFT's result (DARE's random ones are compared above, given the same masks)."""
+    from peft.utils import merge_utils as peft
+
+    theirs = {n for n, f in vars(peft).items() if inspect.isfunction(f)
+              and f.__module__ == peft.__name__}  # fmt: skip
+    assert theirs and not theirs - set(vars(tt)), sorted(theirs - set(vars(tt)))
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    w = torch.tensor([0.5, -1.0, 2.0])
+    stacked = torch.stack(ts)
+    same = [
+        ("reshape_weight_task_tensors", (stacked, w)),
+        ("magnitude_based_pruning", (ts[0], 0.3)),
+        ("prune", (ts[1], 0.3, "magnitude")),
+        ("calculate_majority_sign_mask", (stacked, "frequency")),
+        ("calculate_majority_sign_mask", (stacked, "total")),
+        ("disjoint_merge", (stacked, peft.calculate_majority_sign_mask(stacked))),
+        ("task_arithmetic", (ts, w)),
+        ("magnitude_prune", (ts, w, 0.4)),
+        ("ties", (ts, w, 0.4, "frequency")),
+        ("ties", (ts, w, 0.4, "total")),
+    ]
+    for name, args in same:
+        assert torch.equal(getattr(tt, name)(*args), getattr(peft, name)(*args)), name
 
 
 def test_validation_errors_are_clear() -> None:

@@ -160,7 +160,7 @@ def _dense(combine: Combine) -> MergeFn:
 
 
 def _linear(ts: list[torch.Tensor], w: torch.Tensor, p: Any, g: Any) -> torch.Tensor:
-    return tt.linear(ts, w)
+    return tt.task_arithmetic(ts, w)
 
 
 def _ties(ts: list[torch.Tensor], w: torch.Tensor, p: Any, g: Any) -> torch.Tensor:
