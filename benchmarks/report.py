@@ -584,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--check", action="store_true", help="compare, write nothing")
     args = p.parse_args(argv)
+    adapters_json = RESULTS / "adapters.json"
+    if not args.check and adapters_json.is_file():  # first: the page links the picture if present
+        plot_adapters(json.loads(adapters_json.read_text()), RESULTS / "adapters.png")
     text = render()
     if args.check:
         if not DOC.is_file() or DOC.read_text() != text:
@@ -595,9 +598,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp = DOC.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(DOC)
-    adapters_json = RESULTS / "adapters.json"
-    if adapters_json.is_file():
-        plot_adapters(json.loads(adapters_json.read_text()), RESULTS / "adapters.png")
     print(f"wrote {DOC.relative_to(ROOT)}")
     return 0
 
