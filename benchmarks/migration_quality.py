@@ -389,7 +389,7 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         ),
         student_fit=args.student_fit,
         student_soup=args.student_soup,
-        choice_prefix=task.format.choice_prefix if task.mode == "multiple_choice" else None,
+        choice_prefix=task.choice_prefix,
         answer_max_tokens=generation_budget(task, smol_tok),
         max_len=args.max_len,
     )  # fmt: skip

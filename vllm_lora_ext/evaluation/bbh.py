@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import re
 
-_OPTIONS_HEADER = "\nOptions:\n"
+OPTIONS_HEADER = "\nOptions:\n"
+"""What introduces an input's options; also the ``choice_prefix`` a migration of a BBH task with
+listed options is given (:func:`vllm_lora_ext.migrate.labelling.parse_options`)."""
 _LETTERED = re.compile(r"(\([A-Z]\))(?: .*)?")
 _LISTED = re.compile(r"- (\S.*)")
 
@@ -31,7 +33,7 @@ def parse_options(text: str) -> tuple[str, ...]:
     Raises :class:`MalformedTask` when the block mixes the two styles, holds another line, or
     repeats an answer: a scorer that guessed there would score the wrong strings.
     """
-    _, header, block = text.rpartition(_OPTIONS_HEADER)
+    _, header, block = text.rpartition(OPTIONS_HEADER)
     if not header:
         return ()
     lines = block.rstrip("\n").split("\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from vllm_lora_ext.evaluation import arithmetic
-from vllm_lora_ext.evaluation.bbh import answer_sets, scorable
+from vllm_lora_ext.evaluation.bbh import OPTIONS_HEADER, answer_sets, parse_options, scorable
 from vllm_lora_ext.evaluation.task_cache import BBH_SHA256, BBH_SOURCE, read_task_file, task_file
 
 Mode = Literal["multiple_choice", "generate"]
@@ -92,6 +92,15 @@ class Task:
     @property
     def examples(self) -> tuple[Example, ...]:
         return self.train + self.validation + self.heldout
+
+    @property
+    def choice_prefix(self) -> str | None:
+        """What a migration of this task is told about its options (``MigrationSpec``): BBH's
+        options block when every input lists its options, else None (a closed pair such as
+        True/False, or a free form, is labelled by the teacher's generated answer)."""
+        if self.mode == "multiple_choice" and all(parse_options(e.input) for e in self.examples):
+            return OPTIONS_HEADER
+        return None
 
     def provenance(self) -> dict:
         """What every card and result file records about the examples it used."""

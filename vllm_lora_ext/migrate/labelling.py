@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vllm_lora_ext.evaluation.backends import Backend
+from vllm_lora_ext.evaluation.bbh import OPTIONS_HEADER, MalformedTask
+from vllm_lora_ext.evaluation.bbh import parse_options as parse_bbh_options
 from vllm_lora_ext.evaluation.prompts import answer_ids, stop_token_ids
 from vllm_lora_ext.evaluation.scoring import choose_option, option_probabilities
 from vllm_lora_ext.migrate.queries import query_prompt, read_answer
@@ -204,7 +206,15 @@ def _scored_options(
 
 
 def parse_options(text: str, choice_prefix: str) -> list[str]:
-    """The options an input lists: what follows each ``choice_prefix``, up to the line's end."""
+    """The options an input lists: what follows each ``choice_prefix``, up to the line's end;
+    with BBH's ``"\nOptions:\n"`` block (:data:`~vllm_lora_ext.evaluation.bbh.OPTIONS_HEADER`),
+    the answers it lists (``(A)`` for a line ``(A) text``, ``Yes`` for ``- Yes``), none when
+    the block is malformed."""
+    if choice_prefix == OPTIONS_HEADER:
+        try:
+            return list(parse_bbh_options(text))
+        except MalformedTask:
+            return []
     parts = text.split(choice_prefix)[1:]
     return [o for p in parts if (o := p.split("\n", 1)[0].strip())]
 

@@ -161,8 +161,9 @@ class MigrationSpec(MigrationOptions):
     """Prompts the adapter was observed to serve (user-turn text)."""
     choice_prefix: str | None = Field(None, min_length=1)
     """Set for multiple-choice tasks whose inputs list their options, each after this marker
-    (BIG-bench's ``"\n  choice: "``): the teacher then labels an input with the option it finds
-    most likely, and an input without two options is not used."""
+    (BIG-bench's ``"\n  choice: "``), or BBH's ``"\nOptions:\n"`` block (answers ``(A)`` or the
+    ``- `` texts): the teacher then labels an input with the option it finds most likely, and
+    an input without two options is not used."""
 
     @model_validator(mode="after")
     def _enough_examples(self) -> MigrationSpec:

@@ -430,6 +430,17 @@ def test_parse_options(text: str, expected: list[str]) -> None:
     assert parse_options(text, "\n  choice: " if "\n" in text else "  choice: ") == expected
 
 
+def test_parse_options_reads_a_bbh_options_block_as_its_answers() -> None:
+    from vllm_lora_ext.evaluation.bbh import OPTIONS_HEADER
+    from vllm_lora_ext.migrate.labelling import lists_options, parse_options
+
+    lettered = "Which one?\nOptions:\n(A) the cat\n(B) the dog"
+    assert parse_options(lettered, OPTIONS_HEADER) == ["(A)", "(B)"]
+    assert parse_options("Did it?\nOptions:\n- Yes\n- No", OPTIONS_HEADER) == ["Yes", "No"]
+    for unusable in ("not ( True ) is", "Q?\nOptions:\n(A) one\n- two"):  # none; malformed
+        assert not lists_options(parse_options(unusable, OPTIONS_HEADER))
+
+
 @given(st.text(max_size=200), st.lists(st.text(max_size=20), max_size=5))
 def test_parse_options_returns_what_follows_each_marker(head: str, options: list[str]) -> None:
     from vllm_lora_ext.migrate.labelling import parse_options

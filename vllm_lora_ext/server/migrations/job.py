@@ -34,7 +34,8 @@ class AdapterTask(BaseModel):
         None,
         min_length=1,
         description="Multiple choice: the marker before each option in an input (e.g. "
-        "'\\n  choice: '); the teacher then labels by its most likely option",
+        "'\\n  choice: '), or BBH's '\\nOptions:\\n' block of '(A) text' / '- text' lines; "
+        "the teacher then labels by its most likely option",
     )
 
 
