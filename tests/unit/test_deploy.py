@@ -255,3 +255,29 @@ def test_images_carry_the_supported_vllm_and_match_the_manifests():
         assert '"--port", "8000"' in text and "EXPOSE 8000" in text
         for name in ("VLLM_LORA_EXT_STORE_DIR", "VLLM_LORA_EXT_STATS_DIR"):
             assert f"{name}={env[name]}" in text, (kind, name)
+
+
+def test_the_job_template_runs_a_store_folder_with_the_job_command(tmp_path):
+    """deploy/k8s/jobs: one valid Job that mounts the servers' store claim where the servers
+    mount it, runs ``python -m vllm_lora_ext.jobs`` on a folder inside it (a command line the
+    job module accepts), and takes its keys from a Secret, not from its spec."""
+    (job,) = render(DEPLOY / "k8s" / "jobs")
+    assert job["kind"] == "Job"
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    _, server_pod, server = _server(render(DEPLOY / "k8s" / "overlays" / "cpu"))
+    store_dir = {e["name"]: e["value"] for e in server["env"]}["VLLM_LORA_EXT_STORE_DIR"]
+    claim = {v["name"]: v for v in server_pod["spec"]["volumes"]}["store"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["store"] == store_dir
+    assert {v["name"]: v for v in pod["volumes"]}["store"] == claim
+    (folder,) = container["args"]
+    assert folder.startswith(store_dir + "/")
+    (secrets,) = container["env"]
+    assert secrets["name"] == "VLLM_LORA_EXT_JOB_SECRETS" and "secretKeyRef" in secrets["valueFrom"]
+    assert container["command"][:3] == ["python", "-m", "vllm_lora_ext.jobs"]
+    local = str(tmp_path / "no-job-here")
+    out = subprocess.run([sys.executable, *container["command"][1:], local],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert out.returncode == 2 and "holds no job.json" in out.stderr, out.stderr

@@ -11,29 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from vllm_lora_ext.errors import Refused
-from vllm_lora_ext.migrate.checkpoints import (
-    DiscriminatorSkipped,
-    DistilOutput,
-    LabelOutput,
-    StepOutputs,
-    SynthesisOutput,
-)
-from vllm_lora_ext.migrate.gate import GateResult
-from vllm_lora_ext.migrate.migrator import MigrationCancelled, MigrationProgress, MigrationResult
+from vllm_lora_ext.jobs.kinds import JobCancelled
+from vllm_lora_ext.jobs.runners import JobFailed
 from vllm_lora_ext.migrate.source import SourceError, SourceInfo
 from vllm_lora_ext.migrate.spec import MigrationSpec, Seed
-from vllm_lora_ext.migrate.synthesis import SynthesisCounts
 from vllm_lora_ext.server.job_records import JOBS_DIR
 from vllm_lora_ext.server.migrations import jobs as jobs_module
 from vllm_lora_ext.server.migrations.forwarding import ForwardTable
@@ -75,51 +66,62 @@ class FakeAdapters:
         return True
 
 
-class FakeMigrator:
-    """Stands in for :class:`Migrator`; what ``run`` does per adapter is in ``outcomes``."""
+class FakeJob:
+    """A running job of :class:`FakeRunner`; ``result`` is what its adapter's outcome says."""
 
-    outcomes: ClassVar[dict[str, Callable[[FakeMigrator], MigrationResult]]] = {}
+    where = "fake"
 
-    def __init__(self, spec: MigrationSpec, work_dir: Path, **kw: Any) -> None:
-        self.spec, self.work_dir = spec, work_dir
-        self.cancelled = threading.Event()
+    def __init__(self, params: dict[str, Any], outcome: Outcome) -> None:
+        self.params, self.outcome = params, outcome
+        self.cancelled = asyncio.Event()
 
-    @property
-    def progress(self) -> MigrationProgress:
-        return MigrationProgress()
+    def progress(self) -> dict[str, Any]:
+        return {"train_step": 0}
 
     def cancel(self) -> None:
         self.cancelled.set()
 
-    def run(self) -> MigrationResult:
-        return self.outcomes[self.spec.adapter](self)
+    async def result(self) -> dict[str, Any]:
+        return await self.outcome(self)
 
 
-def result(m: FakeMigrator, passed: bool) -> MigrationResult:
-    """A finished migration: seeds only, no row trained, and the gate's verdict."""
+Outcome = Callable[[FakeJob], Coroutine[Any, Any, dict[str, Any]]]
+
+
+class FakeRunner:
+    """Stands in for a job runner (our protocol): what each adapter's job ends with is in
+    ``outcomes``; every start is noted with its parameters and secrets."""
+
+    name = "in_process"
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, Outcome] = {}
+        self.started: list[tuple[dict[str, Any], dict[str, str]]] = []
+
+    async def start(self, folder: Any, secrets: dict[str, str]) -> FakeJob:
+        kind, params = folder.read_spec()
+        assert kind == "migration"
+        self.started.append((params, secrets))
+        return FakeJob(params, self.outcomes[params["spec"]["adapter"]])
+
+
+def result(job: FakeJob, passed: bool) -> dict[str, Any]:
+    """A finished migration job's result: the student's folder and the gate's verdict."""
     reason = "ok" if passed else "agreement 0.2 < 0.8"
-    steps = StepOutputs(
-        DiscriminatorSkipped(),
-        SynthesisOutput(inputs=[], counts=SynthesisCounts()),
-        LabelOutput(train=[], gate=[], seed_answers=0, unlabelled=0, doubted=0, gate_synthetic=0,
-                    truncated=0, agreement=[], synthetic_pool=0, synthetic_kept=0),
-        DistilOutput(rows=0, too_long=0, final_loss=0.0, distillation="sequence", steps_run=0,
-                     fit=[]),
-        GateResult(passed=passed, reason=reason, n=5, agreement=0.2),
-    )  # fmt: skip
-    return MigrationResult(m.work_dir / "student", steps)
+    gate = {"passed": passed, "reason": reason, "n": 5, "agreement": 0.2}
+    return {"adapter_dir": job.params["work_dir"] + "/adapter", "passed": passed, "gate": gate}
 
 
-def passes(m: FakeMigrator) -> MigrationResult:
-    return result(m, passed=True)
+async def passes(job: FakeJob) -> dict[str, Any]:
+    return result(job, passed=True)
 
 
-def refused_by_gate(m: FakeMigrator) -> MigrationResult:
-    return result(m, passed=False)
+async def refused_by_gate(job: FakeJob) -> dict[str, Any]:
+    return result(job, passed=False)
 
 
-def crashes(m: FakeMigrator) -> MigrationResult:
-    raise RuntimeError("out of memory")
+async def crashes(job: FakeJob) -> dict[str, Any]:
+    raise JobFailed("out of memory")
 
 
 @dataclass
@@ -128,17 +130,16 @@ class Env:
     adapters: FakeAdapters
     jobs: MigrationJobs
     old_base: Path
+    runner: FakeRunner
 
 
 @pytest.fixture
 def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[..., Env]:
     """No HTTP, no tokenizer, no training: the old server is :data:`SOURCE`, every adapter has
-    three observed prompts, and the Migrator is :class:`FakeMigrator`."""
+    three observed prompts, and jobs run on :class:`FakeRunner`."""
     monkeypatch.setattr(jobs_module, "describe_source", lambda *a: SOURCE)
     monkeypatch.setattr(jobs_module, "observed_inputs", lambda *a: ["q1", "q2", "q3"])
     monkeypatch.setattr(jobs_module, "_tokenizer", lambda path: object())
-    monkeypatch.setattr(jobs_module, "Migrator", FakeMigrator)
-    monkeypatch.setattr(FakeMigrator, "outcomes", {})
     old_base = tmp_path / "old-base"
     old_base.mkdir()
     (old_base / "config.json").write_text("{}")
@@ -146,6 +147,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[..., Env]
     def make(stopping: Callable[[], bool] = lambda: False, api_key: str | None = "k") -> Env:
         forward = ForwardTable()
         adapters = FakeAdapters(tmp_path / "store", forward)
+        runner = FakeRunner()
         jobs = MigrationJobs(
             adapters,  # type: ignore[arg-type]
             forward,
@@ -155,8 +157,9 @@ def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[..., Env]
             base_name="new-base",
             api_key=api_key,
             server_stopping=stopping,
+            runner=runner,  # type: ignore[arg-type]
         )
-        return Env(forward, adapters, jobs, old_base)
+        return Env(forward, adapters, jobs, old_base, runner)
 
     return make
 
@@ -282,7 +285,7 @@ def test_two_submits_at_once_start_one_migration(
     async def scenario() -> None:
         release = asyncio.Event()
 
-        async def hold(self: MigrationJobs, job: MigrationJob, tokenizer: Any) -> None:
+        async def hold(self: MigrationJobs, job: MigrationJob) -> None:
             await release.wait()
 
         monkeypatch.setattr(MigrationJobs, "_run", hold)
@@ -310,8 +313,8 @@ def test_each_adapter_ends_switched_or_still_forwarded(fakes: Callable[..., Env]
     here; a refused gate, a crash or a store refusal keep it on the old server, saying why."""
 
     async def scenario() -> None:
-        FakeMigrator.outcomes.update(a=passes, b=refused_by_gate, c=crashes, d=passes)
         env = fakes()
+        env.runner.outcomes.update(a=passes, b=refused_by_gate, c=crashes, d=passes)
         env.adapters.refuse.add("d")
         job = await env.jobs.submit(body(env))
         assert set(env.forward.routes) == {"a", "b", "c", "d"}
@@ -335,6 +338,10 @@ def test_each_adapter_ends_switched_or_still_forwarded(fakes: Callable[..., Env]
             "failed",
         ]
         assert "source_api_key" not in saved["request"]
+        # Each job gets the keys in its secrets, never in its parameters (written to disk).
+        for params, secrets in env.runner.started:
+            assert secrets == {"source": "k", "self": "k"}
+            assert '"k"' not in json.dumps(params) and params["teacher"]["url"] == OLD
 
     run(scenario())
 
@@ -344,8 +351,8 @@ def test_a_failure_while_the_server_stops_reads_interrupted(fakes: Callable[...,
     adapter stays switched."""
 
     async def scenario() -> None:
-        FakeMigrator.outcomes.update(a=passes, c=crashes)
         env = fakes(stopping=lambda: True)
+        env.runner.outcomes.update(a=passes, c=crashes)
         job = await env.jobs.submit(body(env, adapters=["a", "c"]))
         await job.task
         assert [(m.name, m.state) for m in job.adapters] == [
@@ -360,21 +367,21 @@ def test_a_failure_while_the_server_stops_reads_interrupted(fakes: Callable[...,
 def test_rollback_during_a_run_cancels_and_keeps_everything_on_the_old_server(
     fakes: Callable[..., Env],
 ) -> None:
-    """Rolling back while the first adapter migrates: its migrator is told to stop, the next
+    """Rolling back while the first adapter migrates: its job is cancelled, the next
     adapters never start, nothing is registered, every adapter stays forwarded."""
 
-    started = threading.Event()
-
-    def until_cancelled(m: FakeMigrator) -> MigrationResult:
-        started.set()
-        assert m.cancelled.wait(30)
-        raise MigrationCancelled("cancelled")
-
     async def scenario() -> None:
-        FakeMigrator.outcomes.update(a=until_cancelled, b=passes)
+        started = asyncio.Event()
+
+        async def until_cancelled(job: FakeJob) -> dict[str, Any]:
+            started.set()
+            await job.cancelled.wait()
+            raise JobCancelled("cancelled")
+
         env = fakes()
+        env.runner.outcomes.update(a=until_cancelled, b=passes)
         job = await env.jobs.submit(body(env, adapters=["a", "b"]))
-        assert await asyncio.to_thread(started.wait, 30)
+        await started.wait()
         assert env.jobs.rollback(job.id) is job
         assert job.state == "rolling_back" and job.cancelled
         await job.rollback_task

@@ -126,6 +126,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return 2
             if value is not None:
                 env[f"VLLM_LORA_EXT_MIGRATE_{var}"] = str(Path(value).resolve())
+    for flag in ("job_runner", "job_threads", "ray_address"):
+        if getattr(args, flag) is not None:
+            env[f"VLLM_LORA_EXT_{flag.upper()}"] = str(getattr(args, flag))
+    if args.job_threads is not None and args.job_threads < 1:
+        print("error: --job-threads must be at least 1", file=sys.stderr)
+        return 2
     url = f"http://{args.host}:{args.port}"
     print(f"Starting vLLM on {url} (model {model}, adapter store {env['VLLM_LORA_EXT_STORE_DIR']})")
     child = subprocess.Popen(cmd, env=env)
@@ -191,5 +197,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--migrate-source-model", help="local folder of the old server's base")
     serve.add_argument("--migrate-request", help="JSON: tasks, seeds and options of the migration")
+    serve.add_argument(
+        "--job-runner", choices=("subprocess", "ray", "in_process"),
+        help="where heavy jobs run: a child process each (default), a Ray cluster, or a thread "
+        "of the server (for comparison only)",
+    )  # fmt: skip
+    serve.add_argument("--job-threads", type=int, help="torch threads of each job")
+    serve.add_argument("--ray-address", help="with --job-runner ray: the cluster's address")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM arguments")
     serve.set_defaults(func=cmd_serve)

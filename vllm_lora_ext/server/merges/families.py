@@ -14,6 +14,9 @@ from pydantic import Field, ValidationError
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora, save_lora
 from vllm_lora_ext.errors import Refused
+from vllm_lora_ext.jobs import iteris as iteris_job
+from vllm_lora_ext.jobs.folder import JobFolder
+from vllm_lora_ext.jobs.runners import run_to_end
 from vllm_lora_ext.merge.iteris import IterisParams
 from vllm_lora_ext.merge.methods import MERGE_METHODS, merge_adapters, validate_params
 from vllm_lora_ext.server import metrics
@@ -122,7 +125,6 @@ class IterisFamily:
     async def run(
         self, ctx: MergeContext, job: MergeJob, work: Path
     ) -> tuple[LoraWeights, dict[str, Any]]:
-        from vllm_lora_ext.merge.iteris import iteris_merge
         from vllm_lora_ext.stats.accumulators import IterisStats
 
         request = job.request
@@ -132,8 +134,6 @@ class IterisFamily:
         manual = params.manual_weights or tuple(t.weight for t in request.adapters)
         solver = params.model_copy(update={"manual_weights": manual})
         modules = sorted({m for a in adapters for m in a.modules()})
-        job.phase = "reading base weights"
-        base = await asyncio.to_thread(ctx.replayer.base_weights, modules)
         stats = IterisStats()
         for name in names:
             held = ctx.stats.held(name)
@@ -145,12 +145,10 @@ class IterisFamily:
             for iteration in range(1, params.iterations + 1):
                 job.iteration, job.phase = iteration, "solving"
                 metrics.MERGE_ITERATION.labels(job=job.id).set(iteration)
-                result = await asyncio.to_thread(
-                    iteris_merge, adapters, names, base, stats, _solver_params(solver)
-                )
+                solved = await self._solve(ctx, job, work / f"solve-{iteration}", stats, solver)
                 if merged is not None:
-                    job.residual = _relative_change(merged, result.weights)
-                merged = result.weights
+                    job.residual = _relative_change(merged, solved)
+                merged = solved
                 if iteration == params.iterations:
                     break
                 job.phase = "replaying"
@@ -170,6 +168,26 @@ class IterisFamily:
                 metrics.MERGE_ITERATION.remove(job.id)
         assert merged is not None
         return merged, params.model_dump() | {"manual_weights": list(manual)}
+
+    @staticmethod
+    async def _solve(
+        ctx: MergeContext, job: MergeJob, folder: Path, stats: Any, solver: IterisJobParams
+    ) -> LoraWeights:
+        """One IterIS step as a job (out of this process by default): statistics to a file,
+        the solve reads them with the adapters and the base weights, the merge comes back."""
+        stats_file = folder / "stats.safetensors"
+        folder.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(stats.save, stats_file)
+        names = [t.name for t in job.request.adapters]
+        spec = iteris_job.params(
+            adapters={name: ctx.adapters.store.path(name) for name in names},
+            model_dir=Path(ctx.replayer.model_dir),
+            base_name=ctx.adapters.base.name,
+            stats_file=stats_file,
+            solver=_solver_params(solver).model_dump(mode="json"),
+        )
+        result = await run_to_end(ctx.runner, JobFolder(folder), "iteris_solve", spec)
+        return await asyncio.to_thread(load_lora, Path(result["adapter_dir"]))
 
 
 def _iteris_params(raw: dict[str, Any]) -> IterisJobParams:

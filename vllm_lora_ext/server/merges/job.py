@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vllm_lora_ext.jobs.runners import JobRunner
 from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.jobs import Job
 from vllm_lora_ext.server.stats.service import StatsService
@@ -74,8 +75,6 @@ class MergeJob(Job):
     pool: list[str] = field(default_factory=list)
     result: dict[str, Any] | None = None
     """adaptive / lorahub: selection, weights, controls and the verdict."""
-    stopping: bool = False
-    """Set on cancel: ends a training loop running in a thread."""
     sources: dict[str, str] = field(default_factory=dict)
     """The weights hash of each adapter the job may read, when it was submitted: the recipe
     names these, and a source deleted or replaced meanwhile fails the job."""
@@ -110,8 +109,6 @@ class Replayer(Protocol):
         self, own: str, merged_dir: Path, prompts: list[dict], targets: list[str], job: MergeJob
     ) -> Any: ...
 
-    def base_weights(self, modules: list[str]) -> dict[str, Any]: ...
-
 
 @dataclass(frozen=True)
 class MergeContext:
@@ -121,3 +118,5 @@ class MergeContext:
     adapters: AdapterService
     stats: StatsService
     replayer: Replayer
+    runner: JobRunner
+    """Runs the heavy steps (IterIS solves, pool merges) out of this process by default."""

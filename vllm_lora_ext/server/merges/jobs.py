@@ -23,6 +23,7 @@ from vllm_lora_ext.adapters.lora_weights import save_lora
 from vllm_lora_ext.adapters.recipe import RECIPE_FILE, RECIPE_FORMAT, RECIPE_VERSION
 from vllm_lora_ext.adapters.validation import validate_name
 from vllm_lora_ext.errors import Refused
+from vllm_lora_ext.jobs.runners import JobRunner, SubprocessRunner
 from vllm_lora_ext.server import metrics
 from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.job_records import JOBS_DIR
@@ -42,11 +43,13 @@ class MergeJobs:
         replayer: Replayer,
         records_dir: Path | None = None,
         server_stopping: Callable[[], bool] = lambda: False,
+        runner: JobRunner | None = None,
     ) -> None:
-        # Merges run in the API process, beside the engine's worker. One thread: multi-threaded
-        # BLAS spinning against a busy worker made an SVD 90x slower (0.12 s -> 11 s, measured).
+        # Light merges (PEFT's methods) run in the API process, beside the engine's worker. One
+        # thread: multi-threaded BLAS spinning against a busy worker made an SVD 90x slower
+        # (0.12 s -> 11 s, measured). Heavy steps go to ``runner`` (a child process by default).
         torch.set_num_threads(1)
-        self.context = MergeContext(adapters, stats, replayer)
+        self.context = MergeContext(adapters, stats, replayer, runner or SubprocessRunner())
         self.adapters = adapters
         self.server_stopping = server_stopping
         """True once the engine is going down: a job failing then was interrupted, not wrong."""
@@ -85,8 +88,7 @@ class MergeJobs:
     def cancel(self, job_id: str) -> MergeJob | None:
         job = self.book.get(job_id)
         if job is not None and job.state == "running" and job.task is not None:
-            job.stopping = True  # ends a training loop running in a thread
-            job.task.cancel()
+            job.task.cancel()  # a running job is cancelled with it (jobs.runners.run_to_end)
         return job
 
     async def _run(self, job: MergeJob) -> None:

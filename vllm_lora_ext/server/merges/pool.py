@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vllm_lora_ext.adapters.lora_weights import LoraWeights, load_lora
 from vllm_lora_ext.errors import Refused
+from vllm_lora_ext.jobs import pool as pool_job
+from vllm_lora_ext.jobs.folder import JobFolder
+from vllm_lora_ext.jobs.runners import run_to_end
 from vllm_lora_ext.merge.params import MergeParams
 from vllm_lora_ext.merge.pool_merge import (
     MIN_EXAMPLES,
@@ -26,7 +29,6 @@ from vllm_lora_ext.merge.pool_merge import (
     AdaptiveParams,
     LorahubParams,
     PoolMergeParams,
-    pool_merge,
 )
 from vllm_lora_ext.server.merges.job import MergeContext, MergeJob, MergeRequest
 
@@ -85,7 +87,7 @@ class PoolFamily:
     async def run(
         self, ctx: MergeContext, job: MergeJob, work: Path
     ) -> tuple[LoraWeights, dict[str, Any]]:
-        return await run_pool_job(ctx, job, job.pool)
+        return await run_pool_job(ctx, job, job.pool, work)
 
 
 def check_pool_request(ctx: MergeContext, request: MergeRequest) -> list[str]:
@@ -140,9 +142,10 @@ def check_pool_request(ctx: MergeContext, request: MergeRequest) -> list[str]:
 
 
 async def run_pool_job(
-    ctx: MergeContext, job: MergeJob, pool: list[str]
+    ctx: MergeContext, job: MergeJob, pool: list[str], work: Path
 ) -> tuple[LoraWeights, dict[str, Any]]:
-    """Run the merge and its controls in a thread; the report goes to ``job.result``."""
+    """Run the merge and its controls as a job (out of this process by default); the report
+    goes to ``job.result``."""
     method = job.request.method
     params = job_params(method, job.request.params)
     model_dir = Path(ctx.replayer.model_dir)
@@ -151,26 +154,28 @@ async def run_pool_job(
     else:
         job.phase = "labelling reservoir prompts"
         examples = await _reservoir_examples(ctx, params, model_dir, job)
-    job.phase = "loading"
-    adapters = {name: load_lora(ctx.adapters.store.path(name)) for name in pool}
+    job.phase = "merging"
 
-    def progress(phase: str, done: int, total: int) -> None:
-        job.phase, job.iteration, job.iterations = phase, done, total
+    def progress(p: dict[str, Any]) -> None:
+        job.phase = p.get("phase", job.phase)
+        job.iteration, job.iterations = p.get("done", 0), p.get("total", job.iterations)
 
-    result = await asyncio.to_thread(
-        pool_merge,
-        model_dir,
-        adapters,
-        examples,
-        method,
-        method_params(method, params),
-        progress,
-        lambda: job.stopping,
+    spec = pool_job.params(
+        model_dir=model_dir,
+        base_name=ctx.adapters.base.name,
+        adapters={name: ctx.adapters.store.path(name) for name in pool},
+        examples=examples,
+        method=method,
+        method_params=method_params(method, params).model_dump(mode="json"),
     )
-    job.result = result.report() | {"pool": pool}
+    result = await run_to_end(
+        ctx.runner, JobFolder(work / "pool"), "pool_merge", spec, on_progress=progress
+    )
+    merged = await asyncio.to_thread(load_lora, Path(result["adapter_dir"]))
+    job.result = result["report"] | {"pool": pool}
     dumped = params.model_dump(exclude={"examples"})
     dumped["examples"] = len(examples)
-    return result.merged, dumped | {"selected": result.selected, "controls": result.controls}
+    return merged, dumped | {"selected": result["selected"], "controls": result["controls"]}
 
 
 async def _reservoir_examples(

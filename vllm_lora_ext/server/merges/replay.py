@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-import torch
-from safetensors import safe_open
 from safetensors.torch import load
 
 from vllm_lora_ext.auth import bearer
@@ -46,10 +44,6 @@ class HttpReplayer:
         self.engine = engine
         self.adapters = adapters
         self.model_dir = model_dir
-
-    def base_weights(self, modules: list[str]) -> dict[str, torch.Tensor]:
-        """``W₀`` of each PEFT module, read from the served model's safetensors."""
-        return read_base_weights(self.model_dir, modules)
 
     async def paired_stats(
         self, own: str, merged_dir: Path, prompts: list[dict], targets: list[str], job: Any
@@ -97,17 +91,3 @@ def _paired(adapter: str, data: bytes) -> IterisStats:
             paired_tokens=rows,
         )
     return IterisStats(entries)
-
-
-def read_base_weights(model_dir: Path, modules: list[str]) -> dict[str, torch.Tensor]:
-    """``{module without the PEFT prefix: W₀ [out, in]}`` from ``model_dir/*.safetensors``."""
-    wanted = {m.removeprefix("base_model.model.") + ".weight" for m in modules}
-    found: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in wanted & set(f.keys()):
-                found[key.removesuffix(".weight")] = f.get_tensor(key).float()
-    missing = sorted(wanted - {k + ".weight" for k in found})
-    if missing:
-        raise KeyError(f"base weights not found in {model_dir}: {missing[:3]}")
-    return found

@@ -1,18 +1,18 @@
 """A migration job's request and state: what ``POST /v1/migrations`` takes, and per adapter
-what became of it (its :class:`~vllm_lora_ext.migrate.migrator.Migrator`, the gate's verdict).
+what became of it (its running job, the gate's verdict).
 The service that runs jobs is :mod:`.jobs`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from vllm_lora_ext.migrate.migrator import Migrator
+from vllm_lora_ext.jobs.runners import RunningJob
 from vllm_lora_ext.migrate.source import SourceInfo
 from vllm_lora_ext.migrate.spec import MigrationOptions, MigrationSpec, Seed
 from vllm_lora_ext.server.jobs import Job
@@ -70,17 +70,19 @@ class AdapterMigration:
     error: str | None = None
     gate: dict[str, Any] | None = None
     seconds: float | None = None
-    migrator: Migrator | None = None
+    job: RunningJob | None = None
+    """The Migrator's job while this run started one (its progress file outlives it)."""
+
+    def progress(self) -> dict[str, Any] | None:
+        return self.job.progress() if self.job is not None else None
 
     def view(self) -> dict[str, Any]:
-        progress = asdict(self.migrator.progress) if self.migrator is not None else None
-        if progress is not None:
-            progress.pop("gate", None)
         return {
             "name": self.name,
             "state": self.state,
             "examples": {"seeds": len(self.spec.seeds), "reservoir": len(self.spec.reservoir)},
-            "progress": progress,
+            "progress": self.progress(),
+            "runs_in": self.job.where if self.job is not None and self.state == "running" else None,
             "gate": self.gate,
             "error": self.error,
             "seconds": self.seconds,

@@ -4,8 +4,9 @@
 every adapter it serves is answered here: forwarded to the old server until its migration
 passes the gate, then switched to the migrated adapter served on this base. Per adapter, in
 order: pull its observed prompts, run the :class:`~vllm_lora_ext.migrate.migrator.Migrator`
-(the old server generates, labels and teaches over HTTP; the discriminator and the student train
-in this process), then, if the gate passes, register the student in the store (staged,
+as a job (:mod:`vllm_lora_ext.jobs`: a child process by default, so the discriminator and the
+student never train in the serving process; the old server generates, labels and teaches over
+HTTP), then, if the gate passes, register the student in the store (staged,
 validated, renamed, loaded) and stop forwarding. A refused gate, a failure or a cancel keeps the
 adapter on the old server and says why. ``DELETE`` cancels and rolls back: switched adapters are
 forwarded again and their migrated copies removed.
@@ -23,7 +24,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,10 @@ from pydantic import ValidationError
 
 from vllm_lora_ext.auth import bearer
 from vllm_lora_ext.errors import Refused
-from vllm_lora_ext.migrate.migrator import MigrationCancelled, MigrationResult, Migrator
+from vllm_lora_ext.jobs import migration as migration_job
+from vllm_lora_ext.jobs.folder import JobFolder
+from vllm_lora_ext.jobs.kinds import JobCancelled
+from vllm_lora_ext.jobs.runners import JobRunner, SubprocessRunner
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.source import SourceError, SourceInfo, describe_source, observed_inputs
 from vllm_lora_ext.migrate.spec import MigrationSpec
@@ -49,6 +52,8 @@ from vllm_lora_ext.server.migrations.job import (
 )
 
 WORK_DIR = ".migrations"
+JOB_DIR = "job"
+"""In an adapter's work folder: the job's spec, progress, result and stderr."""
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
 _POLL_SECONDS = 0.5
 _BUSY = frozenset({"running", "rolling_back"})
@@ -70,8 +75,11 @@ class MigrationJobs:
         base_name: str,
         api_key: str | None = None,
         server_stopping: Callable[[], bool] = lambda: False,
+        runner: JobRunner | None = None,
     ) -> None:
         self.server_stopping = server_stopping
+        self.runner = runner or SubprocessRunner()
+        """Runs each adapter's Migrator (a child process unless configured otherwise)."""
         self.adapters = adapters
         self.api_key = api_key
         """This server's key: on its calls to itself, and to the old server by default."""
@@ -171,7 +179,7 @@ class MigrationJobs:
         job = MigrationJob(new_job_id(), request, source, old_base, migrations)
         for migration in migrations:
             self.forward.forward(migration.name, source.url, source_headers)
-        self.book.start(job, self._run(job, tokenizer))
+        self.book.start(job, self._run(job))
         self._count_states()
         return job
 
@@ -228,39 +236,12 @@ class MigrationJobs:
 
     # -- execution ----------------------------------------------------------------------------
 
-    async def _run(self, job: MigrationJob, tokenizer: Any) -> None:
-        from vllm_lora_ext.evaluation.backends import HttpBackend
-
-        source_headers = self._source_headers(job.request)
-        seeded = job.request.options.sampling == "seeded"
-        old_base = HttpBackend(
-            job.source.url, job.source.base, tokenizer, headers=source_headers, seeded=seeded
-        )
-        generator = old_base
-        if job.request.generator == "new_base":
-            own_tokenizer = await asyncio.to_thread(_tokenizer, self.new_base)
-            generator = HttpBackend(
-                self.self_url, self.base_name, own_tokenizer, headers=bearer(self.api_key),
-                seeded=seeded,
-            )  # fmt: skip
+    async def _run(self, job: MigrationJob) -> None:
         try:
             for migration in job.adapters:
                 if job.cancelled:
                     migration.state = "cancelled"
                     continue
-                teacher = HttpBackend(
-                    job.source.url, migration.name, tokenizer, headers=source_headers,
-                    seeded=seeded,
-                )  # fmt: skip
-                migration.migrator = Migrator(
-                    migration.spec,
-                    migration.work_dir,
-                    old_base=job.old_base,
-                    new_base=self.new_base,
-                    generator=generator,
-                    teacher=teacher,
-                    old_base_backend=old_base,
-                )
                 await self._migrate_one(job, migration)
                 self._count_states()
                 self.book.save(job)
@@ -273,26 +254,50 @@ class MigrationJobs:
             self._count_states()
             self.book.save(job)
 
+    def _job_params(self, job: MigrationJob, migration: AdapterMigration) -> dict[str, Any]:
+        new_base = job.request.generator == "new_base"
+        return migration_job.params(
+            spec=migration.spec.model_dump(mode="json"),
+            work_dir=migration.work_dir,
+            old_base=job.old_base,
+            new_base=self.new_base,
+            source_url=job.source.url,
+            source_base=job.source.base,
+            adapter=migration.name,
+            generator_url=self.self_url if new_base else None,
+            generator_model=self.base_name if new_base else None,
+            seeded=job.request.options.sampling == "seeded",
+        )
+
+    def _secrets(self, job: MigrationJob) -> dict[str, str]:
+        """The keys the job needs, passed in its environment (never written to its folder)."""
+        source = job.request.source_api_key
+        source_key = source.get_secret_value() if source is not None else self.api_key
+        keys = {"source": source_key, "self": self.api_key}
+        return {name: key for name, key in keys.items() if key}
+
     async def _migrate_one(self, job: MigrationJob, migration: AdapterMigration) -> None:
         migration.state = "running"
         started = time.monotonic()
-        assert migration.migrator is not None
-        run = asyncio.create_task(asyncio.to_thread(migration.migrator.run))
+        folder = JobFolder(migration.work_dir / JOB_DIR)
         try:
+            folder.write_spec("migration", self._job_params(job, migration))
+            migration.job = await self.runner.start(folder, self._secrets(job))
+            run = asyncio.create_task(migration.job.result())
             while not run.done():
                 self._report(migration)
                 await asyncio.wait({run}, timeout=_POLL_SECONDS)
             self._report(migration)
-            result: MigrationResult = run.result()
-            migration.gate = asdict(result.gate)
-            if not result.passed:
+            result = run.result()
+            migration.gate = result["gate"]
+            if not result["passed"]:
                 migration.state = "kept_old"
-                migration.error = f"gate refused the migrated adapter: {result.gate.reason}"
+                migration.error = f"gate refused the migrated adapter: {result['gate']['reason']}"
             elif job.cancelled:
                 migration.state = "cancelled"
             else:
-                await self._switch(job, migration, result.adapter_dir)
-        except MigrationCancelled as e:
+                await self._switch(job, migration, Path(result["adapter_dir"]))
+        except JobCancelled as e:
             migration.state, migration.error = "cancelled", str(e)
         except Exception as e:
             migration.state, migration.error = "failed", str(e)
@@ -315,15 +320,12 @@ class MigrationJobs:
         migration.state = "switched"
 
     def _report(self, migration: AdapterMigration) -> None:
-        if migration.migrator is None:
+        p = migration.progress()
+        if p is None:
             return
-        p = migration.migrator.progress
-        for name in ("generated", "kept", "rejected", "labelled", "train_step"):
-            metrics.MIGRATION_PROGRESS.labels(adapter=migration.name, field=name).set(
-                getattr(p, name)
-            )
-        if p.loss is not None:
-            metrics.MIGRATION_PROGRESS.labels(adapter=migration.name, field="loss").set(p.loss)
+        for name in ("generated", "kept", "rejected", "labelled", "train_step", "loss"):
+            if isinstance(p.get(name), int | float):
+                metrics.MIGRATION_PROGRESS.labels(adapter=migration.name, field=name).set(p[name])
 
     def _count_states(self) -> None:
         counts: dict[str, int] = dict.fromkeys(AdapterState.__args__, 0)
@@ -347,8 +349,8 @@ class MigrationJobs:
         if job.state not in ("rolling_back", "rolled_back"):
             job.cancelled = True
             for migration in job.adapters:
-                if migration.migrator is not None:
-                    migration.migrator.cancel()
+                if migration.job is not None:
+                    migration.job.cancel()
             job.state = "rolling_back"
             job.rollback_task = asyncio.create_task(self._roll_back(job))
         return job

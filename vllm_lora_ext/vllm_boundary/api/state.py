@@ -19,6 +19,7 @@ from typing import Any
 from vllm_lora_ext.adapters.base_model import BaseModelInfo
 from vllm_lora_ext.adapters.store import AdapterStore
 from vllm_lora_ext.errors import Refused
+from vllm_lora_ext.jobs.runners import JobRunner, make_runner
 from vllm_lora_ext.server.adapters.service import AdapterService
 from vllm_lora_ext.server.merges.jobs import MergeJobs
 from vllm_lora_ext.server.merges.replay import HttpReplayer
@@ -114,9 +115,12 @@ async def init_state(engine_client: Any, app_state: Any, args: Namespace) -> Non
         return bool(engine_client.errored)
 
     replayer = HttpReplayer(self_url, capture, adapters, Path(model_config.model), api_key=api_key)
-    state.merges = MergeJobs(adapters, state.stats, replayer, server_stopping=stopping)
+    runner = make_runner(settings.job_runner, **settings.job_runner_kwargs())
+    state.merges = MergeJobs(
+        adapters, state.stats, replayer, server_stopping=stopping, runner=runner
+    )
     await _init_migrations(
-        state, settings, Path(model_config.model), self_url, base.name, api_key, stopping
+        state, settings, Path(model_config.model), self_url, base.name, api_key, stopping, runner
     )
     logger.info(
         "vllm-lora-ext: store %s, %d adapters for base %s",
@@ -159,6 +163,7 @@ async def _init_migrations(
     base_name: str,
     api_key: str | None,
     server_stopping: Callable[[], bool],
+    runner: JobRunner,
 ) -> None:
     """The migration service; with ``serve --migrate-from`` its job starts before serving, and a
     refused one stops the server with the reason (an operator asked for it explicitly)."""
@@ -171,6 +176,7 @@ async def _init_migrations(
         base_name,
         api_key=api_key,
         server_stopping=server_stopping,
+        runner=runner,
     )
     state.migrations = jobs
     if settings.migrate_from is None:
