@@ -441,6 +441,30 @@ def migration_overview(results: Path) -> str | None:
     )
 
 
+def job_isolation(doc: dict) -> str:
+    def secs(x: float | None) -> str:
+        return NA if x is None else f"{x:.2f}"
+
+    def gib(x: int | None) -> str:
+        return NA if not x else f"{x / 2**30:.2f}"
+
+    rows = [[f"`{r['mode']}`", secs(r["ttft_p50_s"]), secs(r["ttft_p99_s"]),
+             f"{r['throughput_tok_s']:.1f}", f"{r['requests']} ({r['failed']} failed)",
+             f"{r['migration_s']:.0f} (`{r['migration_state']}`)",
+             f"{gib(r['api_server_rss_idle_bytes'])} → {gib(r['api_server_rss_peak_bytes'])}",
+             gib(r.get("job_process_rss_peak_bytes"))] for r in doc["rows"]]  # fmt: skip
+    load = doc["load"]
+    head = ["jobs run", "TTFT p50 s", "TTFT p99 s", "tok/s", "requests", "migration s",
+            "API server RSS GiB", "job RSS GiB"]  # fmt: skip
+    return (
+        f"{doc['source_base']} → {doc['target_base']}, adapter `{doc['task']}`; the new server "
+        f"under {load['clients']} streaming clients (base model, {load['max_tokens']} tokens, "
+        f"{load['pause_s']} s between requests) while the migration runs. Requests started "
+        "during the migration; RSS: the API server process before the job → its peak during "
+        "it; the job's own process where it has one.\n\n" + table(head, rows)
+    )
+
+
 def hot_upgrade(doc: dict) -> str:
     m = doc["migration"]
     gates = [a.get("gate", {}) for a in m.get("adapters", [])]
@@ -518,6 +542,8 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_quality.py", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
+    ("job_isolation.json", "Heavy jobs in and out of the serving process",
+     "python benchmarks/job_isolation.py", job_isolation),
     ("cpu_lora_profile.json", "Where CPU serving time goes",
      "python benchmarks/profile_cpu_lora.py", cpu_lora_profile),
     ("kernels-h200.json", "Triton kernels on an H200",

@@ -95,8 +95,8 @@ def server_args(server) -> list[str]:
 
 @pytest.mark.parametrize(
     "script",
-    ["adaptive_merge", "cpu_serving", "eval_adapters", "hot_upgrade", "max_loras_curve",
-     "merge_quality",
+    ["adaptive_merge", "cpu_serving", "eval_adapters", "hot_upgrade", "job_isolation",
+     "max_loras_curve", "merge_quality",
      "migration_ceilings", "migration_quality", "profile_cpu_lora", "train_adapters"],
 )  # fmt: skip
 def test_quick_writes_under_the_temporary_directory_by_default(script):
@@ -467,3 +467,17 @@ def test_max_loras_curve_quick(tmp_path):
         assert finite(r["ratio_to_base"], 0.0) and r["loads_in_step"] is not None
     assert "--max-loras" in report.max_loras_curve(doc)
     assert png(out.with_suffix(".png"))
+
+
+@pytest.mark.slow
+def test_job_isolation_quick(tmp_path, on_server):
+    """Old server: the session's; one tiny Gemma 3 server per mode, a local Ray head for ray."""
+    quick("job_isolation.py", tmp_path, *server_args(on_server), "--out", str(tmp_path / "out"))
+    doc = load(tmp_path / "out" / "job_isolation.json")
+    check_record(doc)
+    assert [r["mode"] for r in doc["rows"]] == ["in_process", "subprocess", "ray"]
+    for row in doc["rows"]:
+        assert row["failed"] == 0 and row["migration_state"] != "running", row
+        assert finite(row["migration_s"], 0.0) and row["api_server_rss_peak_bytes"] > 0
+    assert png(tmp_path / "out" / "job_isolation.png")
+    assert "`subprocess`" in report.job_isolation(doc)
