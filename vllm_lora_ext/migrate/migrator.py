@@ -65,6 +65,8 @@ STEPS = tuple(SCHEMAS)
 SPEC_FILE = "spec.json"
 DISCRIMINATOR_DIR = "discriminator"
 STUDENT_DIR = "adapter"
+NEGATIVES_SEED_OFFSET = 7919
+"""Task-prompted negatives are drawn from ``seed + this``: never the synthesis's own draws."""
 CANDIDATES_FILE = "candidates.json"
 """Every synthetic candidate the filter saw: text, kept, the discriminator's margin."""
 
@@ -223,13 +225,17 @@ class Migrator:
         if self._filter() != "discriminator":
             return DiscriminatorSkipped()
         _, positives = split_real(self.spec)
-        negatives = sample_negatives(
-            self.generator,
-            count=max(len(positives), 8),
-            seed=self.spec.seed,
-            max_tokens=self.spec.synthesis.max_tokens,
-            exclude=positives,
-        )
+        count = max(len(positives), 8)
+        if self.spec.discriminator_negatives == "task_prompted":
+            negatives = self._task_prompted_negatives(positives, count)
+        else:
+            negatives = sample_negatives(
+                self.generator,
+                count=count,
+                seed=self.spec.seed,
+                max_tokens=self.spec.synthesis.max_tokens,
+                exclude=positives,
+            )
         self._check_cancel("discriminator")
         if not negatives:
             raise MigrationError("the old base generated no usable negatives for the discriminator")
@@ -249,6 +255,29 @@ class Migrator:
         return DiscriminatorTrained(positives=len(positives), negatives=len(negatives),
                                     final_loss=losses[-1], steps_run=len(losses),
                                     calibration=calibration)  # fmt: skip
+
+    def _task_prompted_negatives(self, positives: list[str], count: int) -> list[str]:
+        """The generator's attempts at task inputs, unfiltered (the paper's negatives), drawn
+        with a seed the later synthesis does not use, so the filter is judged on new texts."""
+        p = self.spec.synthesis
+        real = set(map(str.strip, positives))
+        drawn = synthesise(
+            self.generator,
+            self.spec.task_description,
+            positives,
+            count=count,
+            max_attempts=count * p.attempts_per_input,
+            seed=self.spec.seed + NEGATIVES_SEED_OFFSET,
+            shots=p.shots,
+            batch=p.batch,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            frame=self.spec.frame_synthesis,
+            well_formed=self._well_formed(),
+            should_stop=self._cancel.is_set,
+            give_up_after=p.give_up_after,
+        )
+        return [x for x in drawn.inputs if x.strip() not in real][:count]
 
     def _synthesise(self, discriminator: DiscriminatorOutput) -> SynthesisOutput:
         _, real = split_real(self.spec)

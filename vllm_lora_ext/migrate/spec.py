@@ -86,6 +86,11 @@ class MigrationOptions(BaseModel):
     synthesised and the ``target_count`` where the old adapter changes the old base's answer
     most are kept (TiTok's contrastive excess, ``migrate.excess``)."""
     excess_pool: float = Field(2.0, ge=1, le=8)
+    discriminator_negatives: Literal["unprompted", "task_prompted"] = "unprompted"
+    """What the discriminator learns to reject: the old base's unprompted text (off-task text
+    only), or what the generator writes when asked for task inputs, as in the Trans-LoRA paper
+    (a poor attempt at a task input too; drawn with another seed than the synthesis it then
+    filters). ``unprompted`` stays the default until a committed run shows the other pays."""
     discriminator_calibration: bool = False
     """Hold a quarter of the discriminator's texts out and keep synthetic inputs above the
     threshold that separates them best (``migrate.discriminator.Calibration``); off: train on

@@ -461,3 +461,31 @@ def test_a_soup_of_students_is_the_mean_of_their_deltas_cut_to_the_student_rank(
     assert [(work / f"{STUDENT_DIR}-{i}" / "adapter_model.safetensors").stat().st_mtime_ns
             for i in range(2)] == trained  # fmt: skip
     assert again.counts["distil"]["soup"]["members"] == soup["members"]
+
+
+def test_task_prompted_negatives_are_the_generators_task_inputs_on_seeds_of_their_own(
+    parts, tmp_path: Path
+):
+    """``discriminator_negatives: task_prompted`` (the paper's filter): the discriminator's
+    negatives are what the generator writes when asked for task inputs, not its unprompted
+    text, drawn on seeds the synthesis it then filters never uses."""
+    calls: list[tuple[str | None, bool, int]] = []  # (migrator step, task prompt, seed)
+    step: list[str | None] = [None]
+    respond = parts["generator"].respond
+
+    def logged(prompt: str, seed: int) -> str:
+        calls.append((step[0], "Here are" in prompt, seed))
+        return respond(prompt, seed)
+
+    parts["generator"].respond = logged
+    spec = make_spec().model_copy(update={"discriminator_negatives": "task_prompted"})
+    migrator = Migrator(spec, tmp_path / "x", **parts)
+    parts["generator"].on_generate = lambda: step.__setitem__(0, migrator.progress.step)
+    result = migrator.run()
+    negatives = [c for c in calls if c[0] == "discriminator"]
+    synthesis = [c for c in calls if c[0] == "synthesise"]
+    assert negatives and synthesis and all(task for _, task, _ in negatives)
+    assert not {s for *_, s in negatives} & {s for *_, s in synthesis}
+    _, positives = split_real(spec)
+    disc = result.counts["discriminator"]
+    assert disc["negatives"] == max(len(positives), 8) and disc["positives"] == len(positives)
