@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from vllm_lora_ext.migrate.labelling import (
 )
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.soup import save_soup
-from vllm_lora_ext.migrate.spec import MigrationSpec, real_inputs, split_real
+from vllm_lora_ext.migrate.spec import MigrationSpec, TrainParams, real_inputs, split_real
 from vllm_lora_ext.migrate.synthesis import SynthesisCounts, synthesise
 from vllm_lora_ext.training import TrainingDiverged, TrainingStopped
 
@@ -418,7 +419,9 @@ class Migrator:
             # lie in unlike subspaces, and their mean cut back to one rank loses much of each
             # (on the tiny models of tests/integration/test_hot_upgrade.py such a soup failed
             # the gate, 0.44 against the teacher's 0.89; with one init it passes).
-            hp = self.spec.student.hyperparameters(self.spec.seed, order_seed=self.spec.seed + i)
+            hp = self._student_params(len(labels.train)).hyperparameters(
+                self.spec.seed, order_seed=self.spec.seed + i
+            )
             result = distil(
                 self.new_base,
                 labels.train,
@@ -450,6 +453,14 @@ class Migrator:
             fit=first.fit,
             soup=soup,
         )
+
+    def _student_params(self, rows: int) -> TrainParams:
+        """The student's training parameters, its steps from ``student_epochs`` when set."""
+        params = self.spec.student
+        if self.spec.student_epochs is None:
+            return params
+        steps = max(1, math.ceil(self.spec.student_epochs * rows / params.batch))
+        return params.model_copy(update={"steps": steps})
 
     def _gate(self, labels: LabelOutput) -> GateResult:
         held = labels.gate

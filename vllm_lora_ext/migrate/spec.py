@@ -118,6 +118,11 @@ class MigrationOptions(BaseModel):
     ``migrate.soup``), to average out what one student's batch order decided. Costs K
     trainings; off until a committed migration run shows it pays
     (``benchmarks/migration_quality.py --student-soup 3``)."""
+    student_epochs: float | None = Field(None, gt=0, le=100)
+    """A budget in epochs over the student's training rows: ``student.steps`` becomes
+    ceil(epochs x rows / batch), with the student's warmup and decay over those steps (the
+    source adapters are trained so). None: ``student.steps`` as given. Pair it with
+    ``student_fit: 0`` to train the whole budget instead of stopping once the rows fit."""
     student_fit: float = Field(0.9, ge=0, le=1)
     """Training ends once the student's greedy answer equals its label on this fraction of its
     training rows (checked every 10 steps), or when ``student.steps`` run out; 0: all steps."""

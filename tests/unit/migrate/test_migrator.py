@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from pathlib import Path
 
@@ -489,3 +490,15 @@ def test_task_prompted_negatives_are_the_generators_task_inputs_on_seeds_of_thei
     _, positives = split_real(spec)
     disc = result.counts["discriminator"]
     assert disc["negatives"] == max(len(positives), 8) and disc["positives"] == len(positives)
+
+
+@pytest.mark.parametrize("epochs", [0.5, 2.0])
+def test_a_student_budget_in_epochs_runs_that_many_passes_over_its_rows(
+    parts, tmp_path: Path, epochs: float
+):
+    """``student_epochs``: ceil(epochs x rows / batch) steps over the rows the student trains
+    on (seeds only here: ~24 rows in batches of 16), every one run (``student_fit: 0``)."""
+    spec = make_spec("seeds_only").model_copy(update={"student_epochs": epochs})
+    result = Migrator(spec, tmp_path / "e", **parts).run()
+    rows = len(json.loads((tmp_path / "e" / "label.json").read_text())["train"])
+    assert result.counts["distil"]["steps_run"] == math.ceil(epochs * rows / 16)
