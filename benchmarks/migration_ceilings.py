@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60, help="the source adapters' budget")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=float, default=0.0, help="fraction of steps warming up")
+    p.add_argument("--decay", action="store_true", help="cosine decay after the warmup")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="the student's")
     p.add_argument("--max-len", type=int, default=192)
@@ -216,6 +218,7 @@ def train_student(
     hp = LoraHyperparameters(
         rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")),
         steps=args.steps, batch=args.batch, lr=args.lr, seed=seed, order_seed=order_seed,
+        warmup=args.warmup, decay=args.decay,
     )  # fmt: skip
     start = time.perf_counter()
     d = distil(gemma_dir, pairs, hp, out, max_len=args.max_len)
@@ -300,7 +303,8 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         )
 
     def budget(seed: int) -> str:
-        return f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}" + (
+        schedule = (f"w{args.warmup}" if args.warmup else "") + ("cos" if args.decay else "")
+        return f"s{args.steps}b{args.batch}lr{args.lr}r{args.rank}{schedule}" + (
             f"seed{seed}" if seed else ""
         )
 

@@ -34,9 +34,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+STARTED_AT = commit()
+"""The checkout when the benchmark started: a long run's result is written after later commits
+may have moved HEAD, and it must name the code it ran."""
+
+
 def run_record(args: argparse.Namespace) -> dict:
     return {
-        "commit": commit(),
+        "commit": STARTED_AT,
         "versions": versions(),
         # Paths (also inside lists) as strings
         "args": json.loads(json.dumps(vars(args), default=str)),
