@@ -17,6 +17,7 @@ votes are for free-form answers.
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,6 +45,10 @@ class Label:
     the listed ones."""
     truncated: bool = False
     """The kept answer ran into the token budget (then it was cut, see :func:`cut_answer`)."""
+    options: tuple[str, ...] = ()
+    probabilities: tuple[float, ...] = ()
+    """Multiple choice: every option the input lists and the teacher's probability for each
+    (what a student learns from when it draws its labels, :func:`soft_draws`)."""
 
 
 @dataclass(frozen=True)
@@ -250,15 +255,23 @@ def label_all(
         part = inputs[start : start + chunk]
         options = [parse_options(x, choice_prefix) for x in part]
         ok = [i for i, o in enumerate(options) if lists_options(o)]
-        chosen = (
-            choose_all_with_confidence(backend, [part[i] for i in ok], [options[i] for i in ok])
-            if ok
-            else []
+        scored = (
+            _scored_options(backend, [part[i] for i in ok], [options[i] for i in ok]) if ok else []
         )
         picked = [Label(None, 0.0)] * len(part)
-        for i, (c, p) in zip(ok, chosen, strict=True):
-            picked[i] = Label(options[i][c], p)
+        for i, (c, p) in zip(ok, scored, strict=True):
+            picked[i] = Label(options[i][c], p[c], options=tuple(options[i]),
+                              probabilities=tuple(p))  # fmt: skip
         labels += picked
         if on_chunk is not None:
             on_chunk(len(labels))
     return labels
+
+
+def soft_draws(label: Label, draws: int, rng: random.Random) -> list[str]:
+    """``draws`` options drawn from the teacher's probabilities over an input's options: trained
+    on all of them, a student learns the teacher's distribution in expectation (the cross-entropy
+    to it), not its argmax alone, and needs no shared tokenizer."""
+    if not label.options:
+        raise ValueError("soft draws need a multiple-choice label with its options")
+    return rng.choices(list(label.options), weights=list(label.probabilities), k=draws)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from vllm_lora_ext.migrate.labelling import (
     label_all,
     lists_options,
     parse_options,
+    soft_draws,
 )
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.soup import save_soup
@@ -376,8 +378,19 @@ class Migrator:
         train = [
             (x, known[x] if x in known else None if x in doubted else answers[x]) for x in inputs
         ]
+        rows = [(x, y) for x, y in train if y is not None]
+        if s.soft_label_draws and s.choice_prefix is not None:
+            by_input = dict(zip(asked, labels, strict=True))
+            rng = random.Random(s.seed)
+            rows = [
+                (x, drawn)
+                for x, y in rows
+                for drawn in (
+                    soft_draws(by_input[x], s.soft_label_draws, rng) if x not in known else [y]
+                )
+            ]
         return LabelOutput(
-            train=[(x, y) for x, y in train if y is not None],
+            train=rows,
             gate=[(x, a, y) for x, y in gate if (a := answers[x]) is not None],
             seed_answers=sum(x in known for x in inputs),
             unlabelled=sum(y is None for _, y in train),

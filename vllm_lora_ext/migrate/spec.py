@@ -147,6 +147,13 @@ class MigrationOptions(BaseModel):
     p >= 0.6 were right on 0.94 (all: 0.87), yet a student trained on them scored 0.64 held-out
     against 0.62 on all labels (benchmarks/results/migration_ceilings_sure.json): the doubted
     inputs are the hard ones, and dropping them loses what they teach."""
+    soft_label_draws: int = Field(0, ge=0, le=16)
+    """Multiple choice: each teacher-labelled training input appears this many times, each with
+    an option drawn (seeded) from the teacher's probabilities over its options, so the student
+    learns how sure the teacher is, not its argmax alone (an input it doubts teaches both
+    options); no shared tokenizer needed. Seeds keep their one answer. 0: the most likely
+    option, once. Off until a committed run shows it pays (``migration_ceilings.py``'s
+    ``soft_labels`` row measures it as a ceiling first)."""
     teacher_top_k: int = Field(20, ge=1, le=20)
     """20 is vLLM's default ``--max-logprobs``, the most a served teacher returns."""
     answer_max_tokens: int = Field(64, ge=1)

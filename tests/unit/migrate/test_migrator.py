@@ -428,6 +428,46 @@ def test_multiple_choice_labels_the_teacher_doubts_are_not_trained_on(parts, tmp
     assert {x for x in unsure if x in gated} <= {x for x, _, _ in label["gate"]}
 
 
+def test_soft_label_draws_teach_the_teachers_doubt(parts, tmp_path: Path):
+    """``soft_label_draws=8``: every teacher-labelled multiple-choice input is trained on 8
+    times, with options drawn from the teacher's probabilities: where it is sure (p(two) ~0.95)
+    nearly all draws are its choice, where it is not (uno/dos at 0.5 each) both options are
+    taught; seeds keep their one known answer."""
+    prefix = "\n  choice: "
+    scores = {"two": -0.05, "one": -3.0, "uno": -1.0, "dos": -1.0}
+
+    class SummedScorer(AnswerScorer):
+        def continuation_logprobs(self, requests):
+            return [
+                tuple(self.logprob(self.tokenizer.decode(list(a))) / len(a) for _ in a)
+                for _, a in requests
+            ]
+
+    parts["teacher"] = SummedScorer(parts["teacher"], lambda a: scores[a.strip()])
+    rng = random.Random(11)
+    sure = [f"{w}{prefix}one{prefix}two" for w in strings(rng, LETTERS, 8)]
+    unsure = [f"{w}{prefix}uno{prefix}dos" for w in strings(rng, LETTERS, 8)]
+    seeds = [Seed(input=x, output="dos") for x in unsure[:2]]
+    spec = MigrationSpec.model_validate(
+        make_spec("seeds_only").model_dump()
+        | {"choice_prefix": prefix, "soft_label_draws": 8, "seeds": seeds,
+           "reservoir": sure + unsure[2:]}
+    )  # fmt: skip
+    label = Migrator(spec, tmp_path / "soft", **parts).run().counts["label"]
+    rows: dict[str, list[str]] = {}
+    for x, y in label["train"]:
+        rows.setdefault(x, []).append(y)
+    for s in seeds:
+        assert rows.get(s.input, ["dos"]) == ["dos"]  # once, its known answer (unless gated)
+    taught = {x: ys for x, ys in rows.items() if x not in {s.input for s in seeds}}
+    assert taught and all(len(ys) == 8 for ys in taught.values())
+    sure_draws = [y for x, ys in taught.items() if x in sure for y in ys]
+    unsure_draws = [y for x, ys in taught.items() if x in unsure for y in ys]
+    assert sure_draws.count("two") >= 0.8 * len(sure_draws)
+    assert {"uno", "dos"} == set(unsure_draws)
+    assert 0.25 <= unsure_draws.count("uno") / len(unsure_draws) <= 0.75
+
+
 def test_a_soup_of_students_is_the_mean_of_their_deltas_cut_to_the_student_rank(parts, tmp_path):
     """``student_soup=2``: two students with one LoRA init (the spec's seed) and batch orders
     0 and 1; the adapter is their mean delta at the student's rank; a re-run after losing the

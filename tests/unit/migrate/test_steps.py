@@ -559,3 +559,26 @@ def test_a_multiple_choice_label_carries_the_teachers_probability_for_its_option
         sums.append(0.0 if "cook" in option else -2.0)
     expected = torch.softmax(torch.tensor(sums, dtype=torch.float64), 0)[1].item()
     assert label.text == "The cook" and label.agreement == pytest.approx(expected, rel=1e-12)
+
+
+@given(
+    weights=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=6).filter(lambda w: sum(w) > 0),
+    draws=st.integers(1, 16),
+    seed=st.integers(0, 2**16),
+)
+def test_soft_draws_come_from_the_options_by_their_probabilities(
+    weights: list[float], draws: int, seed: int
+) -> None:
+    """Drawn labels are always listed options, as many as asked, never one the teacher gives
+    no probability, the same for the same seed; a label without options is refused."""
+    from vllm_lora_ext.migrate.labelling import Label, soft_draws
+
+    total = sum(weights)
+    options = tuple(f"({chr(65 + i)})" for i in range(len(weights)))
+    label = Label(options[0], 1.0, options=options, probabilities=tuple(w / total for w in weights))
+    out = soft_draws(label, draws, random.Random(seed))
+    possible = {o for o, w in zip(options, weights, strict=True) if w > 0}
+    assert len(out) == draws and set(out) <= possible
+    assert out == soft_draws(label, draws, random.Random(seed))
+    with pytest.raises(ValueError, match="options"):
+        soft_draws(Label("x"), draws, random.Random(seed))
