@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,23 +132,23 @@ class Hammer(threading.Thread):
         with httpx.Client(base_url=self.url, timeout=600, headers=headers) as client:
             i = 0
             while not self.halt.is_set():
-                body = {
-                    "model": self.model,
-                    "max_tokens": self.max_tokens,
-                    "temperature": 0,
-                    "messages": [{"role": "user", "content": self.inputs[i % len(self.inputs)]}],
-                }
-                start = time.monotonic()
-                record: dict[str, Any] = {"t": time.time()}
-                try:
-                    r = client.post("/v1/chat/completions", json=body)
-                    record |= {"status": r.status_code, "routed": r.headers.get(ROUTED_HEADER)}
-                except httpx.HTTPError as e:
-                    record |= {"status": None, "error": repr(e)}
-                record["seconds"] = time.monotonic() - start
-                self.records.append(record)
+                self.records.append(self.request(client, self.inputs[i % len(self.inputs)]))
                 i += 1
                 self.halt.wait(self.pause)
+
+    def request(self, client: httpx.Client, text: str) -> dict[str, Any]:
+        """One chat request: when it started, its status, where it was routed, its seconds."""
+        body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": text}]}  # fmt: skip
+        start = time.monotonic()
+        record: dict[str, Any] = {"t": time.time()}
+        try:
+            r = client.post("/v1/chat/completions", json=body)
+            record |= {"status": r.status_code, "routed": r.headers.get(ROUTED_HEADER)}
+        except httpx.HTTPError as e:
+            record |= {"status": None, "error": repr(e)}
+        record["seconds"] = time.monotonic() - start
+        return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,32 +179,14 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
     """Both servers, the hammering and the migration; the result and every request's record."""
     from transformers import AutoTokenizer
 
-    from vllm_lora_ext.base_models import (
-        DEFAULT_MODEL_NAME,
-        GEMMA3_270M_NAME,
-        ensure_default_model,
-        ensure_gemma3_270m,
-    )
     from vllm_lora_ext.evaluation.prompts import user_message
     from vllm_lora_ext.evaluation.tasks import load_task
     from vllm_lora_ext.migrate.spec import MigrationOptions
     from vllm_lora_ext.server_process import start_server
-    from vllm_lora_ext.settings import Settings
 
-    if args.quick:
-        quick.isolate(work)
-        old_dir = args.model_dir or quick.tiny_llama(work)
-        new_dir = quick.tiny_gemma3(work)
-        adapter_dir = quick.random_adapter(work / "adapters" / args.task, old_dir, seed=0, rank=8)
-        old_name, new_name = old_dir.name, new_dir.name
-        old_args, new_args = quick.tiny_serve_args(old_dir), ["--kv-cache-gib", "1"]
-    else:
-        settings = Settings()
-        old_dir = args.model_dir or ensure_default_model(settings.cache_dir)
-        new_dir = ensure_gemma3_270m(settings.cache_dir)
-        adapter_dir = ROOT / "adapters" / DEFAULT_MODEL_NAME / args.task
-        old_name, new_name = DEFAULT_MODEL_NAME, GEMMA3_270M_NAME
-        old_args, new_args = ["--max-lora-rank", "16"], []
+    m = upgrade_models(args, work)
+    old_dir, new_dir, adapter_dir = m.old_dir, m.new_dir, m.adapter_dir
+    old_name, new_name, old_args, new_args = m.old_name, m.new_name, m.old_args, m.new_args
     card = adapter_dir / "card.json"  # split as the adapter was trained, so held out stays out
     task = load_task(args.task, seed=json.loads(card.read_text())["seed"] if card.is_file() else 0)
     smol_tok = AutoTokenizer.from_pretrained(old_dir)
@@ -243,20 +226,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
     new = None
     hammers: list[Hammer] = []
     try:
-        headers = bearer(os.environ.get("VLLM_API_KEY"))
-        with httpx.Client(base_url=old_url, timeout=600, headers=headers) as c:
-            c.post(
-                "/v1/adapters", json={"name": args.task, "path": str(adapter_dir)}
-            ).raise_for_status()
-            c.post(f"/v1/stats/{args.task}/start", json={}).raise_for_status()
-            for text in traffic:
-                body = {
-                    "model": args.task,
-                    "max_tokens": spec.answer_max_tokens,
-                    "messages": [{"role": "user", "content": text}],
-                }
-                c.post("/v1/chat/completions", json=body).raise_for_status()
-            c.post(f"/v1/stats/{args.task}/stop").raise_for_status()
+        serve_with_capture(old_url, args.task, adapter_dir, traffic, spec.answer_max_tokens)
         (work / "request.json").write_text(json.dumps(request))
         started = time.monotonic()
         new = start_server(
@@ -297,6 +267,60 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
             if server is not None:
                 server.stop()
     return result, [r for h in hammers for r in h.records]
+
+
+@dataclass(frozen=True)
+class UpgradeModels:
+    """The two bases of an upgrade and the old one's task adapter, with their serve args."""
+
+    old_dir: Path
+    new_dir: Path
+    adapter_dir: Path
+    old_name: str
+    new_name: str
+    old_args: list[str]
+    new_args: list[str]
+
+
+def upgrade_models(args: argparse.Namespace, work: Path) -> UpgradeModels:
+    """SmolLM2 with the committed task adapter -> Gemma 3 270M; ``--quick``: the tiny Llama with
+    a random adapter -> the tiny Gemma 3. ``--model-dir`` names the old base's folder."""
+    from vllm_lora_ext.base_models import (
+        DEFAULT_MODEL_NAME,
+        GEMMA3_270M_NAME,
+        ensure_default_model,
+        ensure_gemma3_270m,
+    )
+    from vllm_lora_ext.settings import Settings
+
+    if args.quick:
+        quick.isolate(work)
+        old_dir = args.model_dir or quick.tiny_llama(work)
+        new_dir = quick.tiny_gemma3(work)
+        adapter_dir = quick.random_adapter(work / "adapters" / args.task, old_dir, seed=0, rank=8)
+        return UpgradeModels(old_dir, new_dir, adapter_dir, old_dir.name, new_dir.name,
+                             quick.tiny_serve_args(old_dir), ["--kv-cache-gib", "1"])  # fmt: skip
+    settings = Settings()
+    old_dir = args.model_dir or ensure_default_model(settings.cache_dir)
+    return UpgradeModels(old_dir, ensure_gemma3_270m(settings.cache_dir),
+                         ROOT / "adapters" / DEFAULT_MODEL_NAME / args.task, DEFAULT_MODEL_NAME,
+                         GEMMA3_270M_NAME, ["--max-lora-rank", "16"], [])  # fmt: skip
+
+
+def serve_with_capture(
+    url: str, name: str, adapter_dir: Path, traffic: list[str], max_tokens: int
+) -> None:
+    """Register the adapter on the old server and serve ``traffic`` for it while a capture
+    runs, so its prompt reservoir holds what a migration learns from."""
+    headers = bearer(os.environ.get("VLLM_API_KEY"))
+    with httpx.Client(base_url=url, timeout=600, headers=headers) as c:
+        c.post("/v1/adapters", json={"name": name, "path": str(adapter_dir)}).raise_for_status()
+        c.post(f"/v1/stats/{name}/start", json={}).raise_for_status()
+        for text in traffic:
+            body = {"model": name, "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": text}]}  # fmt: skip
+            c.post("/v1/chat/completions", json=body).raise_for_status()
+        c.post(f"/v1/stats/{name}/stop").raise_for_status()
 
 
 def record_in_quality(hot_upgrade: Path, quality: Path) -> None:

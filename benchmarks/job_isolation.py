@@ -38,11 +38,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import hot_upgrade  # noqa: E402
 import migration_quality  # noqa: E402
 import quick  # noqa: E402
 from run_record import run_record  # noqa: E402
 
-from vllm_lora_ext.auth import bearer  # noqa: E402
 from vllm_lora_ext.files import write_atomic  # noqa: E402
 
 MODES = ("in_process", "subprocess", "ray")
@@ -80,28 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-class StreamingClient(threading.Thread):
+class StreamingClient(hot_upgrade.Hammer):
     """Streams chat requests for ``model`` with a pause between them; per request: start time,
     time to first token, tokens, status."""
 
-    def __init__(self, url: str, model: str, prompts: list[str], max_tokens: int,
-                 pause: float) -> None:  # fmt: skip
-        super().__init__(daemon=True)
-        self.url, self.model, self.prompts = url, model, prompts
-        self.max_tokens, self.pause = max_tokens, pause
-        self.records: list[dict[str, Any]] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        headers = bearer(os.environ.get("VLLM_API_KEY"))
-        with httpx.Client(base_url=self.url, timeout=600, headers=headers) as client:
-            i = 0
-            while not self.halt.is_set():
-                self.records.append(self._one(client, self.prompts[i % len(self.prompts)]))
-                i += 1
-                self.halt.wait(self.pause)
-
-    def _one(self, client: httpx.Client, prompt: str) -> dict[str, Any]:
+    def request(self, client: httpx.Client, prompt: str) -> dict[str, Any]:
         body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
@@ -250,32 +233,13 @@ def context(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Any]:
     arguments, load prompts and the migration request."""
     from transformers import AutoTokenizer
 
-    from vllm_lora_ext.base_models import (
-        DEFAULT_MODEL_NAME,
-        GEMMA3_270M_NAME,
-        ensure_default_model,
-        ensure_gemma3_270m,
-    )
     from vllm_lora_ext.evaluation.prompts import user_message
     from vllm_lora_ext.evaluation.tasks import load_task
     from vllm_lora_ext.migrate.spec import MigrationOptions
     from vllm_lora_ext.server_process import start_server
-    from vllm_lora_ext.settings import Settings
 
-    if args.quick:
-        quick.isolate(work)
-        old_dir = args.model_dir or quick.tiny_llama(work)
-        new_dir = quick.tiny_gemma3(work)
-        adapter_dir = quick.random_adapter(work / "adapters" / args.task, old_dir, seed=0, rank=8)
-        old_name, new_name = old_dir.name, new_dir.name
-        old_args, new_args = quick.tiny_serve_args(old_dir), ["--kv-cache-gib", "1"]
-    else:
-        settings = Settings()
-        old_dir = args.model_dir or ensure_default_model(settings.cache_dir)
-        new_dir = ensure_gemma3_270m(settings.cache_dir)
-        adapter_dir = ROOT / "adapters" / DEFAULT_MODEL_NAME / args.task
-        old_name, new_name = DEFAULT_MODEL_NAME, GEMMA3_270M_NAME
-        old_args, new_args = ["--max-lora-rank", "16"], []
+    m = hot_upgrade.upgrade_models(args, work)
+    old_dir, new_dir, adapter_dir = m.old_dir, m.new_dir, m.adapter_dir
     card = adapter_dir / "card.json"
     task = load_task(args.task, seed=json.loads(card.read_text())["seed"] if card.is_file() else 0)
     # migration_quality.py's settings, but for the sizes this benchmark names
@@ -288,19 +252,11 @@ def context(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Any]:
     if args.url is None:
         allowed = adapter_dir.parent if args.quick else ROOT / "adapters"
         (work / "old").mkdir()
-        old = start_server(work / "old", old_name, old_args, allowed_paths=[allowed])
+        old = start_server(work / "old", m.old_name, m.old_args, allowed_paths=[allowed])
     old_url = args.url or old.url
-    with httpx.Client(base_url=old_url, timeout=600,
-                      headers=bearer(os.environ.get("VLLM_API_KEY"))) as c:  # fmt: skip
-        c.post(
-            "/v1/adapters", json={"name": args.task, "path": str(adapter_dir)}
-        ).raise_for_status()
-        c.post(f"/v1/stats/{args.task}/start", json={}).raise_for_status()
-        for text in spec.reservoir:
-            body = {"model": args.task, "max_tokens": spec.answer_max_tokens,
-                    "messages": [{"role": "user", "content": text}]}  # fmt: skip
-            c.post("/v1/chat/completions", json=body).raise_for_status()
-        c.post(f"/v1/stats/{args.task}/stop").raise_for_status()
+    hot_upgrade.serve_with_capture(
+        old_url, args.task, adapter_dir, spec.reservoir, spec.answer_max_tokens
+    )
     request = {
         "source_url": old_url,
         "source_model_path": str(old_dir),
@@ -315,9 +271,9 @@ def context(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Any]:
         "options": spec.model_dump(include=set(MigrationOptions.model_fields)),
     }
     prompts = [user_message(task, e, chat=True) for e in task.heldout[:32]]
-    ctx = {"new_name": new_name, "new_args": ["--model", str(new_dir), "--max-lora-rank", "16",
-           "--max-model-len", "1024", *new_args], "prompts": prompts, "request": request,
-           "old_name": old_name}  # fmt: skip
+    ctx = {"new_name": m.new_name, "new_args": ["--model", str(new_dir), "--max-lora-rank", "16",
+           "--max-model-len", "1024", *m.new_args], "prompts": prompts, "request": request,
+           "old_name": m.old_name}  # fmt: skip
     return ctx, old
 
 

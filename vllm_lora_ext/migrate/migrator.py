@@ -60,7 +60,7 @@ from vllm_lora_ext.migrate.labelling import (
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.soup import save_soup
 from vllm_lora_ext.migrate.spec import MigrationSpec, TrainParams, real_inputs, split_real
-from vllm_lora_ext.migrate.synthesis import SynthesisCounts, synthesise
+from vllm_lora_ext.migrate.synthesis import Accept, Synthesis, SynthesisCounts, synthesise
 from vllm_lora_ext.training import TrainingDiverged, TrainingStopped
 
 STEPS = tuple(SCHEMAS)
@@ -262,25 +262,38 @@ class Migrator:
     def _task_prompted_negatives(self, positives: list[str], count: int) -> list[str]:
         """The generator's attempts at task inputs, unfiltered (the paper's negatives), drawn
         with a seed the later synthesis does not use, so the filter is judged on new texts."""
-        p = self.spec.synthesis
         real = set(map(str.strip, positives))
-        drawn = synthesise(
+        drawn = self._draw_inputs(positives, count, self.spec.seed + NEGATIVES_SEED_OFFSET)
+        return [x for x in drawn.inputs if x.strip() not in real][:count]
+
+    def _draw_inputs(
+        self,
+        examples: list[str],
+        count: int,
+        seed: int,
+        accept: Accept | None = None,
+        on_round: Callable[[SynthesisCounts], None] | None = None,
+    ) -> Synthesis:
+        """New task inputs from the generator, with the spec's synthesis settings."""
+        p = self.spec.synthesis
+        return synthesise(
             self.generator,
             self.spec.task_description,
-            positives,
+            examples,
             count=count,
             max_attempts=count * p.attempts_per_input,
-            seed=self.spec.seed + NEGATIVES_SEED_OFFSET,
+            seed=seed,
             shots=p.shots,
             batch=p.batch,
             max_tokens=p.max_tokens,
             temperature=p.temperature,
             frame=self.spec.frame_synthesis,
             well_formed=self._well_formed(),
+            accept=accept,
+            on_round=on_round,
             should_stop=self._cancel.is_set,
             give_up_after=p.give_up_after,
         )
-        return [x for x in drawn.inputs if x.strip() not in real][:count]
 
     def _synthesise(self, discriminator: DiscriminatorOutput) -> SynthesisOutput:
         _, real = split_real(self.spec)
@@ -294,25 +307,7 @@ class Migrator:
             accept = discriminator_filter(backend, self.spec.task_description, threshold)
         elif self._filter() == "excess":  # a pool to rank once labelled
             count = round(count * self.spec.excess_pool)
-        p = self.spec.synthesis
-        result = synthesise(
-            self.generator,
-            self.spec.task_description,
-            real,
-            count=count,
-            max_attempts=count * p.attempts_per_input,
-            seed=self.spec.seed,
-            shots=p.shots,
-            batch=p.batch,
-            max_tokens=p.max_tokens,
-            temperature=p.temperature,
-            frame=self.spec.frame_synthesis,
-            well_formed=self._well_formed(),
-            accept=accept,
-            on_round=self._on_round,
-            should_stop=self._cancel.is_set,
-            give_up_after=p.give_up_after,
-        )
+        result = self._draw_inputs(real, count, self.spec.seed, accept, self._on_round)
         self._check_cancel("synthesise")
         if accept is not None:
             audit = [{"text": t, "kept": k, "score": accept.scores.get(t)}

@@ -263,6 +263,16 @@ class AnswerScorer(FunctionBackend):
         ]
 
 
+class SummedScorer(AnswerScorer):
+    """An option's summed log-likelihood is its score (spread evenly over its tokens)."""
+
+    def continuation_logprobs(self, requests):
+        return [
+            tuple(self.logprob(self.tokenizer.decode(list(a))) / len(a) for _ in a)
+            for _, a in requests
+        ]
+
+
 def test_excess_filter_keeps_the_inputs_the_adapter_changes(parts, tmp_path: Path):
     """The base finds "word" likely anyway, "number" only with the adapter: ranking a pool by
     the adapter's excess keeps the digit strings (the task), with no discriminator trained.
@@ -396,13 +406,6 @@ def test_multiple_choice_labels_the_teacher_doubts_are_not_trained_on(parts, tmp
     prefix = "\n  choice: "
     scores = {"two": -0.1, "one": -3.0, "uno": -1.0, "dos": -1.0}
 
-    class SummedScorer(AnswerScorer):  # an option's summed log-likelihood is its score
-        def continuation_logprobs(self, requests):
-            return [
-                tuple(self.logprob(self.tokenizer.decode(list(a))) / len(a) for _ in a)
-                for _, a in requests
-            ]
-
     parts["teacher"] = SummedScorer(parts["teacher"], lambda a: scores[a.strip()])
     rng = random.Random(7)
     sure = [f"{w}{prefix}one{prefix}two" for w in strings(rng, LETTERS, 8)]
@@ -435,13 +438,6 @@ def test_soft_label_draws_teach_the_teachers_doubt(parts, tmp_path: Path):
     taught; seeds keep their one known answer."""
     prefix = "\n  choice: "
     scores = {"two": -0.05, "one": -3.0, "uno": -1.0, "dos": -1.0}
-
-    class SummedScorer(AnswerScorer):
-        def continuation_logprobs(self, requests):
-            return [
-                tuple(self.logprob(self.tokenizer.decode(list(a))) / len(a) for _ in a)
-                for _, a in requests
-            ]
 
     parts["teacher"] = SummedScorer(parts["teacher"], lambda a: scores[a.strip()])
     rng = random.Random(11)
