@@ -8,7 +8,8 @@ A source adapter stands for a user's own adapter, trained on all of its data: th
 ``--epochs`` over the task's train split (linear warmup, cosine decay), not a fixed step count.
 Each task's base and adapter are scored in process on the same held-out examples (paired), and
 ``--screen`` collects them in one file (``benchmarks/results/adapter_screen.json``): the tasks
-kept (>= ``--keep-margin`` above the base) and those dropped, with their intervals.
+kept (>= ``--keep-margin`` above the base) and those dropped, with their intervals; rows of
+tasks an earlier run screened stay, each with its commit, so a screen can grow by task.
 
 Deterministic given the seed: the task split (seeded), the batch order (seeded) and the LoRA
 init (seeded). Loss only on the answer tokens (+ the end-of-turn token, so the model learns to
@@ -170,9 +171,17 @@ def write_screen(path: Path, args: argparse.Namespace, cards: list[dict]) -> Non
             "adapter_minus_base_ci95", "epochs", "steps", "train_rows",
             "train_seconds")  # fmt: skip
     rows = [
-        {k: card[k] for k in keys} | {"kept": card["adapter_minus_base"] >= args.keep_margin}
+        {k: card[k] for k in keys}
+        | {"kept": card["adapter_minus_base"] >= args.keep_margin, "commit": card["run"]["commit"]}
         for card in cards
     ]
+    # A screen grows: tasks screened by earlier runs (and not again here) keep their rows, each
+    # with the commit that made it.
+    trained = {row["task"] for row in rows}
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier.get("quick") == args.quick:
+            rows = [r for r in earlier["rows"] if r["task"] not in trained] + rows
     record = {"experiment": "adapter_screen", "keep_margin": args.keep_margin,
               "evaluated_with": "transformers + PEFT, float32, in process", "rows": rows,
               "quick": args.quick, "run": run_record(args)}  # fmt: skip
