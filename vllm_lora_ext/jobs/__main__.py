@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vllm_lora_ext.jobs.folder import JobFolder, job_secrets
-    from vllm_lora_ext.jobs.kinds import JobCancelled, JobContext, execute
+    from vllm_lora_ext.jobs.kinds import JobCancelled, JobContext, execute, stops_at_checks
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     context = JobContext(JobFolder(args.workdir), secrets=job_secrets())
-    # SIGTERM asks the job to stop at its next check (it checkpoints first); the runner kills it
-    # if it does not stop in time.
-    signal.signal(signal.SIGTERM, lambda _s, _f: context.stop.set())
+    # SIGTERM asks a job that checks for it to stop at its next check (it checkpoints first;
+    # the runner kills it if it does not stop in time); any other job ends at once.
+    if stops_at_checks(context.folder):
+        signal.signal(signal.SIGTERM, lambda _s, _f: context.stop.set())
     if not args.detached:
         _die_with_parent()
     try:

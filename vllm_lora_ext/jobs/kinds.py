@@ -59,6 +59,16 @@ def job_function(kind: str) -> JobFunction:
     return importlib.import_module(KINDS[kind]).run
 
 
+def stops_at_checks(folder: JobFolder) -> bool:
+    """Whether the folder's kind checks :meth:`JobContext.stopping` (and checkpoints before it
+    stops); one that does not (or an unreadable spec) is simply ended when asked to stop."""
+    try:
+        kind, _ = folder.read_spec()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return kind in KINDS and bool(getattr(importlib.import_module(KINDS[kind]), "STOPS", False))
+
+
 def execute(context: JobContext) -> dict[str, Any]:
     """Run the folder's job; its result (also in ``result.json``), or raise after writing
     ``error.json`` (kind ``cancelled`` or ``failed``) so every runner reports the same way."""

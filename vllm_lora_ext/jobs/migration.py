@@ -15,6 +15,8 @@ from typing import Any
 from vllm_lora_ext.jobs.kinds import JobCancelled, JobContext
 
 REPORT_SECONDS = 0.5
+STOPS = True
+"""Stops at its next check when asked (the Migrator's steps, the training loops)."""
 
 
 def params(

@@ -10,6 +10,8 @@ from typing import Any
 from vllm_lora_ext.jobs.kinds import JobCancelled, JobContext
 
 MERGED_DIR = "merged"
+STOPS = True
+"""Stops at its next check when asked (the Migrator's steps, the training loops)."""
 
 
 def params(
