@@ -94,8 +94,11 @@ class Settings(BaseSettings):
     per job (default), a Ray cluster, or a thread of the API server (only to measure what
     isolation buys: ``benchmarks/job_isolation.py``)."""
 
-    job_threads: int | None = Field(default=None, ge=1)
-    """Torch threads of a job (None: torch's default in a child, ``ray_num_cpus`` on Ray)."""
+    job_threads: int | None = Field(default=1, ge=1)
+    """Torch threads of a job. 1 by default, as jobs had in the API process: on a CPU server
+    the engine's worker needs the other cores (BLAS threads spinning against it made an SVD
+    90x slower). Raise it where the job has cores or a GPU of its own; None: torch's default
+    in a child, ``ray_num_cpus`` on Ray."""
 
     job_device: str | None = None
     """``CUDA_VISIBLE_DEVICES`` of a child job (e.g. ``1``: train beside the serving GPU)."""

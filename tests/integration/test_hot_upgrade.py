@@ -362,7 +362,9 @@ def test_a_migration_on_ray_gives_the_child_process_student(
 ) -> None:
     """The migration job of one adapter, run as a child process and as a task on a real local
     Ray head, with the same spec, seeds and thread count, against the same old server: the two
-    students are the same adapter, to float tolerance."""
+    students are the same adapter, to float tolerance. Every training input is a seed with its
+    answer (no reservoir), so what the old server answers, batched with the hammer's traffic
+    as it happens to be, reaches only the gate, never the students."""
     short = {**OPTIONS, "student_fit": 0.0, "student": {**OPTIONS["student"], "steps": 30}}
     options = MigrationOptions.model_validate(short)
     spec = MigrationSpec(

@@ -11,17 +11,25 @@ here, and only when this runner is chosen (``pip install 'vllm-lora-ext[ray]'``)
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vllm_lora_ext.jobs.folder import JobFolder
-from vllm_lora_ext.jobs.kinds import JobCancelled
-from vllm_lora_ext.jobs.runners import RunnerName, outcome
+from vllm_lora_ext.jobs.kinds import JobCancelled, stops_at_checks
+from vllm_lora_ext.jobs.runners import CANCEL_GRACE_SECONDS, RunnerName, outcome
+
+CANCEL_MARKER = "cancel"
+"""Written into the job folder to ask a Ray task to stop at its next check."""
+_INIT = threading.Lock()
 
 
 def _run_on_worker(path: str, secrets: dict[str, str], threads: int | None) -> dict[str, Any]:
-    """The Ray task: the job in this worker, its stop wired to Ray's cancel."""
+    """The Ray task: the job in this worker. A cancel is a marker file in the shared folder
+    (the job stops at its next check, as a child does on SIGTERM), then Ray's forced cancel."""
+    import threading
+
     import torch
 
     from vllm_lora_ext.jobs.kinds import JobContext, execute
@@ -29,11 +37,24 @@ def _run_on_worker(path: str, secrets: dict[str, str], threads: int | None) -> d
     if threads is not None:
         torch.set_num_threads(threads)
     context = JobContext(JobFolder(Path(path)), secrets=secrets)
+    done = threading.Event()
+
+    def watch_for_cancel() -> None:
+        while not done.wait(0.5):
+            if (context.folder.path / CANCEL_MARKER).exists():
+                context.stop.set()
+                return
+
+    threading.Thread(target=watch_for_cancel, name="cancel-watch", daemon=True).start()
     try:
         return execute(context)
-    except KeyboardInterrupt as e:  # ray.cancel interrupts the task
-        context.folder.write_error("cancelled", "cancelled through Ray")
-        raise JobCancelled("cancelled through Ray") from e
+    except Exception as e:
+        if context.stopping():
+            context.folder.write_error("cancelled", f"cancelled ({type(e).__name__}: {e})")
+            raise JobCancelled(str(e)) from e
+        raise
+    finally:
+        done.set()
 
 
 @dataclass
@@ -49,15 +70,20 @@ class RayRunner:
     async def start(self, folder: JobFolder, secrets: dict[str, str]) -> RayJob:
         import ray
 
-        if not ray.is_initialized():
-            await asyncio.to_thread(
-                ray.init, address=self.address, ignore_reinit_error=True, log_to_driver=False
-            )
+        await asyncio.to_thread(self._connect)
         options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0} | self.resources
         threads = self.threads or max(1, int(options["num_cpus"]))
         task = ray.remote(_run_on_worker).options(**options)
+        (folder.path / CANCEL_MARKER).unlink(missing_ok=True)
         ref = task.remote(str(folder.path), secrets, threads)
         return RayJob(folder, ref)
+
+    def _connect(self) -> None:
+        import ray
+
+        with _INIT:  # two jobs starting at once must not both initialise
+            if not ray.is_initialized():
+                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
 
 
 @dataclass
@@ -74,11 +100,25 @@ class RayJob:
         return self.folder.read_progress()
 
     def cancel(self) -> None:
+        """Ask the task to stop at its next check (it checkpoints first), or interrupt a kind
+        that never checks; force it after ``CANCEL_GRACE_SECONDS``."""
         import ray
 
-        if not self.cancelled:
-            self.cancelled = True
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if stops_at_checks(self.folder):
+            (self.folder.path / CANCEL_MARKER).touch()
+        else:  # a job that never checks is interrupted now
             ray.cancel(self.ref)
+        asyncio.get_running_loop().call_later(CANCEL_GRACE_SECONDS, self._force)
+
+    def _force(self) -> None:
+        import ray
+
+        ready, _ = ray.wait([self.ref], timeout=0)
+        if not ready:
+            ray.cancel(self.ref, force=True)
 
     async def result(self) -> dict[str, Any]:
         import ray

@@ -80,7 +80,8 @@ class SubprocessRunner:
     name: RunnerName = "subprocess"
 
     async def start(self, folder: JobFolder, secrets: dict[str, str]) -> ChildJob:
-        cmd = [sys.executable, "-m", "vllm_lora_ext.jobs", "run", str(folder.path)]
+        cmd = [sys.executable, "-m", "vllm_lora_ext.jobs", "run", str(folder.path),
+               "--parent-pid", str(os.getpid())]  # fmt: skip
         if self.threads is not None:
             cmd += ["--threads", str(self.threads)]
         env = dict(os.environ)
@@ -128,11 +129,12 @@ class ChildJob:
     async def result(self) -> dict[str, Any]:
         code = await self.process.wait()
         if self.cancelled and self.folder.read_result() is None:
-            raise JobCancelled("cancelled")
+            error = self.folder.read_error() or {}
+            raise JobCancelled(error.get("message") or f"cancelled ({_crash_message(code)})")
         return outcome(self.folder, _crash_message(code, self.folder))
 
 
-def _crash_message(code: int, folder: JobFolder) -> str:
+def _crash_message(code: int, folder: JobFolder | None = None) -> str:
     if code < 0:
         name = signal.Signals(-code).name
         why = f"the job's process was killed by {name}"
@@ -140,7 +142,7 @@ def _crash_message(code: int, folder: JobFolder) -> str:
             why += " (out of memory, or killed by hand)"
     else:
         why = f"the job's process exited with code {code}"
-    tail = folder.stderr_tail()
+    tail = folder.stderr_tail() if folder is not None else ""
     return f"{why}; its stderr ends:\n{tail}" if tail else why
 
 
@@ -194,14 +196,18 @@ async def run_to_end(
     *,
     secrets: dict[str, str] | None = None,
     on_progress: Callable[[dict[str, Any]], None] = lambda p: None,
+    on_start: Callable[[RunningJob], None] = lambda job: None,
 ) -> dict[str, Any]:
     """Write the spec, run the job, pass its progress on while it runs; its result.
 
-    Cancelling the awaiting task cancels the job and waits for it to end (a child gets
-    :data:`CANCEL_GRACE_SECONDS` before it is killed), so no job outlives its caller.
+    ``on_start`` gets the running job (to cancel it later). Cancelling the awaiting task
+    cancels the job and waits for it to end, however often it is cancelled meanwhile (a child
+    gets :data:`CANCEL_GRACE_SECONDS` before it is killed), so no job outlives its caller and
+    the caller may remove the job's folder once this returns or raises.
     """
     folder.write_spec(kind, params)
     job = await runner.start(folder, secrets or {})
+    on_start(job)
     finished = asyncio.ensure_future(job.result())
     try:
         while not finished.done():
@@ -211,8 +217,11 @@ async def run_to_end(
         return finished.result()
     except asyncio.CancelledError:
         job.cancel()
+        while not finished.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({finished})
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.shield(finished)
+            finished.result()  # retrieved: its outcome no longer matters
         raise
 
 

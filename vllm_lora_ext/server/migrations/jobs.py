@@ -34,7 +34,7 @@ from vllm_lora_ext.errors import Refused
 from vllm_lora_ext.jobs import migration as migration_job
 from vllm_lora_ext.jobs.folder import JobFolder
 from vllm_lora_ext.jobs.kinds import JobCancelled
-from vllm_lora_ext.jobs.runners import JobRunner, SubprocessRunner
+from vllm_lora_ext.jobs.runners import JobRunner, RunningJob, SubprocessRunner, run_to_end
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.source import SourceError, SourceInfo, describe_source, observed_inputs
 from vllm_lora_ext.migrate.spec import MigrationSpec
@@ -55,7 +55,6 @@ WORK_DIR = ".migrations"
 JOB_DIR = "job"
 """In an adapter's work folder: the job's spec, progress, result and stderr."""
 logger = logging.getLogger("vllm.lora_ext")  # under vLLM's logger: shown with its lines
-_POLL_SECONDS = 0.5
 _BUSY = frozenset({"running", "rolling_back"})
 
 # source base name -> a local folder of that model, if this server knows one (e.g. the default)
@@ -280,15 +279,19 @@ class MigrationJobs:
         migration.state = "running"
         started = time.monotonic()
         folder = JobFolder(migration.work_dir / JOB_DIR)
+
+        def started_job(running: RunningJob) -> None:
+            migration.job = running
+            if job.cancelled:  # rolled back while the job was starting
+                running.cancel()
+
         try:
-            folder.write_spec("migration", self._job_params(job, migration))
-            migration.job = await self.runner.start(folder, self._secrets(job))
-            run = asyncio.create_task(migration.job.result())
-            while not run.done():
-                self._report(migration)
-                await asyncio.wait({run}, timeout=_POLL_SECONDS)
+            result = await run_to_end(
+                self.runner, folder, "migration", self._job_params(job, migration),
+                secrets=self._secrets(job), on_start=started_job,
+                on_progress=lambda _: self._report(migration),
+            )  # fmt: skip
             self._report(migration)
-            result = run.result()
             migration.gate = result["gate"]
             if not result["passed"]:
                 migration.state = "kept_old"
