@@ -133,6 +133,31 @@ def test_train_adapters_quick(tmp_path):
         assert tensors and all(t.isfinite().all() for t in tensors.values())
 
 
+def test_a_screen_grows_by_task(tmp_path):
+    """A second screening run keeps the rows of tasks it did not train (with their commit) and
+    replaces those it did; a quick run never mixes with a real screen."""
+    import argparse
+
+    import train_adapters
+
+    def card(task: str, gain: float, commit: str) -> dict:
+        keys = ("task_source", "mode", "heldout_n", "base_heldout_acc", "base_heldout_ci95",
+                "adapter_heldout_acc", "adapter_heldout_ci95", "adapter_minus_base_ci95",
+                "epochs", "steps", "train_rows", "train_seconds")  # fmt: skip
+        return dict.fromkeys(keys, 0) | {"task": task, "adapter_minus_base": gain,
+                                          "run": {"commit": commit}}  # fmt: skip
+
+    args = argparse.Namespace(keep_margin=0.1, quick=False)
+    screen = tmp_path / "screen.json"
+    train_adapters.write_screen(screen, args, [card("a", 0.3, "c1"), card("b", 0.0, "c1")])
+    train_adapters.write_screen(screen, args, [card("b", 0.2, "c2"), card("c", 0.05, "c2")])
+    rows = {r["task"]: (r["kept"], r["commit"]) for r in load(screen)["rows"]}
+    assert rows == {"a": (True, "c1"), "b": (True, "c2"), "c": (False, "c2")}
+    train_adapters.write_screen(screen, argparse.Namespace(keep_margin=0.1, quick=True),
+                                [card("d", 0.5, "c3")])  # fmt: skip
+    assert [r["task"] for r in load(screen)["rows"]] == ["d"]
+
+
 def test_adaptive_merge_quick(tmp_path):
     quick("adaptive_merge.py", tmp_path, "--out", str(tmp_path / "out"))
     doc = load(tmp_path / "out" / "adaptive_merge.json")
