@@ -23,9 +23,9 @@ server's, which merges set to 1). Writes ``benchmarks/results/job_isolation.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +44,7 @@ import quick  # noqa: E402
 from run_record import run_record  # noqa: E402
 
 from vllm_lora_ext.files import write_atomic  # noqa: E402
+from vllm_lora_ext.jobs.ray_runner import local_head  # noqa: E402
 
 MODES = ("in_process", "subprocess", "ray")
 
@@ -149,31 +150,23 @@ class MemorySampler(threading.Thread):
             self.halt.wait(self.every)
 
 
-def start_ray(work: Path) -> str:
-    from vllm_lora_ext.server_process import free_port
-
-    port = free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    cmd = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-           "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-           f"--temp-dir={work / 'ray'}"]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    return f"127.0.0.1:{port}"
-
-
-def stop_ray() -> None:
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=300)
-
-
 def one_mode(args: argparse.Namespace, mode: str, ctx: dict[str, Any], work: Path) -> dict:
-    """A fresh new server with ``mode``'s runner, under load, migrating; its row."""
+    """A fresh new server with ``mode``'s runner (``ray``: on a local head started for it),
+    under load, migrating; its row."""
+    env = {"VLLM_LORA_EXT_JOB_RUNNER": mode, "VLLM_LORA_EXT_JOB_THREADS": str(args.job_threads)}
+    with contextlib.ExitStack() as stack:
+        if mode == "ray":
+            env["VLLM_LORA_EXT_RAY_ADDRESS"] = stack.enter_context(local_head(work / "ray"))
+            env["VLLM_LORA_EXT_RAY_NUM_CPUS"] = str(args.job_threads)
+        return _under_load(args, mode, ctx, work, env)
+
+
+def _under_load(
+    args: argparse.Namespace, mode: str, ctx: dict[str, Any], work: Path, env: dict[str, str]
+) -> dict:
+    """The new server started with ``env``, the load, the migration, and what they measured."""
     from vllm_lora_ext.server_process import start_server
 
-    env = {"VLLM_LORA_EXT_JOB_RUNNER": mode, "VLLM_LORA_EXT_JOB_THREADS": str(args.job_threads)}
-    if mode == "ray":
-        env["VLLM_LORA_EXT_RAY_ADDRESS"] = start_ray(work)
-        env["VLLM_LORA_EXT_RAY_NUM_CPUS"] = str(args.job_threads)
     (work / mode).mkdir()
     server = None
     clients: list[StreamingClient] = []
@@ -207,8 +200,6 @@ def one_mode(args: argparse.Namespace, mode: str, ctx: dict[str, Any], work: Pat
             sampler.join(timeout=10)
         if server is not None:
             server.stop()
-        if mode == "ray":
-            stop_ray()
     during = [r for c in clients for r in c.records if began <= r["t"] <= ended]
     ok = [r for r in during if r.get("status") == 200 and r["ttft"] is not None]
     ttfts = [r["ttft"] for r in ok]

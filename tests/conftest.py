@@ -58,24 +58,12 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory: pytest.TempPathFactory):
     """A real local Ray head on 127.0.0.1 (2 CPUs, no dashboard), started for the tests that
-    submit jobs to Ray and stopped after them; its address."""
-    import socket
-    import subprocess
+    submit jobs to Ray and stopped after them (its own process group, not `ray stop`); its
+    address."""
+    from vllm_lora_ext.jobs.ray_runner import local_head
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray = str(Path(sys.executable).parent / "ray")
-    temp = tmp_path_factory.mktemp("ray")
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-             f"--temp-dir={temp}"]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        import ray as ray_module
+    with local_head(tmp_path_factory.mktemp("ray")) as address:
+        yield address
+        import ray
 
-        ray_module.shutdown()
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        ray.shutdown()

@@ -11,7 +11,15 @@ here, and only when this runner is chosen (``pip install 'vllm-lora-ext[ray]'``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,3 +140,40 @@ class RayJob:
                 raise JobCancelled("cancelled") from e
             crashed = f"the Ray task failed: {type(e).__name__}: {str(e)[-2000:]}"
             return outcome(self.folder, crashed)
+
+
+@contextlib.contextmanager
+def local_head(temp_dir: Path, num_cpus: int = 2, timeout: float = 180.0) -> Iterator[str]:
+    """A Ray head on 127.0.0.1 for one machine (the tests, the benchmarks, a single box), its
+    address while the block runs. It is this process's own: stopped with its process group
+    afterwards, never with ``ray stop``, which would stop every Ray on the machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = str(Path(sys.executable).parent / "ray")
+    address = f"127.0.0.1:{port}"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    cmd = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+           f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+           f"--temp-dir={temp_dir}"]  # fmt: skip
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    with (temp_dir / "head.log").open("wb") as log:
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while subprocess.run([ray, "status", f"--address={address}"], env=env,
+                             capture_output=True, check=False).returncode != 0:  # fmt: skip
+            if head.poll() is not None or time.monotonic() > deadline:
+                tail = (temp_dir / "head.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the Ray head did not start:\n{tail}")
+            time.sleep(1.0)
+        yield address
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # and whatever of its group outlived it
+        head.wait()
