@@ -156,7 +156,7 @@ def one_mode(args: argparse.Namespace, mode: str, ctx: dict[str, Any], work: Pat
     env = {"VLLM_LORA_EXT_JOB_RUNNER": mode, "VLLM_LORA_EXT_JOB_THREADS": str(args.job_threads)}
     with contextlib.ExitStack() as stack:
         if mode == "ray":
-            env["VLLM_LORA_EXT_RAY_ADDRESS"] = stack.enter_context(local_head(work / "ray"))
+            env["VLLM_LORA_EXT_RAY_ADDRESS"] = stack.enter_context(local_head())
             env["VLLM_LORA_EXT_RAY_NUM_CPUS"] = str(args.job_threads)
         return _under_load(args, mode, ctx, work, env)
 

@@ -56,13 +56,13 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory: pytest.TempPathFactory):
+def ray_address():
     """A real local Ray head on 127.0.0.1 (2 CPUs, no dashboard), started for the tests that
     submit jobs to Ray and stopped after them (its own process group, not `ray stop`); its
     address."""
     from vllm_lora_ext.jobs.ray_runner import local_head
 
-    with local_head(tmp_path_factory.mktemp("ray")) as address:
+    with local_head() as address:
         yield address
         import ray
 

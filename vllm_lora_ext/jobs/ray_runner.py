@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -143,10 +144,17 @@ class RayJob:
 
 
 @contextlib.contextmanager
-def local_head(temp_dir: Path, num_cpus: int = 2, timeout: float = 180.0) -> Iterator[str]:
+def local_head(num_cpus: int = 2, timeout: float = 180.0) -> Iterator[str]:
     """A Ray head on 127.0.0.1 for one machine (the tests, the benchmarks, a single box), its
     address while the block runs. It is this process's own: stopped with its process group
-    afterwards, never with ``ray stop``, which would stop every Ray on the machine."""
+    afterwards, never with ``ray stop``, which would stop every Ray on the machine. Its files
+    live in a short folder under /tmp (Ray's socket paths must fit in 107 bytes), removed
+    after."""
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp:
+        yield from _head(Path(temp), num_cpus, timeout)
+
+
+def _head(temp_dir: Path, num_cpus: int, timeout: float) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
