@@ -344,9 +344,9 @@ def test_a_killed_migration_job_fails_its_adapter_and_resumes(old: Server, upgra
         assert a["state"] == "failed" and "killed by SIGKILL" in a["error"], a
         assert c.get("/v1/migrations").json()["forwarded"]["hu-flag"] == old.url
         for model in ("hu-flag", "hu-kind", new.base):  # still serving: forwarded and local
-            body = {"model": model, "messages": [{"role": "user", "content": "1 2"}],
+            chat = {"model": model, "messages": [{"role": "user", "content": "1 2"}],
                     "max_tokens": 4, "temperature": 0}  # fmt: skip
-            r = c.post("/v1/chat/completions", json=body)
+            r = c.post("/v1/chat/completions", json=chat)
             assert r.status_code == 200, (model, r.text)
 
         r = c.post("/v1/migrations", json=body)
