@@ -9,7 +9,8 @@ adapter: capture statistics while its task's *train* prompts are served as chat 
 traffic), then merge all adapters through ``POST /v1/merges`` with each method, and score every
 merged adapter on every task's *held-out* split through the server (``HttpBackend``).
 Also measured: the throughput of the same traffic with capture off and on, the statistics
-memory, and each merge's wall time. Writes benchmarks/results/merge_quality.json and .png.
+memory, and each merge's wall time. Writes benchmarks/results/merge_quality.json and .png
+(``--name`` another stem).
 ``--url`` (with ``--model-dir``) uses a running server instead of starting one. ``--quick`` merges
 random adapters of the tiny test Llama for two synthetic tasks (``benchmarks/quick.py``) with
 tiny counts, and writes to ``<tmp>/merge_quality_quick/`` unless ``--out`` says otherwise.
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=3, help="IterIS iterations (the N run)")
     p.add_argument("--replay", type=int, default=16, help="IterIS prompts replayed per adapter")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="merge_quality", help="the result files' stem")
     p.add_argument("--url", help="a running vllm-lora-ext server (default: start one)")
     p.add_argument("--model-dir", type=Path, help="with --url: the served base model's folder")
     p.add_argument(
@@ -138,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args, Path(tmp))
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out / "merge_quality.json.tmp"
+    tmp_out = args.out / f"{args.name}.json.tmp"
     tmp_out.write_text(json.dumps(result, indent=2))
-    tmp_out.rename(args.out / "merge_quality.json")
-    plot(result, args.out / "merge_quality.png")
+    tmp_out.rename(args.out / f"{args.name}.json")
+    plot(result, args.out / f"{args.name}.png")
     print(table(result))
     return 0
 

@@ -548,6 +548,9 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/max_loras_curve.py --start <SmolLM2 dir>", max_loras_curve),
     ("merge_quality.json", "Merges, IterIS from live traffic vs PEFT",
      "python benchmarks/merge_quality.py", merge_quality),
+    ("merge_quality_iteris5x32.json", "Merges, IterIS with 5 iterations and 32 replays",
+     "python benchmarks/merge_quality.py --iterations 5 --replay 32 --name "
+     "merge_quality_iteris5x32", merge_quality),
     ("adaptive_merge.json", "Adaptive merge from a pool, with its controls",
      "python benchmarks/adaptive_merge.py", adaptive_merge),
     ("migration_ceilings.json", "Migration ceilings on the target base",
