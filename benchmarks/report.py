@@ -76,15 +76,17 @@ def adapter_screen(doc: dict) -> str:
          ci(r["adapter_heldout_acc"], r["adapter_heldout_ci95"]),
          signed(r["adapter_minus_base"], r["adapter_minus_base_ci95"]),
          f"{r['epochs']:g} ({r['steps']})", f"{r['train_seconds']:.0f}",
-         "kept" if r["kept"] else "dropped"]
+         "kept" if r["kept"] else "dropped", f"`{str(r.get('commit') or NA)[:10]}`"]
         for r in doc["rows"]
     ]  # fmt: skip
     head = ["task", "source", "scoring", "n", "base", "adapter", "gain (paired)",
-            "epochs (steps)", "train s", ""]  # fmt: skip
+            "epochs (steps)", "train s", "", "commit"]  # fmt: skip
     return (
         f"Every task a source adapter was trained for, {doc['evaluated_with']}: base and adapter "
         "on the same held-out examples, the gain with its paired 95% interval (Newcombe); kept "
-        f"when the gain is at least {doc['keep_margin']:.2f}.\n\n" + table(head, rows)
+        f"when the gain is at least {doc['keep_margin']:.2f}. The screen grows by task: the run "
+        "record above is its latest run's, each row names the commit that made it.\n\n"
+        + table(head, rows)
     )
 
 
