@@ -464,11 +464,17 @@ def job_isolation(doc: dict) -> str:
     def gib(x: int | None) -> str:
         return NA if not x else f"{x / 2**30:.2f}"
 
-    rows = [[f"`{r['mode']}`", secs(r["ttft_p50_s"]), secs(r["ttft_p99_s"]),
-             f"{r['throughput_tok_s']:.1f}", f"{r['requests']} ({r['failed']} failed)",
-             f"{r['migration_s']:.0f} (`{r['migration_state']}`)",
-             f"{gib(r['api_server_rss_idle_bytes'])} → {gib(r['api_server_rss_peak_bytes'])}",
-             gib(r.get("job_process_rss_peak_bytes"))] for r in doc["rows"]]  # fmt: skip
+    def refused(r: dict) -> list[str]:
+        return [f"`{r['mode']}`", f"refused: {r['refused'][:120]}", *[NA] * 6]
+
+    def measured(r: dict) -> list[str]:
+        return [f"`{r['mode']}`", secs(r["ttft_p50_s"]), secs(r["ttft_p99_s"]),
+                f"{r['throughput_tok_s']:.1f}", f"{r['requests']} ({r['failed']} failed)",
+                f"{r['migration_s']:.0f} (`{r['migration_state']}`)",
+                f"{gib(r['api_server_rss_idle_bytes'])} → {gib(r['api_server_rss_peak_bytes'])}",
+                gib(r.get("job_process_rss_peak_bytes"))]  # fmt: skip
+
+    rows = [refused(r) if "refused" in r else measured(r) for r in doc["rows"]]
     load = doc["load"]
     head = ["jobs run", "TTFT p50 s", "TTFT p99 s", "tok/s", "requests", "migration s",
             "API server RSS GiB", "job RSS GiB"]  # fmt: skip
