@@ -65,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cancelled: {e}", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as e:
-        if context.stopping():  # asked to stop, and the step ended in an error: a cancel
-            context.folder.write_error("cancelled", f"cancelled ({type(e).__name__}: {e})")
-            return EXIT_CANCELLED
         traceback.print_exc()
         print(f"failed: {type(e).__name__}: {e}", file=sys.stderr)  # the tail a runner shows
         return EXIT_FAILED

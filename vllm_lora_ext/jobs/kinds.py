@@ -80,6 +80,9 @@ def execute(context: JobContext) -> dict[str, Any]:
         folder.write_error("cancelled", str(e))
         raise
     except BaseException as e:
+        if context.stopping():  # asked to stop, and the step ended in an error: a cancel
+            folder.write_error("cancelled", f"cancelled ({type(e).__name__}: {e})")
+            raise JobCancelled(str(e)) from e
         folder.write_error("failed", f"{type(e).__name__}: {e}")
         raise
     folder.write_result(result)

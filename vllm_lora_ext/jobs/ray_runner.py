@@ -57,11 +57,6 @@ def _run_on_worker(path: str, secrets: dict[str, str], threads: int | None) -> d
     threading.Thread(target=watch_for_cancel, name="cancel-watch", daemon=True).start()
     try:
         return execute(context)
-    except Exception as e:
-        if context.stopping():
-            context.folder.write_error("cancelled", f"cancelled ({type(e).__name__}: {e})")
-            raise JobCancelled(str(e)) from e
-        raise
     finally:
         done.set()
 

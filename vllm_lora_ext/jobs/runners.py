@@ -180,8 +180,6 @@ class ThreadJob:
         except JobCancelled:
             raise
         except Exception as e:
-            if self.context.stopping():
-                raise JobCancelled(str(e)) from e
             raise JobFailed(f"{type(e).__name__}: {e}") from e
 
 
