@@ -53,6 +53,32 @@ class MigrationRefused(RuntimeError):
     """The new server refused the migration request (its reason in the message)."""
 
 
+def wait_source_idle(url: str, timeout: float = 300.0) -> None:
+    """Wait until the old server is healthy and runs or queues no request, so that every mode's
+    migration starts from the same source state (a source still busy with an earlier mode's
+    teacher requests answered the next POST's check with a timeout: 502)."""
+    deadline = time.monotonic() + timeout
+    headers = hot_upgrade.bearer(os.environ.get("VLLM_API_KEY"))
+    with httpx.Client(base_url=url, timeout=10, headers=headers) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get("/health").status_code == 200:
+                    metrics = client.get("/metrics").text
+                    if busy_requests(metrics) == 0:
+                        return
+            time.sleep(2.0)
+    raise MigrationRefused(f"the old server {url} was not idle and healthy within {timeout:.0f} s")
+
+
+def busy_requests(metrics: str) -> float:
+    """Requests running or waiting, from vLLM's Prometheus text."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="arithmetic")
@@ -185,6 +211,7 @@ def _under_load(
             c.start()
         time.sleep(args.warmup)
         idle_peak = sampler.api_peak
+        wait_source_idle(ctx["old_url"])
         with server.client(timeout=120) as c:
             r = c.post("/v1/migrations", json=ctx["request"])
             if r.status_code != 202:  # e.g. the old server too busy to answer: say so, go on
@@ -222,7 +249,15 @@ def _under_load(
         "api_server_rss_idle_bytes": idle_peak,
         "api_server_rss_peak_bytes": sampler.api_peak if sampler else None,
         "job_process_rss_peak_bytes": sampler.job_peak if sampler and sampler.job_peak else None,
-    }
+    } | (_log_tails(server, ctx) if adapter["state"] != "switched" else {})
+
+
+def _log_tails(server: Any, ctx: dict[str, Any]) -> dict[str, str]:
+    """Both servers' last log lines, kept in a row whose migration did not switch."""
+    tails = {"new_server_log_tail": server.log_tail(40)[-4000:]}
+    if ctx.get("old_server") is not None:
+        tails["old_server_log_tail"] = ctx["old_server"].log_tail(40)[-4000:]
+    return tails
 
 
 def context(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Any]:
@@ -270,7 +305,7 @@ def context(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Any]:
     prompts = [user_message(task, e, chat=True) for e in task.heldout[:32]]
     ctx = {"new_name": m.new_name, "new_args": ["--model", str(new_dir), "--max-lora-rank", "16",
            "--max-model-len", "1024", *m.new_args], "prompts": prompts, "request": request,
-           "old_name": m.old_name}  # fmt: skip
+           "old_name": m.old_name, "old_url": old_url, "old_server": old}  # fmt: skip
     return ctx, old
 
 
