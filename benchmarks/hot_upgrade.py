@@ -247,6 +247,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
                 "--migrate-request",
                 str(work / "request.json"),
             ],
+            env=NEW_SERVER_ENV,
         )
         result["new_server_start_seconds"] = round(time.monotonic() - started, 1)
         hammers = [
@@ -280,6 +281,12 @@ class UpgradeModels:
     new_name: str
     old_args: list[str]
     new_args: list[str]
+
+
+NEW_SERVER_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+"""The new server's vLLM CPU worker on core 1: the old one binds to core 0 by default, and two
+workers on one core stalled an engine step past vLLM's 300 s execute-model timeout, which kills
+the engine (job_isolation's first runs lost their old server this way)."""
 
 
 def upgrade_models(args: argparse.Namespace, work: Path) -> UpgradeModels:

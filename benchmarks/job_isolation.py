@@ -183,7 +183,8 @@ class MemorySampler(threading.Thread):
 def one_mode(args: argparse.Namespace, mode: str, ctx: dict[str, Any], work: Path) -> dict:
     """A fresh new server with ``mode``'s runner (``ray``: on a local head started for it),
     under load, migrating; its row."""
-    env = {"VLLM_LORA_EXT_JOB_RUNNER": mode, "VLLM_LORA_EXT_JOB_THREADS": str(args.job_threads)}
+    env = {"VLLM_LORA_EXT_JOB_RUNNER": mode, "VLLM_LORA_EXT_JOB_THREADS": str(args.job_threads),
+           **hot_upgrade.NEW_SERVER_ENV}  # fmt: skip
     with contextlib.ExitStack() as stack:
         if mode == "ray":
             env["VLLM_LORA_EXT_RAY_ADDRESS"] = stack.enter_context(local_head())
