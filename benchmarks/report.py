@@ -483,7 +483,9 @@ def job_isolation(doc: dict) -> str:
         f"under {load['clients']} streaming clients (base model, {load['max_tokens']} tokens, "
         f"{load['pause_s']} s between requests) while the migration runs. Requests started "
         "during the migration; RSS: the API server process before the job → its peak during "
-        "it; the job's own process where it has one.\n\n" + table(head, rows)
+        "it; the job's own process where the server is its parent (a child process; a Ray task "
+        "runs in a Ray worker, not sampled). The migration's state is its end: `kept_old` is a "
+        "gate refusal, a finished job.\n\n" + table(head, rows)
     )
 
 
