@@ -330,6 +330,7 @@ def plot(doc: dict, path: Path) -> None:
             ax.bar([i + k * width for i in range(len(rows))], values, width, label=key)
         ax.set_xticks([i + (len(keys) - 1) * width / 2 for i in range(len(rows))], modes)
         ax.set_title(title, fontsize=9)
+    axes[0].legend(["p50", "p99"], fontsize=7)
     fig.suptitle(f"{doc['source_base']} → {doc['target_base']} migration under load "
                  f"({doc['machine']})", fontsize=9)  # fmt: skip
     fig.tight_layout()
