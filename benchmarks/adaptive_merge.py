@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": result.weights,
         "params": params.model_dump(),
         "examples": result.examples,
-        "heldout_scored": args.limit,
+        "heldout_scored": rows[0]["n"] if rows else 0,  # --limit caps it; the split may be smaller
         "rows": rows,
         "beat_fresh_lora": result.beat_fresh_lora,
         "verdict": result.verdict,

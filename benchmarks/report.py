@@ -156,9 +156,16 @@ def adaptive_merge(doc: dict) -> str:
         [r["method"], ci(r["acc"], r["ci95"]), f3(r["heldout_loss"]), f"{r['seconds']:.0f}"]
         for r in doc["rows"]
     ]
+    n = doc["rows"][0]["n"] if doc["rows"] else 0
+    best = max(doc["rows"], key=lambda r: r["acc"]) if doc["rows"] else None
+    held = doc["examples"].get("heldout", NA)
     return (
         f"{doc['model']}, target `{doc['target_task']}`, pool of {len(doc['pool'])}, selected "
-        f"{', '.join(doc['selected'])}; {doc['heldout_scored']} held-out examples.\n\n"
+        f"{', '.join(doc['selected'])}; accuracy on {n} held-out examples of the task (95% "
+        f"Wilson intervals); target loss: the answer loss on the {held} target examples kept "
+        "back from learning (what the merge optimises). "
+        + (f"Highest accuracy: `{best['method']}` ({best['acc']:.2f})." if best else "")
+        + "\n\n"
         + table(["row", "held-out acc", "target loss", "seconds"], rows)
     )
 
