@@ -43,6 +43,7 @@ import migration_quality  # noqa: E402
 import quick  # noqa: E402
 from run_record import run_record  # noqa: E402
 
+from vllm_lora_ext.auth import bearer  # noqa: E402
 from vllm_lora_ext.files import write_atomic  # noqa: E402
 from vllm_lora_ext.jobs.ray_runner import local_head  # noqa: E402
 
@@ -58,7 +59,7 @@ def wait_source_idle(url: str, timeout: float = 300.0) -> None:
     migration starts from the same source state (a source still busy with an earlier mode's
     teacher requests answered the next POST's check with a timeout: 502)."""
     deadline = time.monotonic() + timeout
-    headers = hot_upgrade.bearer(os.environ.get("VLLM_API_KEY"))
+    headers = bearer(os.environ.get("VLLM_API_KEY"))
     with httpx.Client(base_url=url, timeout=10, headers=headers) as client:
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
@@ -71,12 +72,17 @@ def wait_source_idle(url: str, timeout: float = 300.0) -> None:
 
 
 def busy_requests(metrics: str) -> float:
-    """Requests running or waiting, from vLLM's Prometheus text."""
-    total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    """Requests running or waiting, from vLLM's Prometheus text (exact series names: a prefix
+    would also count ``vllm:num_requests_waiting_by_reason``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    busy = {"vllm:num_requests_running", "vllm:num_requests_waiting"}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name in busy
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -212,7 +218,7 @@ def _under_load(
             c.start()
         time.sleep(args.warmup)
         idle_peak = sampler.api_peak
-        wait_source_idle(ctx["old_url"])
+        wait_source_idle(ctx["request"]["source_url"])
         with server.client(timeout=120) as c:
             r = c.post("/v1/migrations", json=ctx["request"])
             if r.status_code != 202:  # e.g. the old server too busy to answer: say so, go on
@@ -261,9 +267,10 @@ def _log_tails(server: Any, ctx: dict[str, Any]) -> dict[str, str]:
     return tails
 
 
-def context(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Any]:
+def context(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Old server (started, or --url) with the adapter and its traffic; the new server's model,
-    arguments, load prompts and the migration request."""
+    arguments, load prompts and the migration request. ``old_server``: the one started here, to
+    stop (None with --url)."""
     from transformers import AutoTokenizer
 
     from vllm_lora_ext.evaluation.prompts import user_message
@@ -306,8 +313,8 @@ def context(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], Any]:
     prompts = [user_message(task, e, chat=True) for e in task.heldout[:32]]
     ctx = {"new_name": m.new_name, "new_args": ["--model", str(new_dir), "--max-lora-rank", "16",
            "--max-model-len", "1024", *m.new_args], "prompts": prompts, "request": request,
-           "old_name": m.old_name, "old_url": old_url, "old_server": old}  # fmt: skip
-    return ctx, old
+           "old_name": m.old_name, "old_server": old}  # fmt: skip
+    return ctx
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -345,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ctx, old = context(args, work)
+        ctx = context(args, work)
+        old = ctx["old_server"]
         try:
             for mode in args.modes:
                 print(f"{mode}: server under load, migrating ...", flush=True)
