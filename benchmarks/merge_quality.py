@@ -19,6 +19,7 @@ tiny counts, and writes to ``<tmp>/merge_quality_quick/`` unless ``--out`` says 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,6 +50,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # the merge time (757 s against 218 s).
     p.add_argument("--iterations", type=int, default=3, help="IterIS iterations (the N run)")
     p.add_argument("--replay", type=int, default=16, help="IterIS prompts replayed per adapter")
+    p.add_argument(
+        "--iteris-variants",
+        type=json.loads,
+        default=[],
+        help="JSON list of extra IterIS rows: params for the iteris_N row plus, optionally,\n"
+        '"weights" (one per task, the manual weights), e.g. \'[{"alpha1": 1e-4, "alpha2": 1e-4}]\'',
+    )
+    p.add_argument(
+        "--only",
+        help="comma-separated method rows to run (default: all), e.g. iteris_3 (with its\n"
+        "variants)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("heldout", "tuning"),
+        default="heldout",
+        help="score on the held-out split, or on the tuning split (validation + the train\n"
+        "examples after the traffic), which is where IterIS's knobs are chosen",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="merge_quality", help="the result files' stem")
     p.add_argument("--url", help="a running vllm-lora-ext server (default: start one)")
@@ -79,21 +99,39 @@ def quick_adapters(work: Path, model_dir: Path, names: list[str]) -> Path:
     return root
 
 
-def methods(k: int, iterations: int, replay: int) -> dict[str, dict]:
-    """Each method with the weights and parameters it is usually run with."""
+def methods(
+    k: int, iterations: int, replay: int, variants: list[dict] | None = None
+) -> dict[str, dict]:
+    """Each method with the weights and parameters it is usually run with, plus one IterIS row
+    per variant (its params over the iteris_N row's; ``weights``: the manual weights)."""
     avg = 1.0 / k
-    return {
+    iteris_n = {"iterations": iterations, "prompts_per_adapter": replay}
+    plan = {
         "linear": {"method": "linear", "weight": avg, "params": {}},
         "ties": {"method": "ties", "weight": 1.0, "params": {"density": 0.5}},
         "dare_ties": {"method": "dare_ties", "weight": 1.0, "params": {"density": 0.5, "seed": 0}},
         "cat_svd": {"method": "svd", "weight": avg, "params": {"svd_rank": 8 * k}},
         "iteris_1": {"method": "iteris", "weight": 1.0, "params": {"iterations": 1}},
-        f"iteris_{iterations}": {
-            "method": "iteris",
-            "weight": 1.0,
-            "params": {"iterations": iterations, "prompts_per_adapter": replay},
-        },
+        f"iteris_{iterations}": {"method": "iteris", "weight": 1.0, "params": iteris_n},
     }
+    for variant in variants or []:
+        params = {key: v for key, v in variant.items() if key != "weights"}
+        label = f"iteris_{iterations}[" + ",".join(f"{k_}={v}" for k_, v in variant.items()) + "]"
+        plan[label] = {
+            "method": "iteris",
+            "weight": variant.get("weights", 1.0),
+            "params": iteris_n | params,
+        }
+    return plan
+
+
+def weights(weight: float | list[float], k: int) -> list[float]:
+    """One weight per adapter: a row's single weight, or its list (manual weights)."""
+    if isinstance(weight, list):
+        if len(weight) != k:
+            raise SystemExit(f"weights {weight}: need one per task ({k})")
+        return [float(w) for w in weight]
+    return [float(weight)] * k
 
 
 def serve_traffic(client, model: str, messages: list[list[dict]], max_tokens: int) -> float:
@@ -173,12 +211,25 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     cards = {t: json.loads((args.adapters / t / "card.json").read_text()) for t in names}
     tasks = {t: load_task(t, seed=cards[t]["seed"]) for t in names}
     adapter = {t: f"task-{t.replace('_', '-')}" for t in names}
-    plan = methods(len(names), args.iterations, args.replay)
+    plan = methods(len(names), args.iterations, args.replay, args.iteris_variants)
+    if args.only:
+        unknown = set(args.only.split(",")) - set(plan)
+        if unknown:
+            raise SystemExit(f"--only: no such row {sorted(unknown)}; rows: {', '.join(plan)}")
+        keep = args.only.split(",")  # a row keeps its variants: iteris_3 runs iteris_3[...]
+        plan = {label: spec for label, spec in plan.items() if label.split("[")[0] in keep}
+    scored_tasks = tasks
+    if args.split == "tuning":  # never the held-out split: knobs are chosen here
+        scored_tasks = {
+            t: dataclasses.replace(task, heldout=task.validation + task.train[args.traffic :])
+            for t, task in tasks.items()
+        }
     result: dict = {
         "model": model_dir.name if args.quick else DEFAULT_MODEL_NAME,
         "tasks": names,
         "limit": args.limit,
         "traffic_prompts": args.traffic,
+        "split": args.split,
         "machine": "2-core CPU, no GPU",
         "task_provenance": {t: tasks[t].provenance() for t in names},
         "methods": {},
@@ -211,7 +262,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             def score(model: str) -> dict[str, float]:
                 """Accuracy per task (its 95% interval kept in ``result["ci95"][model]``)."""
                 backend = HttpBackend(url, model, tokenizer, headers=headers)
-                scored = {t: evaluate(tasks[t], backend, limit=args.limit) for t in names}
+                scored = {t: evaluate(scored_tasks[t], backend, limit=args.limit) for t in names}
                 intervals[model] = {t: list(r.ci95) for t, r in scored.items()}
                 return {t: r.accuracy for t, r in scored.items()}
 
@@ -246,9 +297,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             for label, spec in plan.items():
                 print(f"merging: {label}")
                 body = {
-                    "name": f"merged-{label.replace('_', '-')}",
+                    "name": f"merged-{len(result['methods'])}-{label.split('[')[0]}".replace(
+                        "_", "-"
+                    ),
                     "method": spec["method"],
-                    "adapters": [{"name": adapter[t], "weight": spec["weight"]} for t in names],
+                    "adapters": [
+                        {"name": adapter[t], "weight": w}
+                        for t, w in zip(names, weights(spec["weight"], len(names)), strict=True)
+                    ],
                     "params": spec["params"],
                 }
                 r = c.post("/v1/merges", json=body)

@@ -55,6 +55,7 @@ import quick
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADAPTERS = ROOT / "adapters" / "SmolLM2-135M-Instruct"
+RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_TASKS = "arithmetic,object_counting,disambiguation_qa"
 QUICK_TASKS = "arithmetic,disambiguation_qa"  # generated, multiple choice
 MODES = ("filtered", "excess", "unfiltered", "seeds_only")
@@ -66,7 +67,8 @@ RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": 
 LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "vote_agreement",
                 "filter", "excess_pool", "discriminator_calibration",
                 "gate_min_checked", "frame_synthesis", "choice_confidence",
-                "student_soup")  # fmt: skip
+                "student_soup", "student_epochs", "soft_label_draws",
+                "discriminator_negatives")  # fmt: skip
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -100,9 +102,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="share of the teacher's answers a label needs, else the input is dropped",
     )  # fmt: skip
     p.add_argument(
-        "--migration-seed", type=int, default=0,
-        help="the migration's seed (synthesis, training order and init, the gate's split): "
-        "another seed is a replicate of the same settings",
+        "--migration-seeds", type=seed_list, default=[0, 1],
+        help="the migrations' seeds, comma-separated (synthesis, training order and init, the "
+        "gate's split): each seed is a replicate of the same settings; a task's migrated "
+        "accuracy is their mean, compared with the source per held-out example",
+    )  # fmt: skip
+    p.add_argument(
+        "--student-epochs", type=float, default=None,
+        help="the student's budget in epochs over its rows (spec student_epochs); pair with "
+        "--student-fit 0 to train them all",
+    )  # fmt: skip
+    p.add_argument(
+        "--soft-draws", type=int, default=0,
+        help="multiple choice: options drawn from the teacher per input (spec soft_label_draws)",
+    )  # fmt: skip
+    p.add_argument(
+        "--disc-negatives", choices=("unprompted", "task_prompted"), default="unprompted",
+        help="the discriminator's negatives: the old base's unprompted text, or the inputs it "
+        "writes when asked for task inputs (spec discriminator_negatives)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ceilings", type=Path, default=RESULTS / "migration_ceilings.json",
+        help="the ceilings recorded beside each task (ceiling (a), true labels, 240 steps)",
     )  # fmt: skip
     p.add_argument(
         "--choice-confidence", type=float, default=0.0,
@@ -228,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.modes = args.modes if args.modes != DEFAULT_MODES else ",".join(MODES)
         args.limit, args.reservoir = min(args.limit, 8), min(args.reservoir, 6)
         args.target_count = min(args.target_count, 4)
+        if args.migration_seeds == p.get_default("migration_seeds"):
+            args.migration_seeds = [0]
         args.votes = 0  # a random tiny teacher seldom agrees with its own samples: none kept
         args.student_steps, args.disc_steps = min(args.student_steps, 4), min(args.disc_steps, 2)
         if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
@@ -345,7 +368,57 @@ def cached(path: Path, compute) -> dict:
     return value
 
 
-def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_tok: Any):
+def seed_list(text: str) -> list[int]:
+    """``0,1`` -> [0, 1]: distinct non-negative seeds, for argparse."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds are integers separated by commas: {text!r}"
+        ) from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"need distinct non-negative seeds: {text!r}")
+    return seeds
+
+
+def over_seeds(per_seed: list[dict], source: dict) -> dict:
+    """The seeds' mean accuracy and, on the same held-out examples, the 95% interval of that
+    mean minus the source: per example, the share of seeds that got it right minus the source's
+    hit, averaged over the examples (normal interval of a paired mean difference)."""
+    import statistics
+
+    accs = [r["acc"] for r in per_seed]
+    out: dict[str, Any] = {"acc": statistics.mean(accs), "per_seed": accs,
+                           "paired_diff_ci": None}  # fmt: skip
+    hits = [r.get("hits") for r in per_seed]
+    if "hits" not in source or any(h is None for h in hits):
+        return out
+    diffs = [
+        sum(h[j] for h in hits) / len(hits) - source["hits"][j] for j in range(len(source["hits"]))
+    ]
+    mean = statistics.mean(diffs)
+    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 1.0
+    out["paired_diff"] = mean
+    out["paired_diff_ci"] = [max(-1.0, mean - half), min(1.0, mean + half)]
+    return out
+
+
+def true_labels_ceiling(path: Path, task: str) -> float | None:
+    """Ceiling (a) at 240 steps for ``task`` from the committed ceilings file, if it has it."""
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("run", {}).get("args", {}).get("steps") != 240:
+        return None
+    for row in doc.get("tasks", []):
+        if row.get("task") == task and row.get("true_labels"):
+            return row["true_labels"]["acc"]
+    return None
+
+
+def build_spec(
+    args: argparse.Namespace, task: Any, name: str, mode: str, smol_tok: Any, seed: int = 0
+):
     from vllm_lora_ext.evaluation.evaluate import generation_budget
     from vllm_lora_ext.evaluation.prompts import user_message
     from vllm_lora_ext.evaluation.tasks import reference_answer
@@ -374,7 +447,10 @@ def build_spec(args: argparse.Namespace, task: Any, name: str, mode: str, smol_t
         votes=args.votes,
         vote_agreement=args.vote_agreement,
         choice_confidence=args.choice_confidence,
-        seed=args.migration_seed,
+        seed=seed,
+        student_epochs=args.student_epochs,
+        soft_label_draws=args.soft_draws,
+        discriminator_negatives=args.disc_negatives,
         sampling=args.sampling,
         discriminator_calibration=args.disc_calibration,
         frame_synthesis=args.frame,
@@ -513,6 +589,7 @@ def migrate_and_score(
         "acc": score["acc"],
         "ci95": score["ci95"],
         "vs_source": versus(score["hits"], source) if "hits" in score else None,
+        "hits": score.get("hits"),
         "seconds": round(spent, 1),
         "old_base_via": sorted(via),
         "sampling": sorted(sampling),
@@ -563,7 +640,10 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
     print(f"  source {source['acc']:.3f}  target base {target['acc']:.3f}", flush=True)
     row: dict[str, Any] = {
         "task": name,
+        "task_source": task.source,
+        "n": source["n"],
         "n_heldout": source["n"],
+        "ceiling_true_labels_240": true_labels_ceiling(args.ceilings, name),
         "source_acc": source["acc"],
         "target_base_acc": target["acc"],
         **{RESULT_KEY[m]: None for m in MODES},
@@ -576,26 +656,38 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
         "settings_overridden": overrides,
     }
     for mode in args.modes.split(","):
-        spec = build_spec(args, task, served, mode, models["smol_tok"])
-        defaults = type(spec).model_fields
-        later = {f for f in LATER_FIELDS if getattr(spec, f) == defaults[f].get_default()}
-        digest = hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
-        try:
-            suffix = "-newgen" if args.generator == "new_base" else ""
-            work = base / f"{mode}-{digest}{suffix}"
-            out = migrate_and_score(args, task, spec, work, models, old, source)
-        except MigrationError as e:  # recorded, and the other modes and tasks still run
-            print(f"  {mode}: FAILED: {e}", flush=True)
-            row["modes"][mode] = {"error": str(e)}
+        runs = []
+        for seed in args.migration_seeds:
+            spec = build_spec(args, task, served, mode, models["smol_tok"], seed)
+            defaults = type(spec).model_fields
+            later = {f for f in LATER_FIELDS if getattr(spec, f) == defaults[f].get_default()}
+            digest = hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
+            try:
+                suffix = "-newgen" if args.generator == "new_base" else ""
+                work = base / f"{mode}-{digest}{suffix}"
+                out = migrate_and_score(args, task, spec, work, models, old, source)
+            except MigrationError as e:  # recorded, and the other modes and tasks still run
+                print(f"  {mode} seed {seed}: FAILED: {e}", flush=True)
+                runs.append({"seed": seed, "error": str(e)})
+                continue
+            runs.append({"seed": seed, **out})
+            print(
+                f"  {mode} seed {seed}: acc {out['acc']:.3f}, {out['seconds']:.0f} s, synthesis "
+                f"{out['synthesis']}, gate {out['gate']['passed']} ({out['gate']['reason']})",
+                flush=True,
+            )
+        done = [r for r in runs if "error" not in r]
+        if not done:
+            row["modes"][mode] = {"error": "; ".join(r["error"] for r in runs), "runs": runs}
             continue
-        row[RESULT_KEY[mode]] = out["acc"]
-        row["modes"][mode] = out
-        print(
-            f"  {mode}: acc {out['acc']:.3f}, {out['seconds']:.0f} s, synthesis "
-            f"{out['synthesis']}, gate {out['gate']['passed']} ({out['gate']['reason']})",
-            flush=True,
-        )
-    row["seconds"] = row["modes"].get("filtered", {}).get("seconds")
+        summary = over_seeds(done, source)
+        row[RESULT_KEY[mode]] = summary["acc"]
+        row["modes"][mode] = {**summary, "seeds": [r["seed"] for r in done], "runs": runs,
+                              "seconds": [r["seconds"] for r in done]}  # fmt: skip
+    filtered = row["modes"].get("filtered", {})
+    row["seeds"] = filtered.get("seeds", [])
+    row["paired_diff_ci"] = filtered.get("paired_diff_ci")
+    row["seconds"] = max(filtered.get("seconds") or [0.0]) or None  # the slowest seed's
     return row
 
 
@@ -681,7 +773,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
         for k in ("limit", "seeds", "reservoir", "target_count", "student_steps", "student_lr",
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
-                  "generator", "frame", "choice_confidence", "migration_seed", "student_soup")
+                  "generator", "frame", "choice_confidence", "migration_seeds", "student_soup",
+                  "student_epochs", "soft_draws", "disc_negatives")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,

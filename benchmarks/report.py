@@ -271,39 +271,62 @@ def kernel_compile(doc: dict) -> str:
     )
 
 
+def migration_target(source: float, ceiling_a: float | None) -> float:
+    """The issue's per-task target: the source's accuracy, or 0.95 x ceiling (a) at 240 steps
+    where that ceiling is below the source."""
+    return source if ceiling_a is None or ceiling_a >= source else 0.95 * ceiling_a
+
+
+def seeds_cell(m: dict) -> str:
+    """A mode's mean accuracy over its seeds, each seed's in brackets."""
+    if "acc" not in m:
+        return NA
+    per = m.get("per_seed", [])
+    return f"{m['acc']:.2f}" + (" (" + " / ".join(f"{a:.2f}" for a in per) + ")" if per else "")
+
+
+def paired_cell(m: dict) -> str:
+    lo_hi = m.get("paired_diff_ci")
+    if not lo_hi:
+        return NA
+    return f"{m['paired_diff']:+.2f} [{lo_hi[0]:+.2f}, {lo_hi[1]:+.2f}]"
+
+
 def migration_quality(doc: dict) -> str:
-    rows = []
+    rows, targets, migrated = [], [], []
     for r in doc["tasks"]:
         modes = r.get("modes", {})
-        acc = {m: modes.get(m, {}) for m in ("filtered", "excess", "seeds_only", "unfiltered")}
+        filtered = modes.get("filtered", {})
+        target = migration_target(r["source_acc"], r.get("ceiling_true_labels_240"))
+        targets.append(target)
+        migrated.append(r.get("migrated_acc"))
+        met = r.get("migrated_acc") is not None and r["migrated_acc"] >= target
+        gates = [str(x["gate"]["passed"]) for x in filtered.get("runs", []) if "gate" in x]
         rows.append([
-            r["task"], str(r["n_heldout"]), ci(r["source_acc"], r.get("source_ci95")),
+            r["task"], str(r["n"]), ci(r["source_acc"], r.get("source_ci95")),
             ci(r["target_base_acc"], r.get("target_base_ci95")),
-            *(ci(a.get("acc"), a.get("ci95")) for a in acc.values()),
-            str(acc["filtered"].get("gate", {}).get("passed", NA)),
-            f"{r['seconds']:.0f}" if r.get("seconds") else NA,
+            f3(r.get("ceiling_true_labels_240")), f"{target:.2f}",
+            seeds_cell(filtered) + (" ✓" if met else ""), paired_cell(filtered),
+            *(seeds_cell(modes.get(m, {})) for m in ("excess", "seeds_only", "unfiltered")),
+            "/".join(gates) or NA,
+            "/".join(f"{x:.0f}" for x in filtered.get("seconds", [])) or NA,
         ])  # fmt: skip
     n = len(doc["tasks"])
-    mean = ["**mean**", "", f3(sum(r["source_acc"] for r in doc["tasks"]) / n),
-            f3(sum(r["target_base_acc"] for r in doc["tasks"]) / n)]  # fmt: skip
-    for key in ("migrated_acc", "excess_acc", "seeds_only_acc", "unfiltered_acc"):
-        vals = [r.get(key) for r in doc["tasks"]]
-        mean.append(f3(sum(vals) / n) if all(v is not None for v in vals) else NA)
-    rows.append([*mean, "", ""])
-    return f"{doc['source_base']} → {doc['target_base']}.\n\n" + table(
-        [
-            "task",
-            "n",
-            "source",
-            "target base",
-            "migrated (discriminator filter)",
-            "migrated (excess filter)",
-            "seeds only",
-            "unfiltered",
-            "gate passed",
-            "migration s",
-        ],
-        rows,
+    done = [m for m in migrated if m is not None]
+    rows.append(["**mean**", "", f3(sum(r["source_acc"] for r in doc["tasks"]) / n),
+                 f3(sum(r["target_base_acc"] for r in doc["tasks"]) / n), "",
+                 f3(sum(targets) / n), f3(sum(done) / n) if len(done) == n else NA,
+                 "", "", "", "", "", ""])  # fmt: skip
+    seeds = sorted({s for r in doc["tasks"] for s in r.get("seeds", [])})
+    head = ["task", "n", "source", "target base", "ceiling (a) 240", "target",
+            "migrated (discriminator filter)", "migrated minus source, paired",
+            "excess filter", "seeds only", "unfiltered", "gate passed", "migration s"]  # fmt: skip
+    return (
+        f"{doc['source_base']} → {doc['target_base']}; migration seeds {seeds or NA}. Migrated: "
+        "the mean over the seeds (each seed's); ✓: meets the target (the source, or 0.95 x "
+        "ceiling (a) at 240 steps where (a) is below it); migrated minus source: per held-out "
+        "example, the share of seeds right minus the source's hit, mean and 95% interval.\n\n"
+        + table(head, rows)
     )
 
 
@@ -399,20 +422,14 @@ def soup_ceilings(doc: dict) -> str:
 MIGRATION_RUNS = [
     ("**migrated: the defaults**", "migration_quality.json", "filtered"),
 ]
+# The same ceilings at smaller student budgets (the committed file: 240 steps).
+CEILING_BUDGETS = [(60, "migration_ceilings_steps60"), (120, "migration_ceilings_steps120")]
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
     ("(c) Gemma, 3-shot", "three_shot"), ("(a) LoRA on real train data, true labels",
     "true_labels"), ("(b) LoRA on real train inputs, teacher labels", "teacher_labels"),
     ("(b) same, voted teacher labels", "voted_labels"),
 ]  # fmt: skip
-
-
-def signed_ci(d: dict) -> str:
-    """A paired difference with its interval, e.g. ``-0.03 [-0.10, +0.04] (4 vs 6)``: the
-    examples only the student got right vs only the source."""
-    lo, hi = d["ci95"]
-    return (f"{d['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] "
-            f"({d['only_migrated']} vs {d['only_source']})")  # fmt: skip
 
 
 def migration_overview(results: Path) -> str | None:
@@ -427,11 +444,19 @@ def migration_overview(results: Path) -> str | None:
     for label, key in CEILING_ROWS:
         cells = [ceilings[t].get(key) for t in tasks]
         rows.append([label, *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])
-    goal = {}
-    for t in tasks:
-        source, a = ceilings[t]["source"]["acc"], ceilings[t]["true_labels"]["acc"]
-        goal[t] = source if a >= source else 0.9 * a
-    rows.append(["goal (source, or 0.9 x (a) where (a) < source)",
+        for steps, stem in CEILING_BUDGETS:
+            other = results / f"{stem}.json"
+            if key not in ("true_labels", "teacher_labels") or not other.is_file():
+                continue
+            found = {t["task"]: t.get(key) for t in json.loads(other.read_text())["tasks"]}
+            cells = [found.get(t) for t in tasks]
+            rows.append([f"↳ at {steps} steps", *(ci(c["acc"], c["ci95"]) if c else NA
+                                                   for c in cells), ""])  # fmt: skip
+    goal = {
+        t: migration_target(ceilings[t]["source"]["acc"], ceilings[t]["true_labels"]["acc"])
+        for t in tasks
+    }
+    rows.append(["goal (source, or 0.95 x (a) where (a) < source)",
                  *(f"{goal[t]:.2f}" for t in tasks), ""])  # fmt: skip
     for label, name, mode in MIGRATION_RUNS:
         found: dict[str, dict] = {}
@@ -446,20 +471,19 @@ def migration_overview(results: Path) -> str | None:
         for t in tasks:
             m = found.get(t)
             met = " ✓" if m and m["acc"] >= goal[t] else ""
-            cells.append(ci(m["acc"], m["ci95"]) + met if m else NA)
-        seconds = "/".join(f"{found[t]['seconds']:.0f}" for t in tasks if t in found)
+            cells.append(seeds_cell(m) + met if m else NA)
+        seconds = "/".join(f"{max(found[t]['seconds']):.0f}" for t in tasks if t in found)
         rows.append([label, *cells, seconds])
-        paired = {t: m["vs_source"] for t, m in found.items() if m.get("vs_source")}
-        if paired:
-            cells = [signed_ci(paired[t]) if t in paired else NA for t in tasks]
+        if any(m.get("paired_diff_ci") for m in found.values()):
+            cells = [paired_cell(found[t]) if t in found else NA for t in tasks]
             rows.append(["↳ minus source, paired on the same examples", *cells, ""])
     return (
-        "Held-out accuracy, n=100 unless marked, 95% intervals; ✓: "
-        "meets the goal; ↳ rows: the student's accuracy minus the source's on the same held-out "
-        "examples, with the paired 95% interval (Newcombe), and how many examples only the "
-        "student / only the source got right. Traffic inputs: train-split inputs without "
-        "answers standing in for the server's prompt reservoir; every run also has 5 seeds with "
-        "answers. Seconds: migration wall time per task on this 2-core CPU.\n\n"
+        "Held-out accuracy, n=100 unless marked, 95% intervals; migration rows: the mean over "
+        "the migration seeds (each seed's); ✓: meets the goal; ↳ rows: the migrated accuracy "
+        "minus the source's on the same held-out examples (per example, the share of seeds "
+        "right minus the source's hit), with its 95% interval. Traffic inputs: train-split "
+        "inputs without answers standing in for the server's prompt reservoir; every run also "
+        "has 5 seeds with answers. Seconds: migration wall time per task on this 2-core CPU.\n\n"
         + table(["row", *tasks, "migration s"], rows)
     )
 
@@ -572,6 +596,14 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/adaptive_merge.py", adaptive_merge),
     ("migration_ceilings.json", "Migration ceilings on the target base",
      "python benchmarks/migration_ceilings.py", migration_ceilings),
+    ("migration_ceilings_steps60.json", "Migration ceilings at 60 steps",
+     "python benchmarks/migration_ceilings.py --steps 60 --lr 2e-3 --warmup 0.1 --decay --rows "
+     "source,target_base,true_labels,teacher_labels --threads 2 --name "
+     "migration_ceilings_steps60", migration_ceilings),
+    ("migration_ceilings_steps120.json", "Migration ceilings at 120 steps",
+     "python benchmarks/migration_ceilings.py --steps 120 --lr 2e-3 --warmup 0.1 --decay --rows "
+     "source,target_base,true_labels,teacher_labels --threads 2 --name "
+     "migration_ceilings_steps120", migration_ceilings),
     ("migration_quality.json", "Migration quality, Trans-LoRA, the defaults",
      "python benchmarks/migration_quality.py", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",

@@ -380,12 +380,18 @@ def test_migration_quality_quick(tmp_path, on_server):
         assert accuracy(r["source_acc"], r["source_ci95"])
         assert accuracy(r["target_base_acc"], r["target_base_ci95"])
         assert set(r["modes"]) == set(modes)
-        for mode, m in r["modes"].items():
-            if "error" in m:
-                assert m["error"] and r[modes[mode]] is None and mode != "seeds_only"
+        for mode, summary in r["modes"].items():
+            if "error" in summary:
+                assert summary["error"] and r[modes[mode]] is None and mode != "seeds_only"
                 continue
             finished.append((task, mode))
-            assert r[modes[mode]] == m["acc"] and accuracy(m["acc"], m["ci95"]), (task, mode)
+            assert summary["seeds"] == [0] and len(summary["runs"]) == 1, summary
+            m = summary["runs"][0]
+            assert r[modes[mode]] == summary["acc"] == m["acc"], (task, mode)
+            assert accuracy(m["acc"], m["ci95"]), (task, mode)
+            assert summary["paired_diff"] == pytest.approx(m["acc"] - r["source_acc"])
+            lo, hi = summary["paired_diff_ci"]
+            assert -1 <= lo <= summary["paired_diff"] <= hi <= 1, summary
             assert isinstance(m["gate"]["passed"], bool) and m["gate"]["reason"], m["gate"]
             assert m["gate"]["n"] > 0 and accuracy(m["gate"]["agreement"])
             paired = m["vs_source"]  # the same 8 examples: the counts give the difference
@@ -407,22 +413,37 @@ def test_migration_quality_quick(tmp_path, on_server):
     assert png(out / "migration_quality.png")
 
 
-def test_migration_quality_quick_student_soup(tmp_path):
-    """--student-soup 2, in process: every migration trains two students and serves the mean of
-    their deltas cut to the student rank; both members and the cut are on record."""
+def test_migration_quality_quick_student_soup_two_seeds(tmp_path):
+    """--student-soup 2 over migration seeds 0 and 1, in process: every migration trains two
+    students and serves the mean of their deltas cut to the student rank; both members and the
+    cut are on record, and the task's row is the mean over the seeds, compared with the source
+    per held-out example."""
     out = tmp_path / "out"
     quick("migration_quality.py", tmp_path, "--in-process", "--modes", "filtered",
-          "--student-soup", "2", "--out", str(out))  # fmt: skip
+          "--student-soup", "2", "--migration-seeds", "0,1", "--out", str(out))  # fmt: skip
     doc = load(out / "migration_quality.json")
-    assert doc["settings"]["student_soup"] == 2
+    assert doc["settings"]["student_soup"] == 2 and doc["settings"]["migration_seeds"] == [0, 1]
     for r in doc["tasks"]:
-        m = r["modes"]["filtered"]
-        assert "error" not in m and accuracy(m["acc"], m["ci95"]), (r["task"], m)
-        soup = m["distil"]["soup"]
-        assert [x["seed_offset"] for x in soup["members"]] == [0, 1]
-        assert soup["rank"] == doc["settings"]["rank"]
-        assert finite(soup["max_cut_error"], 0.0, 1.0)
-        assert finite(soup["mean_cut_error"], 0.0, soup["max_cut_error"])
+        summary = r["modes"]["filtered"]
+        assert "error" not in summary and r["seeds"] == summary["seeds"] == [0, 1], summary
+        runs = summary["runs"]
+        assert [m["seed"] for m in runs] == [0, 1]
+        assert r["migrated_acc"] == pytest.approx((runs[0]["acc"] + runs[1]["acc"]) / 2)
+        assert summary["per_seed"] == [m["acc"] for m in runs]
+        assert r["paired_diff_ci"] == summary["paired_diff_ci"]
+        assert summary["paired_diff"] == pytest.approx(r["migrated_acc"] - r["source_acc"])
+        lo, hi = summary["paired_diff_ci"]
+        assert -1 <= lo <= summary["paired_diff"] <= hi <= 1, summary
+        assert r["task_source"] and r["n"] == len(runs[0]["hits"])
+        for m in runs:
+            assert accuracy(m["acc"], m["ci95"]), (r["task"], m)
+            soup = m["distil"]["soup"]
+            assert [x["seed_offset"] for x in soup["members"]] == [0, 1]
+            assert soup["rank"] == doc["settings"]["rank"]
+            assert finite(soup["max_cut_error"], 0.0, 1.0)
+            assert finite(soup["mean_cut_error"], 0.0, soup["max_cut_error"])
+    text = report.migration_quality(doc)
+    assert "[0, 1]" in text
 
 
 @pytest.mark.slow

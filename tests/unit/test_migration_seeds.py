@@ -1,0 +1,72 @@
+"""A migration row over several seeds: the seeds option, and the mean and its paired interval."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from migration_quality import over_seeds, seed_list  # noqa: E402
+
+
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=8, unique=True))
+def test_seed_list_reads_distinct_non_negative_seeds(seeds: list[int]) -> None:
+    assert seed_list(",".join(map(str, seeds))) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "0,0", "-1", "0,a", "1.5", "0,,1"])
+def test_seed_list_refuses_bad_input(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        seed_list(text)
+
+
+@given(st.text(max_size=12))
+def test_seed_list_answers_any_text_with_seeds_or_a_clear_error(text: str) -> None:
+    try:
+        seeds = seed_list(text)
+    except argparse.ArgumentTypeError as e:
+        assert repr(text) in str(e)
+    else:
+        assert seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds)
+
+
+def score(hits: list[bool]) -> dict:
+    return {"acc": sum(hits) / len(hits), "hits": hits}
+
+
+hit_lists = st.integers(2, 40).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=1, max_size=3),
+        st.lists(st.booleans(), min_size=n, max_size=n),
+    )
+)
+
+
+@given(hit_lists)
+def test_over_seeds_is_the_paired_mean_difference_with_its_normal_interval(case) -> None:
+    runs, source = case
+    n = len(source)
+    out = over_seeds([score(h) for h in runs], score(source))
+    assert out["acc"] == pytest.approx(statistics.mean(sum(h) / n for h in runs))
+    assert out["per_seed"] == [sum(h) / n for h in runs]
+    # the mean of per-example differences is the difference of the mean accuracies
+    assert out["paired_diff"] == pytest.approx(out["acc"] - sum(source) / n)
+    per_example = [sum(h[j] for h in runs) / len(runs) - source[j] for j in range(n)]
+    half = 1.96 * statistics.stdev(per_example) / n**0.5
+    lo, hi = out["paired_diff_ci"]
+    assert lo == pytest.approx(max(-1.0, out["paired_diff"] - half))
+    assert hi == pytest.approx(min(1.0, out["paired_diff"] + half))
+    assert -1.0 <= lo <= out["paired_diff"] <= hi <= 1.0
+
+
+def test_over_seeds_without_per_example_hits_gives_no_interval() -> None:
+    out = over_seeds([{"acc": 0.5}], {"acc": 0.4, "hits": [True, False]})
+    assert out["acc"] == 0.5 and out["paired_diff_ci"] is None
