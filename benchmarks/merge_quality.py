@@ -125,6 +125,11 @@ def methods(
     return plan
 
 
+def served_name(index: int, label: str) -> str:
+    """The name the ``index``-th merge row (``label``) is served and scored under."""
+    return f"merged-{index}-{label.split('[')[0]}".replace("_", "-")
+
+
 def weights(weight: float | list[float], k: int) -> list[float]:
     """One weight per adapter: a row's single weight, or its list (manual weights)."""
     if isinstance(weight, list):
@@ -297,9 +302,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             for label, spec in plan.items():
                 print(f"merging: {label}")
                 body = {
-                    "name": f"merged-{len(result['methods'])}-{label.split('[')[0]}".replace(
-                        "_", "-"
-                    ),
+                    "name": served_name(len(result["methods"]), label),
                     "method": spec["method"],
                     "adapters": [
                         {"name": adapter[t], "weight": w}

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from merge_quality import served_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "results.md"
@@ -137,12 +139,21 @@ def merge_quality(doc: dict) -> str:
                  *(cell(f"task-{served(t)}", t, own[t]) for t in tasks),
                  f3(doc["single_adapter_mean_acc"]), ""])  # fmt: skip
     singles = doc["single_adapter_mean_acc"]
-    for name, m in doc["methods"].items():
+    for i, (name, m) in enumerate(doc["methods"].items()):
         share = f" ({m['mean_acc'] / singles:.0%})" if singles else ""
-        rows.append([name, *(cell(f"merged-{served(name)}", t, m["per_task"][t]) for t in tasks),
+        merged = served_name(i, name)
+        if merged not in intervals:  # runs before the rows were numbered
+            merged = f"merged-{served(name)}"
+        rows.append([name, *(cell(merged, t, m["per_task"][t]) for t in tasks),
                      f3(m["mean_acc"]) + share, f"{m['seconds']:.1f}"])  # fmt: skip
+    split = (
+        "held-out examples"
+        if doc.get("split", "heldout") == "heldout"
+        else "tuning examples (validation, then the train examples after the traffic; never "
+        "the held-out ones)"
+    )
     return (
-        f"{doc['model']}, first {doc['limit']} held-out examples per task (95% Wilson "
+        f"{doc['model']}, first {doc['limit']} {split} per task (95% Wilson "
         f"intervals; every row scored on the same examples), {doc['machine']}; the mean's share "
         "of the single adapters' mean in brackets (the goal for IterIS: 90%, and above every "
         f"classic merge); statistics {doc['stats_bytes'] / 1e6:.0f} MB; serving throughput "
@@ -592,6 +603,11 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("merge_quality_iteris5x32.json", "Merges, IterIS with 5 iterations and 32 replays",
      "python benchmarks/merge_quality.py --iterations 5 --replay 32 --name "
      "merge_quality_iteris5x32", merge_quality),
+    ("merge_quality_iteris_tuning.json",
+     "Merges, IterIS's knobs chosen on the tuning split (not the held-out one)",
+     "python benchmarks/merge_quality.py --only iteris_3 --split tuning --limit 60 --name "
+     "merge_quality_iteris_tuning --iteris-variants '[{\"alpha1\":1e-4,\"alpha2\":1e-4},"
+     "{\"alpha1\":1e-2,\"alpha2\":1e-2},{\"weights\":[1,2,2]}]'", merge_quality),
     ("adaptive_merge.json", "Adaptive merge from a pool, with its controls",
      "python benchmarks/adaptive_merge.py", adaptive_merge),
     ("migration_ceilings.json", "Migration ceilings on the target base",
