@@ -3,6 +3,10 @@
     python benchmarks/merge_quality.py                  # the committed SmolLM2 task adapters
     python benchmarks/merge_quality.py --limit 60 --traffic 48 --iterations 3
     python benchmarks/merge_quality.py --quick          # smoke run: tiny Llama, random adapters
+    # IterIS's knobs, scored on the tuning split (validation + train after the traffic), never
+    # the held-out one: one row per variant beside iteris_3
+    python benchmarks/merge_quality.py --only iteris_3 --split tuning --limit 60 \
+        --name merge_quality_iteris_tuning --iteris-variants '[{"weights": [1, 2, 2]}]'
 
 One real server (``vllm-lora-ext serve``, the embedded SmolLM2-135M-Instruct). For each task
 adapter: capture statistics while its task's *train* prompts are served as chat requests (the

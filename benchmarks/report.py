@@ -599,7 +599,8 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("max_loras_curve.json", "Capacity against --max-loras (64 adapters)",
      "python benchmarks/max_loras_curve.py --start <SmolLM2 dir>", max_loras_curve),
     ("merge_quality.json", "Merges, IterIS from live traffic vs PEFT",
-     "python benchmarks/merge_quality.py", merge_quality),
+     "python benchmarks/merge_quality.py --iteris-variants '[{\"weights\":[1,2,2]}]'",
+     merge_quality),
     ("merge_quality_iteris5x32.json", "Merges, IterIS with 5 iterations and 32 replays",
      "python benchmarks/merge_quality.py --iterations 5 --replay 32 --name "
      "merge_quality_iteris5x32", merge_quality),
