@@ -437,8 +437,8 @@ MIGRATION_RUNS = [
 CEILING_BUDGETS = [(60, "migration_ceilings_steps60"), (120, "migration_ceilings_steps120")]
 CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
-    ("(c) Gemma, 3-shot", "three_shot"), ("(a) LoRA on real train data, true labels",
-    "true_labels"), ("(b) LoRA on real train inputs, teacher labels", "teacher_labels"),
+    ("(c) Gemma, 3-shot", "three_shot"), ("(a) LoRA on real train data, true labels, 240 steps",
+    "true_labels"), ("(b) LoRA on real train inputs, teacher labels, 240 steps", "teacher_labels"),
     ("(b) same, voted teacher labels", "voted_labels"),
 ]  # fmt: skip
 
