@@ -222,10 +222,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     adapter = {t: f"task-{t.replace('_', '-')}" for t in names}
     plan = methods(len(names), args.iterations, args.replay, args.iteris_variants)
     if args.only:
-        unknown = set(args.only.split(",")) - set(plan)
-        if unknown:
-            raise SystemExit(f"--only: no such row {sorted(unknown)}; rows: {', '.join(plan)}")
         keep = args.only.split(",")  # a row keeps its variants: iteris_3 runs iteris_3[...]
+        if unknown := set(keep) - set(plan):
+            raise SystemExit(f"--only: no such row {sorted(unknown)}; rows: {', '.join(plan)}")
         plan = {label: spec for label, spec in plan.items() if label.split("[")[0] in keep}
     scored_tasks = tasks
     if args.split == "tuning":  # never the held-out split: knobs are chosen here

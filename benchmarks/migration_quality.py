@@ -643,7 +643,6 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
         "task": name,
         "task_source": task.source,
         "n": source["n"],
-        "n_heldout": source["n"],
         "ceiling_true_labels_240": true_labels_ceiling(args.ceilings, name),
         "source_acc": source["acc"],
         "target_base_acc": target["acc"],
@@ -873,7 +872,7 @@ def table(result: dict) -> str:
 
     for r in result["tasks"]:
         lines.append(
-            f"| {r['task']} | {r['n_heldout']} | {f(r['source_acc'])} | "
+            f"| {r['task']} | {r['n']} | {f(r['source_acc'])} | "
             f"{f(r['target_base_acc'])} | {f(r['migrated_acc'])} | {f(r.get('excess_acc'))} | "
             f"{f(r['seeds_only_acc'])} | "
             f"{f(r['unfiltered_acc'])} | {r['seconds'] if r['seconds'] is not None else '-'} |"
@@ -901,7 +900,7 @@ def plot(result: dict, path: Path) -> None:
     for i, (key, label, colour) in enumerate(bars):
         xs = [t + (i - (len(bars) - 1) / 2) * width for t in range(len(tasks))]
         ax.bar(xs, [r.get(key) or 0.0 for r in tasks], width, label=label, color=colour)
-    ax.set_xticks(range(len(tasks)), [f"{r['task']}\n(n={r['n_heldout']})" for r in tasks])
+    ax.set_xticks(range(len(tasks)), [f"{r['task']}\n(n={r['n']})" for r in tasks])
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(f"{result['source_base']} -> {result['target_base'].split(' ')[0]}", fontsize=9)

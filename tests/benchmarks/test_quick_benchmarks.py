@@ -376,7 +376,7 @@ def test_migration_quality_quick(tmp_path, on_server):
     assert rows["disambiguation_qa"]["scoring"] == "option log-likelihood"
     finished = []
     for task, r in rows.items():
-        assert r["n_heldout"] == 8 and r["source_via"] == "vllm server"
+        assert r["n"] == 8 and r["source_via"] == "vllm server"
         assert accuracy(r["source_acc"], r["source_ci95"])
         assert accuracy(r["target_base_acc"], r["target_base_ci95"])
         assert set(r["modes"]) == set(modes)
