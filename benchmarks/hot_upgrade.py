@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.data = "seeds_only"
         args.reservoir, args.target_count = min(args.reservoir, 6), min(args.target_count, 4)
         args.student_steps, args.disc_steps = min(args.student_steps, 4), min(args.disc_steps, 2)
+        args.student_epochs = None  # the 4 steps above, not a budget in epochs
         args.after = min(args.after, 2.0)
         if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
             args.out = quick.out_dir("hot_upgrade")

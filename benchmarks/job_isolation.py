@@ -283,7 +283,8 @@ def context(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     card = adapter_dir / "card.json"
     task = load_task(args.task, seed=json.loads(card.read_text())["seed"] if card.is_file() else 0)
     # migration_quality.py's settings, but for the sizes this benchmark names
-    sizes = {"seeds": args.seeds, "reservoir": args.reservoir, "student_steps": args.student_steps}
+    sizes = {"seeds": args.seeds, "reservoir": args.reservoir, "student_steps": args.student_steps,
+             "student_epochs": None}  # fmt: skip
     spec_args = argparse.Namespace(**{**vars(migration_quality.parse_args([])), **sizes})
     spec = migration_quality.build_spec(
         spec_args, task, args.task, args.data, AutoTokenizer.from_pretrained(old_dir)

@@ -62,13 +62,15 @@ MODES = ("filtered", "excess", "unfiltered", "seeds_only")
 DEFAULT_MODES = "filtered,unfiltered,seeds_only"
 RESULT_KEY = {"filtered": "migrated_acc", "excess": "excess_acc", "unfiltered": "unfiltered_acc",
               "seeds_only": "seeds_only_acc"}  # fmt: skip
-# Spec fields added after committed runs: left out of a work dir's digest while at their
-# defaults, so those runs' work dirs keep their names.
+# Spec fields added after committed runs: left out of a work dir's digest while they hold the
+# value those runs had (the default, unless LATER_DEFAULTS names another), so those runs' work
+# dirs keep their names.
 LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "vote_agreement",
                 "filter", "excess_pool", "discriminator_calibration",
                 "gate_min_checked", "frame_synthesis", "choice_confidence",
                 "student_soup", "student_epochs", "soft_label_draws",
                 "discriminator_negatives")  # fmt: skip
+LATER_DEFAULTS = {"student_epochs": None}  # its default was None until 2026-12-07
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -109,9 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with --quick 0)",
     )  # fmt: skip
     p.add_argument(
-        "--student-epochs", type=float, default=None,
-        help="the student's budget in epochs over its rows (spec student_epochs); pair with "
-        "--student-fit 0 to train them all",
+        "--student-epochs", type=optional_float, default=8.0,
+        help="the student's budget in epochs over its rows (spec student_epochs; 'none': "
+        "--student-steps instead)",
     )  # fmt: skip
     p.add_argument(
         "--soft-draws", type=int, default=0,
@@ -153,7 +155,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="migration_quality",
         help="the JSON/PNG file name in --out (a variant run beside the committed one)",
     )
-    p.add_argument("--limit", type=int, default=50, help="held-out examples scored per task")
+    p.add_argument("--limit", type=int, default=100, help="held-out examples scored per task")
     p.add_argument("--seeds", type=int, default=5, help="seed examples (input + answer)")
     p.add_argument(
         "--seed-split", choices=["train", "validation"], default="train",
@@ -169,12 +171,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--target-count", type=int, default=48, help="synthetic inputs to keep")
     p.add_argument("--student-steps", type=int, default=200, help="budget; see --student-fit")
-    p.add_argument("--student-lr", type=float, default=1e-3)
+    p.add_argument("--student-lr", type=float, default=2e-3)
     p.add_argument(
         "--student-fit",
         type=float,
-        default=0.9,
-        help="training ends once the student answers this fraction of its rows as labelled",
+        default=0.0,
+        help="training ends once the student answers this fraction of its rows as labelled "
+        "(0: the whole budget)",
     )
     p.add_argument(
         "--student-soup", type=int, default=1,
@@ -254,6 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.target_count = min(args.target_count, 4)
         args.votes = 0  # a random tiny teacher seldom agrees with its own samples: none kept
         args.student_steps, args.disc_steps = min(args.student_steps, 4), min(args.disc_steps, 2)
+        if args.student_epochs == p.get_default("student_epochs"):
+            args.student_epochs = None  # the 4 steps above, whatever the rows
         if args.out == p.get_default("out"):  # a smoke run never overwrites the committed run
             args.out = quick.out_dir("migration_quality")
     return args
@@ -366,6 +371,19 @@ def cached(path: Path, compute) -> dict:
         return json.loads(path.read_text())
     value = compute()
     write_atomic(path, json.dumps(value, indent=1).encode())
+    return value
+
+
+def optional_float(text: str) -> float | None:
+    """``none`` -> None, else a positive float, for argparse."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'none': {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
 
 
@@ -660,7 +678,10 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
         for seed in args.migration_seeds:
             spec = build_spec(args, task, served, mode, models["smol_tok"], seed)
             defaults = type(spec).model_fields
-            later = {f for f in LATER_FIELDS if getattr(spec, f) == defaults[f].get_default()}
+            later = {
+                f for f in LATER_FIELDS
+                if getattr(spec, f) == LATER_DEFAULTS.get(f, defaults[f].get_default())
+            }  # fmt: skip
             digest = hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
             try:
                 suffix = "-newgen" if args.generator == "new_base" else ""

@@ -1,4 +1,5 @@
-"""A migration row over several seeds: the seeds option, and the mean and its paired interval."""
+"""A migration row over several seeds: the seeds option, and the mean and its paired interval;
+the benchmark's student budget is the server's default."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from migration_quality import over_seeds, seed_list  # noqa: E402
+from migration_quality import build_spec, optional_float, over_seeds, parse_args, seed_list  # noqa: E402
 
 
 @given(st.lists(st.integers(0, 10**6), min_size=1, max_size=8, unique=True))
@@ -70,3 +71,35 @@ def test_over_seeds_is_the_paired_mean_difference_with_its_normal_interval(case)
 def test_over_seeds_without_per_example_hits_gives_no_interval() -> None:
     out = over_seeds([{"acc": 0.5}], {"acc": 0.4, "hits": [True, False]})
     assert out["acc"] == 0.5 and out["paired_diff_ci"] is None
+
+
+@given(st.one_of(st.floats(allow_nan=True), st.text(max_size=8)))
+def test_optional_float_reads_none_or_a_positive_number(value) -> None:
+    text = str(value)
+    try:
+        parsed = optional_float(text)
+    except argparse.ArgumentTypeError as e:
+        assert repr(text) in str(e)
+    else:
+        assert parsed is None if text.strip().lower() == "none" else parsed > 0
+
+
+def test_the_benchmark_migrates_with_the_servers_default_student_budget(
+    tiny_model_dir: Path,
+) -> None:
+    """The committed migration run is the defaults' run: what the benchmark builds with no
+    options is what a server's migration spec holds when a request names none."""
+    from transformers import AutoTokenizer
+
+    from vllm_lora_ext.evaluation.tasks import load_task
+    from vllm_lora_ext.migrate.spec import MigrationOptions
+
+    spec = build_spec(
+        parse_args([]), load_task("arithmetic"), "arithmetic", "filtered",
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )  # fmt: skip
+    default = MigrationOptions()
+    assert spec.student_epochs == default.student_epochs == 8
+    assert spec.student_fit == default.student_fit == 0
+    assert spec.student.lr == default.student.lr
+    assert (spec.student.warmup, spec.student.decay) == (default.student.warmup, True)
