@@ -461,9 +461,9 @@ def migration_overview(results: Path) -> str | None:
     for label, key in CEILING_ROWS:
         cells = [ceilings[t].get(key) for t in tasks]
         rows.append([label, *(ci(c["acc"], c["ci95"]) if c else NA for c in cells), ""])
+        if key not in ("true_labels", "teacher_labels"):  # the rows measured per budget
+            continue
         for steps, found in budgets.items():
-            if key not in ("true_labels", "teacher_labels"):
-                continue
             cells = [found.get(t, {}).get(key) for t in tasks]
             rows.append([f"↳ at {steps} steps", *(ci(c["acc"], c["ci95"]) if c else NA
                                                    for c in cells), ""])  # fmt: skip
