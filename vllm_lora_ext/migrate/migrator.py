@@ -427,7 +427,7 @@ class Migrator:
             # lie in unlike subspaces, and their mean cut back to one rank loses much of each
             # (on the tiny models of tests/integration/test_hot_upgrade.py such a soup failed
             # the gate, 0.44 against the teacher's 0.89; with one init it passes).
-            hp = self._student_params(len(labels.train)).hyperparameters(
+            hp = self._student_params(len({x for x, _ in labels.train})).hyperparameters(
                 self.spec.seed, order_seed=self.spec.seed + i
             )
             result = distil(
@@ -462,12 +462,15 @@ class Migrator:
             soup=soup,
         )
 
-    def _student_params(self, rows: int) -> TrainParams:
-        """The student's training parameters, its steps from ``student_epochs`` when set."""
+    def _student_params(self, inputs: int) -> TrainParams:
+        """The student's training parameters, its steps from ``student_epochs`` when set:
+        epochs over its distinct training inputs, so that an input's soft draws are one input
+        seen with a label drawn per pass, not more passes (the same budget with or without
+        ``soft_label_draws``, and the label alone differs)."""
         params = self.spec.student
         if self.spec.student_epochs is None:
             return params
-        steps = max(1, math.ceil(self.spec.student_epochs * rows / params.batch))
+        steps = max(1, math.ceil(self.spec.student_epochs * inputs / params.batch))
         return params.model_copy(update={"steps": steps})
 
     def _gate(self, labels: LabelOutput) -> GateResult:

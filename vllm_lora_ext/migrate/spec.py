@@ -121,11 +121,12 @@ class MigrationOptions(BaseModel):
     trainings; off until a committed migration run shows it pays
     (``benchmarks/migration_quality.py --student-soup 3``)."""
     student_epochs: float | None = Field(8.0, gt=0, le=100)
-    """A budget in epochs over the student's training rows: ``student.steps`` becomes
-    ceil(epochs x rows / batch), with the student's warmup and decay over those steps (the
-    source adapters are trained so). None: ``student.steps`` as given. 8: on the real inputs
-    of three BBH tasks, students of the teacher's labels stopped improving by ~7 epochs
-    (``docs/migration.md``, "At the budget a student can spend")."""
+    """A budget in epochs over the student's distinct training inputs: ``student.steps``
+    becomes ceil(epochs x inputs / batch) (an input's ``soft_label_draws`` count once), with
+    the student's warmup and decay over those steps (the source adapters are trained so).
+    None: ``student.steps`` as given. 8: on the real inputs of three BBH tasks, students of
+    the teacher's labels stopped improving by ~7 epochs (``docs/migration.md``, "At the
+    budget a student can spend")."""
     student_fit: float = Field(0.0, ge=0, le=1)
     """Training ends once the student's greedy answer equals its label on this fraction of its
     training rows (checked every 10 steps), or when the budget runs out; 0 (the default): the

@@ -436,7 +436,8 @@ def test_soft_label_draws_teach_the_teachers_doubt(parts, tmp_path: Path):
     """``soft_label_draws=8``: every teacher-labelled multiple-choice input is trained on 8
     times, with options drawn from the teacher's probabilities: where it is sure (p(two) ~0.95)
     nearly all draws are its choice, where it is not (uno/dos at 0.5 each) both options are
-    taught; seeds keep their one known answer."""
+    taught; seeds keep their one known answer. A budget in epochs counts an input's draws
+    once: the same steps as without them, only the labels differ."""
     prefix = "\n  choice: "
     scores = {"two": -0.05, "one": -3.0, "uno": -1.0, "dos": -1.0}
 
@@ -448,12 +449,15 @@ def test_soft_label_draws_teach_the_teachers_doubt(parts, tmp_path: Path):
     spec = MigrationSpec.model_validate(
         make_spec("seeds_only").model_dump()
         | {"choice_prefix": prefix, "soft_label_draws": 8, "seeds": seeds,
-           "reservoir": sure + unsure[2:]}
+           "reservoir": sure + unsure[2:], "student_epochs": 2.0}
     )  # fmt: skip
-    label = Migrator(spec, tmp_path / "soft", **parts).run().counts["label"]
+    counts = Migrator(spec, tmp_path / "soft", **parts).run().counts
+    label = counts["label"]
     rows: dict[str, list[str]] = {}
     for x, y in label["train"]:
         rows.setdefault(x, []).append(y)
+    assert len(label["train"]) > len(rows)
+    assert counts["distil"]["steps_run"] == math.ceil(2.0 * len(rows) / 16)
     for s in seeds:
         assert rows.get(s.input, ["dos"]) == ["dos"]  # once, its known answer (unless gated)
     taught = {x: ys for x, ys in rows.items() if x not in {s.input for s in seeds}}
