@@ -59,7 +59,7 @@ from migration_quality import DEFAULT_ADAPTERS, DEFAULT_TASKS, QUICK_TASKS
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (
     "source", "target_base", "three_shot", "true_labels", "teacher_labels", "voted_labels",
-    "soft_labels",
+    "weighted_labels", "soft_labels",
 )  # fmt: skip
 LABELS = {
     "source": "source (SmolLM2 + adapter)",
@@ -68,6 +68,7 @@ LABELS = {
     "true_labels": "(a) Gemma + LoRA, true labels",
     "teacher_labels": "(b) Gemma + LoRA, teacher labels",
     "voted_labels": "(b) with voted labels",
+    "weighted_labels": "(b) with every voted label, weighted by its agreement",
     "soft_labels": "(b) with option labels drawn from the teacher",
 }
 
@@ -211,6 +212,7 @@ def train_student(
     out: Path,
     seed: int,
     order_seed: int | None = None,
+    weights: list[float] | None = None,
 ) -> dict:
     from vllm_lora_ext.migrate.distill import distil
     from vllm_lora_ext.training import LoraHyperparameters
@@ -221,7 +223,7 @@ def train_student(
         warmup=args.warmup, decay=args.decay,
     )  # fmt: skip
     start = time.perf_counter()
-    d = distil(gemma_dir, pairs, hp, out, max_len=args.max_len)
+    d = distil(gemma_dir, pairs, hp, out, max_len=args.max_len, weights=weights)
     return {"rows": d.rows, "too_long": d.too_long, "final_loss": d.losses[-1],
             "train_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
@@ -308,9 +310,12 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
             f"seed{seed}" if seed else ""
         )
 
-    def student(key: str, pairs: list, seed: int, order: int | None = None) -> tuple[dict, Path]:
-        """A student trained on ``pairs`` with init ``seed`` and batch order ``order`` (default:
-        ``seed``), scored (cached with its adapter)."""
+    def student(
+        key: str, pairs: list, seed: int, order: int | None = None, weights: list | None = None
+    ) -> tuple[dict, Path]:
+        """A student trained on ``pairs`` (each row's loss weighted by ``weights``, if given)
+        with init ``seed`` and batch order ``order`` (default: ``seed``), scored (cached with
+        its adapter)."""
         order = None if order == seed else order
         stem = f"{key}-{budget(seed)}" + ("" if order is None else f"order{order}")
         out = base / stem
@@ -319,23 +324,33 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
             scored.unlink()  # the score outlived its adapter: a soup needs the adapter again
 
         def compute() -> dict:
-            training = train_student(args, models["gemma_dir"], pairs, out, seed, order)
+            training = train_student(args, models["gemma_dir"], pairs, out, seed, order, weights)
             score = framed_score(task, gemma_backend(models["gemma_dir"], out), args.limit)
             return {**score, "training": training}
 
         return timed(stem, compute), out
 
-    def ceiling(key: str, labels: list[str | None], examples: list | None = None) -> dict | None:
+    def ceiling(
+        key: str,
+        labels: list[str | None],
+        examples: list | None = None,
+        weights: list[float] | None = None,
+    ) -> dict | None:
         examples = train if examples is None else examples
         pairs = [(user_message(task, e), y) for e, y in zip(examples, labels, strict=True) if y]
         if not pairs:  # every input dropped, e.g. no majority among a random teacher's votes
             print(f"  {key}: no labelled input, nothing to train", flush=True)
             return None
+        if weights is not None:
+            weights = [w for w, y in zip(weights, labels, strict=True) if y]
         if args.soup < 2:
-            return student(key, pairs, args.seed)[0]
+            return student(key, pairs, args.seed, weights=weights)[0]
         seeds = range(args.seed, args.seed + args.soup)  # batch orders
         inits = list(seeds) if args.soup_init == "own" else [args.seed] * args.soup
-        members = [student(key, pairs, i, order=s) for i, s in zip(inits, seeds, strict=True)]
+        members = [
+            student(key, pairs, i, order=s, weights=weights)
+            for i, s in zip(inits, seeds, strict=True)
+        ]
         tag = f"{key}-{budget(0)}-soup{seeds[0]}to{seeds[-1]}"
         tag += f"-rank{args.soup_rank}" if args.soup_rank else ""
         tag += "-owninit" if args.soup_init == "own" else ""
@@ -382,6 +397,16 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         threshold = row["voted_label_acc"]["min_agreement"]
         row["voted_labels"] = ceiling(
             key, [v["text"] if v["agreement"] >= threshold else None for v in sure]
+        )
+    if "weighted_labels" in wanted and task.mode == "generate":
+        voted = cached(
+            base / f"votes-{args.votes}-{len(train)}.json",
+            lambda: {"labels": voted_labels(task, teacher, train, args.votes)},
+        )["labels"]
+        row["weighted_labels"] = ceiling(
+            f"weighted{args.votes}_labels",
+            [v["text"] for v in voted],
+            weights=[v["agreement"] for v in voted],
         )
     if "soft_labels" in wanted and task.mode != "generate":
         spread = cached(

@@ -69,7 +69,7 @@ LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "v
                 "filter", "excess_pool", "discriminator_calibration",
                 "gate_min_checked", "frame_synthesis", "choice_confidence",
                 "student_soup", "student_epochs", "soft_label_draws",
-                "discriminator_negatives")  # fmt: skip
+                "discriminator_negatives", "vote_weights")  # fmt: skip
 LATER_DEFAULTS = {"student_epochs": None}  # its default was None until 2026-12-07
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
@@ -102,6 +102,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--vote-agreement", type=float, default=0.5,
         help="share of the teacher's answers a label needs, else the input is dropped",
+    )  # fmt: skip
+    p.add_argument(
+        "--vote-weights", action="store_true",
+        help="free-form: weight each teacher label's loss by its vote agreement (spec "
+        "vote_weights; pair with a low --vote-agreement to keep the inputs it would drop)",
     )  # fmt: skip
     p.add_argument(
         "--migration-seeds", type=seed_list, default=None,
@@ -465,6 +470,7 @@ def build_spec(
         filter=filter_,
         votes=args.votes,
         vote_agreement=args.vote_agreement,
+        vote_weights=args.vote_weights,
         choice_confidence=args.choice_confidence,
         seed=seed,
         student_epochs=args.student_epochs,
@@ -795,7 +801,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
                   "disc_steps", "disc_lr", "batch", "rank", "max_len", "threads",
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
                   "generator", "frame", "choice_confidence", "migration_seeds", "student_soup",
-                  "student_epochs", "soft_draws", "disc_negatives")
+                  "student_epochs", "soft_draws", "disc_negatives", "vote_agreement",
+                  "vote_weights")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,

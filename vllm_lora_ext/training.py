@@ -179,9 +179,11 @@ def answer_loss(
     ids: torch.Tensor,  # [batch, width]
     mask: torch.Tensor,  # [batch, width]
     labels: torch.Tensor,  # [batch, width], -100 outside the answers
+    row_weights: torch.Tensor | None = None,  # [batch]
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the answer tokens: ``model(..., labels=labels).loss``,
-    but with logits only from the earliest answer position of the batch on.
+    but with logits only from the earliest answer position of the batch on. With
+    ``row_weights``, each row's tokens count with its weight: sum(w_r * ce_rt) / sum(w_r * 1).
 
     Prompt positions predict no label, and the output projection is most of a small model's
     compute when its vocabulary is large (Gemma 3 270M: 262k x 640 against ~100M other
@@ -191,9 +193,14 @@ def answer_loss(
     """
     logits, keep = answer_logits(model, ids, mask, labels != -100)
     targets = labels[:, keep + 1]
-    return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-    )
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    if row_weights is None:
+        return torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=-100)
+    per_token = torch.nn.functional.cross_entropy(
+        flat, targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).reshape(targets.shape)
+    weight = row_weights.to(per_token.dtype)[:, None] * (targets != -100)
+    return (per_token * weight).sum() / weight.sum()
 
 
 def distribution_loss(
@@ -259,11 +266,14 @@ def train_lora(
     fit_every: int = 10,
     on_fit: Callable[[int, float], None] | None = None,
     stop_when: Callable[[int], bool] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> list[float]:
     """AdamW on the trainable (LoRA) parameters of ``model``; returns the loss per step.
 
-    The loss is cross-entropy on each row's answer tokens, or, given ``teacher`` (one entry per
-    row: a distribution per answer token), :func:`distribution_loss` against it. The learning
+    The loss is cross-entropy on each row's answer tokens (with ``weights``, one per row, each
+    row's tokens weighted by it: a label the teacher was less sure of teaches less), or, given
+    ``teacher`` (one entry per row: a distribution per answer token), :func:`distribution_loss`
+    against it. The learning
     rate follows :func:`lr_factor`. With ``fit_target``, every ``fit_every`` steps the fraction
     of :func:`fitted_rows` is measured (``on_fit(step, fraction)``) and training ends once it
     reaches the target: ``hp.steps`` is then a budget, not a prescription.
@@ -276,6 +286,11 @@ def train_lora(
         raise ValueError("no training rows")
     if teacher is not None and len(teacher) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(teacher)} teacher entries")
+    if weights is not None:
+        if teacher is not None:
+            raise ValueError("row weights apply to the cross-entropy loss, not to a teacher's")
+        if len(weights) != len(rows) or not all(w > 0 and math.isfinite(w) for w in weights):
+            raise ValueError(f"need one positive finite weight per row ({len(rows)} rows)")
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: lr_factor(step, hp))
     device = next(model.parameters()).device
@@ -295,7 +310,10 @@ def train_lora(
             ids, mask, labels = pad_rows(batch_rows, pad)
             ids, mask = ids.to(device), mask.to(device)
             if teacher is None:
-                loss = answer_loss(model, ids, mask, labels.to(device))
+                w = None
+                if weights is not None:
+                    w = torch.tensor([weights[i] for i in picked], device=device)
+                loss = answer_loss(model, ids, mask, labels.to(device), w)
             else:
                 top_ids, top_lp = teacher_tensors(
                     batch_rows, [teacher[i] for i in picked], ids.shape[1]

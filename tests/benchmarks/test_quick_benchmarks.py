@@ -213,6 +213,9 @@ def test_migration_ceilings_quick(tmp_path):
     ceiling = rows["arithmetic"]["voted_labels"]  # none when no vote reached a majority
     assert (ceiling is None) == (voted["n"] == 0)
     assert ceiling is None or accuracy(ceiling["acc"], ceiling["ci95"])
+    weighted = rows["arithmetic"]["weighted_labels"]  # every voted input, at its agreement
+    assert accuracy(weighted["acc"], weighted["ci95"]) and 0 < weighted["training"]["rows"] <= 4
+    assert rows["disambiguation_qa"]["weighted_labels"] is None  # options: soft labels instead
     text = report.migration_ceilings(doc)
     assert "disambiguation_qa" in text and "tiny-gemma3" in text
     assert png(tmp_path / "out" / "migration_ceilings.png")

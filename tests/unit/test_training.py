@@ -6,7 +6,13 @@ import pytest
 import torch
 from tiny_model import build_tiny_gemma3
 
-from vllm_lora_ext.training import LoraHyperparameters, answer_loss, attach_lora, padded_batches
+from vllm_lora_ext.training import (
+    LoraHyperparameters,
+    answer_loss,
+    attach_lora,
+    pad_rows,
+    padded_batches,
+)
 
 
 @pytest.fixture(params=["llama", "gemma3"])
@@ -98,3 +104,29 @@ def test_distribution_loss_is_zero_when_the_student_is_the_teacher(model):
     assert distribution_loss(model, ids, mask, top_ids, top_lp).item() == pytest.approx(
         0.0, abs=1e-5
     )
+
+
+def test_weighted_answer_loss_is_the_weighted_mean_over_answer_tokens(model):
+    """Against a float64 reference on the full logits: sum(w_r * ce_rt) / sum(w_r) over each
+    row r's answer tokens t; equal weights give the unweighted loss."""
+    g = torch.Generator().manual_seed(4)
+    vocab = model.config.vocab_size
+    rows = [
+        (torch.randint(3, vocab, (n,), generator=g).tolist(), start)
+        for n, start in [(11, 7), (6, 1), (14, 12)]
+    ]
+    weights = torch.tensor([0.2, 1.0, 0.6])
+    ids, mask, labels = pad_rows(rows, pad=0)
+    model.eval()
+    ours = answer_loss(model, ids, mask, labels, weights)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
+    num = den = 0.0
+    for r, (seq, start) in enumerate(rows):
+        for t in range(start, len(seq)):
+            num += float(weights[r]) * -float(logp[r, t - 1, seq[t]])
+            den += float(weights[r])
+    assert ours.item() == pytest.approx(num / den, rel=1e-5)
+    same = answer_loss(model, ids, mask, labels, torch.full((3,), 0.5))
+    assert same.item() == pytest.approx(answer_loss(model, ids, mask, labels).item(), rel=1e-6)
+    assert ours.item() != pytest.approx(same.item(), rel=1e-3)  # the weights matter here

@@ -73,6 +73,8 @@ class LabelOutput:
     """Per input asked, the teacher's vote agreement (its option's probability, for choices)."""
     synthetic_pool: int
     synthetic_kept: int
+    weights: list[float] | None = None
+    """Per training row, its loss weight (``vote_weights``); None: every row counts alike."""
 
 
 @dataclass(frozen=True, kw_only=True)

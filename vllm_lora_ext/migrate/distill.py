@@ -50,6 +50,7 @@ def distil(
     top_k: int = 20,
     fit_target: float | None = None,
     fit_every: int = 10,
+    weights: Sequence[float] | None = None,
 ) -> Distillation:
     """Train the student on the new base (float32, in process) and save it atomically as a
     PEFT directory at ``out_dir``. A NaN/inf loss raises ``TrainingDiverged`` before saving.
@@ -58,7 +59,8 @@ def distil(
     its top-``top_k`` distributions over each row's answer tokens; a teacher with another
     tokenizer raises ``ValueError`` before any work. With ``fit_target`` training ends once
     the student's greedy answer equals the label on that fraction of rows (checked every
-    ``fit_every`` steps), or when ``hp.steps`` run out."""
+    ``fit_every`` steps), or when ``hp.steps`` run out. ``weights`` (one per pair) weight each
+    row's loss (``train_lora``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,6 +68,12 @@ def distil(
     if teacher is not None and (why := tokenizer_mismatch(teacher.tokenizer, tokenizer)):
         raise ValueError(f"token-level distillation needs the teacher's tokenizer: {why}")
     rows, too_long = distillation_rows(tokenizer, pairs, max_len)
+    if weights is not None:
+        if len(weights) != len(pairs):
+            raise ValueError(f"{len(pairs)} pairs but {len(weights)} weights")
+        # the weights of the pairs that fit in max_len, as distillation_rows kept them
+        weights = [w for pair, w in zip(pairs, weights, strict=True)
+                   if distillation_rows(tokenizer, [pair], max_len)[0]]  # fmt: skip
     if not rows:
         raise ValueError(f"all {len(pairs)} pairs are longer than max_len={max_len} tokens")
     distributions = None
@@ -79,6 +87,7 @@ def distil(
     losses = train_lora(
         model, rows, hp, pad, on_step=on_step, should_stop=should_stop, teacher=distributions,
         fit_target=fit_target, fit_every=fit_every, on_fit=lambda *f: fit.append(f),
+        weights=weights,
     )  # fmt: skip
     card = {
         "hyperparameters": asdict(hp),

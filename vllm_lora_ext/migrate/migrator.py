@@ -374,6 +374,10 @@ class Migrator:
             (x, known[x] if x in known else None if x in doubted else answers[x]) for x in inputs
         ]
         rows = [(x, y) for x, y in train if y is not None]
+        weights = None
+        if s.vote_weights and s.choice_prefix is None:
+            agreement = {x: label.agreement for x, label in zip(asked, labels, strict=True)}
+            weights = [1.0 if x in known else agreement[x] for x, _ in rows]
         if s.soft_label_draws and s.choice_prefix is not None:
             by_input = dict(zip(asked, labels, strict=True))
             rng = random.Random(s.seed)
@@ -395,6 +399,7 @@ class Migrator:
             agreement=[round(label.agreement, 3) for label in labels],
             synthetic_pool=pool,
             synthetic_kept=len(synthetic),
+            weights=weights,
         )
 
     def _select_by_excess(self, synthetic: list[str], answers: dict[str, str | None]) -> list[str]:
@@ -441,6 +446,7 @@ class Migrator:
                 teacher=self.teacher if self.spec.distillation == "token_kl" else None,
                 top_k=self.spec.teacher_top_k,
                 fit_target=self.spec.student_fit or None,
+                weights=labels.weights,
             )
             members.append(StudentRecord(rows=result.rows, too_long=result.too_long,
                                          final_loss=result.losses[-1],

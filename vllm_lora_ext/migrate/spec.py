@@ -145,6 +145,12 @@ class MigrationOptions(BaseModel):
     (benchmarks/results/migration_ceilings.json)."""
     vote_temperature: float = Field(0.7, gt=0, le=2)
     vote_agreement: float = Field(0.5, gt=0, le=1)
+    vote_weights: bool = False
+    """Free-form: each teacher-labelled training input's loss is weighted by its vote
+    agreement (a seed's known answer by 1), so an answer few votes back teaches less instead
+    of as much or nothing; with a low ``vote_agreement``, the inputs it would drop are kept at
+    their low weight. Off until a committed run shows it pays (``migration_ceilings.py``'s
+    ``weighted_labels`` row measures it as a ceiling first)."""
     choice_confidence: float = Field(0.0, ge=0, lt=1)
     """A multiple-choice training input is dropped when the teacher gives its chosen option a
     probability (among the listed options) below this; seeds keep their answers and the gate

@@ -67,6 +67,10 @@ WRITTEN = {
          "gate": [["13909960", "number", "number"], ["qwerty", "word", None]],
          "seed_answers": 8, "unlabelled": 0, "doubted": 0, "gate_synthetic": 15, "truncated": 0,
          "agreement": [1.0, 0.667], "synthetic_pool": 31, "synthetic_kept": 31},
+        {"train": [["4121547", "number"], ["7924", "word"]],
+         "gate": [["13909960", "number", "number"]],
+         "seed_answers": 1, "unlabelled": 0, "doubted": 0, "gate_synthetic": 0, "truncated": 0,
+         "agreement": [0.4], "synthetic_pool": 0, "synthetic_kept": 0, "weights": [1.0, 0.4]},
     ],
     "distil": [
         {"rows": 40, "too_long": 0, "final_loss": 0.1939, "distillation": "sequence",
@@ -98,8 +102,10 @@ def test_a_written_checkpoint_loads_and_writes_back_the_same(
     out = read_checkpoint(tmp_path, step)
     write_checkpoint(tmp_path / "again", step, out)
     again = json.loads((tmp_path / "again" / f"{step}.json").read_text())
-    # the one change: a synthesis without a fallback writes "fallback": null (it omitted it)
-    assert again == ({**data, "fallback": data.get("fallback")} if step == "synthesise" else data)
+    # the only changes: a field added later with its default, written where it was omitted
+    # (a synthesis without a fallback: "fallback": null; labels without weights: null)
+    added = {"synthesise": "fallback", "label": "weights"}.get(step)
+    assert again == ({**data, added: data.get(added)} if added else data)
     assert list(again) == [*data, *(k for k in again if k not in data)]  # order as before
     assert read_checkpoint(tmp_path / "again", step) == out
 

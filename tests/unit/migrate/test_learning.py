@@ -92,6 +92,32 @@ def test_student_reproduces_teacher_across_tokenizers(
     assert sum(a == number_or_word(x) for a, x in zip(base_answers, held, strict=True)) == 0
 
 
+@pytest.mark.parametrize("heavier", ["number", "word"])
+def test_row_weights_decide_between_contradicting_labels(
+    tiny_gemma_dir: Path, tmp_path: Path, heavier: str
+):
+    """Every digit string labelled both "number" and "word": the student answers held-out
+    digit strings with the label whose rows weigh 1, not the one at 0.05. A pair longer than
+    ``max_len`` is dropped with its weight, the rest stay aligned."""
+    rng = random.Random(2)
+    train, held = strings(rng, DIGITS, 24), strings(rng, DIGITS, 12)
+    pairs = [(x, y) for x in train for y in ("number", "word")]
+    weights = [1.0 if y == heavier else 0.05 for _, y in pairs]
+    pairs.append(("9" * 400, "number"))
+    weights.append(1.0)
+    hp = LoraHyperparameters(
+        rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), steps=40, batch=16,
+        lr=1e-2,
+    )  # fmt: skip
+    result = distil(tiny_gemma_dir, pairs, hp, tmp_path / "s", max_len=64, weights=weights)
+    assert result.rows == 48 and result.too_long == 1
+    student = TransformersBackend.from_pretrained(tiny_gemma_dir, tmp_path / "s")
+    answers = answer_all(student, held, max_tokens=6)
+    assert sum(a == heavier for a in answers) >= 10, answers
+    with pytest.raises(ValueError, match="49 pairs but 2 weights"):
+        distil(tiny_gemma_dir, pairs, hp, tmp_path / "t", weights=[1.0, 1.0])
+
+
 def mean_kl(teacher: TransformersBackend, model, rows) -> float:
     """Mean KL(teacher top-20 || model) over the answer tokens of ``rows``."""
     import torch

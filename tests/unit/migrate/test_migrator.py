@@ -322,6 +322,32 @@ def test_votes_drop_inputs_the_teacher_is_unsure_of(parts, tmp_path: Path):
     assert all(t == "number" for _, t, _ in label["gate"])
 
 
+def test_vote_weights_keep_doubted_answers_at_their_agreement(parts, tmp_path: Path):
+    """``vote_weights`` with a low ``vote_agreement``: the letter strings the teacher answers
+    differently every time are kept at weight 0.2 (1 of 5 answers), the digit strings it always
+    answers "number" at 1, a seed's known answer at 1; the student trains on all of them."""
+
+    def respond(prompt: str, seed: int) -> str:
+        return "number" if query_of(prompt)[0].isdigit() else f"word {seed}"
+
+    parts["teacher"] = FunctionBackend(parts["teacher"].tokenizer, respond)
+    spec = make_spec("unfiltered").model_copy(
+        update={"votes": 4, "vote_agreement": 0.2, "vote_weights": True, "answer_max_tokens": 24}
+    )
+    result = Migrator(spec, tmp_path / "w", **parts).run()
+    label = result.counts["label"]
+    known = {s.input for s in spec.seeds}
+    assert label["unlabelled"] == 0 and len(label["weights"]) == len(label["train"])
+    by_kind = {
+        (x in known, y == "number"): w
+        for (x, y), w in zip(label["train"], label["weights"], strict=True)
+    }
+    assert by_kind[(False, True)] == 1.0 and by_kind[(False, False)] == pytest.approx(0.2)
+    assert all(w == 1.0 for (x, _), w in zip(label["train"], label["weights"], strict=True)
+               if x in known)  # fmt: skip
+    assert result.counts["distil"]["rows"] == len(label["train"])
+
+
 def test_multiple_choice_candidates_without_two_options_never_reach_the_filter(parts, tmp_path):
     """A generator that writes options half the time: with ``choice_prefix`` only the inputs
     that list two options are kept, the rest count as unparsable, and every kept input gets
