@@ -104,6 +104,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="share of the teacher's answers a label needs, else the input is dropped",
     )  # fmt: skip
     p.add_argument(
+        "--gate-fraction", type=float, default=0.25,
+        help="share of the real inputs held out for the gate, not trained on (spec "
+        "gate_fraction)",
+    )  # fmt: skip
+    p.add_argument(
         "--vote-weights", action="store_true",
         help="free-form: weight each teacher label's loss by its vote agreement (spec "
         "vote_weights; pair with a low --vote-agreement to keep the inputs it would drop)",
@@ -471,6 +476,7 @@ def build_spec(
         votes=args.votes,
         vote_agreement=args.vote_agreement,
         vote_weights=args.vote_weights,
+        gate_fraction=args.gate_fraction,
         choice_confidence=args.choice_confidence,
         seed=seed,
         student_epochs=args.student_epochs,
@@ -802,7 +808,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
                   "generator", "frame", "choice_confidence", "migration_seeds", "student_soup",
                   "student_epochs", "soft_draws", "disc_negatives", "vote_agreement",
-                  "vote_weights")
+                  "vote_weights", "gate_fraction")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,
@@ -816,7 +822,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
             "warmup, cosine decay to a tenth, training ends once it fits (--student-fit)",
             "distillation": "sequence-level: cross-entropy on the teacher's answer text "
             "re-tokenised for Gemma (different tokenizers)",
-            "gate": "25% of the real inputs held out from synthesis and training, plus up to 20 "
+            "gate": f"{args.gate_fraction:.0%} of the real inputs held out from synthesis and "
+            "training, plus up to 20 "
             "synthetic inputs held out from training; the task metric decides with >= 10 known "
             "answers, else agreement with the teacher",
             "labels": "seeds keep their known answers; the teacher labels the rest (multiple "
