@@ -343,9 +343,11 @@ def migration_quality(doc: dict) -> str:
 
 def migration_ceilings(doc: dict) -> str:
     keys = ("source", "target_base", "three_shot", "true_labels", "teacher_labels",
-            "voted_labels")  # fmt: skip
+            "voted_labels", "weighted_labels", "soft_labels")  # fmt: skip
     head = ["task", "n", "source", "Gemma 0-shot", "(c) Gemma 3-shot", "(a) LoRA, true labels",
             "(b) LoRA, teacher labels", "(b) LoRA, voted / sure labels",
+            "(b) LoRA, every voted label weighted by agreement",
+            "(b) LoRA, options drawn from the teacher",
             "teacher right on train", "voted / sure labels right (share kept)"]  # fmt: skip
 
     def cell(r: dict | None) -> str:
@@ -361,12 +363,49 @@ def migration_ceilings(doc: dict) -> str:
         for t in doc["tasks"]
     ]  # fmt: skip
     parts = [f"Target {doc['target_base']}.", table(head, rows)]
+    if against := label_variants(doc):
+        parts.append(against)
     votes = vote_threshold(doc)
     if votes:
         parts.append(votes)
     if doc.get("run", {}).get("args", {}).get("soup"):
         parts.append(soup_ceilings(doc))
     return "\n\n".join(parts)
+
+
+LABEL_VARIANTS = {
+    "voted_labels": "voted labels, kept where enough votes agree",
+    "weighted_labels": "every voted label, weighted by its agreement",
+    "soft_labels": "options drawn from the teacher's probabilities",
+}
+
+
+def label_variants(doc: dict) -> str:
+    """Each better-label row against (b), the teacher's greedy labels, on the same held-out
+    examples: does the label idea pay before it goes into a migration?"""
+    from vllm_lora_ext.evaluation.scoring import paired_difference_interval
+
+    lines = []
+    for t in doc["tasks"]:
+        base = t.get("teacher_labels")
+        for key, label in LABEL_VARIANTS.items():
+            r = t.get(key)
+            if not (base and r and base.get("hits") and r.get("hits")):
+                continue
+            d, (lo, hi) = paired_difference_interval(r["hits"], base["hits"])
+            if key == "voted_labels" and t.get("mode") != "generate":
+                label = "the teacher's options where it gives them p ≥ its threshold"
+            cells = [t["task"], label, ci(r["acc"], r["ci95"]), ci(base["acc"], base["ci95"]),
+                     f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join([
+        "Better labels against (b), the teacher's greedy labels, on the same held-out examples "
+        "(paired 95% interval):", "",
+        "| task | labels | student | (b) greedy labels | minus (b), paired |",
+        "|---|---|---|---|---|", *lines,
+    ])  # fmt: skip
 
 
 def vote_threshold(doc: dict) -> str:
@@ -432,6 +471,11 @@ def soup_ceilings(doc: dict) -> str:
 # (row label, result file, mode): the migration runs shown beside the ceilings.
 MIGRATION_RUNS = [
     ("**migrated: the defaults**", "migration_quality.json", "filtered"),
+    (
+        "migrated: every voted label, weighted by its agreement",
+        "migration_quality_weighted_votes.json",
+        "filtered",
+    ),
 ]
 # The same ceilings at smaller student budgets (the committed file: 240 steps).
 CEILING_BUDGETS = [(60, "migration_ceilings_steps60"), (120, "migration_ceilings_steps120")]
@@ -439,7 +483,9 @@ CEILING_ROWS = [
     ("source (SmolLM2-135M + adapter)", "source"), ("Gemma 3 270M, 0-shot", "target_base"),
     ("(c) Gemma, 3-shot", "three_shot"), ("(a) LoRA on real train data, true labels, 240 steps",
     "true_labels"), ("(b) LoRA on real train inputs, teacher labels, 240 steps", "teacher_labels"),
-    ("(b) same, voted teacher labels", "voted_labels"),
+    ("(b) same, voted teacher labels (multiple choice: options p ≥ 0.6)", "voted_labels"),
+    ("(b) same, every voted label weighted by its agreement", "weighted_labels"),
+    ("(b) same, options drawn from the teacher's probabilities (x4)", "soft_labels"),
 ]  # fmt: skip
 
 
@@ -616,7 +662,8 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("adaptive_merge.json", "Adaptive merge from a pool, with its controls",
      "python benchmarks/adaptive_merge.py", adaptive_merge),
     ("migration_ceilings.json", "Migration ceilings on the target base",
-     "python benchmarks/migration_ceilings.py", migration_ceilings),
+     "python benchmarks/migration_ceilings.py --steps 240 --lr 2e-3 --warmup 0.1 --decay "
+     "--threads 2", migration_ceilings),
     ("migration_ceilings_steps60.json", "Migration ceilings at 60 steps",
      "python benchmarks/migration_ceilings.py --steps 60 --lr 2e-3 --warmup 0.1 --decay --rows "
      "source,target_base,true_labels,teacher_labels --threads 2 --name "
@@ -627,6 +674,11 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "migration_ceilings_steps120", migration_ceilings),
     ("migration_quality.json", "Migration quality, Trans-LoRA, the defaults",
      "python benchmarks/migration_quality.py", migration_quality),
+    ("migration_quality_weighted_votes.json",
+     "Migration quality, every voted label kept and weighted by its agreement",
+     "python benchmarks/migration_quality.py --tasks object_counting,arithmetic --modes "
+     "filtered --vote-weights --vote-agreement 0.1 --threads 2 --result-name "
+     "migration_quality_weighted_votes", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("job_isolation.json", "Heavy jobs in and out of the serving process",
