@@ -71,6 +71,9 @@ LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "v
                 "student_soup", "student_epochs", "soft_label_draws",
                 "discriminator_negatives", "vote_weights")  # fmt: skip
 LATER_DEFAULTS = {"student_epochs": None}  # its default was None until 2026-12-07
+# Spec fields a multiple-choice migration never reads (its teacher picks an option, it does not
+# vote): left out of its digest, so that a change to them keeps its work dirs.
+FREE_FORM_FIELDS = ("votes", "vote_temperature", "vote_agreement", "vote_weights")
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -445,6 +448,19 @@ def true_labels_ceiling(path: Path, task: str) -> float | None:
     return None
 
 
+def work_digest(spec: Any) -> str:
+    """A migration work dir's name: the spec's hash, without the fields added after committed
+    runs while they hold those runs' values, nor (multiple choice) the fields it never reads."""
+    defaults = type(spec).model_fields
+    later = {
+        f for f in LATER_FIELDS
+        if getattr(spec, f) == LATER_DEFAULTS.get(f, defaults[f].get_default())
+    }  # fmt: skip
+    if spec.choice_prefix is not None:
+        later |= set(FREE_FORM_FIELDS)
+    return hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
+
+
 def build_spec(
     args: argparse.Namespace, task: Any, name: str, mode: str, smol_tok: Any, seed: int = 0
 ):
@@ -689,12 +705,7 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
         runs = []
         for seed in args.migration_seeds:
             spec = build_spec(args, task, served, mode, models["smol_tok"], seed)
-            defaults = type(spec).model_fields
-            later = {
-                f for f in LATER_FIELDS
-                if getattr(spec, f) == LATER_DEFAULTS.get(f, defaults[f].get_default())
-            }  # fmt: skip
-            digest = hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
+            digest = work_digest(spec)
             try:
                 suffix = "-newgen" if args.generator == "new_base" else ""
                 work = base / f"{mode}-{digest}{suffix}"

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from migration_quality import build_spec, optional_float, over_seeds, parse_args, seed_list  # noqa: E402
+from migration_quality import (  # noqa: E402
+    build_spec,
+    optional_float,
+    over_seeds,
+    parse_args,
+    seed_list,
+    work_digest,
+)
 
 
 @given(st.lists(st.integers(0, 10**6), min_size=1, max_size=8, unique=True))
@@ -103,3 +110,23 @@ def test_the_benchmark_migrates_with_the_servers_default_student_budget(
     assert spec.student_fit == default.student_fit == 0
     assert spec.student.lr == default.student.lr
     assert (spec.student.warmup, spec.student.decay) == (default.student.warmup, True)
+
+
+def test_work_dirs_are_named_by_what_the_migration_reads(tiny_model_dir: Path) -> None:
+    """Vote settings change a free-form task's work dir, not a multiple-choice one's (its
+    teacher picks options, it never votes); a setting it does read changes both."""
+    from transformers import AutoTokenizer
+
+    from vllm_lora_ext.evaluation.tasks import load_task
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def digest(task: str, *argv: str) -> str:
+        args = parse_args(["--modes", "filtered", *argv])
+        return work_digest(build_spec(args, load_task(task), task, "filtered", tok))
+
+    votes = ("--vote-weights", "--vote-agreement", "0.1")
+    assert digest("arithmetic") != digest("arithmetic", *votes)
+    assert digest("disambiguation_qa") == digest("disambiguation_qa", *votes)
+    assert digest("disambiguation_qa") != digest("disambiguation_qa", "--soft-draws", "4")
+    assert digest("arithmetic") == digest("arithmetic")
