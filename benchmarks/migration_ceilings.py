@@ -49,7 +49,6 @@ import math
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -383,26 +382,32 @@ def run_task(args: argparse.Namespace, name: str, models: dict, root: Path) -> d
         row["teacher_label_acc"] = {"acc": hits / len(train), "n": len(train),
                                     "ci95": wilson_interval(hits, len(train))}  # fmt: skip
         row["teacher_labels"] = ceiling("teacher_labels", labelled)
+
+    def votes() -> list[dict]:
+        """Every train input's voted answer and agreement (cached: one vote serves every row)."""
+        return cached(
+            base / f"votes-{args.votes}-{len(train)}.json",
+            lambda: {"labels": voted_labels(task, teacher, train, args.votes)},
+        )["labels"]
+
     if "voted_labels" in wanted:
         if task.mode == "generate":
-            stem = f"votes-{args.votes}"
             suffix = "" if args.vote_agreement == 0.5 else f"-agree{args.vote_agreement}"
             key = f"voted{args.votes}_labels{suffix}"
-            label = partial(voted_labels, task, teacher, train, args.votes)
+            sure = votes()
         else:
-            stem, key = "confidence", f"confident{args.choice_confidence}_labels"
-            label = partial(confident_labels, task, teacher, train)
-        sure = cached(base / f"{stem}-{len(train)}.json", lambda: {"labels": label()})["labels"]
+            key = f"confident{args.choice_confidence}_labels"
+            sure = cached(
+                base / f"confidence-{len(train)}.json",
+                lambda: {"labels": confident_labels(task, teacher, train)},
+            )["labels"]
         row["voted_label_acc"] = vote_accuracy(sure, train, args, task)
         threshold = row["voted_label_acc"]["min_agreement"]
         row["voted_labels"] = ceiling(
             key, [v["text"] if v["agreement"] >= threshold else None for v in sure]
         )
     if "weighted_labels" in wanted and task.mode == "generate":
-        voted = cached(
-            base / f"votes-{args.votes}-{len(train)}.json",
-            lambda: {"labels": voted_labels(task, teacher, train, args.votes)},
-        )["labels"]
+        voted = votes()
         row["weighted_labels"] = ceiling(
             f"weighted{args.votes}_labels",
             [v["text"] for v in voted],

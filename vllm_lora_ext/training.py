@@ -83,14 +83,25 @@ def distillation_rows(
     """(rows, number dropped as too long) for (input, answer) pairs: each input framed as every
     migration step frames it (``migrate.queries.query_prompt``), the answer and its end token
     after it."""
+    rows, _ = kept_distillation_rows(tokenizer, pairs, max_len)
+    return rows, len(pairs) - len(rows)
+
+
+def kept_distillation_rows(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_len: int = 256
+) -> tuple[list[Row], list[int]]:
+    """:func:`distillation_rows` with the index of each kept pair instead of the count dropped,
+    so that per-pair data (loss weights) follows the rows that fit in ``max_len``."""
     end = answer_end_ids(tokenizer)
     rows: list[Row] = []
-    for text, answer in pairs:
+    kept: list[int] = []
+    for i, (text, answer) in enumerate(pairs):
         prompt = query_prompt(tokenizer, text)
         ids = [*prompt.ids, *answer_ids(tokenizer, prompt, answer), *end]
         if len(ids) <= max_len:
             rows.append((ids, len(prompt.ids)))
-    return rows, len(pairs) - len(rows)
+            kept.append(i)
+    return rows, kept
 
 
 def attach_lora(base: Any, hp: LoraHyperparameters) -> Any:

@@ -19,7 +19,7 @@ from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.training import (
     LoraHyperparameters,
     attach_lora,
-    distillation_rows,
+    kept_distillation_rows,
     save_adapter_atomically,
     train_lora,
 )
@@ -67,13 +67,12 @@ def distil(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if teacher is not None and (why := tokenizer_mismatch(teacher.tokenizer, tokenizer)):
         raise ValueError(f"token-level distillation needs the teacher's tokenizer: {why}")
-    rows, too_long = distillation_rows(tokenizer, pairs, max_len)
+    if weights is not None and len(weights) != len(pairs):
+        raise ValueError(f"{len(pairs)} pairs but {len(weights)} weights")
+    rows, kept = kept_distillation_rows(tokenizer, pairs, max_len)
+    too_long = len(pairs) - len(rows)
     if weights is not None:
-        if len(weights) != len(pairs):
-            raise ValueError(f"{len(pairs)} pairs but {len(weights)} weights")
-        # the weights of the pairs that fit in max_len, as distillation_rows kept them
-        weights = [w for pair, w in zip(pairs, weights, strict=True)
-                   if distillation_rows(tokenizer, [pair], max_len)[0]]  # fmt: skip
+        weights = [weights[i] for i in kept]  # those of the pairs that fit in max_len
     if not rows:
         raise ValueError(f"all {len(pairs)} pairs are longer than max_len={max_len} tokens")
     distributions = None

@@ -352,11 +352,12 @@ class Migrator:
             on_chunk=lambda done: self._update(labelled=done),
             should_stop=self._cancel.is_set,
         )
-        answers = {x: label.text for x, label in zip(asked, labels, strict=True)}
+        by_input = dict(zip(asked, labels, strict=True))
+        answers = {x: label.text for x, label in by_input.items()}
         # A label the teacher doubts is no label to learn from (the gate still compares it).
         doubted = {
             x
-            for x, label in zip(asked, labels, strict=True)
+            for x, label in by_input.items()
             if s.choice_prefix is not None and label.agreement < s.choice_confidence
         }
         pool = len(synthetic)
@@ -376,10 +377,8 @@ class Migrator:
         rows = [(x, y) for x, y in train if y is not None]
         weights = None
         if s.vote_weights and s.choice_prefix is None:
-            agreement = {x: label.agreement for x, label in zip(asked, labels, strict=True)}
-            weights = [1.0 if x in known else agreement[x] for x, _ in rows]
+            weights = [1.0 if x in known else by_input[x].agreement for x, _ in rows]
         if s.soft_label_draws and s.choice_prefix is not None:
-            by_input = dict(zip(asked, labels, strict=True))
             rng = random.Random(s.seed)
             rows = [
                 (x, drawn)
