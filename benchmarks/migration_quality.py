@@ -183,6 +183,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(VLLM_LORA_EXT_STATS_RESERVOIR_SIZE); runs before 2026-12-02 used 16, then 64",
     )
     p.add_argument("--target-count", type=int, default=48, help="synthetic inputs to keep")
+    p.add_argument(
+        "--task-target-count", type=task_counts, default={},
+        help="per task, synthetic inputs to keep, replacing the run's per-task budget: "
+        "'object_counting=96,arithmetic=48' (more labelled inputs where inputs are cheap)",
+    )  # fmt: skip
     p.add_argument("--student-steps", type=int, default=200, help="budget; see --student-fit")
     p.add_argument("--student-lr", type=float, default=2e-3)
     p.add_argument(
@@ -261,6 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.migration_seeds is None:
         args.migration_seeds = [0] if args.quick else [0, 1]
+    unknown = sorted(set(args.task_target_count) - set(args.tasks.split(",")))
+    if unknown:
+        p.error(f"--task-target-count names tasks not in --tasks: {', '.join(unknown)}")
     if args.quick:
         if args.server_url and args.model_dir is None:
             p.error("--quick --url needs --model-dir (the served tiny Llama's folder)")
@@ -398,6 +406,24 @@ def optional_float(text: str) -> float | None:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def task_counts(text: str) -> dict[str, int]:
+    """``object_counting=96,arithmetic=48`` -> {task: positive count}, for argparse."""
+    counts: dict[str, int] = {}
+    for item in text.split(","):
+        task, sep, count = item.partition("=")
+        task = task.strip()
+        try:
+            value = int(count)
+        except ValueError:
+            value = 0
+        if not sep or not task or value < 1 or task in counts:
+            raise argparse.ArgumentTypeError(
+                f"need distinct TASK=COUNT pairs with positive counts: {text!r}"
+            )
+        counts[task] = value
+    return counts
 
 
 def seed_list(text: str) -> list[int]:
@@ -666,6 +692,8 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
     from vllm_lora_ext.migrate.migrator import MigrationError
 
     overrides = {} if args.quick else TASK_BUDGET.get(name, {})
+    if name in args.task_target_count:
+        overrides = {**overrides, "target_count": args.task_target_count[name]}
     args = argparse.Namespace(**{**vars(args), **overrides})
     card = json.loads((args.adapters / name / "card.json").read_text())
     task = load_task(name, seed=card["seed"])
@@ -819,7 +847,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
                   "generator", "frame", "choice_confidence", "migration_seeds", "student_soup",
                   "student_epochs", "soft_draws", "disc_negatives", "vote_agreement",
-                  "vote_weights", "gate_fraction")
+                  "vote_weights", "gate_fraction", "task_target_count")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,

@@ -21,6 +21,7 @@ from migration_quality import (  # noqa: E402
     over_seeds,
     parse_args,
     seed_list,
+    task_counts,
     work_digest,
 )
 
@@ -44,6 +45,35 @@ def test_seed_list_answers_any_text_with_seeds_or_a_clear_error(text: str) -> No
         assert repr(text) in str(e)
     else:
         assert seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds)
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), st.integers(1, 10**4),
+                       min_size=1, max_size=4))  # fmt: skip
+def test_task_counts_reads_task_count_pairs(counts: dict[str, int]) -> None:
+    assert task_counts(",".join(f"{t}={n}" for t, n in counts.items())) == counts
+
+
+@pytest.mark.parametrize("text", ["", "object_counting", "a=0", "a=-3", "a=x", "=4", "a=1,a=2"])
+def test_task_counts_refuses_bad_input(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        task_counts(text)
+
+
+@given(st.text(max_size=16))
+def test_task_counts_answers_any_text_with_counts_or_a_clear_error(text: str) -> None:
+    try:
+        counts = task_counts(text)
+    except argparse.ArgumentTypeError as e:
+        assert repr(text) in str(e)
+    else:
+        assert counts and min(counts.values()) >= 1
+
+
+def test_task_target_count_must_name_a_task_of_the_run() -> None:
+    args = parse_args(["--tasks", "object_counting", "--task-target-count", "object_counting=96"])
+    assert args.task_target_count == {"object_counting": 96}
+    with pytest.raises(SystemExit):
+        parse_args(["--tasks", "arithmetic", "--task-target-count", "object_counting=96"])
 
 
 def score(hits: list[bool]) -> dict:
