@@ -69,11 +69,15 @@ LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "v
                 "filter", "excess_pool", "discriminator_calibration",
                 "gate_min_checked", "frame_synthesis", "choice_confidence",
                 "student_soup", "student_epochs", "soft_label_draws",
-                "discriminator_negatives", "vote_weights")  # fmt: skip
-LATER_DEFAULTS = {"student_epochs": None}  # its default was None until 2026-12-07
+                "discriminator_negatives", "vote_weights", "synthesis_ends_at_options")  # fmt: skip
+# Their values before a default changed: student_epochs was None until 2026-12-07; a
+# generation was cut at its options block from 2026-12-08.
+LATER_DEFAULTS = {"student_epochs": None, "synthesis_ends_at_options": False}
 # Spec fields a multiple-choice migration never reads (its teacher picks an option, it does not
 # vote): left out of its digest, so that a change to them keeps its work dirs.
 FREE_FORM_FIELDS = ("votes", "vote_temperature", "vote_agreement", "vote_weights")
+# And the fields a free-form migration never reads, likewise.
+CHOICE_FIELDS = ("synthesis_ends_at_options",)
 # Completes "Here are N examples of <...>:" and "Is the above question from <...>?".
 DESCRIPTIONS = {
     "arithmetic": "simple arithmetic questions (adding or subtracting one- and two-digit numbers)",
@@ -131,6 +135,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--soft-draws", type=int, default=0,
         help="multiple choice: options drawn from the teacher per input (spec soft_label_draws)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-options-end", dest="options_end", action="store_false",
+        help="multiple choice: keep a generation only if it stops after its options by itself "
+        "(spec synthesis_ends_at_options off; the runs before 2026-12-08)",
     )  # fmt: skip
     p.add_argument(
         "--disc-negatives", choices=("unprompted", "task_prompted"), default="unprompted",
@@ -476,7 +485,7 @@ def true_labels_ceiling(path: Path, task: str) -> float | None:
 
 def work_digest(spec: Any) -> str:
     """A migration work dir's name: the spec's hash, without the fields added after committed
-    runs while they hold those runs' values, nor (multiple choice) the fields it never reads."""
+    runs while they hold those runs' values, nor the fields its kind of task never reads."""
     defaults = type(spec).model_fields
     later = {
         f for f in LATER_FIELDS
@@ -484,6 +493,8 @@ def work_digest(spec: Any) -> str:
     }  # fmt: skip
     if spec.choice_prefix is not None:
         later |= set(FREE_FORM_FIELDS)
+    else:
+        later |= set(CHOICE_FIELDS)
     return hashlib.sha256(spec.model_dump_json(exclude=later).encode()).hexdigest()[:12]
 
 
@@ -527,6 +538,7 @@ def build_spec(
         sampling=args.sampling,
         discriminator_calibration=args.disc_calibration,
         frame_synthesis=args.frame,
+        synthesis_ends_at_options=args.options_end,
         synthesis=SynthesisParams(batch=16, max_tokens=int(1.5 * longest) + 8),
         discriminator=TrainParams(
             rank=args.rank, targets=targets, steps=args.disc_steps, batch=args.batch,
@@ -847,7 +859,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
                   "student_fit", "warmup", "no_decay", "votes", "disc_calibration",
                   "generator", "frame", "choice_confidence", "migration_seeds", "student_soup",
                   "student_epochs", "soft_draws", "disc_negatives", "vote_agreement",
-                  "vote_weights", "gate_fraction", "task_target_count")
+                  "vote_weights", "gate_fraction", "task_target_count", "options_end")
     }  # fmt: skip
     result: dict[str, Any] = {
         "source_base": source_base,

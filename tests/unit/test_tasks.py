@@ -20,7 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_lora_ext.evaluation import arithmetic
-from vllm_lora_ext.evaluation.bbh import MalformedTask, answer_sets, parse_options, scorable
+from vllm_lora_ext.evaluation.bbh import (
+    MalformedTask,
+    answer_sets,
+    options_block_end,
+    parse_options,
+    scorable,
+)
 from vllm_lora_ext.evaluation.task_cache import (
     BBH_SHA256,
     BBH_SOURCE,
@@ -301,6 +307,38 @@ def test_inputs_without_an_options_block_list_none(text: str) -> None:
 def test_malformed_option_blocks_are_refused(block: str) -> None:
     with pytest.raises(MalformedTask):
         parse_options("Q?\nOptions:\n" + block)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Q?\nOptions:\n(A) x\n(B) y\nThe answer is (A).", "Q?\nOptions:\n(A) x\n(B) y"),
+        ("Q?\nOptions:\n- Yes\n- No\n\nQ2?\nOptions:\n- a", "Q?\nOptions:\n- Yes\n- No"),
+        ("Q?\nOptions:\n(A) x\n(B) y\n(A) again", "Q?\nOptions:\n(A) x\n(B) y"),
+        ("Q?\nOptions:\n(A) x\n(B) y", "Q?\nOptions:\n(A) x\n(B) y"),
+        ("Q?\nOptions:\n(A) only one\nchatter", None),
+        ("Q?\nOptions: (A) x (B) y", None),
+        ("no options at all", None),
+    ],
+)
+def test_options_block_end_cuts_after_the_last_option(text: str, expected: str | None) -> None:
+    end = options_block_end(text)
+    assert (None if end is None else text[:end]) == expected
+
+
+PIECES = ["\nOptions:\n", "(A) x", "(B)", "(C) z", "- a", "- b", "\n", "Q", " "]
+
+
+@given(text=st.lists(st.sampled_from(PIECES), max_size=24).map("".join))
+def test_options_block_end_leaves_an_input_its_options_parse(text: str) -> None:
+    """Cut where it says, any text is an input that lists two or more options (the oracle:
+    the task loader's own parser), and the cut never drops an option line before it."""
+    end = options_block_end(text)
+    if end is None:
+        return
+    assert 0 < end <= len(text)
+    assert len(parse_options(text[:end])) >= 2
+    assert text[end:] == "" or text[end] == "\n"
 
 
 def test_closed_pairs_free_forms_and_unscorable_examples() -> None:

@@ -47,6 +47,30 @@ def parse_options(text: str) -> tuple[str, ...]:
     raise MalformedTask(f"options neither all '(X) text' nor all '- text': {block!r}")
 
 
+def options_block_end(text: str) -> int | None:
+    """Where the first options block of a text ends: just after its last option line, the block
+    being ``Options:`` then two or more distinct options of one style; ``None`` without one.
+
+    An input ends with its options, but a small generator asked for a new one seldom stops
+    there (it goes on with an answer, or the next example): a synthesis cuts it here.
+    """
+    start = text.find(OPTIONS_HEADER)
+    if start < 0:
+        return None
+    at = start + len(OPTIONS_HEADER)
+    for pattern in (_LETTERED, _LISTED):
+        end, seen = at, set()
+        for line in text[at:].split("\n"):
+            match = pattern.fullmatch(line)
+            if match is None or match.group(1).strip() in seen:
+                break
+            seen.add(match.group(1).strip())
+            end += len(line) + 1
+        if len(seen) >= 2:
+            return end - 1
+    return None
+
+
 def answer_sets(inputs: list[str], targets: list[str]) -> list[tuple[str, ...]]:
     """The options of each example: those its input lists; else, when no input lists any and
     the task's targets take exactly two values, that closed pair (sorted); else ``()``

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from vllm_lora_ext.evaluation.backends import Backend
+from vllm_lora_ext.evaluation.bbh import OPTIONS_HEADER, options_block_end
 from vllm_lora_ext.migrate.checkpoints import (
     SCHEMAS,
     CheckpointInvalid,
@@ -60,7 +61,13 @@ from vllm_lora_ext.migrate.labelling import (
 from vllm_lora_ext.migrate.queries import tokenizer_mismatch
 from vllm_lora_ext.migrate.soup import save_soup
 from vllm_lora_ext.migrate.spec import MigrationSpec, TrainParams, real_inputs, split_real
-from vllm_lora_ext.migrate.synthesis import Accept, Synthesis, SynthesisCounts, synthesise
+from vllm_lora_ext.migrate.synthesis import (
+    Accept,
+    InputEnd,
+    Synthesis,
+    SynthesisCounts,
+    synthesise,
+)
 from vllm_lora_ext.training import TrainingDiverged, TrainingStopped
 
 STEPS = tuple(SCHEMAS)
@@ -289,6 +296,7 @@ class Migrator:
             temperature=p.temperature,
             frame=self.spec.frame_synthesis,
             well_formed=self._well_formed(),
+            input_end=self._input_end(),
             accept=accept,
             on_round=on_round,
             should_stop=self._cancel.is_set,
@@ -333,6 +341,13 @@ class Migrator:
         if prefix is None:
             return None
         return lambda text: lists_options(parse_options(text, prefix))
+
+    def _input_end(self) -> InputEnd | None:
+        """A BBH multiple-choice input ends with its options block: a generation is cut there
+        (``synthesis_ends_at_options``)."""
+        if self.spec.choice_prefix != OPTIONS_HEADER or not self.spec.synthesis_ends_at_options:
+            return None
+        return options_block_end
 
     def _label(self, synthesis: SynthesisOutput) -> LabelOutput:
         """Labels for training and gate. A seed's known answer is its label; everything else

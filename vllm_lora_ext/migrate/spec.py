@@ -101,6 +101,10 @@ class MigrationOptions(BaseModel):
     """Leave the real inputs' shared first and last lines (a task's instructions, its answer
     cue) out of the generator's prompts and put them back around each new input. Off by
     default until it pays on held-out accuracy (not measured on the real tasks yet)."""
+    synthesis_ends_at_options: bool = True
+    """A BBH multiple-choice input ends with its options block: a generation is cut just after
+    it. Off, a generation had to stop there by itself, which the 135M generator seldom does
+    (disambiguation_qa: 2 of 64 generations kept, 62 unparsable)."""
     gate_fraction: float = Field(0.25, gt=0, lt=1)
     gate_synthetic: int = Field(20, ge=0)
     """Synthetic inputs kept out of the student's training and checked at the gate (agreement

@@ -32,6 +32,9 @@ Accept = Callable[[list[str]], list[bool]]
 # Whether one candidate is in the task's input format; one that is not is dropped as unparsable
 # before any filter sees it (a filter's yes on it would buy an input nobody can label).
 WellFormed = Callable[[str], bool]
+# Where a complete input ends in a generation (None: nowhere yet), e.g. after a multiple-choice
+# input's options block: what the generator wrote after it is not part of the input.
+InputEnd = Callable[[str], int | None]
 
 
 @dataclass
@@ -74,12 +77,15 @@ def generator_prompt(tokenizer: Any, description: str, examples: Sequence[str]) 
     return Prompt(tuple(ids), answer_prefix=" ")
 
 
-def parse_generated(text: str, n: int, truncated: bool, single_line: bool) -> str | None:
+def parse_generated(
+    text: str, n: int, truncated: bool, single_line: bool, input_end: InputEnd | None = None
+) -> str | None:
     """The new input in a continuation of item ``n + 1``, or ``None`` if there is none.
 
     The item ends where item ``n + 2`` starts, at the first newline when every example was one
-    line, or where the generation stopped by itself; a generation cut off by the token budget
-    with no such end is an unfinished input and is dropped.
+    line, where ``input_end`` says the task's format ends (a complete line must follow it when
+    the generation was cut off), or where the generation stopped by itself; a generation cut
+    off by the token budget with no such end is an unfinished input and is dropped.
     """
     ended = not truncated
     marker = re.search(rf"\n\s*{n + 2}\s*[.)]", text)
@@ -87,6 +93,9 @@ def parse_generated(text: str, n: int, truncated: bool, single_line: bool) -> st
         text, ended = text[: marker.start()], True
     if single_line and "\n" in text.strip():
         text, ended = text.strip().split("\n", 1)[0], True
+    end = input_end(text) if input_end is not None else None
+    if end is not None and (ended or "\n" in text[end:]):
+        text, ended = text[:end], True
     text = text.strip()
     return text if text and ended else None
 
@@ -147,6 +156,7 @@ def synthesise(
     temperature: float = 1.0,
     frame: bool = False,
     well_formed: WellFormed | None = None,
+    input_end: InputEnd | None = None,
     accept: Accept | None = None,
     on_round: Callable[[SynthesisCounts], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -161,7 +171,8 @@ def synthesise(
     checked before each round and ends the loop early (the caller decides what that means).
     With ``frame`` the examples' shared first and last lines are left out of the prompts and
     put back around each new input (:func:`input_frame`). ``well_formed`` drops candidates
-    not in the task's input format as unparsable. ``give_up_after`` (0: never) ends the loop
+    not in the task's input format as unparsable; ``input_end`` cuts a generation where the
+    task's input format ends (:func:`parse_generated`). ``give_up_after`` (0: never) ends the loop
     once that many generations were made and the share in the task's format, over the whole
     budget, could not reach ``count`` even if the filter kept every one (none parsable is the
     plain case; 1 in 64 is as hopeless, and costs the whole budget otherwise).
@@ -197,7 +208,8 @@ def synthesise(
         counts.generated += size
         candidates: list[str] = []
         for s, g in zip(shown, gens, strict=True):
-            text = parse_generated(g.text, len(s), len(g.token_ids) >= max_tokens, single_line)
+            truncated = len(g.token_ids) >= max_tokens
+            text = parse_generated(g.text, len(s), truncated, single_line, input_end)
             text = shared.wrap(text) if text is not None else None
             if text is not None and well_formed is not None and not well_formed(text):
                 text = None

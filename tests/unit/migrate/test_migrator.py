@@ -384,6 +384,39 @@ def test_multiple_choice_candidates_without_two_options_never_reach_the_filter(p
     assert all(y == "two" for x, y in label["train"] if x in synthetic)
 
 
+@pytest.mark.parametrize("ends_at_options", [True, False])
+def test_a_bbh_input_ends_at_its_options_block(parts, tmp_path: Path, ends_at_options: bool):
+    """A generator that goes on after the options (as the 135M one does: an answer, a reason):
+    cut at the block, every input is kept with just its options; without the cut, none is in
+    the format and the job falls back to the observed inputs."""
+    prefix = "\nOptions:\n"
+
+    def respond(prompt: str, seed: int) -> str:
+        word = strings(random.Random(seed), LETTERS, 1)[0]
+        if "Here are" not in prompt:
+            return word
+        return f" {word}{prefix}(A) one\n(B) two\nThe answer is (B), as {word} says."
+
+    parts["generator"] = FunctionBackend(parts["generator"].tokenizer, respond)
+    parts["teacher"] = AnswerScorer(parts["teacher"], lambda a: -0.1 if "B" in a else -3.0)
+    rng = random.Random(3)
+    seeds = [Seed(input=f"{w}{prefix}(A) one\n(B) two") for w in strings(rng, LETTERS, 8)]
+    spec = MigrationSpec.model_validate(
+        make_spec("unfiltered").model_dump()
+        | {"choice_prefix": prefix, "seeds": seeds, "reservoir": [], "target_count": 8,
+           "synthesis": {"batch": 8, "max_tokens": 64, "give_up_after": 16},
+           "synthesis_ends_at_options": ends_at_options}
+    )  # fmt: skip
+    result = Migrator(spec, tmp_path / "mc", **parts).run()
+    synthetic = result.counts["synthesise"]["inputs"]
+    if ends_at_options:
+        assert len(synthetic) >= 8
+        assert all(x.endswith(f"{prefix}(A) one\n(B) two") for x in synthetic)
+        assert all(y == "(B)" for x, y in result.counts["label"]["train"] if x in synthetic)
+    else:
+        assert synthetic == [] and result.counts["synthesise"]["fallback"]
+
+
 def test_a_migration_without_any_synthetic_input_learns_from_the_observed_ones(parts, tmp_path):
     """A generator that never writes the task's format: no synthetic input survives, the job
     says so, and the student still trains on the real inputs (the gate decides as ever)."""

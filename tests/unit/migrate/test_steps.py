@@ -15,6 +15,7 @@ from migrate_fakes import DIGITS, LETTERS, FunctionBackend, number_or_word, stri
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_lora_ext.evaluation.backends import TransformersBackend
+from vllm_lora_ext.evaluation.bbh import options_block_end
 from vllm_lora_ext.migrate.discriminator import free_prompt
 from vllm_lora_ext.migrate.gate import decide
 from vllm_lora_ext.migrate.labelling import (
@@ -74,6 +75,22 @@ def test_generator_prompt_chat_and_plain(llama_tok, gemma_tok) -> None:
 )
 def test_parse_generated(text, truncated, single_line, expected) -> None:
     assert parse_generated(text, 2, truncated, single_line) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "truncated", "expected"),
+    [
+        # The generator went on after the options: cut there, stopped or not.
+        (" Q?\nOptions:\n(A) x\n(B) y\nSo (A) because", True, "Q?\nOptions:\n(A) x\n(B) y"),
+        (" Q?\nOptions:\n(A) x\n(B) y\nSo (A).", False, "Q?\nOptions:\n(A) x\n(B) y"),
+        # Cut off inside what may be the last option: unfinished, dropped.
+        (" Q?\nOptions:\n(A) x\n(B) y and mo", True, None),
+        (" Q?\nOptions:\n(A) x\n(B) y", False, "Q?\nOptions:\n(A) x\n(B) y"),
+        (" Q?\nOptions:\n(A) x\nchatter", True, None),  # one option: no block, unfinished
+    ],
+)  # fmt: skip
+def test_parse_generated_ends_an_input_at_its_options(text, truncated, expected) -> None:
+    assert parse_generated(text, 2, truncated, False, options_block_end) == expected
 
 
 def test_synthesise_dedupes_filters_and_counts(llama_tok) -> None:
