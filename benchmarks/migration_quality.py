@@ -460,13 +460,11 @@ def over_seeds(per_seed: list[dict], source: dict) -> dict:
     hits = [r.get("hits") for r in per_seed]
     if "hits" not in source or any(h is None for h in hits):
         return out
-    diffs = [
-        sum(h[j] for h in hits) / len(hits) - source["hits"][j] for j in range(len(source["hits"]))
-    ]
-    mean = statistics.mean(diffs)
-    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 1.0
+    from vllm_lora_ext.evaluation.scoring import seeds_difference_interval
+
+    mean, (lo, hi) = seeds_difference_interval(hits, [source["hits"]])
     out["paired_diff"] = mean
-    out["paired_diff_ci"] = [max(-1.0, mean - half), min(1.0, mean + half)]
+    out["paired_diff_ci"] = [lo, hi]
     return out
 
 

@@ -9,7 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vllm_lora_ext.evaluation.scoring import paired_difference_interval, wilson_interval
+from vllm_lora_ext.evaluation.scoring import (
+    paired_difference_interval,
+    seeds_difference_interval,
+    wilson_interval,
+)
 
 hits = st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=200)
 
@@ -56,3 +60,33 @@ def test_needs_equal_non_empty_lists() -> None:
         paired_difference_interval([], [])
     with pytest.raises(ValueError):
         paired_difference_interval([True], [True, False])
+
+
+seed_runs = st.integers(2, 60).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=1, max_size=4),
+        st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=1, max_size=4),
+    )
+)
+
+
+@given(seed_runs)
+def test_seeds_difference_is_the_mean_accuracy_gap_and_turns_over(runs) -> None:
+    """The paired mean is the difference of the seeds' mean accuracies (float64 reference via
+    fractions of the hit counts); swapping the systems mirrors the interval."""
+    first, second = runs
+    n = len(first[0])
+    diff, (lo, hi) = seeds_difference_interval(first, second)
+    expected = sum(map(sum, first)) / (n * len(first)) - sum(map(sum, second)) / (n * len(second))
+    assert diff == pytest.approx(expected, abs=1e-12)
+    assert -1.0 <= lo <= diff + 1e-12 and diff - 1e-12 <= hi <= 1.0
+    back, (lo2, hi2) = seeds_difference_interval(second, first)
+    assert back == pytest.approx(-diff) and lo2 == pytest.approx(-hi) and hi2 == pytest.approx(-lo)
+
+
+def test_seeds_difference_refuses_runs_it_cannot_pair() -> None:
+    with pytest.raises(ValueError):
+        seeds_difference_interval([[True, False]], [[True]])
+    with pytest.raises(ValueError):
+        seeds_difference_interval([], [[True, False]])
+    assert seeds_difference_interval([[True, True]], [[True, True]]) == (0.0, (0.0, 0.0))

@@ -60,8 +60,10 @@ def test_migration_overview_sets_each_task_its_goal_and_marks_the_runs_that_meet
     text = report.migration_overview(tmp_path)
     goal = next(line for line in text.splitlines() if line.startswith("| goal"))
     assert "| 0.40 | 0.38 |" in goal  # 0.95 x 0.4 where (a) < source
-    run_row = next(line for line in text.splitlines() if "the defaults" in line)
+    assert goal.endswith("| 0.390 |  |")  # the mean goal
+    run_row = next(line for line in text.splitlines() if "migrated: the defaults" in line)
     assert "| 0.35 (0.30 / 0.40) |" in run_row and "0.39 (0.38 / 0.40) ✓" in run_row
+    assert "| 0.370 |" in run_row and "0.370 ✓" not in run_row  # mean below the mean goal
     assert "100/200" in run_row  # the slowest seed per task
     paired = next(line for line in text.splitlines() if "minus source" in line)
     assert "-0.05 [-0.12, +0.02]" in paired and "-0.11 [-0.20, -0.02]" in paired
@@ -69,6 +71,33 @@ def test_migration_overview_sets_each_task_its_goal_and_marks_the_runs_that_meet
     at60 = lines[next(i for i, x in enumerate(lines) if "true labels" in x) + 1]
     assert "at 60 steps" in at60
     assert "0.50 [0.40, 0.60]" in at60 and "0.10 [0.00, 0.20]" in at60
+    assert "minus the defaults" not in text
     (tmp_path / "migration_quality.json").unlink()  # a run without its file is left out
-    assert "the defaults" not in report.migration_overview(tmp_path)
+    assert "migrated: the defaults" not in report.migration_overview(tmp_path)
     assert report.migration_overview(tmp_path / "none") is None
+
+
+def test_migration_overview_pairs_another_run_with_the_defaults(tmp_path, monkeypatch) -> None:
+    """A run beside the defaults gets its difference on the same examples, over both runs'
+    seeds, and a mean that meets the mean goal is marked."""
+    ceilings = {"tasks": [{"task": "t", "source": {"acc": 0.5, "ci95": [0.4, 0.6]},
+                           "true_labels": {"acc": 0.9, "ci95": [0.8, 1.0]}}]}  # fmt: skip
+
+    def run(hits: list[list[bool]]) -> dict:
+        accs = [sum(h) / len(h) for h in hits]
+        return {"tasks": [{"task": "t", "modes": {"filtered": {
+            "acc": sum(accs) / len(accs), "per_seed": accs, "seconds": [1.0] * len(hits),
+            "runs": [{"hits": h} for h in hits]}}}]}  # fmt: skip
+
+    (tmp_path / "migration_ceilings.json").write_text(json.dumps(ceilings))
+    (tmp_path / "a.json").write_text(json.dumps(run([[True, False, False, False]] * 2)))
+    (tmp_path / "b.json").write_text(json.dumps(run([[True, True, True, False],
+                                                      [True, True, False, False]])))  # fmt: skip
+    monkeypatch.setattr(report, "MIGRATION_RUNS", [("defaults", "a.json", "filtered"),
+                                                   ("other", "b.json", "filtered")])  # fmt: skip
+    lines = report.migration_overview(tmp_path).splitlines()
+    other = next(i for i, x in enumerate(lines) if x.startswith("| other"))
+    assert "| 0.625 ✓ |" in lines[other]  # 0.625 >= the goal 0.5
+    versus = lines[other + 1]
+    assert versus.startswith("| ↳ minus the defaults") and "+0.38 [" in versus
+    assert next(x for x in lines if x.startswith("| defaults")).count("✓") == 0

@@ -101,3 +101,25 @@ def paired_difference_interval(
     upper = diff + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2)
                                  + (p2 - l2) ** 2))  # fmt: skip
     return diff, (max(-1.0, lower), min(1.0, upper))
+
+
+def seeds_difference_interval(
+    first: Sequence[Sequence[bool]], second: Sequence[Sequence[bool]], z: float = 1.96
+) -> tuple[float, tuple[float, float]]:
+    """Two systems, each run over several seeds, compared on the same examples: per example,
+    the share of ``first``'s seeds right minus the share of ``second``'s, averaged, with the
+    normal 95% interval of that paired mean (a seed's run is one replicate, not more examples).
+    """
+    if not first or not second:
+        raise ValueError("need at least one seed's hits on each side")
+    n = len(first[0])
+    if n < 2 or any(len(h) != n for h in (*first, *second)):
+        raise ValueError("need equally long hit lists of two or more examples")
+    diffs = [
+        sum(h[j] for h in first) / len(first) - sum(h[j] for h in second) / len(second)
+        for j in range(n)
+    ]
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = z * sd / math.sqrt(n)
+    return mean, (max(-1.0, mean - half), min(1.0, mean + half))
