@@ -476,6 +476,16 @@ MIGRATION_RUNS = [
         "migration_quality_weighted_votes.json",
         "filtered",
     ),
+    (
+        "migrated: multiple-choice inputs cut at their options block (discriminator reused)",
+        "migration_quality_options_end.json",
+        "filtered",
+    ),
+    (
+        "migrated: 96 synthetic inputs for object_counting (discriminator reused)",
+        "migration_quality_counting_inputs96.json",
+        "filtered",
+    ),
 ]
 # The same ceilings at smaller student budgets (the committed file: 240 steps).
 CEILING_BUDGETS = [(60, "migration_ceilings_steps60"), (120, "migration_ceilings_steps120")]
@@ -710,6 +720,17 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "python benchmarks/migration_quality.py --tasks object_counting,arithmetic --modes "
      "filtered --vote-weights --vote-agreement 0.1 --threads 2 --result-name "
      "migration_quality_weighted_votes", migration_quality),
+    ("migration_quality_options_end.json",
+     "Migration quality, multiple-choice synthesis cut at the options block",
+     "python benchmarks/migration_quality.py --tasks disambiguation_qa --modes filtered "
+     "--threads 2 --result-name migration_quality_options_end (each seed's discriminator "
+     "copied from the defaults' work dir first: docs/migration.md)", migration_quality),
+    ("migration_quality_counting_inputs96.json",
+     "Migration quality, 96 synthetic inputs for object_counting",
+     "python benchmarks/migration_quality.py --tasks object_counting --modes filtered "
+     "--task-target-count object_counting=96 --threads 2 --result-name "
+     "migration_quality_counting_inputs96 (each seed's discriminator copied from the "
+     "defaults' work dir first: docs/migration.md)", migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("job_isolation.json", "Heavy jobs in and out of the serving process",
