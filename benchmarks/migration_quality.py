@@ -70,9 +70,7 @@ LATER_FIELDS = ("distillation", "teacher_top_k", "votes", "vote_temperature", "v
                 "gate_min_checked", "frame_synthesis", "choice_confidence",
                 "student_soup", "student_epochs", "soft_label_draws",
                 "discriminator_negatives", "vote_weights", "synthesis_ends_at_options")  # fmt: skip
-# Their values before a default changed: student_epochs was None until 2026-12-07; a
-# generation was cut at its options block from 2026-12-08.
-LATER_DEFAULTS = {"student_epochs": None, "synthesis_ends_at_options": False}
+LATER_DEFAULTS = {"student_epochs": None}  # its default was None until 2026-12-07
 # Spec fields a multiple-choice migration never reads (its teacher picks an option, it does not
 # vote): left out of its digest, so that a change to them keeps its work dirs.
 FREE_FORM_FIELDS = ("votes", "vote_temperature", "vote_agreement", "vote_weights")
@@ -137,9 +135,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="multiple choice: options drawn from the teacher per input (spec soft_label_draws)",
     )  # fmt: skip
     p.add_argument(
-        "--no-options-end", dest="options_end", action="store_false",
-        help="multiple choice: keep a generation only if it stops after its options by itself "
-        "(spec synthesis_ends_at_options off; the runs before 2026-12-08)",
+        "--options-end", action="store_true",
+        help="multiple choice: cut a generation at the end of its options block (spec "
+        "synthesis_ends_at_options; off: kept only if it stops there by itself)",
     )  # fmt: skip
     p.add_argument(
         "--disc-negatives", choices=("unprompted", "task_prompted"), default="unprompted",

@@ -723,8 +723,9 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("migration_quality_options_end.json",
      "Migration quality, multiple-choice synthesis cut at the options block",
      "python benchmarks/migration_quality.py --tasks disambiguation_qa --modes filtered "
-     "--threads 2 --result-name migration_quality_options_end (each seed's discriminator "
-     "copied from the defaults' work dir first: docs/migration.md)", migration_quality),
+     "--options-end --threads 2 --result-name migration_quality_options_end (each seed's "
+     "discriminator copied from the defaults' work dir first: docs/migration.md)",
+     migration_quality),
     ("migration_quality_counting_inputs96.json",
      "Migration quality, 96 synthetic inputs for object_counting",
      "python benchmarks/migration_quality.py --tasks object_counting --modes filtered "

@@ -160,7 +160,6 @@ def test_work_dirs_are_named_by_what_the_migration_reads(tiny_model_dir: Path) -
     assert digest("disambiguation_qa") == digest("disambiguation_qa", *votes)
     assert digest("disambiguation_qa") != digest("disambiguation_qa", "--soft-draws", "4")
     assert digest("arithmetic") == digest("arithmetic")
-    # The options cut is read by a multiple-choice synthesis alone; off, it names the runs
-    # before it their old way.
-    assert digest("arithmetic") == digest("arithmetic", "--no-options-end")
-    assert digest("disambiguation_qa") != digest("disambiguation_qa", "--no-options-end")
+    # The options cut is read by a multiple-choice synthesis alone.
+    assert digest("arithmetic") == digest("arithmetic", "--options-end")
+    assert digest("disambiguation_qa") != digest("disambiguation_qa", "--options-end")

@@ -343,8 +343,8 @@ class Migrator:
         return lambda text: lists_options(parse_options(text, prefix))
 
     def _input_end(self) -> InputEnd | None:
-        """A BBH multiple-choice input ends with its options block: a generation is cut there
-        (``synthesis_ends_at_options``)."""
+        """With ``synthesis_ends_at_options``, a BBH multiple-choice input ends with its options
+        block: a generation is cut there."""
         if self.spec.choice_prefix != OPTIONS_HEADER or not self.spec.synthesis_ends_at_options:
             return None
         return options_block_end
