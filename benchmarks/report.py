@@ -542,7 +542,8 @@ def migration_overview(results: Path) -> str | None:
                     found[r["task"]] = m
         if not found:
             continue
-        defaults = defaults or found
+        if name == MIGRATION_RUNS[0][1]:
+            defaults = found
         cells = []
         for t in tasks:
             m = found.get(t)
@@ -586,7 +587,10 @@ def versus_cell(m: dict | None, base: dict | None) -> str:
     second = [r["hits"] for r in base.get("runs", []) if r.get("hits")]
     if not first or not second:
         return NA
-    diff, (lo, hi) = seeds_difference_interval(first, second)
+    try:
+        diff, (lo, hi) = seeds_difference_interval(first, second)
+    except ValueError:  # not scored on the same examples (another --limit)
+        return NA
     return f"{diff:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 

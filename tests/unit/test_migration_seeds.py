@@ -74,6 +74,8 @@ def test_task_target_count_must_name_a_task_of_the_run() -> None:
     assert args.task_target_count == {"object_counting": 96}
     with pytest.raises(SystemExit):
         parse_args(["--tasks", "arithmetic", "--task-target-count", "object_counting=96"])
+    with pytest.raises(SystemExit):  # a smoke run keeps its own tiny counts
+        parse_args(["--quick", "--task-target-count", "arithmetic=96"])
 
 
 def score(hits: list[bool]) -> dict:

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from vllm_lora_ext.evaluation import arithmetic
@@ -326,19 +326,28 @@ def test_options_block_end_cuts_after_the_last_option(text: str, expected: str |
     assert (None if end is None else text[:end]) == expected
 
 
-PIECES = ["\nOptions:\n", "(A) x", "(B)", "(C) z", "- a", "- b", "\n", "Q", " "]
-
-
-@given(text=st.lists(st.sampled_from(PIECES), max_size=24).map("".join))
-def test_options_block_end_leaves_an_input_its_options_parse(text: str) -> None:
-    """Cut where it says, any text is an input that lists two or more options (the oracle:
-    the task loader's own parser), and the cut never drops an option line before it."""
-    end = options_block_end(text)
-    if end is None:
-        return
-    assert 0 < end <= len(text)
-    assert len(parse_options(text[:end])) >= 2
-    assert text[end:] == "" or text[end] == "\n"
+@given(
+    question=st.text(max_size=40).filter(lambda t: "Options:" not in t),
+    letters=labels,
+    words=st.lists(texts, min_size=11, max_size=11),
+    listed=st.booleans(),
+    tail=st.sampled_from(["", "\nSo the answer is (A).", "\n\n2. Next", "repeat", "\nx"]),
+)
+def test_options_block_end_cuts_just_after_the_last_option(
+    question: str, letters: list[str], words: list[str], listed: bool, tail: str
+) -> None:
+    """Whatever follows the block (an answer, the next example, a repeated option), the cut
+    leaves the question and every option, and the task loader's own parser reads them back."""
+    if listed:
+        lines = [f"- {w}" for w in dict.fromkeys(words[: len(letters)])]
+        assume(len(lines) >= 2)
+    else:
+        lines = [f"({c}) {w}" for c, w in zip(letters, words, strict=False)]
+    text = question + "\nOptions:\n" + "\n".join(lines)
+    tail = "\n" + lines[0] if tail == "repeat" else tail  # the next example's options
+    end = options_block_end(text + tail)
+    assert end is not None and (text + tail)[:end] == text
+    assert len(parse_options(text)) == len(lines)
 
 
 def test_closed_pairs_free_forms_and_unscorable_examples() -> None:

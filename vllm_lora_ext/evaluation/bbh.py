@@ -52,7 +52,8 @@ def options_block_end(text: str) -> int | None:
     being ``Options:`` then two or more distinct options of one style; ``None`` without one.
 
     An input ends with its options, but a small generator asked for a new one seldom stops
-    there (it goes on with an answer, or the next example): a synthesis cuts it here.
+    there (it goes on with an answer, or the next example): a synthesis with
+    ``synthesis_ends_at_options`` cuts it here.
     """
     start = text.find(OPTIONS_HEADER)
     if start < 0:

@@ -113,13 +113,15 @@ def seeds_difference_interval(
     if not first or not second:
         raise ValueError("need at least one seed's hits on each side")
     n = len(first[0])
-    if n < 2 or any(len(h) != n for h in (*first, *second)):
-        raise ValueError("need equally long hit lists of two or more examples")
+    if n < 1 or any(len(h) != n for h in (*first, *second)):
+        raise ValueError("need equally long, non-empty hit lists")
     diffs = [
         sum(h[j] for h in first) / len(first) - sum(h[j] for h in second) / len(second)
         for j in range(n)
     ]
     mean = sum(diffs) / n
+    if n == 1:
+        return mean, (-1.0, 1.0)  # one example says nothing about the spread
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = z * sd / math.sqrt(n)
     return mean, (max(-1.0, mean - half), min(1.0, mean + half))

@@ -83,8 +83,9 @@ def parse_generated(
     """The new input in a continuation of item ``n + 1``, or ``None`` if there is none.
 
     The item ends where item ``n + 2`` starts, at the first newline when every example was one
-    line, where ``input_end`` says the task's format ends (a complete line must follow it when
-    the generation was cut off), or where the generation stopped by itself; a generation cut
+    line, where ``input_end`` says the task's format ends (when the generation was cut off, the
+    text after it must show the end: a complete line, or a line that cannot be another option),
+    or where the generation stopped by itself; a generation cut
     off by the token budget with no such end is an unfinished input and is dropped.
     """
     ended = not truncated
@@ -94,10 +95,16 @@ def parse_generated(
     if single_line and "\n" in text.strip():
         text, ended = text.strip().split("\n", 1)[0], True
     end = input_end(text) if input_end is not None else None
-    if end is not None and (ended or "\n" in text[end:]):
+    if end is not None and (ended or _closed(text[end + 1 :])):
         text, ended = text[:end], True
     text = text.strip()
     return text if text and ended else None
+
+
+def _closed(after: str) -> bool:
+    """Whether the text after an input's last line shows that line was the last: a complete
+    line follows, or a started one that is no option (``(C`` or ``- `` may be one)."""
+    return "\n" in after or (after.strip() != "" and not after.lstrip().startswith(("(", "-")))
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ def test_parse_generated(text, truncated, single_line, expected) -> None:
         (" Q?\nOptions:\n(A) x\n(B) y and mo", True, None),
         (" Q?\nOptions:\n(A) x\n(B) y", False, "Q?\nOptions:\n(A) x\n(B) y"),
         (" Q?\nOptions:\n(A) x\nchatter", True, None),  # one option: no block, unfinished
+        # Cut off where another option may have begun: unfinished, dropped.
+        (" Q?\nOptions:\n(A) x\n(B) y\n(C", True, None),
+        (" Q?\nOptions:\n(A) x\n(B) y\n", True, None),
+        (" Q?\nOptions:\n- a\n- b\n- ", True, None),
     ],
 )  # fmt: skip
 def test_parse_generated_ends_an_input_at_its_options(text, truncated, expected) -> None:
