@@ -418,6 +418,15 @@ def optional_float(text: str) -> float | None:
     return value
 
 
+def task_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The settings one task replaces: its ``TASK_BUDGET`` (not with --quick), then its
+    ``--task-target-count``."""
+    overrides = {} if args.quick else dict(TASK_BUDGET.get(name, {}))
+    if name in args.task_target_count:
+        overrides["target_count"] = args.task_target_count[name]
+    return overrides
+
+
 def task_counts(text: str) -> dict[str, int]:
     """``object_counting=96,arithmetic=48`` -> {task: positive count}, for argparse."""
     counts: dict[str, int] = {}
@@ -702,9 +711,7 @@ def run_task(args, name: str, models: dict, old: OldBase, root: Path) -> dict:
     from vllm_lora_ext.evaluation.tasks import load_task
     from vllm_lora_ext.migrate.migrator import MigrationError
 
-    overrides = {} if args.quick else TASK_BUDGET.get(name, {})
-    if name in args.task_target_count:
-        overrides = {**overrides, "target_count": args.task_target_count[name]}
+    overrides = task_overrides(args, name)
     args = argparse.Namespace(**{**vars(args), **overrides})
     card = json.loads((args.adapters / name / "card.json").read_text())
     task = load_task(name, seed=card["seed"])

@@ -22,6 +22,7 @@ from migration_quality import (  # noqa: E402
     parse_args,
     seed_list,
     task_counts,
+    task_overrides,
     work_digest,
 )
 
@@ -76,6 +77,14 @@ def test_task_target_count_must_name_a_task_of_the_run() -> None:
         parse_args(["--tasks", "arithmetic", "--task-target-count", "object_counting=96"])
     with pytest.raises(SystemExit):  # a smoke run keeps its own tiny counts
         parse_args(["--quick", "--task-target-count", "arithmetic=96"])
+
+
+def test_a_task_runs_with_its_budget_then_its_own_target_count() -> None:
+    args = parse_args(["--task-target-count", "object_counting=96"])
+    assert task_overrides(args, "object_counting") == {"target_count": 96, "disc_steps": 12}
+    assert task_overrides(args, "disambiguation_qa") == {"target_count": 32, "disc_steps": 12}
+    assert task_overrides(args, "arithmetic") == {}  # the command line's 48
+    assert task_overrides(parse_args(["--quick"]), "object_counting") == {}
 
 
 def score(hits: list[bool]) -> dict:
