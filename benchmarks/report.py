@@ -486,11 +486,6 @@ MIGRATION_RUNS = [
         "migration_quality_counting_inputs96.json",
         "filtered",
     ),
-    (
-        "migrated: 16% of the real inputs held out for the gate (25%: the defaults)",
-        "migration_quality_gate16.json",
-        "filtered",
-    ),
 ]
 # The same ceilings at smaller student budgets (the committed file: 240 steps).
 CEILING_BUDGETS = [(60, "migration_ceilings_steps60"), (120, "migration_ceilings_steps120")]
@@ -741,11 +736,6 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "--task-target-count object_counting=96 --threads 2 --result-name "
      "migration_quality_counting_inputs96 (each seed's discriminator copied from the "
      "defaults' work dir first: docs/migration.md)", migration_quality),
-    ("migration_quality_gate16.json",
-     "Migration quality, 16% of the real inputs held out for the gate",
-     "python benchmarks/migration_quality.py --tasks disambiguation_qa --modes filtered "
-     "--gate-fraction 0.16 --threads 2 --result-name migration_quality_gate16",
-     migration_quality),
     ("hot_upgrade.json", "Hot upgrade on real models", "python benchmarks/hot_upgrade.py",
      hot_upgrade),
     ("job_isolation.json", "Heavy jobs in and out of the serving process",
