@@ -38,14 +38,24 @@ def test_seed_list_refuses_bad_input(text: str) -> None:
         seed_list(text)
 
 
-@given(st.text(max_size=12))
-def test_seed_list_answers_any_text_with_seeds_or_a_clear_error(text: str) -> None:
+def distinct_seeds(seeds: list[int]) -> bool:
+    return bool(seeds) and min(seeds) >= 0 and len(set(seeds)) == len(seeds)
+
+
+def positive_counts(counts: dict[str, int]) -> bool:
+    return bool(counts) and min(counts.values()) >= 1
+
+
+@pytest.mark.parametrize(("parse", "valid"), [(seed_list, distinct_seeds),
+                                               (task_counts, positive_counts)])  # fmt: skip
+@given(text=st.text(max_size=16))
+def test_list_options_answer_any_text_with_a_value_or_a_clear_error(parse, valid, text) -> None:
     try:
-        seeds = seed_list(text)
+        value = parse(text)
     except argparse.ArgumentTypeError as e:
         assert repr(text) in str(e)
     else:
-        assert seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds)
+        assert valid(value)
 
 
 @given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), st.integers(1, 10**4),
@@ -58,16 +68,6 @@ def test_task_counts_reads_task_count_pairs(counts: dict[str, int]) -> None:
 def test_task_counts_refuses_bad_input(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         task_counts(text)
-
-
-@given(st.text(max_size=16))
-def test_task_counts_answers_any_text_with_counts_or_a_clear_error(text: str) -> None:
-    try:
-        counts = task_counts(text)
-    except argparse.ArgumentTypeError as e:
-        assert repr(text) in str(e)
-    else:
-        assert counts and min(counts.values()) >= 1
 
 
 def test_task_target_count_must_name_a_task_of_the_run() -> None:

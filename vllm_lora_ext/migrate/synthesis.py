@@ -85,8 +85,8 @@ def parse_generated(
     The item ends where item ``n + 2`` starts, at the first newline when every example was one
     line, where ``input_end`` says the task's format ends (when the generation was cut off, the
     text after it must show the end: a complete line, or a line that cannot be another option),
-    or where the generation stopped by itself; a generation cut
-    off by the token budget with no such end is an unfinished input and is dropped.
+    or where the generation stopped by itself; a generation cut off by the token budget with no
+    such end is an unfinished input and is dropped.
     """
     ended = not truncated
     marker = re.search(rf"\n\s*{n + 2}\s*[.)]", text)
